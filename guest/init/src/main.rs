@@ -1,0 +1,96 @@
+//! PID 1 of the test guest. Doing every check in this one process matters on hosts where guest
+//! kernel code is emulated: each fork+exec costs seconds there.
+//!
+//! Kernel parameters it reads (from /proc/cmdline):
+//! - `lkvm.shell`: run /bin/sh on the console instead of the checks, then reboot.
+//! Without it, it prints `LKVM-RESULT key=value` lines describing what the guest sees, then
+//! `LKVM-DONE`, and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+
+/// lkvm's boot-marker port: lkvm logs the time since it started when the guest writes it.
+const BOOT_MARKER_PORT: u16 = 0x440;
+const BOOT_MARKER_VALUE: u8 = 123;
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = fs::create_dir_all(target);
+    let (s, t, f) = (CString::new(source).unwrap(), CString::new(target).unwrap(), CString::new(fstype).unwrap());
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        result("mount", &format!("{target}:{}", std::io::Error::last_os_error()));
+    }
+}
+
+fn boot_marker() {
+    // SAFETY: ioperm grants this process the port; the out instruction then touches only it.
+    unsafe {
+        if libc::ioperm(u64::from(BOOT_MARKER_PORT), 1, 1) != 0 {
+            result("boot_marker", "ioperm-failed");
+            return;
+        }
+        std::arch::asm!("out dx, al", in("dx") BOOT_MARKER_PORT, in("al") BOOT_MARKER_VALUE);
+    }
+}
+
+fn result(key: &str, value: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "LKVM-RESULT {key}={value}");
+    let _ = out.flush();
+}
+
+fn meminfo(field: &str) -> Option<String> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1).map(str::to_string)
+}
+
+fn online_cpus() -> String {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.to_string()
+}
+
+fn run_shell() {
+    let sh = CString::new("/bin/sh").unwrap();
+    let argv = [sh.as_ptr(), std::ptr::null()];
+    // SAFETY: fork in a single-threaded process; the child only calls execv/_exit.
+    unsafe {
+        match libc::fork() {
+            0 => {
+                libc::execv(sh.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+            pid if pid > 0 => {
+                let mut status = 0;
+                libc::waitpid(pid, &mut status, 0);
+            }
+            _ => result("shell", "fork-failed"),
+        }
+    }
+}
+
+fn main() {
+    boot_marker();
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let params: Vec<&str> = cmdline.split_whitespace().collect();
+
+    if params.contains(&"lkvm.shell") {
+        run_shell();
+    } else {
+        result("cpus", &online_cpus());
+        result("memtotal_kb", &meminfo("MemTotal:").unwrap_or_default());
+        result("cmdline", cmdline.trim());
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        result("kernel", release.trim());
+        println!("LKVM-DONE");
+    }
+    // SAFETY: sync and reboot take no pointers.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+}

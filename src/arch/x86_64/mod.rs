@@ -1,0 +1,7 @@
+//! x86_64 machine model: memory layout, CPU state and the tables firmware would provide.
+
+pub mod cpuid;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod regs;

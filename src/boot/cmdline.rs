@@ -1,0 +1,68 @@
+//! The kernel command line: kvmtool's generated defaults, what devices add, then the user's `-p`.
+
+/// kvmtool's generated x86 command line, less what does not apply here: `noapic` (the guest
+/// gets an IOAPIC), `noacpi` (not a kernel parameter) and `earlyprintk` (a second, slow copy of
+/// the boot log on the serial port).
+pub const DEFAULT_PARAMS: &[&str] = &[
+    "console=ttyS0",
+    "reboot=k",
+    "panic=1",
+    "pci=conf1",
+    "i8042.direct=1",
+    "i8042.dumbkbd=1",
+    "i8042.nopnp=1",
+    "i8042.noaux=1",
+];
+
+/// Linux x86's COMMAND_LINE_SIZE, including the terminating NUL.
+pub const MAX_LEN: usize = 2048;
+
+#[derive(Debug, Default)]
+pub struct KernelCmdline {
+    params: Vec<String>,
+}
+
+impl KernelCmdline {
+    /// Starts from kvmtool's defaults, or from nothing with `--nodefaults`.
+    pub fn new(defaults: bool) -> Self {
+        let params = if defaults { DEFAULT_PARAMS.iter().map(|p| p.to_string()).collect() } else { Vec::new() };
+        KernelCmdline { params }
+    }
+
+    /// Appends the user's `-p` text verbatim, after everything generated, so it wins.
+    pub fn push_user(&mut self, params: &str) {
+        let params = params.trim();
+        if !params.is_empty() {
+            self.params.push(params.to_string());
+        }
+    }
+
+    pub fn as_string(&self) -> String {
+        self.params.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_user() {
+        let mut cmdline = KernelCmdline::new(true);
+        cmdline.push_user("  quiet  init=/bin/sh ");
+        let s = cmdline.as_string();
+        assert!(s.starts_with("console=ttyS0 reboot=k panic=1"));
+        assert!(s.ends_with("i8042.noaux=1 quiet  init=/bin/sh"));
+        assert!(!s.contains("noapic"));
+    }
+
+    #[test]
+    fn nodefaults_keeps_only_the_user_params() {
+        let mut cmdline = KernelCmdline::new(false);
+        cmdline.push_user("console=hvc0");
+        assert_eq!(cmdline.as_string(), "console=hvc0");
+        let mut empty = KernelCmdline::new(false);
+        empty.push_user("   ");
+        assert_eq!(empty.as_string(), "");
+    }
+}

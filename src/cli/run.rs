@@ -1,0 +1,239 @@
+//! `lkvm run`: options as in kvmtool, turned into a validated VM configuration.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+
+use crate::arch::x86_64::cpuid;
+use crate::arch::x86_64::mptable::MAX_CPUS;
+use crate::boot::cmdline::KernelCmdline;
+use crate::vmm::VmConfig;
+
+const MIB: u64 = 1 << 20;
+/// kvmtool's default: 64 MiB per vCPU plus 192 MiB...
+const DEFAULT_MEM_PER_CPU: u64 = 64 * MIB;
+/// ... capped at 80% of host RAM.
+const DEFAULT_MEM_HOST_PERCENT: u64 = 80;
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Kernel image: ELF vmlinux (PVH or 64-bit entry), bzImage, or a flat real-mode binary
+    #[arg(short = 'k', long = "kernel", value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// The kernel, as a bare argument (kvmtool style)
+    #[arg(value_name = "KERNEL", conflicts_with = "kernel")]
+    pub kernel_arg: Option<PathBuf>,
+    /// Initial ramdisk
+    #[arg(short = 'i', long = "initrd", value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel parameters, appended to the generated command line
+    #[arg(short = 'p', long = "params", value_name = "PARAMS", allow_hyphen_values = true)]
+    pub params: Option<String>,
+    /// Guest memory: MiB, or with a suffix B, K, M, G, T [default: 64 MiB x (cpus + 3)]
+    #[arg(short = 'm', long = "mem", value_name = "SIZE", value_parser = parse_mem_size)]
+    pub mem: Option<u64>,
+    /// Number of vCPUs [default: host CPUs]
+    #[arg(short = 'c', long = "cpus", value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Guest name [default: guest-<pid>]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Do not generate a kernel command line; pass only -p
+    #[arg(long)]
+    pub nodefaults: bool,
+    /// KVM device
+    #[arg(long = "dev", value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+    /// Hide CPUID features from the guest, e.g. `popcnt,avx2` (names as in /proc/cpuinfo)
+    #[arg(long = "disable-cpuid", value_name = "FEATURES", value_delimiter = ',')]
+    pub disable_cpuid: Vec<String>,
+    /// Log level: error, warning, info, debug
+    #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
+    pub loglevel: String,
+}
+
+/// Parses kvmtool's size syntax: a plain number is MiB; B, K, M, G, T suffixes.
+pub fn parse_mem_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "M"),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("'{s}' is not a size (use MiB, or a suffix B, K, M, G, T)")),
+    };
+    let value: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let bytes = value.checked_mul(1 << shift).ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes < MIB {
+        return Err(format!("'{s}' is less than 1 MiB of guest memory"));
+    }
+    Ok(bytes)
+}
+
+/// kvmtool's kernel search order when -k is absent.
+fn default_kernel_paths() -> Vec<PathBuf> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    vec![
+        PathBuf::from("./bzImage"),
+        PathBuf::from("arch/x86/boot/bzImage"),
+        PathBuf::from(format!("/boot/vmlinuz-{release}")),
+        PathBuf::from(format!("/boot/bzImage-{release}")),
+    ]
+}
+
+fn host_ram() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, page_size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages.max(0) as u64).saturating_mul(page_size.max(0) as u64)
+}
+
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+pub fn default_mem(cpus: u32, host_ram: u64) -> u64 {
+    let wanted = DEFAULT_MEM_PER_CPU * (u64::from(cpus) + 3);
+    wanted.min(host_ram / 100 * DEFAULT_MEM_HOST_PERCENT / MIB * MIB)
+}
+
+impl RunArgs {
+    /// Validates the options and builds the VM configuration, or says in one line what is wrong.
+    pub fn into_config(self, started: Instant) -> Result<VmConfig, String> {
+        let cpus = self.cpus.unwrap_or_else(|| host_cpus().min(u32::from(MAX_CPUS)));
+        if cpus == 0 {
+            return Err("-c 0: a guest needs at least one vCPU".into());
+        }
+        if cpus > u32::from(MAX_CPUS) {
+            return Err(format!("-c {cpus}: at most {MAX_CPUS} vCPUs are supported"));
+        }
+        let ram = host_ram();
+        let mem_size = match self.mem {
+            Some(mem) if mem > ram => {
+                return Err(format!("-m {} MiB is more than this host's {} MiB of RAM", mem / MIB, ram / MIB))
+            }
+            Some(mem) => mem,
+            None => default_mem(cpus, ram),
+        };
+
+        let kernel = match self.kernel.or(self.kernel_arg) {
+            Some(kernel) => kernel,
+            None => find_default_kernel(&default_kernel_paths())?,
+        };
+        let disabled_cpuid = self
+            .disable_cpuid
+            .iter()
+            .map(|name| {
+                cpuid::find_feature(name).ok_or_else(|| {
+                    let known: Vec<&str> = cpuid::FEATURES.iter().map(|f| f.name).collect();
+                    format!("--disable-cpuid: unknown feature '{name}' (known: {})", known.join(", "))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut cmdline = KernelCmdline::new(!self.nodefaults);
+        cmdline.push_user(self.params.as_deref().unwrap_or(""));
+
+        Ok(VmConfig {
+            name: self.name.unwrap_or_else(|| format!("guest-{}", std::process::id())),
+            kvm_device: self.kvm_device,
+            kernel,
+            initrd: self.initrd,
+            cmdline: cmdline.as_string(),
+            mem_size,
+            cpus: cpus as u8,
+            disabled_cpuid,
+            started,
+        })
+    }
+}
+
+fn find_default_kernel(candidates: &[PathBuf]) -> Result<PathBuf, String> {
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(found) => {
+            eprintln!("lkvm: no kernel given (-k); using {}", found.display());
+            Ok(found.clone())
+        }
+        None => {
+            let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            Err(format!("no kernel given (-k) and none found in {}", tried.join(", ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::path::Path;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Wrapper::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|w| w.run)
+    }
+
+    #[test]
+    fn sizes_follow_kvmtool() {
+        assert_eq!(parse_mem_size("512"), Ok(512 * MIB));
+        assert_eq!(parse_mem_size("2G"), Ok(2048 * MIB));
+        assert_eq!(parse_mem_size("2048k"), Ok(2 * MIB));
+        assert_eq!(parse_mem_size("1073741824B"), Ok(1024 * MIB));
+        assert!(parse_mem_size("0").unwrap_err().contains("less than 1 MiB"));
+        assert!(parse_mem_size("12Q").is_err());
+        assert!(parse_mem_size("-5").is_err());
+        assert!(parse_mem_size("99999999999999T").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn kvmtool_style_options() {
+        let args = parse(&["-k", "bzImage", "-i", "initrd.cpio", "-p", "quiet", "-m", "128", "-c", "2", "--name", "t1"]).unwrap();
+        assert_eq!(args.kernel.as_deref(), Some(Path::new("bzImage")));
+        assert_eq!(args.mem, Some(128 * MIB));
+        assert_eq!((args.cpus, args.name.as_deref()), (Some(2), Some("t1")));
+        let bare = parse(&["vmlinux", "-m", "64"]).unwrap();
+        assert_eq!(bare.kernel_arg.as_deref(), Some(Path::new("vmlinux")));
+        assert!(parse(&["--bogus"]).is_err());
+        assert!(parse(&["-m", "0"]).is_err());
+    }
+
+    #[test]
+    fn config_validation() {
+        let now = Instant::now();
+        let base = || RunArgs { kernel: Some("k".into()), loglevel: "warning".into(), ..Default::default() };
+        assert!(RunArgs { cpus: Some(0), ..base() }.into_config(now).unwrap_err().contains("at least one"));
+        assert!(RunArgs { cpus: Some(1000), ..base() }.into_config(now).unwrap_err().contains("at most"));
+        assert!(RunArgs { mem: Some(1 << 60), ..base() }.into_config(now).unwrap_err().contains("host's"));
+        let bad = RunArgs { disable_cpuid: vec!["nope".into()], ..base() }.into_config(now).unwrap_err();
+        assert!(bad.contains("unknown feature 'nope'"));
+
+        let config = RunArgs { cpus: Some(2), params: Some("quiet".into()), ..base() }.into_config(now).unwrap();
+        assert_eq!(config.cpus, 2);
+        assert!(config.cmdline.starts_with("console=ttyS0") && config.cmdline.ends_with("quiet"));
+        let bare = RunArgs { cpus: Some(1), nodefaults: true, params: Some("x=1".into()), ..base() };
+        assert_eq!(bare.into_config(now).unwrap().cmdline, "x=1");
+    }
+
+    #[test]
+    fn default_memory_is_kvmtools() {
+        assert_eq!(default_mem(2, 64 << 30), 320 * MIB);
+        assert_eq!(default_mem(4, 256 * MIB), 204 * MIB);
+    }
+
+    #[test]
+    fn kernel_search_reports_what_it_tried() {
+        let err = find_default_kernel(&[PathBuf::from("/nonexistent/bzImage")]).unwrap_err();
+        assert!(err.contains("/nonexistent/bzImage"));
+        assert_eq!(find_default_kernel(&[PathBuf::from("/nonexistent"), PathBuf::from("/proc/self/status")]).unwrap(), PathBuf::from("/proc/self/status"));
+    }
+}

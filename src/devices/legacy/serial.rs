@@ -1,0 +1,122 @@
+//! 16550A UART on the port bus, backed by vm-superio; its interrupt is an irqfd.
+
+use std::io::{self, Write};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+
+/// (base port, ISA IRQ) of COM1..COM4.
+pub const PORTS: [(u16, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
+pub const PORT_LEN: u64 = 8;
+
+/// Raises the UART's interrupt by signalling the irqfd registered for its IRQ line.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+pub struct SerialPort {
+    uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialPort {
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        SerialPort { uart: Serial::new(IrqTrigger(irq), out) }
+    }
+
+    /// Queues as many of `bytes` as the receive FIFO takes; returns how many it took.
+    pub fn receive(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.uart.fifo_capacity());
+        if n > 0 {
+            if let Err(e) = self.uart.enqueue_raw_bytes(&bytes[..n]) {
+                tracing::warn!("serial input: {e:?}");
+                return 0;
+            }
+        }
+        n
+    }
+}
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        data[0] = self.uart.read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Err(e) = self.uart.write(offset as u8, data[0]) {
+            tracing::warn!("serial output: {e:?}");
+        }
+    }
+}
+
+/// The terminal's stdout, flushed after every byte so prompts appear at once.
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::stdout().lock().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().lock().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const THR: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+    const LSR_DATA_READY: u8 = 1;
+
+    #[test]
+    fn transmits_and_receives_with_interrupts() {
+        let out = Capture::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut port = SerialPort::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        for b in b"hi" {
+            port.write(THR, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi");
+
+        port.write(IER, &[1]); // receive-data interrupt on
+        assert_eq!(port.receive(b"ok"), 2);
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut byte = [0u8];
+        port.read(LSR, &mut byte);
+        assert_ne!(byte[0] & LSR_DATA_READY, 0);
+        port.read(THR, &mut byte);
+        assert_eq!(byte[0], b'o');
+    }
+
+    #[test]
+    fn full_fifo_takes_only_what_fits() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut port = SerialPort::new(irq, Box::new(io::sink()));
+        let taken = port.receive(&[b'a'; 100]);
+        assert!(taken > 0 && taken < 100);
+        assert_eq!(port.receive(b"b"), 0);
+    }
+}

@@ -1,0 +1,4 @@
+//! Devices the guest sees, and the buses that route its accesses to them.
+
+pub mod bus;
+pub mod legacy;

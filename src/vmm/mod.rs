@@ -1,0 +1,267 @@
+//! The VM builder and its run loop: KVM, guest memory, irqchip, boot, devices, vCPU threads.
+
+pub mod exit;
+pub mod vcpu;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::x86_64::cpuid::{self, Feature};
+use crate::arch::x86_64::memory::ram_regions;
+use crate::arch::x86_64::mptable;
+use crate::arch::x86_64::regs;
+use crate::boot::{self, BootSpec};
+use crate::devices::bus::{self, Bus, BusDevice};
+use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
+use crate::term;
+use exit::VmExit;
+use vcpu::Vcpu;
+
+/// Where KVM keeps its three-page TSS on Intel: just below the BIOS area, inside the hole.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// How long console input waits for a guest that is not reading its UART before dropping it.
+const CONSOLE_INPUT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Everything needed to build and run one VM, already validated by the CLI.
+pub struct VmConfig {
+    pub name: String,
+    pub kvm_device: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_size: u64,
+    pub cpus: u8,
+    pub disabled_cpuid: Vec<&'static Feature>,
+    /// When lkvm started, for the boot marker.
+    pub started: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {reason}")]
+    KvmDevice { path: PathBuf, reason: String },
+    #[error("KVM lacks {0}, which lkvm needs")]
+    MissingCapability(&'static str),
+    #[error("{requested} vCPUs requested, but this host's KVM allows at most {max}")]
+    TooManyCpus { requested: u8, max: usize },
+    #[error("KVM {0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("cannot allocate {0} MiB of guest memory: {1}")]
+    Memory(u64, String),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    VcpuSetup(#[from] regs::Error),
+    #[error("device layout: {0}")]
+    Bus(#[from] bus::Error),
+    #[error("{0}: {1}")]
+    Host(&'static str, io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |e| Error::Kvm(what, e)
+}
+
+/// Opens the KVM device and checks the capabilities this VMM relies on. Probing /dev/kvm
+/// (not host CPUID flags) is what tells whether KVM works, nested hosts included.
+fn open_kvm(path: &PathBuf) -> Result<Kvm, Error> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::KvmDevice { path: path.clone(), reason: "invalid path".into() })?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|e| {
+        let reason = match e.errno() {
+            libc::ENOENT => "not found: is KVM enabled (kvm_intel/kvm_amd loaded, virtualisation on)?".to_string(),
+            libc::EACCES | libc::EPERM => "permission denied: add your user to the 'kvm' group".to_string(),
+            _ => e.to_string(),
+        };
+        Error::KvmDevice { path: path.clone(), reason }
+    })?;
+    if kvm.get_api_version() != 12 {
+        return Err(Error::KvmDevice { path: path.clone(), reason: "not a KVM device (wrong API version)".into() });
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::Pit2, "an in-kernel PIT"),
+        (Cap::UserMemory, "user memory regions"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::ImmediateExit, "immediate_exit"),
+        (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::MissingCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, Error> {
+    let ranges: Vec<(GuestAddress, usize)> =
+        ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?;
+        let kvm_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of it
+        // (vCPU threads are joined before `mem` is dropped).
+        unsafe { vm.set_user_memory_region(kvm_region) }.map_err(kvm_err("set memory region"))?;
+    }
+    Ok(mem)
+}
+
+/// Ends the VM with a fixed reason when triggered (the i8042 reset line).
+struct ExitTrigger {
+    events: Mutex<Sender<VmExit>>,
+    reason: VmExit,
+}
+
+impl Trigger for ExitTrigger {
+    type E = ();
+    fn trigger(&self) -> Result<(), ()> {
+        self.events.lock().unwrap().send(self.reason.clone()).map_err(|_| ())
+    }
+}
+
+struct Devices {
+    pio: Bus,
+    console: Arc<Mutex<serial::SerialPort>>,
+}
+
+fn create_devices(vm: &VmFd, config: &VmConfig, events: &Sender<VmExit>) -> Result<Devices, Error> {
+    let mut pio = Bus::default();
+    let mut console = None;
+    for (i, (port, irq)) in serial::PORTS.iter().enumerate() {
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
+        vm.register_irqfd(&irq_evt, *irq).map_err(kvm_err("register serial irqfd"))?;
+        let out: Box<dyn io::Write + Send> = if i == 0 { Box::new(serial::Stdout) } else { Box::new(io::sink()) };
+        let uart = Arc::new(Mutex::new(serial::SerialPort::new(irq_evt, out)));
+        pio.insert(uart.clone(), u64::from(*port), serial::PORT_LEN)?;
+        console.get_or_insert(uart);
+    }
+    let reset = ExitTrigger { events: Mutex::new(events.clone()), reason: VmExit::Reset };
+    pio.insert(Arc::new(Mutex::new(i8042::I8042::new(reset))), u64::from(i8042::BASE), i8042::LEN)?;
+    let (low, high) = match ram_regions(config.mem_size).as_slice() {
+        [(_, low), (_, high)] => (*low, *high),
+        [(_, low)] => (*low, 0),
+        _ => unreachable!("guest RAM is one or two regions"),
+    };
+    pio.insert(Arc::new(Mutex::new(cmos::Cmos::new(low, high))), u64::from(cmos::BASE), cmos::LEN)?;
+    let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
+    pio.insert(stub.clone(), u64::from(stub::POST_PORT), 1)?;
+    pio.insert(stub, u64::from(stub::SYSTEM_CONTROL_A), 1)?;
+    let marker = boot_marker::BootMarker::new(config.started);
+    pio.insert(Arc::new(Mutex::new(marker)), u64::from(boot_marker::PORT), 1)?;
+    Ok(Devices { pio, console: console.expect("COM1 exists") })
+}
+
+/// Builds the VM, boots it, and runs it until the guest or the user ends it.
+pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
+    tracing::info!(
+        "# lkvm run -k {} -m {} -c {} --name {}",
+        config.kernel.display(),
+        config.mem_size >> 20,
+        config.cpus,
+        config.name
+    );
+    let kvm = open_kvm(&config.kvm_device)?;
+    let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
+    if usize::from(config.cpus) > max_cpus {
+        return Err(Error::TooManyCpus { requested: config.cpus, max: max_cpus });
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("set TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+        .map_err(kvm_err("create PIT"))?;
+    let mem = create_memory(&vm, config.mem_size)?;
+
+    let spec = BootSpec {
+        kernel: &config.kernel,
+        initrd: config.initrd.as_deref(),
+        cmdline: &config.cmdline,
+        mem_size: config.mem_size,
+        cpus: config.cpus,
+    };
+    let entry = boot::load(&mem, &spec)?;
+
+    let (events, exits) = channel();
+    let devices = create_devices(&vm, config, &events)?;
+    let pio = Arc::new(devices.pio);
+    let mmio = Arc::new(Bus::default());
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+    for index in 0..config.cpus {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create vCPU"))?;
+        let cpuid = cpuid::for_vcpu(&supported, index, config.cpus, &config.disabled_cpuid);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+        regs::setup_vcpu(&fd, (index == 0).then_some(entry))?;
+        vcpus.push(Vcpu { index, fd, pio: pio.clone(), mmio: mmio.clone(), mem: mem.clone() });
+    }
+
+    vcpu::register_kick_handler().map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let (stop, events) = (stop.clone(), events.clone());
+        let thread = thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index))
+            .spawn(move || vcpu.run(&stop, &events))
+            .map_err(|e| Error::Host("spawn vCPU thread", e))?;
+        threads.push(thread);
+    }
+    spawn_console_input(devices.console, events.clone())?;
+
+    let _raw_terminal = term::RawMode::stdin();
+    let reason = exits.recv().expect("the VMM holds a sender until here");
+    stop.store(true, Ordering::Release);
+    for thread in &threads {
+        // A vCPU that already returned has nothing to interrupt.
+        let _ = thread.kill(vcpu::kick_signal());
+    }
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(reason)
+}
+
+/// Feeds the terminal to COM1. The thread is left blocked in read() when the VM ends: lkvm
+/// exits right after.
+fn spawn_console_input(console: Arc<Mutex<serial::SerialPort>>, events: Sender<VmExit>) -> Result<(), Error> {
+    let deliver = move |mut bytes: &[u8]| {
+        let deadline = Instant::now() + CONSOLE_INPUT_PATIENCE;
+        while !bytes.is_empty() && Instant::now() < deadline {
+            let taken = console.lock().unwrap().receive(bytes);
+            bytes = &bytes[taken..];
+            if taken == 0 {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let quit = move || {
+        let _ = events.send(VmExit::UserQuit);
+    };
+    thread::Builder::new()
+        .name("console".into())
+        .spawn(move || term::pump_stdin(deliver, quit))
+        .map(drop)
+        .map_err(|e| Error::Host("spawn console thread", e))
+}

@@ -1,0 +1,203 @@
+//! vCPU threads: run KVM_RUN, dispatch exits to the buses, and stop without a lost wake-up.
+//!
+//! Stopping: the VMM sets the shared stop flag, then signals each vCPU thread. The signal
+//! handler sets `immediate_exit` in that thread's kvm_run, so a signal that lands after the
+//! flag check but before KVM_RUN still makes KVM_RUN return EINTR at once (kvmtool's hang).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::exit::VmExit;
+use crate::devices::bus::Bus;
+
+/// The real-time signal (offset from SIGRTMIN) that kicks a vCPU out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+const CR0_PE: u64 = 1;
+const CR0_PG: u64 = 1 << 31;
+const CODE_BYTES: usize = 16;
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own mapped kvm_run, set for as long as the
+        // thread runs its vCPU; a byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler; once per process, before any vCPU thread starts.
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// Why a vCPU must stop, before the diagnostics (RIP, code bytes) are added.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stop {
+    Reset,
+    Poweroff,
+    TripleFault,
+    InternalError,
+    FailEntry(u64),
+    Unhandled(String),
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+/// Handles one exit; I/O goes to the buses, anything that ends the VM comes back as `Stop`.
+pub fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Result<(), Stop> {
+    match exit {
+        VcpuExit::IoIn(port, data) => pio.read(u64::from(port), data),
+        VcpuExit::IoOut(port, data) => pio.write(u64::from(port), data),
+        VcpuExit::MmioRead(addr, data) => mmio.read(addr, data),
+        VcpuExit::MmioWrite(addr, data) => mmio.write(addr, data),
+        VcpuExit::Shutdown => return Err(Stop::TripleFault),
+        VcpuExit::InternalError => return Err(Stop::InternalError),
+        VcpuExit::FailEntry(reason, _) => return Err(Stop::FailEntry(reason)),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => return Err(Stop::Poweroff),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => return Err(Stop::Reset),
+        // KVM returns to user space for these only to let it look at pending signals.
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+        other => return Err(Stop::Unhandled(format!("{other:?}"))),
+    }
+    Ok(())
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub mem: GuestMemoryMmap,
+}
+
+impl Vcpu {
+    /// Runs until the guest ends or `stop` is set; reports an ending the guest caused.
+    pub fn run(mut self, stop: &AtomicBool, events: &Sender<VmExit>) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run_ptr));
+        while !stop.load(Ordering::Acquire) {
+            let result = match self.fd.run() {
+                Ok(exit) => handle_exit(exit, &self.pio, &self.mmio).map_err(Some),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = events.send(VmExit::RunFailed { cpu: self.index, error: e.to_string() });
+                    Err(None)
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(Some(reason)) => {
+                    let _ = events.send(self.describe(reason));
+                    break;
+                }
+                Err(None) => break,
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+
+    fn describe(&mut self, stop: Stop) -> VmExit {
+        let cpu = self.index;
+        match stop {
+            Stop::Reset => VmExit::Reset,
+            Stop::Poweroff => VmExit::Poweroff,
+            Stop::FailEntry(reason) => VmExit::FailEntry { cpu, reason },
+            Stop::Unhandled(exit) => VmExit::Unhandled { cpu, exit },
+            Stop::TripleFault => VmExit::TripleFault { cpu, rip: self.fd.get_regs().map_or(0, |r| r.rip) },
+            Stop::InternalError => {
+                // SAFETY: after an internal-error exit the `internal` member of the union is the
+                // one KVM filled in.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let (rip, code) = self.code_at_rip();
+                VmExit::InternalError { cpu, suberror, rip, code }
+            }
+        }
+    }
+
+    /// RIP and up to 16 instruction bytes there, for a crash report.
+    fn code_at_rip(&self) -> (u64, Vec<u8>) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return (0, Vec::new());
+        };
+        let linear = if sregs.cr0 & CR0_PE == 0 {
+            sregs.cs.base + (regs.rip & 0xffff)
+        } else {
+            sregs.cs.base.wrapping_add(regs.rip)
+        };
+        let physical = if sregs.cr0 & CR0_PG != 0 {
+            match self.fd.translate_gva(linear) {
+                Ok(t) if t.valid != 0 => t.physical_address,
+                _ => return (regs.rip, Vec::new()),
+            }
+        } else {
+            linear
+        };
+        let code = (0..CODE_BYTES as u64)
+            .map_while(|i| self.mem.read_obj::<u8>(GuestAddress(physical + i)).ok())
+            .collect();
+        (regs.rip, code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use std::sync::Mutex;
+
+    struct Latch(Vec<u8>);
+    impl BusDevice for Latch {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            data.copy_from_slice(&self.0[..data.len()]);
+        }
+        fn write(&mut self, _: u64, data: &[u8]) {
+            self.0 = data.to_vec();
+        }
+    }
+
+    #[test]
+    fn io_exits_reach_the_bus() {
+        let mut pio = Bus::default();
+        let latch = Arc::new(Mutex::new(Latch(vec![0; 4])));
+        pio.insert(latch.clone(), 0x3f8, 8).unwrap();
+        let mmio = Bus::default();
+        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, &[1, 2]), &pio, &mmio), Ok(()));
+        let mut data = [0u8; 2];
+        assert_eq!(handle_exit(VcpuExit::IoIn(0x3f9, &mut data), &pio, &mmio), Ok(()));
+        assert_eq!(data, [1, 2]);
+        let mut unmapped = [0u8; 4];
+        assert_eq!(handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut unmapped), &pio, &mmio), Ok(()));
+        assert_eq!(unmapped, [0xff; 4]);
+    }
+
+    #[test]
+    fn fatal_exits_stop_the_vm() {
+        let (pio, mmio) = (Bus::default(), Bus::default());
+        assert_eq!(handle_exit(VcpuExit::Shutdown, &pio, &mmio), Err(Stop::TripleFault));
+        assert_eq!(handle_exit(VcpuExit::InternalError, &pio, &mmio), Err(Stop::InternalError));
+        assert_eq!(handle_exit(VcpuExit::FailEntry(0x21, 0), &pio, &mmio), Err(Stop::FailEntry(0x21)));
+        assert_eq!(handle_exit(VcpuExit::SystemEvent(1, &[]), &pio, &mmio), Err(Stop::Poweroff));
+        assert_eq!(handle_exit(VcpuExit::SystemEvent(2, &[]), &pio, &mmio), Err(Stop::Reset));
+        assert!(matches!(handle_exit(VcpuExit::Hlt, &pio, &mmio), Err(Stop::Unhandled(s)) if s == "Hlt"));
+        assert_eq!(handle_exit(VcpuExit::Intr, &pio, &mmio), Ok(()));
+    }
+}
