@@ -1,0 +1,123 @@
+//! Bad input: one clear line on stderr, a non-zero exit, and nothing written.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn assert_one_line_error(out: &Outcome, expected: &str) {
+    assert!(!out.timed_out);
+    assert!(matches!(out.code, Some(c) if c != 0), "{}", out.describe());
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line: {}", out.describe());
+    assert!(lines[0].starts_with("lkvm: "), "{}", out.describe());
+    assert!(lines[0].contains(expected), "want {expected:?}: {}", out.describe());
+    assert!(!out.stderr.contains("panicked"));
+}
+
+fn flat_kernel() -> String {
+    let dir = temp_dir();
+    write_file(&dir, "k.bin", &x86::SPIN).to_str().unwrap().to_string()
+}
+
+#[test]
+fn missing_kernel_file() {
+    let out = run_lkvm(&["run", "-k", "/nonexistent/vmlinux"], None, TIMEOUT);
+    assert_one_line_error(&out, "kernel /nonexistent/vmlinux: No such file");
+}
+
+#[test]
+fn kernel_that_is_a_directory() {
+    let out = run_lkvm(&["run", "-k", "/tmp", "-m", "16", "-c", "1"], None, TIMEOUT);
+    if kvm_available("kernel_that_is_a_directory") {
+        assert_one_line_error(&out, "is a directory");
+    }
+}
+
+#[test]
+fn file_that_is_no_kernel() {
+    if !kvm_available("file_that_is_no_kernel") {
+        return;
+    }
+    let dir = temp_dir();
+    let cpio = write_file(&dir, "initrd.cpio", b"070701000000000000000000");
+    let out = run_lkvm(&["run", "-k", cpio.to_str().unwrap(), "-m", "16", "-c", "1"], None, TIMEOUT);
+    assert_one_line_error(&out, "a cpio archive");
+    let empty = write_file(&dir, "empty", b"");
+    let out = run_lkvm(&["run", "-k", empty.to_str().unwrap(), "-m", "16", "-c", "1"], None, TIMEOUT);
+    assert_one_line_error(&out, "empty");
+}
+
+#[test]
+fn missing_initrd() {
+    if !kvm_available("missing_initrd") {
+        return;
+    }
+    let dir = temp_dir();
+    let out = run_lkvm(&["run", "-k", &guest_or_flat(&dir), "-i", "/nonexistent/initrd", "-m", "64", "-c", "1"], None, TIMEOUT);
+    assert_one_line_error(&out, "initrd /nonexistent/initrd");
+}
+
+/// The real test kernel when it is built, so the initrd path is exercised as in a real boot.
+fn guest_or_flat(dir: &std::path::Path) -> String {
+    let vmlinux = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/out/vmlinux");
+    if vmlinux.exists() {
+        vmlinux.to_str().unwrap().to_string()
+    } else {
+        write_file(dir, "k.bin", &x86::SPIN).to_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    let vmlinux = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/out/vmlinux");
+    if !kvm_available("initrd_that_does_not_fit") || !vmlinux.exists() {
+        return;
+    }
+    let dir = temp_dir();
+    let big = dir.join("big.cpio");
+    std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
+    let out = run_lkvm(&["run", "-k", vmlinux.to_str().unwrap(), "-i", big.to_str().unwrap(), "-m", "32", "-c", "1"], None, TIMEOUT);
+    assert_one_line_error(&out, "does not fit in guest memory");
+}
+
+#[test]
+fn zero_memory_and_zero_cpus() {
+    let k = flat_kernel();
+    assert_one_line_error(&run_lkvm(&["run", "-k", &k, "-m", "0"], None, TIMEOUT), "less than 1 MiB");
+    assert_one_line_error(&run_lkvm(&["run", "-k", &k, "-c", "0"], None, TIMEOUT), "at least one vCPU");
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "64T", "-c", "1"], None, TIMEOUT);
+    assert_one_line_error(&out, "more than this host's");
+}
+
+#[test]
+fn more_vcpus_than_allowed() {
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "4096"], None, TIMEOUT);
+    assert_one_line_error(&out, "at most");
+}
+
+#[test]
+fn kvm_device_missing() {
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "--dev", "/nonexistent/kvm"], None, TIMEOUT);
+    assert_one_line_error(&out, "/nonexistent/kvm: not found");
+}
+
+#[test]
+fn unknown_option() {
+    let out = run_lkvm(&["run", "--frobnicate"], None, TIMEOUT);
+    assert_one_line_error(&out, "--frobnicate");
+    assert_eq!(out.code, Some(2));
+}
+
+#[test]
+fn unknown_cpuid_feature() {
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "--disable-cpuid", "warpdrive"], None, TIMEOUT);
+    assert_one_line_error(&out, "unknown feature 'warpdrive'");
+}

@@ -1,0 +1,214 @@
+//! Shared helpers for the integration tests: running lkvm with a deadline, tiny guest payloads,
+//! and the test guest built by guest/build.sh.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn lkvm() -> &'static str {
+    env!("CARGO_BIN_EXE_lkvm")
+}
+
+/// KVM tests run only where /dev/kvm exists; elsewhere they say loudly that they were skipped.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = Path::new("/dev/kvm").exists();
+    if !ok {
+        eprintln!("!!! SKIPPED {test}: /dev/kvm is absent on this machine: no KVM test ran !!!");
+    }
+    ok
+}
+
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        format!(
+            "exit {:?}{} after {:.1}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            if self.timed_out { " (TIMED OUT, killed)" } else { "" },
+            self.elapsed.as_secs_f64(),
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    /// Values of `LKVM-RESULT key=value` lines printed by the test guest's init.
+    pub fn result(&self, key: &str) -> Option<String> {
+        let prefix = format!("LKVM-RESULT {key}=");
+        self.stdout.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix).map(str::to_string))
+    }
+}
+
+/// Runs lkvm with `args`, feeding `stdin`, and kills it after `timeout`.
+pub fn run_lkvm(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = Command::new(lkvm())
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lkvm");
+    if let Some(input) = stdin {
+        // Keep the pipe open: a closed stdin must not be mistaken for input.
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input).unwrap();
+        std::mem::forget(pipe);
+    }
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Outcome {
+        code: status.code(),
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+        timed_out,
+        elapsed: start.elapsed(),
+    }
+}
+
+pub fn temp_dir() -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("lkvm-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// 16-bit real-mode code fragments for flat payloads (loaded at 0x1000:0000).
+pub mod x86 {
+    /// Prints `text` on COM1.
+    pub fn print(text: &str) -> Vec<u8> {
+        let mut code = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+        for b in text.bytes() {
+            code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
+        }
+        code
+    }
+    /// Writes `value` to the 8-bit I/O port `port`.
+    pub fn out8(port: u16, value: u8) -> Vec<u8> {
+        let [lo, hi] = port.to_le_bytes();
+        vec![0xba, lo, hi, 0xb0, value, 0xee] // mov dx, port; mov al, value; out dx, al
+    }
+    /// Pulses the CPU reset line through the i8042, the way `reboot=k` guests leave.
+    pub fn i8042_reset() -> Vec<u8> {
+        vec![0xb0, 0xfe, 0xe6, 0x64] // mov al, 0xfe; out 0x64, al
+    }
+    pub const SPIN: [u8; 2] = [0xeb, 0xfe]; // jmp $
+    /// POPCNT with a memory operand at 0xffff:0x0010 = 1 MiB: with only 1 MiB of guest RAM that
+    /// is MMIO, which KVM must emulate, and its instruction emulator has no POPCNT.
+    pub fn unemulatable_mmio_access() -> Vec<u8> {
+        vec![
+            0xb8, 0xff, 0xff, // mov ax, 0xffff
+            0x8e, 0xc0, // mov es, ax
+            0x26, 0xf3, 0x0f, 0xb8, 0x06, 0x10, 0x00, // popcnt ax, es:[0x0010]
+        ]
+    }
+}
+
+/// A minimal ELF64 kernel without a PVH note: lkvm enters it in long mode through the 64-bit
+/// boot protocol, with its boot IDT that holds no usable gate.
+pub fn elf64_kernel(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const HEADERS: u64 = 64 + 56;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [HEADERS, LOAD, LOAD, code.len() as u64, code.len() as u64, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// 64-bit code fragments for `elf64_kernel`.
+pub mod x86_64 {
+    /// Prints `text` on COM1.
+    pub fn print(text: &str) -> Vec<u8> {
+        let mut code = vec![0xba, 0xf8, 0x03, 0, 0]; // mov edx, 0x3f8
+        for b in text.bytes() {
+            code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
+        }
+        code
+    }
+    /// An invalid opcode with no IDT to handle it: #UD, #GP, #DF, then a triple fault.
+    pub const UD2: [u8; 2] = [0x0f, 0x0b];
+}
+
+/// The test guest (kernel and initramfs), built once per test run by guest/build.sh.
+pub struct Guest {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+pub fn guest() -> &'static Guest {
+    static GUEST: OnceLock<Guest> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let status = Command::new(root.join("guest/build.sh")).status().expect("run guest/build.sh");
+        assert!(status.success(), "guest/build.sh failed: see its output above");
+        let out = root.join("guest/out");
+        Guest { vmlinux: out.join("vmlinux"), bzimage: out.join("bzImage"), initramfs: out.join("initramfs.cpio") }
+    })
+}
+
+/// Guest parameters this kind of host needs (see shared/GUEST.md): its nested KVM emulates
+/// guest kernel code and ignores CPUID, so features the emulator cannot run are hidden here.
+pub const HOST_GUEST_PARAMS: &str =
+    "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 quiet";
+
+/// Linux boots take about a minute here; one at a time, or they slow each other down.
+pub fn boot_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);

@@ -1,0 +1,106 @@
+//! Fast KVM integration tests with tiny real-mode payloads: console output, guest exits, crash
+//! reports, and vCPU start/stop.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn run_payload(code: &[u8], extra: &[&str], stdin: Option<&[u8]>) -> Outcome {
+    let dir = temp_dir();
+    let payload = write_file(&dir, "payload.bin", code);
+    let mut args = vec!["run", "-k", payload.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_lkvm(&args, stdin, TIMEOUT)
+}
+
+#[test]
+fn serial_output_reaches_stdout_and_i8042_reset_exits_zero() {
+    if !kvm_available("serial_output_reaches_stdout_and_i8042_reset_exits_zero") {
+        return;
+    }
+    let code = [x86::print("hello from the guest\n"), x86::i8042_reset(), x86::SPIN.to_vec()].concat();
+    let out = run_payload(&code, &["-m", "16", "-c", "1"], None);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("hello from the guest"), "{}", out.describe());
+}
+
+#[test]
+fn triple_fault_exits_nonzero_and_says_so() {
+    if !kvm_available("triple_fault_exits_nonzero_and_says_so") {
+        return;
+    }
+    let code = [x86_64::print("before\n"), x86_64::UD2.to_vec()].concat();
+    let out = run_payload(&elf64_kernel(&code), &["-m", "16", "-c", "1"], None);
+    assert_eq!(out.code, Some(3), "{}", out.describe());
+    assert!(out.stdout.contains("before"));
+    let last = out.stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.contains("triple fault") && last.contains("vCPU 0"), "{}", out.describe());
+}
+
+#[test]
+fn unemulatable_instruction_exits_nonzero_with_rip_and_code() {
+    if !kvm_available("unemulatable_instruction_exits_nonzero_with_rip_and_code") {
+        return;
+    }
+    let code = [x86::unemulatable_mmio_access(), x86::SPIN.to_vec()].concat();
+    let out = run_payload(&code, &["-m", "1", "-c", "1"], None);
+    assert_eq!(out.code, Some(3), "{}", out.describe());
+    let last = out.stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.contains("KVM internal error"), "{}", out.describe());
+    // The popcnt sits at offset 5 of the payload, CS base 0x10000.
+    assert!(last.contains("RIP 0x5"), "{}", out.describe());
+    assert!(last.contains("26 f3 0f b8 06 10 00"), "{}", out.describe());
+}
+
+#[test]
+fn boot_marker_port_logs_time_since_start() {
+    if !kvm_available("boot_marker_port_logs_time_since_start") {
+        return;
+    }
+    let code = [x86::out8(0x440, 123), x86::i8042_reset(), x86::SPIN.to_vec()].concat();
+    let out = run_payload(&code, &["-m", "16", "-c", "1", "--loglevel", "info"], None);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stderr.contains("boot marker 1 (value 0x7b) at "), "{}", out.describe());
+}
+
+#[test]
+fn console_input_reaches_the_guest_with_ctrl_a_escaped() {
+    if !kvm_available("console_input_reaches_the_guest_with_ctrl_a_escaped") {
+        return;
+    }
+    // Poll COM1's line status until a byte arrives, echo it as "<byte>!", then spin.
+    let code = [
+        vec![0xba, 0xfd, 0x03], // mov dx, 0x3fd (LSR)
+        vec![0xec, 0xa8, 0x01, 0x74, 0xfb], // in al, dx; test al, 1; jz -5
+        vec![0xba, 0xf8, 0x03, 0xec, 0xee], // mov dx, 0x3f8; in al, dx; out dx, al
+        x86::print("!\n"),
+    ]
+    .concat();
+    // Ctrl-A Ctrl-A is how a Ctrl-A reaches the guest; the guest then echoes it.
+    let code = [code, x86::i8042_reset()].concat();
+    let out = run_payload(&code, &["-m", "16", "-c", "1"], Some(b"\x01\x01"));
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("\x01!"), "{}", out.describe());
+}
+
+#[test]
+fn four_vcpus_start_and_stop_100_times_without_hanging() {
+    if !kvm_available("four_vcpus_start_and_stop_100_times_without_hanging") {
+        return;
+    }
+    let dir = temp_dir();
+    let payload = write_file(&dir, "spin.bin", &x86::SPIN);
+    for round in 0..100 {
+        // Ctrl-A x asks lkvm to stop while vCPU 0 spins and the others wait for a SIPI in KVM_RUN.
+        let out = run_lkvm(
+            &["run", "-k", payload.to_str().unwrap(), "-m", "16", "-c", "4"],
+            Some(b"\x01x"),
+            Duration::from_secs(20),
+        );
+        assert!(!out.timed_out && out.code == Some(0), "round {round}: {}", out.describe());
+    }
+}
