@@ -35,6 +35,7 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const CONSOLE_INPUT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Everything needed to build and run one VM, already validated by the CLI.
+#[derive(Debug)]
 pub struct VmConfig {
     pub name: String,
     pub kvm_device: PathBuf,

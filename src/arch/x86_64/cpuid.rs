@@ -12,6 +12,7 @@ pub enum Reg {
 }
 
 /// A CPUID feature bit that `--disable-cpuid` can clear, named as in /proc/cpuinfo.
+#[derive(Debug)]
 pub struct Feature {
     pub name: &'static str,
     pub leaf: u32,

@@ -143,11 +143,13 @@ mod tests {
 
     #[test]
     fn memory_size_registers() {
-        let mut cmos = Cmos::new(128 << 20, 1 << 30);
+        let mut cmos = Cmos::new(32 << 20, 1 << 30);
         let word = |c: &mut Cmos, r| u16::from(read_reg(c, r)) | (u16::from(read_reg(c, r + 1)) << 8);
         assert_eq!(word(&mut cmos, 0x15), 640);
-        assert_eq!(word(&mut cmos, 0x30), 127 * 1024);
-        assert_eq!(word(&mut cmos, 0x34), (112 << 20) / 65536);
+        assert_eq!(word(&mut cmos, 0x30), 31 * 1024);
+        assert_eq!(word(&mut cmos, 0x34), 256); // 16 MiB above 16 MiB, in 64 KiB units
+        let mut big = Cmos::new(3 << 30, 0);
+        assert_eq!(word(&mut big, 0x17), 0xffff, "saturates rather than wraps");
         assert_eq!(read_reg(&mut cmos, 0x5c), 0x40); // 16384 x 64 KiB
     }
 
