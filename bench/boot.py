@@ -94,7 +94,7 @@ def lkvm_cmd():
 
 
 def qemu_cmd():
-    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=on", "-enable-kvm", "-cpu", "host",
+    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=on", "-device", "i8042", "-enable-kvm", "-cpu", "host",
             "-m", str(MEM_MIB), "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-no-reboot", "-kernel", f"{GUEST}/vmlinux", "-initrd", f"{GUEST}/initramfs.cpio",
             "-append", f"{LKVM_DEFAULTS} {HOST_PARAMS}"]
