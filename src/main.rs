@@ -4,6 +4,7 @@ mod arch;
 mod boot;
 mod cli;
 mod devices;
+mod disk;
 mod term;
 mod vmm;
 

@@ -17,7 +17,7 @@ pub const DEFAULT_PARAMS: &[&str] = &[
 /// Linux x86's COMMAND_LINE_SIZE, including the terminating NUL.
 pub const MAX_LEN: usize = 2048;
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct KernelCmdline {
     params: Vec<String>,
 }
@@ -29,12 +29,24 @@ impl KernelCmdline {
         KernelCmdline { params }
     }
 
+    pub fn push(&mut self, param: impl Into<String>) {
+        self.params.push(param.into());
+    }
+
     /// Appends the user's `-p` text verbatim, after everything generated, so it wins.
     pub fn push_user(&mut self, params: &str) {
         let params = params.trim();
         if !params.is_empty() {
             self.params.push(params.to_string());
         }
+    }
+
+    /// Whether any parameter so far sets `key` (as `key` or `key=...`).
+    pub fn has_key(&self, key: &str) -> bool {
+        self.params
+            .iter()
+            .flat_map(|p| p.split_whitespace())
+            .any(|word| word.split('=').next() == Some(key))
     }
 
     pub fn as_string(&self) -> String {
@@ -47,12 +59,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_then_user() {
+    fn defaults_then_generated_then_user() {
         let mut cmdline = KernelCmdline::new(true);
+        cmdline.push("root=/dev/vda rw");
         cmdline.push_user("  quiet  init=/bin/sh ");
         let s = cmdline.as_string();
+        assert!(cmdline.has_key("init") && cmdline.has_key("root") && cmdline.has_key("quiet"));
+        assert!(!cmdline.has_key("roo"));
         assert!(s.starts_with("console=ttyS0 reboot=k panic=1"));
-        assert!(s.ends_with("i8042.noaux=1 quiet  init=/bin/sh"));
+        assert!(s.ends_with("i8042.noaux=1 root=/dev/vda rw quiet  init=/bin/sh"));
         assert!(!s.contains("noapic"));
     }
 

@@ -8,6 +8,7 @@ use clap::Args;
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::boot::cmdline::KernelCmdline;
+use crate::disk::DiskSpec;
 use crate::vmm::VmConfig;
 
 const MIB: u64 = 1 << 20;
@@ -48,6 +49,12 @@ pub struct RunArgs {
     /// Hide CPUID features from the guest, e.g. `popcnt,avx2` (names as in /proc/cpuinfo)
     #[arg(long = "disable-cpuid", value_name = "FEATURES", value_delimiter = ',')]
     pub disable_cpuid: Vec<String>,
+    /// Disk image or host block device, `PATH[,ro][,direct]`; repeatable (/dev/vda, /dev/vdb, ...)
+    #[arg(short = 'd', long = "disk", value_name = "IMAGE")]
+    pub disks: Vec<String>,
+    /// Virtio transport
+    #[arg(long = "virtio-transport", value_name = "TRANSPORT", default_value = "mmio", value_parser = ["mmio"])]
+    pub virtio_transport: String,
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
     pub loglevel: String,
@@ -137,15 +144,23 @@ impl RunArgs {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
+        let disks = self.disks.iter().map(|d| DiskSpec::parse(d)).collect::<Result<Vec<_>, _>>()?;
+        let user_params = self.params.as_deref().unwrap_or("");
         let mut cmdline = KernelCmdline::new(!self.nodefaults);
-        cmdline.push_user(self.params.as_deref().unwrap_or(""));
+        let mut user_cmdline = KernelCmdline::new(false);
+        user_cmdline.push_user(user_params);
+        if !disks.is_empty() && !self.nodefaults && !user_cmdline.has_key("root") {
+            cmdline.push("root=/dev/vda rw");
+        }
+        cmdline.push_user(user_params);
 
         Ok(VmConfig {
             name: self.name.unwrap_or_else(|| format!("guest-{}", std::process::id())),
             kvm_device: self.kvm_device,
             kernel,
             initrd: self.initrd,
-            cmdline: cmdline.as_string(),
+            cmdline,
+            disks,
             mem_size,
             cpus: cpus as u8,
             disabled_cpuid,
@@ -210,7 +225,7 @@ mod tests {
     #[test]
     fn config_validation() {
         let now = Instant::now();
-        let base = || RunArgs { kernel: Some("k".into()), loglevel: "warning".into(), ..Default::default() };
+        let base = || RunArgs { kernel: Some("k".into()), ..Default::default() };
         assert!(RunArgs { cpus: Some(0), ..base() }.into_config(now).unwrap_err().contains("at least one"));
         assert!(RunArgs { cpus: Some(1000), ..base() }.into_config(now).unwrap_err().contains("at most"));
         assert!(RunArgs { mem: Some(1 << 60), ..base() }.into_config(now).unwrap_err().contains("host's"));
@@ -219,9 +234,25 @@ mod tests {
 
         let config = RunArgs { cpus: Some(2), params: Some("quiet".into()), ..base() }.into_config(now).unwrap();
         assert_eq!(config.cpus, 2);
-        assert!(config.cmdline.starts_with("console=ttyS0") && config.cmdline.ends_with("quiet"));
+        let cmdline = config.cmdline.as_string();
+        assert!(cmdline.starts_with("console=ttyS0") && cmdline.ends_with("quiet"));
+        assert!(!cmdline.contains("root="));
         let bare = RunArgs { cpus: Some(1), nodefaults: true, params: Some("x=1".into()), ..base() };
-        assert_eq!(bare.into_config(now).unwrap().cmdline, "x=1");
+        assert_eq!(bare.into_config(now).unwrap().cmdline.as_string(), "x=1");
+    }
+
+    #[test]
+    fn a_disk_brings_root_unless_the_user_chose_one() {
+        let now = Instant::now();
+        let base = || RunArgs { kernel: Some("k".into()), cpus: Some(1), disks: vec!["a.img".into(), "b.img,ro".into()], ..Default::default() };
+        let config = base().into_config(now).unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert!(config.disks[1].read_only);
+        assert!(config.cmdline.as_string().contains("root=/dev/vda rw"));
+        let own_root = RunArgs { params: Some("root=/dev/vdb".into()), ..base() }.into_config(now).unwrap();
+        assert!(!own_root.cmdline.as_string().contains("/dev/vda"));
+        let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config(now).unwrap_err();
+        assert!(bad.contains("unknown disk option 'bogus'"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The VM builder and its run loop: KVM, guest memory, irqchip, boot, devices, vCPU threads.
 
+mod device_manager;
 pub mod exit;
 pub mod vcpu;
 
@@ -14,7 +15,6 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
-use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -22,9 +22,11 @@ use crate::arch::x86_64::cpuid::{self, Feature};
 use crate::arch::x86_64::memory::ram_regions;
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs;
+use crate::boot::cmdline::KernelCmdline;
 use crate::boot::{self, BootSpec};
-use crate::devices::bus::{self, Bus, BusDevice};
-use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
+use crate::devices::bus::{self, Bus};
+use crate::devices::legacy::serial;
+use crate::disk::{self, DiskImage, DiskSpec};
 use crate::term;
 use exit::VmExit;
 use vcpu::Vcpu;
@@ -41,7 +43,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    pub cmdline: KernelCmdline,
+    pub disks: Vec<DiskSpec>,
     pub mem_size: u64,
     pub cpus: u8,
     pub disabled_cpuid: Vec<&'static Feature>,
@@ -69,6 +72,10 @@ pub enum Error {
     Bus(#[from] bus::Error),
     #[error("{0}: {1}")]
     Host(&'static str, io::Error),
+    #[error(transparent)]
+    Disk(#[from] disk::OpenError),
+    #[error("no room for device {0}: {1}")]
+    DeviceSpace(String, String),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -128,51 +135,6 @@ fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, Error> {
     Ok(mem)
 }
 
-/// Ends the VM with a fixed reason when triggered (the i8042 reset line).
-struct ExitTrigger {
-    events: Mutex<Sender<VmExit>>,
-    reason: VmExit,
-}
-
-impl Trigger for ExitTrigger {
-    type E = ();
-    fn trigger(&self) -> Result<(), ()> {
-        self.events.lock().unwrap().send(self.reason.clone()).map_err(|_| ())
-    }
-}
-
-struct Devices {
-    pio: Bus,
-    console: Arc<Mutex<serial::SerialPort>>,
-}
-
-fn create_devices(vm: &VmFd, config: &VmConfig, events: &Sender<VmExit>) -> Result<Devices, Error> {
-    let mut pio = Bus::default();
-    let mut console = None;
-    for (i, (port, irq)) in serial::PORTS.iter().enumerate() {
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
-        vm.register_irqfd(&irq_evt, *irq).map_err(kvm_err("register serial irqfd"))?;
-        let out: Box<dyn io::Write + Send> = if i == 0 { Box::new(serial::Stdout) } else { Box::new(io::sink()) };
-        let uart = Arc::new(Mutex::new(serial::SerialPort::new(irq_evt, out)));
-        pio.insert(uart.clone(), u64::from(*port), serial::PORT_LEN)?;
-        console.get_or_insert(uart);
-    }
-    let reset = ExitTrigger { events: Mutex::new(events.clone()), reason: VmExit::Reset };
-    pio.insert(Arc::new(Mutex::new(i8042::I8042::new(reset))), u64::from(i8042::BASE), i8042::LEN)?;
-    let (low, high) = match ram_regions(config.mem_size).as_slice() {
-        [(_, low), (_, high)] => (*low, *high),
-        [(_, low)] => (*low, 0),
-        _ => unreachable!("guest RAM is one or two regions"),
-    };
-    pio.insert(Arc::new(Mutex::new(cmos::Cmos::new(low, high))), u64::from(cmos::BASE), cmos::LEN)?;
-    let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
-    pio.insert(stub.clone(), u64::from(stub::POST_PORT), 1)?;
-    pio.insert(stub, u64::from(stub::SYSTEM_CONTROL_A), 1)?;
-    let marker = boot_marker::BootMarker::new(config.started);
-    pio.insert(Arc::new(Mutex::new(marker)), u64::from(boot_marker::PORT), 1)?;
-    Ok(Devices { pio, console: console.expect("COM1 exists") })
-}
-
 /// Builds the VM, boots it, and runs it until the guest or the user ends it.
 pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     tracing::info!(
@@ -182,6 +144,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         config.cpus,
         config.name
     );
+    // Input files first: a bad disk must fail before anything else happens.
+    let disks = config.disks.iter().map(DiskImage::open).collect::<Result<Vec<_>, _>>()?;
     let kvm = open_kvm(&config.kvm_device)?;
     let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
     if usize::from(config.cpus) > max_cpus {
@@ -194,19 +158,22 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         .map_err(kvm_err("create PIT"))?;
     let mem = create_memory(&vm, config.mem_size)?;
 
+    let (events, exits) = channel();
+    let mut cmdline = config.cmdline.clone();
+    let devices = device_manager::create_devices(&vm, &mem, config, disks, &mut cmdline, &events)?;
+
+    let cmdline = cmdline.as_string();
     let spec = BootSpec {
         kernel: &config.kernel,
         initrd: config.initrd.as_deref(),
-        cmdline: &config.cmdline,
+        cmdline: &cmdline,
         mem_size: config.mem_size,
         cpus: config.cpus,
     };
     let entry = boot::load(&mem, &spec)?;
 
-    let (events, exits) = channel();
-    let devices = create_devices(&vm, config, &events)?;
     let pio = Arc::new(devices.pio);
-    let mmio = Arc::new(Bus::default());
+    let mmio = Arc::new(devices.mmio);
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));

@@ -3,8 +3,12 @@
 //!
 //! Kernel parameters it reads (from /proc/cmdline):
 //! - `lkvm.shell`: run /bin/sh on the console instead of the checks, then reboot.
-//! Without it, it prints `LKVM-RESULT key=value` lines describing what the guest sees, then
-//! `LKVM-DONE`, and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
+//! - `lkvm.read=DEV:LEN`: checksum (FNV-1a 64) of the first LEN bytes of DEV.
+//! - `lkvm.write=DEV:LEN:SEED`: write LEN bytes of the test pattern for SEED to DEV and fsync.
+//! - `lkvm.serial=NAME`: the virtio-blk serial of block device NAME.
+//! - `lkvm.hwrng=LEN`: read LEN bytes from /dev/hwrng.
+//! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
+//! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
 use std::ffi::CString;
 use std::fs;
@@ -71,10 +75,58 @@ fn run_shell() {
     }
 }
 
+/// FNV-1a 64: the checksum the host-side tests compute too.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The test pattern for `seed`, as the host-side tests generate it.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64).map(|i| (i.wrapping_mul(31) ^ seed.wrapping_mul(17) ^ (i >> 9)) as u8).collect()
+}
+
+fn read_check(arg: &str) {
+    let Some((dev, len)) = arg.split_once(':') else { return result("read", "bad-arg") };
+    let len: usize = len.parse().unwrap_or(0);
+    let key = format!("read:{dev}");
+    let mut buf = vec![0u8; len];
+    match fs::File::open(dev).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)) {
+        Ok(()) => result(&key, &format!("{:016x}", fnv1a(&buf))),
+        Err(e) => result(&key, &format!("err:{e}")),
+    }
+}
+
+fn write_check(arg: &str) {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let [dev, len, seed] = parts[..] else { return result("write", "bad-arg") };
+    let data = pattern(len.parse().unwrap_or(0), seed.parse().unwrap_or(0));
+    let key = format!("write:{dev}");
+    let outcome = fs::OpenOptions::new().write(true).open(dev).and_then(|mut f| {
+        f.write_all(&data)?;
+        f.sync_all()
+    });
+    match outcome {
+        Ok(()) => result(&key, "ok"),
+        Err(e) => result(&key, &format!("err:{e}")),
+    }
+}
+
+fn hwrng_check(arg: &str) {
+    let mut buf = vec![0u8; arg.parse().unwrap_or(0)];
+    match fs::File::open("/dev/hwrng").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)) {
+        Ok(()) => {
+            let distinct = buf.iter().collect::<std::collections::HashSet<_>>().len();
+            result("hwrng", &format!("{}:{distinct}", buf.len()));
+        }
+        Err(e) => result("hwrng", &format!("err:{e}")),
+    }
+}
+
 fn main() {
     boot_marker();
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
+    mount("devtmpfs", "/dev", "devtmpfs");
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let params: Vec<&str> = cmdline.split_whitespace().collect();
 
@@ -86,6 +138,18 @@ fn main() {
         result("cmdline", cmdline.trim());
         let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         result("kernel", release.trim());
+        for param in &params {
+            if let Some(arg) = param.strip_prefix("lkvm.read=") {
+                read_check(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.write=") {
+                write_check(arg);
+            } else if let Some(name) = param.strip_prefix("lkvm.serial=") {
+                let serial = fs::read_to_string(format!("/sys/block/{name}/serial"));
+                result(&format!("serial:{name}"), serial.as_deref().map_or("none", str::trim));
+            } else if let Some(arg) = param.strip_prefix("lkvm.hwrng=") {
+                hwrng_check(arg);
+            }
+        }
         println!("LKVM-DONE");
     }
     // SAFETY: sync and reboot take no pointers.

@@ -20,7 +20,8 @@ const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
 const ISA_BUS_ID: u8 = 0;
-const ISA_IRQS: u8 = 16;
+/// Every IOAPIC pin is routed, so virtio-mmio devices can use GSIs above 15.
+const IOAPIC_PINS: u8 = 24;
 /// APIC IDs are 8 bits in the MP table and the IOAPIC takes the ID after the last CPU.
 pub const MAX_CPUS: u8 = 254;
 
@@ -43,7 +44,7 @@ pub fn build(addr: u64, cpus: u8) -> Vec<u8> {
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
-    for irq in 0..ISA_IRQS {
+    for irq in 0..IOAPIC_PINS {
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0]);
         entries.extend_from_slice(&[ISA_BUS_ID, irq, ioapic_id, irq]);
     }
@@ -52,7 +53,7 @@ pub fn build(addr: u64, cpus: u8) -> Vec<u8> {
         entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, kind, 0, 0]);
         entries.extend_from_slice(&[ISA_BUS_ID, 0, 0xff, lint]);
     }
-    let entry_count = u16::from(cpus) + 1 + 1 + u16::from(ISA_IRQS) + 2;
+    let entry_count = u16::from(cpus) + 1 + 1 + u16::from(IOAPIC_PINS) + 2;
 
     let mut table = Vec::with_capacity(44 + entries.len());
     table.extend_from_slice(b"PCMP");
@@ -135,7 +136,7 @@ mod tests {
         assert_eq!(seen_cpus, vec![0, 1, 2]);
         assert_eq!(boot, 1);
         assert_eq!(ioapic, Some((cpus, 0xfec0_0000)));
-        assert_eq!(irqs, 16);
+        assert_eq!(irqs, 24);
     }
 
     #[test]

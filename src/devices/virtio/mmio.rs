@@ -1,0 +1,141 @@
+//! virtio-mmio (version 2) transport: a 4 KiB register window per device and one interrupt
+//! line, announced to Linux with `virtio_mmio.device=4K@ADDR:IRQ`.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::transport::TransportState;
+use super::{Interrupt, VirtioDevice};
+use crate::devices::bus::BusDevice;
+
+pub const WINDOW_SIZE: u64 = 0x1000;
+/// Where a queue notification is written; its value is the queue index.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4d56_4b4c; // "LKVM"
+const CONFIG_OFFSET: u64 = 0x100;
+const INT_USED_RING: u32 = 1;
+const INT_CONFIG_CHANGE: u32 = 2;
+
+pub struct MmioInterrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl MmioInterrupt {
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!("virtio-mmio interrupt: {e}");
+        }
+    }
+}
+
+impl Interrupt for MmioInterrupt {
+    fn signal_used_queue(&self, _queue: u16) {
+        self.raise(INT_USED_RING);
+    }
+    fn signal_config_change(&self) {
+        self.raise(INT_CONFIG_CHANGE);
+    }
+}
+
+pub struct MmioTransport {
+    state: TransportState,
+    interrupt: Arc<MmioInterrupt>,
+}
+
+impl MmioTransport {
+    /// `irq` is the eventfd registered with KVM as the irqfd of the device's interrupt line.
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFd) -> std::io::Result<Self> {
+        Ok(MmioTransport {
+            state: TransportState::new(device, mem)?,
+            interrupt: Arc::new(MmioInterrupt { status: AtomicU32::new(0), irq }),
+        })
+    }
+
+    /// Queue notification eventfds, in queue order, to register as ioeventfds.
+    pub fn kicks(&self) -> &[EventFd] {
+        &self.state.kicks
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let s = &self.state;
+        let queue = s.selected_queue();
+        match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => s.device.device_type(),
+            0x0c => VENDOR_ID,
+            0x10 => s.device_features_word(),
+            0x34 => queue.map_or(0, |q| u32::from(q.max_size)),
+            0x44 => queue.map_or(0, |q| u32::from(q.ready)),
+            0x60 => self.interrupt.status.load(Ordering::SeqCst),
+            0x70 => u32::from(s.status),
+            0xfc => s.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let s = &mut self.state;
+        let set_low = |field: &mut u64| *field = (*field & !0xffff_ffff) | u64::from(value);
+        let set_high = |field: &mut u64| *field = (*field & 0xffff_ffff) | (u64::from(value) << 32);
+        match offset {
+            0x14 => s.device_features_select = value,
+            0x20 => s.write_driver_features_word(value),
+            0x24 => s.driver_features_select = value,
+            0x30 => s.queue_select = value as u16,
+            QUEUE_NOTIFY_OFFSET => s.notify(value),
+            0x64 => {
+                self.interrupt.status.fetch_and(!value, Ordering::SeqCst);
+            }
+            0x70 => {
+                let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
+                s.write_status(value as u8, &interrupt);
+            }
+            _ => {
+                let Some(q) = s.selected_queue_mut() else { return };
+                match offset {
+                    0x38 => {
+                        // A size the queue cannot have makes activation fail, not the VMM.
+                        q.size = value as u16;
+                    }
+                    0x44 => q.ready = value == 1,
+                    0x80 => set_low(&mut q.desc),
+                    0x84 => set_high(&mut q.desc),
+                    0x90 => set_low(&mut q.avail),
+                    0x94 => set_high(&mut q.avail),
+                    0xa0 => set_low(&mut q.used),
+                    0xa4 => set_high(&mut q.used),
+                    _ => tracing::debug!("virtio-mmio: write to unknown register {offset:#x}"),
+                }
+            }
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.state.device.read_config(offset - CONFIG_OFFSET, data);
+        } else if data.len() == 4 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.state.device.write_config(offset - CONFIG_OFFSET, data);
+            self.state.config_generation = self.state.config_generation.wrapping_add(1);
+        } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Virtio devices and their transports. A device implements `VirtioDevice` (features, config
+//! space, what to do with its queues); the transports (PCI, MMIO) are shared by all devices.
+
+pub mod block;
+pub mod mmio;
+pub mod transport;
+pub mod worker;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+pub const DEVICE_ID_BLOCK: u32 = 2;
+
+/// How a device tells the driver that it used buffers or changed its config.
+pub trait Interrupt: Send + Sync {
+    fn signal_used_queue(&self, queue: u16);
+    fn signal_config_change(&self);
+}
+
+/// A queue the driver set up, with the eventfd that its notifications arrive on.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub kick: EventFd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("virtio device activation: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("driver set up {0} queues, the device needs {1}")]
+    QueueCount(usize, usize),
+}
+
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; their number is the device's queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving `queues` with the features the driver accepted.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
+    /// Stops serving queues; the driver may set the device up again.
+    fn reset(&mut self);
+}
+
+/// Copies `src` (a device's config space) at `offset` into `data`; out-of-range bytes read 0.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(tail) = usize::try_from(offset).ok().and_then(|o| src.get(o..)) {
+        let n = tail.len().min(data.len());
+        data[..n].copy_from_slice(&tail[..n]);
+    }
+}

@@ -1,0 +1,168 @@
+//! What every virtio transport shares: feature negotiation, device status, per-queue setup and
+//! activation. The PCI and MMIO transports only map their registers onto this.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActiveQueue, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+/// "No MSI-X vector" for config and queue vectors.
+pub const NO_VECTOR: u16 = 0xffff;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub msix_vector: u16,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        QueueConfig { max_size, size: max_size, msix_vector: NO_VECTOR, ..Default::default() }
+    }
+}
+
+pub struct TransportState {
+    pub device: Box<dyn VirtioDevice>,
+    pub status: u8,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u16,
+    pub queues: Vec<QueueConfig>,
+    /// One notification eventfd per queue; KVM signals them directly (ioeventfd) and the
+    /// transport does when a notification arrives as a plain exit.
+    pub kicks: Vec<EventFd>,
+    pub config_vector: u16,
+    pub config_generation: u32,
+    mem: GuestMemoryMmap,
+}
+
+impl TransportState {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> std::io::Result<Self> {
+        let queues: Vec<QueueConfig> = device.queue_max_sizes().iter().map(|m| QueueConfig::new(*m)).collect();
+        let kicks = queues.iter().map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<_, _>>()?;
+        Ok(TransportState {
+            device,
+            status: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            queues,
+            kicks,
+            config_vector: NO_VECTOR,
+            config_generation: 0,
+            mem,
+        })
+    }
+
+    pub fn device_features_word(&self) -> u32 {
+        match self.device_features_select {
+            0 => self.device.features() as u32,
+            1 => (self.device.features() >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    pub fn write_driver_features_word(&mut self, value: u32) {
+        // Features are fixed once FEATURES_OK is set.
+        if self.status & STATUS_FEATURES_OK != 0 {
+            return;
+        }
+        let value = u64::from(value);
+        match self.driver_features_select {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32),
+            _ => {}
+        }
+    }
+
+    /// The selected queue while the driver may still configure it.
+    pub fn selected_queue_mut(&mut self) -> Option<&mut QueueConfig> {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    pub fn selected_queue(&self) -> Option<&QueueConfig> {
+        self.queues.get(usize::from(self.queue_select))
+    }
+
+    /// Signals the queue's eventfd, for notifications that did not go through ioeventfd.
+    pub fn notify(&self, queue: u32) {
+        if let Some(kick) = self.kicks.get(queue as usize) {
+            let _ = kick.write(1);
+        }
+    }
+
+    pub fn write_status(&mut self, status: u8, interrupt: &Arc<dyn Interrupt>) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let newly_set = status & !self.status;
+        if newly_set & STATUS_FEATURES_OK != 0 && self.driver_features & !self.device.features() != 0 {
+            // The driver accepted a feature that was never offered: refuse FEATURES_OK.
+            self.status = status & !STATUS_FEATURES_OK;
+            return;
+        }
+        self.status = status;
+        if newly_set & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 {
+            if let Err(e) = self.activate(interrupt.clone()) {
+                tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn activate(&mut self, interrupt: Arc<dyn Interrupt>) -> Result<(), String> {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut active = Vec::new();
+        for (i, config) in self.queues.iter().enumerate() {
+            if !config.ready {
+                continue;
+            }
+            let mut queue = Queue::new(config.max_size).map_err(|e| e.to_string())?;
+            queue.set_size(config.size);
+            queue.set_desc_table_address(Some(config.desc as u32), Some((config.desc >> 32) as u32));
+            queue.set_avail_ring_address(Some(config.avail as u32), Some((config.avail >> 32) as u32));
+            queue.set_used_ring_address(Some(config.used as u32), Some((config.used >> 32) as u32));
+            queue.set_event_idx(event_idx);
+            queue.set_ready(true);
+            if !queue.is_valid(&self.mem) {
+                return Err(format!("queue {i} has an invalid size or rings outside guest memory"));
+            }
+            let kick = self.kicks[i].try_clone().map_err(|e| e.to_string())?;
+            active.push(ActiveQueue { queue, kick });
+        }
+        self.device.activate(self.mem.clone(), interrupt, active, self.driver_features).map_err(|e| e.to_string())
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.queue_select = 0;
+        self.config_vector = NO_VECTOR;
+        for q in &mut self.queues {
+            *q = QueueConfig::new(q.max_size);
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Creates the guest's devices, places them on the buses and wires their interrupts and
+//! notifications to KVM (irqfd, ioeventfd).
+
+use std::io;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_memory::GuestMemoryMmap;
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::exit::VmExit;
+use super::{kvm_err, Error, VmConfig};
+use crate::arch::x86_64::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
+use crate::arch::x86_64::memory::ram_regions;
+use crate::boot::cmdline::KernelCmdline;
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::VirtioDevice;
+use crate::disk::DiskImage;
+
+/// GSIs for virtio-mmio devices: IOAPIC pins no legacy device uses (8 is the RTC's).
+const VIRTIO_MMIO_GSIS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+
+pub struct Devices {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub console: Arc<Mutex<serial::SerialPort>>,
+}
+
+/// Ends the VM with a fixed reason when triggered (the i8042 reset line).
+struct ExitTrigger {
+    events: Mutex<Sender<VmExit>>,
+    reason: VmExit,
+}
+
+impl Trigger for ExitTrigger {
+    type E = ();
+    fn trigger(&self) -> Result<(), ()> {
+        self.events.lock().unwrap().send(self.reason.clone()).map_err(|_| ())
+    }
+}
+
+fn eventfd() -> Result<EventFd, Error> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))
+}
+
+pub fn create_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    disks: Vec<DiskImage>,
+    cmdline: &mut KernelCmdline,
+    events: &Sender<VmExit>,
+) -> Result<Devices, Error> {
+    let mut pio = Bus::default();
+    let console = add_legacy_devices(vm, config, events, &mut pio)?;
+
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (index, disk) in disks.into_iter().enumerate() {
+        virtio.push(Box::new(Block::new(disk, &format!("lkvm-disk{index}"))));
+    }
+
+    let mut mmio = Bus::default();
+    let mut space = AddressAllocator::new(MMIO_HOLE_START, u64::from(IOAPIC_ADDR) - MMIO_HOLE_START)
+        .expect("the MMIO hole is a valid range");
+    if virtio.len() > VIRTIO_MMIO_GSIS.len() {
+        return Err(Error::DeviceSpace(
+            format!("{} virtio devices", virtio.len()),
+            format!("virtio-mmio has {} interrupt lines", VIRTIO_MMIO_GSIS.len()),
+        ));
+    }
+    for (device, gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
+        add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio, cmdline)?;
+    }
+    Ok(Devices { pio, mmio, console })
+}
+
+fn add_virtio_mmio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+    gsi: u32,
+    space: &mut AddressAllocator,
+    bus: &mut Bus,
+    cmdline: &mut KernelCmdline,
+) -> Result<(), Error> {
+    let what = format!("virtio-mmio device type {}", device.device_type());
+    let range = space
+        .allocate(mmio::WINDOW_SIZE, mmio::WINDOW_SIZE, AllocPolicy::FirstMatch)
+        .map_err(|e| Error::DeviceSpace(what.clone(), e.to_string()))?;
+    let irq = eventfd()?;
+    vm.register_irqfd(&irq, gsi).map_err(kvm_err("register virtio irqfd"))?;
+    let transport = MmioTransport::new(device, mem.clone(), irq).map_err(|e| Error::Host("virtio transport", e))?;
+    let notify = IoEventAddress::Mmio(range.start() + mmio::QUEUE_NOTIFY_OFFSET);
+    for (queue, kick) in transport.kicks().iter().enumerate() {
+        vm.register_ioevent(kick, &notify, queue as u32).map_err(kvm_err("register virtio ioeventfd"))?;
+    }
+    bus.insert(Arc::new(Mutex::new(transport)), range.start(), mmio::WINDOW_SIZE)?;
+    cmdline.push(format!("virtio_mmio.device=4K@{:#x}:{gsi}", range.start()));
+    Ok(())
+}
+
+fn add_legacy_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    events: &Sender<VmExit>,
+    pio: &mut Bus,
+) -> Result<Arc<Mutex<serial::SerialPort>>, Error> {
+    let mut console = None;
+    for (i, (port, irq)) in serial::PORTS.iter().enumerate() {
+        let irq_evt = eventfd()?;
+        vm.register_irqfd(&irq_evt, *irq).map_err(kvm_err("register serial irqfd"))?;
+        let out: Box<dyn io::Write + Send> = if i == 0 { Box::new(serial::Stdout) } else { Box::new(io::sink()) };
+        let uart = Arc::new(Mutex::new(serial::SerialPort::new(irq_evt, out)));
+        pio.insert(uart.clone(), u64::from(*port), serial::PORT_LEN)?;
+        console.get_or_insert(uart);
+    }
+    let reset = ExitTrigger { events: Mutex::new(events.clone()), reason: VmExit::Reset };
+    pio.insert(Arc::new(Mutex::new(i8042::I8042::new(reset))), u64::from(i8042::BASE), i8042::LEN)?;
+    let (low, high) = match ram_regions(config.mem_size).as_slice() {
+        [(_, low), (_, high)] => (*low, *high),
+        [(_, low)] => (*low, 0),
+        _ => unreachable!("guest RAM is one or two regions"),
+    };
+    pio.insert(Arc::new(Mutex::new(cmos::Cmos::new(low, high))), u64::from(cmos::BASE), cmos::LEN)?;
+    let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
+    pio.insert(stub.clone(), u64::from(stub::POST_PORT), 1)?;
+    pio.insert(stub, u64::from(stub::SYSTEM_CONTROL_A), 1)?;
+    let marker = boot_marker::BootMarker::new(config.started);
+    pio.insert(Arc::new(Mutex::new(marker)), u64::from(boot_marker::PORT), 1)?;
+    Ok(console.expect("COM1 exists"))
+}
