@@ -9,7 +9,7 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::boot::cmdline::KernelCmdline;
 use crate::disk::DiskSpec;
-use crate::vmm::VmConfig;
+use crate::vmm::{Transport, VmConfig};
 
 const MIB: u64 = 1 << 20;
 /// kvmtool's default: 64 MiB per vCPU plus 192 MiB...
@@ -53,7 +53,7 @@ pub struct RunArgs {
     #[arg(short = 'd', long = "disk", value_name = "IMAGE")]
     pub disks: Vec<String>,
     /// Virtio transport
-    #[arg(long = "virtio-transport", value_name = "TRANSPORT", default_value = "mmio", value_parser = ["mmio"])]
+    #[arg(long = "virtio-transport", value_name = "TRANSPORT", default_value = "pci", value_parser = ["pci", "mmio"])]
     pub virtio_transport: String,
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
@@ -161,6 +161,7 @@ impl RunArgs {
             initrd: self.initrd,
             cmdline,
             disks,
+            transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
             mem_size,
             cpus: cpus as u8,
             disabled_cpuid,

@@ -5,21 +5,25 @@ use std::io;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vm_memory::GuestMemoryMmap;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::exit::VmExit;
-use super::{kvm_err, Error, VmConfig};
+use super::irq_routing::{KvmMsiRouting, FIRST_MSI_GSI};
+use super::{kvm_err, Error, Transport, VmConfig};
 use crate::arch::x86_64::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
 use crate::arch::x86_64::memory::ram_regions;
 use crate::boot::cmdline::KernelCmdline;
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
 use crate::devices::virtio::block::Block;
+use crate::devices::pci::msix::{MsiRouting, MsixState, Vector};
+use crate::devices::pci::{self, PciRoot};
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::VirtioDevice;
 use crate::disk::DiskImage;
 
@@ -50,7 +54,7 @@ fn eventfd() -> Result<EventFd, Error> {
 }
 
 pub fn create_devices(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     disks: Vec<DiskImage>,
@@ -68,6 +72,16 @@ pub fn create_devices(
     let mut mmio = Bus::default();
     let mut space = AddressAllocator::new(MMIO_HOLE_START, u64::from(IOAPIC_ADDR) - MMIO_HOLE_START)
         .expect("the MMIO hole is a valid range");
+    if config.transport == Transport::Pci {
+        let mut pci = PciRoot::default();
+        let routing = Arc::new(KvmMsiRouting::new(vm.clone()));
+        let mut next_gsi = FIRST_MSI_GSI;
+        for device in virtio {
+            add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
+        }
+        pio.insert(Arc::new(Mutex::new(pci)), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
+        return Ok(Devices { pio, mmio, console });
+    }
     if virtio.len() > VIRTIO_MMIO_GSIS.len() {
         return Err(Error::DeviceSpace(
             format!("{} virtio devices", virtio.len()),
@@ -78,6 +92,43 @@ pub fn create_devices(
         add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio, cmdline)?;
     }
     Ok(Devices { pio, mmio, console })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_virtio_pci(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+    routing: &Arc<KvmMsiRouting>,
+    next_gsi: &mut u32,
+    space: &mut AddressAllocator,
+    bus: &mut Bus,
+    pci: &mut PciRoot,
+) -> Result<(), Error> {
+    let what = format!("virtio-pci device type {}", device.device_type());
+    let bar = space
+        .allocate(virtio_pci::BAR_SIZE, virtio_pci::BAR_SIZE, AllocPolicy::FirstMatch)
+        .map_err(|e| Error::DeviceSpace(what.clone(), e.to_string()))?;
+    let mut vectors = Vec::new();
+    for _ in 0..virtio_pci::vector_count(device.as_ref()) {
+        let irqfd = eventfd()?;
+        vm.register_irqfd(&irqfd, *next_gsi).map_err(kvm_err("register MSI-X irqfd"))?;
+        vectors.push(Vector { gsi: *next_gsi, irqfd });
+        *next_gsi += 1;
+    }
+    let routing: Arc<dyn MsiRouting> = routing.clone();
+    let msix = MsixState::new(vectors, routing);
+    let transport = VirtioPciTransport::new(device, mem.clone(), bar.start() as u32, msix)
+        .map_err(|e| Error::Host("virtio transport", e))?;
+    for (queue, kick) in transport.kicks().iter().enumerate() {
+        let addr = bar.start() + virtio_pci::NOTIFY_OFFSET + queue as u64 * u64::from(virtio_pci::NOTIFY_MULTIPLIER);
+        vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(kvm_err("register virtio ioeventfd"))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    bus.insert(transport.clone(), bar.start(), virtio_pci::BAR_SIZE)?;
+    pci.add(transport).ok_or_else(|| Error::DeviceSpace(what, "PCI bus 0 is full".into()))?;
+    Ok(())
 }
 
 fn add_virtio_mmio(

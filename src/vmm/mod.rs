@@ -1,6 +1,7 @@
 //! The VM builder and its run loop: KVM, guest memory, irqchip, boot, devices, vCPU threads.
 
 mod device_manager;
+mod irq_routing;
 pub mod exit;
 pub mod vcpu;
 
@@ -15,7 +16,6 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::cpuid::{self, Feature};
@@ -24,7 +24,7 @@ use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs;
 use crate::boot::cmdline::KernelCmdline;
 use crate::boot::{self, BootSpec};
-use crate::devices::bus::{self, Bus};
+use crate::devices::bus;
 use crate::devices::legacy::serial;
 use crate::disk::{self, DiskImage, DiskSpec};
 use crate::term;
@@ -37,6 +37,12 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const CONSOLE_INPUT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Everything needed to build and run one VM, already validated by the CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Pci,
+    Mmio,
+}
+
 #[derive(Debug)]
 pub struct VmConfig {
     pub name: String,
@@ -45,6 +51,7 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: KernelCmdline,
     pub disks: Vec<DiskSpec>,
+    pub transport: Transport,
     pub mem_size: u64,
     pub cpus: u8,
     pub disabled_cpuid: Vec<&'static Feature>,
@@ -151,7 +158,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     if usize::from(config.cpus) > max_cpus {
         return Err(Error::TooManyCpus { requested: config.cpus, max: max_cpus });
     }
-    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("set TSS address"))?;
     vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
     vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })

@@ -138,6 +138,10 @@ fn main() {
         result("cmdline", cmdline.trim());
         let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         result("kernel", release.trim());
+        let interrupts = fs::read_to_string("/proc/interrupts").unwrap_or_default();
+        let virtio: Vec<&str> = interrupts.lines().filter(|l| l.contains("virtio")).collect();
+        result("virtio_irqs", &virtio.len().to_string());
+        result("virtio_msi_irqs", &virtio.iter().filter(|l| l.contains("MSI")).count().to_string());
         for param in &params {
             if let Some(arg) = param.strip_prefix("lkvm.read=") {
                 read_check(arg);

@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod pci;
 pub mod transport;
 pub mod worker;
 
