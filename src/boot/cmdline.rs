@@ -29,6 +29,15 @@ impl KernelCmdline {
         KernelCmdline { params }
     }
 
+    /// Points the generated `console=` at another device (hvc0 for virtio-console).
+    pub fn set_console(&mut self, device: &str) {
+        for param in &mut self.params {
+            if param.starts_with("console=") {
+                *param = format!("console={device}");
+            }
+        }
+    }
+
     pub fn push(&mut self, param: impl Into<String>) {
         self.params.push(param.into());
     }
@@ -69,6 +78,8 @@ mod tests {
         assert!(s.starts_with("console=ttyS0 reboot=k panic=1"));
         assert!(s.ends_with("i8042.noaux=1 root=/dev/vda rw quiet  init=/bin/sh"));
         assert!(!s.contains("noapic"));
+        cmdline.set_console("hvc0");
+        assert!(cmdline.as_string().starts_with("console=hvc0 reboot=k"));
     }
 
     #[test]

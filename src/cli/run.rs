@@ -9,7 +9,7 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::boot::cmdline::KernelCmdline;
 use crate::disk::DiskSpec;
-use crate::vmm::{Transport, VmConfig};
+use crate::vmm::{ConsoleDevice, Transport, VmConfig};
 
 const MIB: u64 = 1 << 20;
 /// kvmtool's default: 64 MiB per vCPU plus 192 MiB...
@@ -55,6 +55,12 @@ pub struct RunArgs {
     /// Virtio transport
     #[arg(long = "virtio-transport", value_name = "TRANSPORT", default_value = "pci", value_parser = ["pci", "mmio"])]
     pub virtio_transport: String,
+    /// Where the guest console is: serial (ttyS0) or virtio (hvc0)
+    #[arg(long, value_name = "DEVICE", default_value = "serial", value_parser = ["serial", "virtio"])]
+    pub console: String,
+    /// Add a virtio-rng device fed from the host's getrandom
+    #[arg(long)]
+    pub rng: bool,
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
     pub loglevel: String,
@@ -152,6 +158,10 @@ impl RunArgs {
         if !disks.is_empty() && !self.nodefaults && !user_cmdline.has_key("root") {
             cmdline.push("root=/dev/vda rw");
         }
+        let console = if self.console == "virtio" { ConsoleDevice::Virtio } else { ConsoleDevice::Serial };
+        if console == ConsoleDevice::Virtio {
+            cmdline.set_console("hvc0");
+        }
         cmdline.push_user(user_params);
 
         Ok(VmConfig {
@@ -161,6 +171,8 @@ impl RunArgs {
             initrd: self.initrd,
             cmdline,
             disks,
+            console,
+            rng: self.rng,
             transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
             mem_size,
             cpus: cpus as u8,
@@ -252,6 +264,9 @@ mod tests {
         assert!(config.cmdline.as_string().contains("root=/dev/vda rw"));
         let own_root = RunArgs { params: Some("root=/dev/vdb".into()), ..base() }.into_config(now).unwrap();
         assert!(!own_root.cmdline.as_string().contains("/dev/vda"));
+        let hvc = RunArgs { console: "virtio".into(), ..base() }.into_config(now).unwrap();
+        assert_eq!(hvc.console, ConsoleDevice::Virtio);
+        assert!(hvc.cmdline.as_string().starts_with("console=hvc0 "));
         let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config(now).unwrap_err();
         assert!(bad.contains("unknown disk option 'bogus'"));
     }

@@ -43,8 +43,6 @@ pub struct DiskImage {
     file: File,
     size: u64,
     read_only: bool,
-    /// O_DIRECT needs buffers and offsets aligned to the device's logical block.
-    direct: bool,
 }
 
 impl DiskImage {
@@ -60,6 +58,7 @@ impl DiskImage {
         let mut options = OpenOptions::new();
         options.read(true).write(!spec.read_only);
         if spec.direct {
+            // The block device's bounce buffer is page-aligned, as O_DIRECT needs.
             options.custom_flags(libc::O_DIRECT);
         }
         let file = options.open(&spec.path).map_err(|e| match e.raw_os_error() {
@@ -72,7 +71,7 @@ impl DiskImage {
         if size % SECTOR_SIZE != 0 {
             tracing::warn!("disk {}: size {size} is not a multiple of 512; the tail is not visible", spec.path.display());
         }
-        Ok(DiskImage { file, size, read_only: spec.read_only, direct: spec.direct })
+        Ok(DiskImage { file, size, read_only: spec.read_only })
     }
 
     pub fn size(&self) -> u64 {
@@ -81,10 +80,6 @@ impl DiskImage {
 
     pub fn read_only(&self) -> bool {
         self.read_only
-    }
-
-    pub fn direct(&self) -> bool {
-        self.direct
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

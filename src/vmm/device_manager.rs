@@ -13,13 +13,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::exit::VmExit;
 use super::irq_routing::{KvmMsiRouting, FIRST_MSI_GSI};
-use super::{kvm_err, Error, Transport, VmConfig};
+use super::{kvm_err, ConsoleDevice, Error, Transport, VmConfig};
 use crate::arch::x86_64::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
 use crate::arch::x86_64::memory::ram_regions;
 use crate::boot::cmdline::KernelCmdline;
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::console::Console;
+use crate::devices::virtio::rng::Rng;
 use crate::devices::pci::msix::{MsiRouting, MsixState, Vector};
 use crate::devices::pci::{self, PciRoot};
 use crate::devices::virtio::mmio::{self, MmioTransport};
@@ -30,10 +32,13 @@ use crate::disk::DiskImage;
 /// GSIs for virtio-mmio devices: IOAPIC pins no legacy device uses (8 is the RTC's).
 const VIRTIO_MMIO_GSIS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 
+/// Takes what fits of the terminal's input for the guest console; returns the bytes taken.
+pub type ConsoleInput = Box<dyn FnMut(&[u8]) -> usize + Send>;
+
 pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
-    pub console: Arc<Mutex<serial::SerialPort>>,
+    pub console_input: ConsoleInput,
 }
 
 /// Ends the VM with a fixed reason when triggered (the i8042 reset line).
@@ -62,11 +67,22 @@ pub fn create_devices(
     events: &Sender<VmExit>,
 ) -> Result<Devices, Error> {
     let mut pio = Bus::default();
-    let console = add_legacy_devices(vm, config, events, &mut pio)?;
+    let com1 = add_legacy_devices(vm, config, events, &mut pio)?;
+    let mut console_input: ConsoleInput = Box::new(move |bytes: &[u8]| com1.lock().unwrap().receive(bytes));
 
+    // The guest enumerates these in order: disks become vda, vdb, ...
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, disk) in disks.into_iter().enumerate() {
         virtio.push(Box::new(Block::new(disk, &format!("lkvm-disk{index}"))));
+    }
+    if config.console == ConsoleDevice::Virtio {
+        let console = Console::new(Box::new(serial::Stdout)).map_err(|e| Error::Host("virtio console", e))?;
+        let inbox = console.inbox();
+        console_input = Box::new(move |bytes: &[u8]| inbox.push(bytes));
+        virtio.push(Box::new(console));
+    }
+    if config.rng {
+        virtio.push(Box::new(Rng::default()));
     }
 
     let mut mmio = Bus::default();
@@ -80,7 +96,7 @@ pub fn create_devices(
             add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
         }
         pio.insert(Arc::new(Mutex::new(pci)), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
-        return Ok(Devices { pio, mmio, console });
+        return Ok(Devices { pio, mmio, console_input });
     }
     if virtio.len() > VIRTIO_MMIO_GSIS.len() {
         return Err(Error::DeviceSpace(
@@ -91,7 +107,7 @@ pub fn create_devices(
     for (device, gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
         add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio, cmdline)?;
     }
-    Ok(Devices { pio, mmio, console })
+    Ok(Devices { pio, mmio, console_input })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -9,7 +9,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,6 @@ use crate::arch::x86_64::regs;
 use crate::boot::cmdline::KernelCmdline;
 use crate::boot::{self, BootSpec};
 use crate::devices::bus;
-use crate::devices::legacy::serial;
 use crate::disk::{self, DiskImage, DiskSpec};
 use crate::term;
 use exit::VmExit;
@@ -33,7 +32,7 @@ use vcpu::Vcpu;
 
 /// Where KVM keeps its three-page TSS on Intel: just below the BIOS area, inside the hole.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-/// How long console input waits for a guest that is not reading its UART before dropping it.
+/// How long console input waits for a guest that is not reading its console before dropping it.
 const CONSOLE_INPUT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Everything needed to build and run one VM, already validated by the CLI.
@@ -41,6 +40,12 @@ const CONSOLE_INPUT_PATIENCE: Duration = Duration::from_secs(2);
 pub enum Transport {
     Pci,
     Mmio,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleDevice {
+    Serial,
+    Virtio,
 }
 
 #[derive(Debug)]
@@ -52,6 +57,8 @@ pub struct VmConfig {
     pub cmdline: KernelCmdline,
     pub disks: Vec<DiskSpec>,
     pub transport: Transport,
+    pub console: ConsoleDevice,
+    pub rng: bool,
     pub mem_size: u64,
     pub cpus: u8,
     pub disabled_cpuid: Vec<&'static Feature>,
@@ -203,7 +210,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
             .map_err(|e| Error::Host("spawn vCPU thread", e))?;
         threads.push(thread);
     }
-    spawn_console_input(devices.console, events.clone())?;
+    spawn_console_input(devices.console_input, events.clone())?;
 
     let _raw_terminal = term::RawMode::stdin();
     let reason = exits.recv().expect("the VMM holds a sender until here");
@@ -218,13 +225,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     Ok(reason)
 }
 
-/// Feeds the terminal to COM1. The thread is left blocked in read() when the VM ends: lkvm
+/// Feeds the terminal to the guest console. The thread is left blocked in read() when the VM ends: lkvm
 /// exits right after.
-fn spawn_console_input(console: Arc<Mutex<serial::SerialPort>>, events: Sender<VmExit>) -> Result<(), Error> {
+fn spawn_console_input(mut input: device_manager::ConsoleInput, events: Sender<VmExit>) -> Result<(), Error> {
     let deliver = move |mut bytes: &[u8]| {
         let deadline = Instant::now() + CONSOLE_INPUT_PATIENCE;
         while !bytes.is_empty() && Instant::now() < deadline {
-            let taken = console.lock().unwrap().receive(bytes);
+            let taken = input(bytes);
             bytes = &bytes[taken..];
             if taken == 0 {
                 thread::sleep(Duration::from_millis(1));

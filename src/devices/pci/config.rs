@@ -70,7 +70,8 @@ impl PciConfig {
         offset
     }
 
-    pub fn byte(&self, offset: usize) -> u8 {
+    #[cfg(test)]
+    fn byte(&self, offset: usize) -> u8 {
         (self.regs[offset / 4] >> ((offset % 4) * 8)) as u8
     }
 

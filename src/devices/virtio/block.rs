@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::worker::Worker;
@@ -154,29 +154,9 @@ pub struct RequestHandler {
 }
 
 impl RequestHandler {
-    /// Completes every available request, then interrupts the driver if it wants that.
+    /// Completes every available request.
     pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
-        loop {
-            // With EVENT_IDX, suppress notifications while draining, then re-check for races.
-            if queue.disable_notification(mem).is_err() {
-                return;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let used = self.handle(chain, mem);
-                if queue.add_used(mem, head, used).is_err() {
-                    return;
-                }
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(_) => return,
-            }
-        }
-        if queue.needs_notification(mem).unwrap_or(true) {
-            interrupt.signal_used_queue(0);
-        }
+        serve_queue(queue, mem, interrupt, 0, |chain| self.handle(chain, mem));
     }
 
     /// Runs one request; returns the bytes written into the driver's buffers (data + status),

@@ -2,14 +2,16 @@
 //! space, what to do with its queues); the transports (PCI, MMIO) are shared by all devices.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod pci;
+pub mod rng;
 pub mod transport;
 pub mod worker;
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -18,11 +20,12 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 pub const DEVICE_ID_BLOCK: u32 = 2;
+pub const DEVICE_ID_CONSOLE: u32 = 3;
+pub const DEVICE_ID_RNG: u32 = 4;
 
-/// How a device tells the driver that it used buffers or changed its config.
+/// How a device tells the driver that it used buffers.
 pub trait Interrupt: Send + Sync {
     fn signal_used_queue(&self, queue: u16);
-    fn signal_config_change(&self);
 }
 
 /// A queue the driver set up, with the eventfd that its notifications arrive on.
@@ -57,6 +60,37 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops serving queues; the driver may set the device up again.
     fn reset(&mut self);
+}
+
+/// Serves every available request on `queue`: `serve` handles one chain and returns how many
+/// bytes it wrote into the driver's buffers. Notifications are re-enabled before giving up
+/// (with EVENT_IDX this publishes avail_event, without which the driver stops notifying), and
+/// the driver is interrupted at the end if it asked to be.
+pub fn serve_queue<F>(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt, index: u16, mut serve: F)
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut used = false;
+    'drain: loop {
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                break 'drain;
+            }
+            used = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if used && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue(index);
+    }
 }
 
 /// Copies `src` (a device's config space) at `offset` into `data`; out-of-range bytes read 0.

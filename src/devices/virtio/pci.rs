@@ -11,7 +11,7 @@ use super::transport::{TransportState, NO_VECTOR};
 use super::{Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
 use crate::devices::pci::config::{PciConfig, PciIds, CAP_MSIX, CAP_VENDOR};
-use crate::devices::pci::msix::{self, SharedMsix};
+use crate::devices::pci::msix::SharedMsix;
 use crate::devices::pci::PciDevice;
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -33,7 +33,6 @@ const CFG_TYPE_DEVICE: u8 = 4;
 const VIRTIO_VENDOR: u16 = 0x1af4;
 const VIRTIO_MODERN_DEVICE_BASE: u16 = 0x1040;
 const ISR_QUEUE: u8 = 1;
-const ISR_CONFIG: u8 = 2;
 
 /// PCI class code for each virtio device type, as Linux lists them.
 fn class_of(device_type: u32) -> u32 {
@@ -49,7 +48,6 @@ struct PciInterrupt {
     msix: SharedMsix,
     isr: Arc<AtomicU8>,
     queue_vectors: Vec<u16>,
-    config_vector: u16,
 }
 
 impl Interrupt for PciInterrupt {
@@ -59,13 +57,6 @@ impl Interrupt for PciInterrupt {
             if vector != NO_VECTOR {
                 self.msix.lock().unwrap().signal(vector);
             }
-        }
-    }
-
-    fn signal_config_change(&self) {
-        self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
-        if self.config_vector != NO_VECTOR {
-            self.msix.lock().unwrap().signal(self.config_vector);
         }
     }
 }
@@ -122,7 +113,6 @@ impl VirtioPciTransport {
             msix: self.msix.clone(),
             isr: self.isr.clone(),
             queue_vectors: self.state.queues.iter().map(|q| q.msix_vector).collect(),
-            config_vector: self.state.config_vector,
         })
     }
 

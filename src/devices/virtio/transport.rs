@@ -9,12 +9,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueue, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 
+#[cfg(test)]
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
+#[cfg(test)]
 pub const STATUS_DRIVER: u8 = 2;
 pub const STATUS_DRIVER_OK: u8 = 4;
 pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
-pub const STATUS_FAILED: u8 = 0x80;
 /// "No MSI-X vector" for config and queue vectors.
 pub const NO_VECTOR: u16 = 0xffff;
 

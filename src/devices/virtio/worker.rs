@@ -14,8 +14,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Runs `handle(queue_index)` on a new thread each time the queue's eventfd fires; with
-    /// `extra` eventfds (say, host input ready), `handle(kicks.len() + i)` for those.
+    /// Runs `handle(i)` on a new thread each time `events[i]` fires: the queues' notification
+    /// eventfds, and any of the device's own (say, host input ready).
     pub fn spawn<F>(name: String, events: Vec<EventFd>, mut handle: F) -> io::Result<Worker>
     where
         F: FnMut(usize) + Send + 'static,

@@ -1,0 +1,164 @@
+//! virtio-console (single port, hvc0): guest output to the terminal, terminal input to the
+//! guest. Input waits in a bounded inbox until the guest posts receive buffers.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::Worker;
+use super::*;
+
+const QUEUE_SIZES: &[u16] = &[256, 256];
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const INPUT_READY: usize = 2;
+/// Host input held for a guest that is not reading; more waits in the terminal.
+const INBOX_CAPACITY: usize = 64 * 1024;
+/// Bytes taken from one transmit buffer at most.
+const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// Terminal input on its way to the guest.
+pub struct Inbox {
+    bytes: Mutex<VecDeque<u8>>,
+    ready: EventFd,
+}
+
+impl Inbox {
+    /// Queues what fits of `input`; returns how many bytes were taken.
+    pub fn push(&self, input: &[u8]) -> usize {
+        let mut bytes = self.bytes.lock().unwrap();
+        let n = input.len().min(INBOX_CAPACITY - bytes.len());
+        bytes.extend(&input[..n]);
+        drop(bytes);
+        if n > 0 {
+            let _ = self.ready.write(1);
+        }
+        n
+    }
+}
+
+pub struct Console {
+    inbox: Arc<Inbox>,
+    output: Option<Box<dyn Write + Send>>,
+    worker: Option<Worker>,
+}
+
+impl Console {
+    pub fn new(output: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let inbox = Arc::new(Inbox { bytes: Mutex::new(VecDeque::new()), ready: EventFd::new(libc::EFD_NONBLOCK)? });
+        Ok(Console { inbox, output: Some(output), worker: None })
+    }
+
+    pub fn inbox(&self) -> Arc<Inbox> {
+        self.inbox.clone()
+    }
+}
+
+struct Port {
+    rx: Queue,
+    tx: Queue,
+    mem: GuestMemoryMmap,
+    inbox: Arc<Inbox>,
+    output: Box<dyn Write + Send>,
+    interrupt: Arc<dyn Interrupt>,
+}
+
+impl Port {
+    fn transmit(&mut self) {
+        let (mem, output) = (&self.mem, &mut self.output);
+        serve_queue(&mut self.tx, mem, &*self.interrupt, TX_QUEUE as u16, |chain| {
+            if let Ok(mut reader) = chain.reader(mem) {
+                let mut chunk = vec![0u8; reader.available_bytes().min(MAX_OUTPUT_CHUNK)];
+                if reader.read_exact(&mut chunk).is_ok() {
+                    let _ = output.write_all(&chunk);
+                    let _ = output.flush();
+                }
+            }
+            0
+        });
+    }
+
+    /// Moves waiting input into receive buffers; while input waits and no buffer is free,
+    /// keeps notifications on so the guest's next buffer wakes the worker.
+    fn receive(&mut self) {
+        let mut used = false;
+        loop {
+            let mut bytes = self.inbox.bytes.lock().unwrap();
+            if bytes.is_empty() {
+                break;
+            }
+            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+                drop(bytes);
+                match self.rx.enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let mut written = 0;
+            if let Ok(mut writer) = chain.writer(&self.mem) {
+                let n = writer.available_bytes().min(bytes.len());
+                let chunk: Vec<u8> = bytes.drain(..n).collect();
+                if writer.write_all(&chunk).is_ok() {
+                    written = n;
+                }
+            }
+            drop(bytes);
+            if self.rx.add_used(&self.mem, head, written as u32).is_err() {
+                break;
+            }
+            used = true;
+        }
+        if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal_used_queue(RX_QUEUE as u16);
+        }
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let [rx, tx]: [ActiveQueue; 2] = queues.try_into().map_err(|q: Vec<_>| ActivateError::QueueCount(q.len(), 2))?;
+        // The terminal is handed over once; a re-activated console keeps writing to it.
+        let output = self.output.take().unwrap_or_else(|| Box::new(std::io::stdout()));
+        let ready = self.inbox.ready.try_clone()?;
+        let mut port = Port { rx: rx.queue, tx: tx.queue, mem, inbox: self.inbox.clone(), output, interrupt };
+        self.worker = Some(Worker::spawn("virtio-console".into(), vec![rx.kick, tx.kick, ready], move |event| {
+            match event {
+                TX_QUEUE => port.transmit(),
+                RX_QUEUE | INPUT_READY => port.receive(),
+                _ => {}
+            }
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}

@@ -1,0 +1,86 @@
+//! virtio-rng: entropy for the guest's /dev/hwrng, from the host's getrandom(2).
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::worker::Worker;
+use super::*;
+
+const QUEUE_SIZES: &[u16] = &[256];
+/// Bytes served per request at most, so one request cannot keep the worker busy for long.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Default)]
+pub struct Rng {
+    worker: Option<Worker>,
+}
+
+fn fill_random(buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: getrandom writes at most the given length into the buffer.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n <= 0 {
+            return false;
+        }
+        done += n as usize;
+    }
+    true
+}
+
+/// Fills every available request with random bytes.
+pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    serve_queue(queue, mem, interrupt, 0, |chain| {
+        let mut written = 0usize;
+        for desc in chain.writable() {
+            let len = (desc.len() as usize).min(MAX_REQUEST - written);
+            if len == 0 || !fill_random(&mut buf[..len]) || mem.write_slice(&buf[..len], desc.addr()).is_err() {
+                break;
+            }
+            written += len;
+        }
+        written as u32
+    });
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        mut queues: Vec<ActiveQueue>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount(queues.len(), 1));
+        }
+        let ActiveQueue { mut queue, kick } = queues.remove(0);
+        self.worker = Some(Worker::spawn("virtio-rng".into(), vec![kick], move |_| {
+            process_queue(&mut queue, &mem, &*interrupt)
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
