@@ -1,12 +1,6 @@
 //! lkvm: boot Linux under KVM in one command, with kvmtool's command line.
 
-mod arch;
-mod boot;
-mod cli;
-mod devices;
-mod disk;
-mod term;
-mod vmm;
+use lkvm::{cli, vmm};
 
 use std::process::ExitCode;
 use std::time::Instant;

@@ -121,3 +121,37 @@ fn unknown_cpuid_feature() {
     let out = run_lkvm(&["run", "-k", &flat_kernel(), "--disable-cpuid", "warpdrive"], None, TIMEOUT);
     assert_one_line_error(&out, "unknown feature 'warpdrive'");
 }
+
+#[test]
+fn bad_disks() {
+    let k = flat_kernel();
+    let dir = temp_dir();
+    let image = write_file(&dir, "keep.img", &[7u8; 4096]);
+    let run = |disk: &str| run_lkvm(&["run", "-k", &k, "-m", "16", "-c", "1", "-d", disk], None, TIMEOUT);
+    assert_one_line_error(&run("/nonexistent/disk.img"), "disk /nonexistent/disk.img: No such file");
+    assert_one_line_error(&run(dir.to_str().unwrap()), "is a directory");
+    assert_one_line_error(&run(&format!("{},sparse", image.display())), "unknown disk option 'sparse'");
+    assert_eq!(std::fs::read(&image).unwrap(), vec![7u8; 4096], "nothing written");
+}
+
+#[test]
+fn disk_that_is_read_only_on_the_host() {
+    let dir = temp_dir();
+    let image = write_file(&dir, "ro.img", &[7u8; 4096]);
+    // Unwritable even for root: immutable where the file system supports it, else mode 0444.
+    let immutable = std::process::Command::new("chattr").arg("+i").arg(&image).status().is_ok_and(|s| s.success());
+    if !immutable {
+        let mut perms = std::fs::metadata(&image).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+        std::fs::set_permissions(&image, perms).unwrap();
+    }
+    if std::fs::OpenOptions::new().write(true).open(&image).is_ok() {
+        eprintln!("!!! SKIPPED disk_that_is_read_only_on_the_host: cannot make a file read-only here !!!");
+        return;
+    }
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "-d", image.to_str().unwrap()], None, TIMEOUT);
+    if immutable {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(&image).status();
+    }
+    assert_one_line_error(&out, "add ',ro'");
+}

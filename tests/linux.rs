@@ -52,3 +52,73 @@ fn bzimage_boots_via_the_64_bit_protocol() {
     let out = boot(&guest().bzimage, "1", "96", "lkvm.test=bzimage-marker");
     check_guest_view(&out, 1, 96, "lkvm.test=bzimage-marker");
 }
+
+/// One boot exercising disks (read, write+sync, read-only), GET_ID, and the rng, over
+/// `transport`; with `console` "virtio", the only console is hvc0.
+fn disks_boot(transport: &str, console: &str) {
+    let guest = guest();
+    let dir = temp_dir();
+    let source = pattern(1 << 20, 5);
+    let vda = write_file(&dir, "vda.img", &source);
+    let vdb = write_file(&dir, "vdb.img", &vec![0u8; 1 << 20]);
+    let vdc = write_file(&dir, "vdc.img", &vec![0x55u8; 1 << 20]);
+    let (vda, vdb, vdc_ro) =
+        (vda.to_str().unwrap().to_string(), vdb.to_str().unwrap().to_string(), format!("{},ro", vdc.display()));
+    let params = format!(
+        "{HOST_GUEST_PARAMS} lkvm.read=/dev/vda:1048576 lkvm.write=/dev/vdb:65536:9 \
+         lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64"
+    );
+    let args = [
+        "run", "-k", guest.vmlinux.to_str().unwrap(), "-i", guest.initramfs.to_str().unwrap(), "-c", "1", "-m", "128",
+        "--virtio-transport", transport, "--console", console, "--rng", "-d", &vda, "-d", &vdb, "-d", &vdc_ro,
+        "-p", &params,
+    ];
+    let out = run_lkvm(&args, None, BOOT_TIMEOUT);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("LKVM-DONE"), "{}", out.describe());
+    let cmdline = out.result("cmdline").unwrap();
+    assert!(cmdline.contains("root=/dev/vda rw"), "{cmdline}");
+    assert!(cmdline.starts_with(&format!("console={}", if console == "virtio" { "hvc0" } else { "ttyS0" })));
+
+    assert_eq!(out.result("read:/dev/vda"), Some(format!("{:016x}", fnv1a(&source))), "{}", out.describe());
+    assert_eq!(out.result("write:/dev/vdb").as_deref(), Some("ok"));
+    let written = std::fs::read(dir.join("vdb.img")).unwrap();
+    assert_eq!(&written[..65536], &pattern(65536, 9)[..], "the guest's synced write is in the host file");
+    assert!(written[65536..].iter().all(|b| *b == 0));
+    let refused = out.result("write:/dev/vdc").unwrap();
+    assert!(refused.starts_with("err:"), "read-only disk accepted a write: {refused}");
+    assert!(std::fs::read(dir.join("vdc.img")).unwrap().iter().all(|b| *b == 0x55), "read-only image changed");
+    assert_eq!(out.result("serial:vda").as_deref(), Some("lkvm-disk0"));
+
+    let (n, distinct) = out.result("hwrng").and_then(|v| v.split_once(':').map(|(a, b)| (a.to_string(), b.to_string()))).unwrap();
+    assert_eq!(n, "64");
+    assert!(distinct.parse::<u32>().unwrap() > 16, "64 random bytes with {distinct} distinct values");
+
+    let irqs: u32 = out.result("virtio_irqs").unwrap().parse().unwrap();
+    let msi: u32 = out.result("virtio_msi_irqs").unwrap().parse().unwrap();
+    if transport == "pci" {
+        assert!(msi > 0 && msi == irqs, "virtio-pci should use MSI-X only: {irqs} irqs, {msi} MSI");
+    } else {
+        assert!(irqs > 0 && msi == 0, "virtio-mmio uses IOAPIC lines: {irqs} irqs, {msi} MSI");
+        assert!(cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"), "{cmdline}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn virtio_pci_disks_rng_and_hvc0_console() {
+    if !kvm_available("virtio_pci_disks_rng_and_hvc0_console") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    disks_boot("pci", "virtio");
+}
+
+#[test]
+fn virtio_mmio_disks_and_rng() {
+    if !kvm_available("virtio_mmio_disks_and_rng") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    disks_boot("mmio", "serial");
+}

@@ -200,6 +200,16 @@ pub fn guest() -> &'static Guest {
     })
 }
 
+/// FNV-1a 64, as the test guest's init computes it.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The test pattern for `seed`, as the test guest's init generates it.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64).map(|i| (i.wrapping_mul(31) ^ seed.wrapping_mul(17) ^ (i >> 9)) as u8).collect()
+}
+
 /// Guest parameters this kind of host needs (see shared/GUEST.md): its nested KVM emulates
 /// guest kernel code and ignores CPUID, so features the emulator cannot run are hidden here.
 pub const HOST_GUEST_PARAMS: &str =

@@ -258,3 +258,193 @@ impl RequestHandler {
         Some(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskSpec;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HEADER: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const STATUS: u64 = 0x80000;
+    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+    const DISK_SECTORS: u64 = 128;
+
+    #[derive(Default)]
+    pub struct CountingInterrupt(pub AtomicUsize);
+    impl Interrupt for CountingInterrupt {
+        fn signal_used_queue(&self, _queue: u16) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct Harness {
+        mem: GuestMemoryMmap,
+        handler: RequestHandler,
+        path: std::path::PathBuf,
+    }
+
+    fn harness(read_only: bool) -> Harness {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!("lkvm-blk-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let image: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
+        std::fs::write(&path, image).unwrap();
+        let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only, direct: false }).unwrap();
+        let block = Block::new(disk, "serial-0123456789abcdefXYZ");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let handler = RequestHandler { disk: block.disk.clone(), id: block.id, buffer: BounceBuffer::new() };
+        Harness { mem, handler, path }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    impl Harness {
+        /// Submits one request made of `descs` and returns (status byte, used length).
+        fn submit(&mut self, descs: &[RawDescriptor]) -> (u8, u32) {
+            let mock = MockSplitQueue::new(&self.mem, 16);
+            mock.add_desc_chains(descs, 0).unwrap();
+            let mut queue: Queue = mock.create_queue().unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let interrupt = CountingInterrupt::default();
+            self.handler.process_queue(&mut queue, &self.mem, &interrupt);
+            assert_eq!(mock.used().idx().load(), 1, "the request is completed");
+            assert_eq!(interrupt.0.load(Ordering::SeqCst), 1);
+            let used = mock.used().ring().ref_at(0).unwrap().load();
+            (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
+        }
+
+        fn header(&self, request_type: u32, sector: u64) {
+            self.mem.write_obj(RequestHeader { request_type, _ioprio: 0, sector }, GuestAddress(HEADER)).unwrap();
+        }
+
+        /// A three-descriptor request: header, data (device-writable when `data_in`), status.
+        fn simple(&mut self, request_type: u32, sector: u64, len: u32, data_in: bool) -> (u8, u32) {
+            self.header(request_type, sector);
+            self.submit(&[
+                desc(HEADER, 16, NEXT, 1),
+                desc(DATA, len, NEXT | if data_in { WRITE } else { 0 }, 2),
+                desc(STATUS, 1, WRITE, 0),
+            ])
+        }
+
+        fn disk_bytes(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    #[test]
+    fn reads_sectors_into_guest_memory() {
+        let mut h = harness(false);
+        let (status, used) = h.simple(VIRTIO_BLK_T_IN, 3, 1024, true);
+        assert_eq!((status, used), (VIRTIO_BLK_S_OK as u8, 1025));
+        let mut data = vec![0u8; 1024];
+        h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert!(data[..512].iter().all(|b| *b == 3) && data[512..].iter().all(|b| *b == 4));
+    }
+
+    #[test]
+    fn writes_reach_the_image_and_flush_succeeds() {
+        let mut h = harness(false);
+        h.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        assert_eq!(h.simple(VIRTIO_BLK_T_OUT, 7, 512, false), (VIRTIO_BLK_S_OK as u8, 1));
+        let image = h.disk_bytes();
+        assert!(image[7 * 512..8 * 512].iter().all(|b| *b == 0x5a));
+        assert!(image[8 * 512..9 * 512].iter().all(|b| *b == 8), "neighbours untouched");
+        h.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(h.submit(&[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, WRITE, 0)]).0, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn out_of_range_requests_fail_without_touching_the_image() {
+        let mut h = harness(false);
+        let before = h.disk_bytes();
+        // Past the end, straddling the end, a sector number that overflows, a partial sector.
+        for (sector, len) in [(DISK_SECTORS, 512), (DISK_SECTORS - 1, 1024), (u64::MAX / 256, 512), (0, 100)] {
+            assert_eq!(h.simple(VIRTIO_BLK_T_OUT, sector, len, false).0, VIRTIO_BLK_S_IOERR as u8);
+            assert_eq!(h.simple(VIRTIO_BLK_T_IN, sector, len, true).0, VIRTIO_BLK_S_IOERR as u8);
+        }
+        assert_eq!(h.disk_bytes(), before);
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_discards_and_zeroes() {
+        let mut h = harness(true);
+        let before = h.disk_bytes();
+        assert_eq!(h.simple(VIRTIO_BLK_T_OUT, 0, 512, false).0, VIRTIO_BLK_S_IOERR as u8);
+        h.mem.write_obj(DiscardSegment { sector: 0, num_sectors: 8, flags: 0 }, GuestAddress(DATA)).unwrap();
+        assert_eq!(h.simple(VIRTIO_BLK_T_DISCARD, 0, 16, false).0, VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(h.simple(VIRTIO_BLK_T_WRITE_ZEROES, 0, 16, false).0, VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(h.simple(VIRTIO_BLK_T_IN, 0, 512, true).0, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(h.disk_bytes(), before);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_ranges() {
+        let mut h = harness(false);
+        h.mem.write_obj(DiscardSegment { sector: 8, num_sectors: 8, flags: 0 }, GuestAddress(DATA)).unwrap();
+        assert_eq!(h.simple(VIRTIO_BLK_T_DISCARD, 0, 16, false).0, VIRTIO_BLK_S_OK as u8);
+        h.mem.write_obj(DiscardSegment { sector: 20, num_sectors: 1, flags: 0 }, GuestAddress(DATA)).unwrap();
+        assert_eq!(h.simple(VIRTIO_BLK_T_WRITE_ZEROES, 0, 16, false).0, VIRTIO_BLK_S_OK as u8);
+        let image = h.disk_bytes();
+        assert!(image[8 * 512..16 * 512].iter().all(|b| *b == 0));
+        assert!(image[20 * 512..21 * 512].iter().all(|b| *b == 0));
+        assert!(image[21 * 512..22 * 512].iter().all(|b| *b == 21));
+        h.mem.write_obj(DiscardSegment { sector: DISK_SECTORS - 1, num_sectors: 2, flags: 0 }, GuestAddress(DATA)).unwrap();
+        assert_eq!(h.simple(VIRTIO_BLK_T_DISCARD, 0, 16, false).0, VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn get_id_and_unsupported_requests() {
+        let mut h = harness(false);
+        assert_eq!(h.simple(VIRTIO_BLK_T_GET_ID, 0, 20, true), (VIRTIO_BLK_S_OK as u8, 21));
+        let mut id = [0u8; 20];
+        h.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"serial-0123456789abc");
+        assert_eq!(h.simple(0xdead, 0, 512, true).0, VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn malformed_chains_get_an_error_or_are_dropped_safely() {
+        let mut h = harness(false);
+        // Header shorter than 16 bytes.
+        assert_eq!(h.submit(&[desc(HEADER, 8, NEXT, 1), desc(STATUS, 1, WRITE, 0)]).0, VIRTIO_BLK_S_IOERR as u8);
+        // No device-writable byte for the status: completed with length 0.
+        h.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(h.submit(&[desc(HEADER, 16, 0, 0)]).1, 0);
+        // Data buffer outside guest memory.
+        h.header(VIRTIO_BLK_T_IN, 0);
+        let (status, _) = h.submit(&[desc(HEADER, 16, NEXT, 1), desc(0xffff_0000, 512, NEXT | WRITE, 2), desc(STATUS, 1, WRITE, 0)]);
+        assert_ne!(status, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn features_and_config_follow_the_image() {
+        let rw = harness(false);
+        let block = Block::new(DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: false, direct: false }).unwrap(), "x");
+        assert_eq!(block.features() & feature(VIRTIO_BLK_F_RO), 0);
+        assert_ne!(block.features() & feature(VIRTIO_BLK_F_DISCARD), 0);
+        let mut capacity = [0u8; 8];
+        block.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
+        let ro = Block::new(DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: true, direct: false }).unwrap(), "x");
+        assert_ne!(ro.features() & feature(VIRTIO_BLK_F_RO), 0);
+        assert_eq!(ro.features() & (feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)), 0);
+        let mut beyond = [0xffu8; 4];
+        ro.read_config(4096, &mut beyond);
+        assert_eq!(beyond, [0; 4]);
+    }
+}

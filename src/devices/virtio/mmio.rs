@@ -135,3 +135,95 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::transport::*;
+    use vm_memory::GuestAddress;
+
+    fn transport() -> MmioTransport {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        MmioTransport::new(Box::new(Rng::default()), mem, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap()
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, driver_high_word: u32) -> u32 {
+        write(t, 0x70, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+        write(t, 0x24, 1);
+        write(t, 0x20, driver_high_word);
+        write(t, 0x70, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK));
+        read(t, 0x70)
+    }
+
+    fn setup_queue(t: &mut MmioTransport, desc: u64) {
+        write(t, 0x30, 0);
+        write(t, 0x38, 16);
+        for (low, addr) in [(0x80, desc), (0x90, 0x2000), (0xa0, 0x3000)] {
+            write(t, low, addr as u32);
+            write(t, low + 4, (addr >> 32) as u32);
+        }
+        write(t, 0x44, 1);
+    }
+
+    #[test]
+    fn identifies_as_a_version_2_virtio_device() {
+        let mut t = transport();
+        assert_eq!(read(&mut t, 0x00), MAGIC);
+        assert_eq!(read(&mut t, 0x04), 2);
+        assert_eq!(read(&mut t, 0x08), 4);
+        write(&mut t, 0x14, 1);
+        assert_eq!(read(&mut t, 0x10) & 1, 1, "VIRTIO_F_VERSION_1 offered");
+        assert_eq!(read(&mut t, 0x34), 256);
+    }
+
+    #[test]
+    fn refuses_features_it_did_not_offer() {
+        let mut t = transport();
+        assert_eq!(negotiate(&mut t, 1) & u32::from(STATUS_FEATURES_OK), u32::from(STATUS_FEATURES_OK));
+        let mut t = transport();
+        assert_eq!(negotiate(&mut t, 1 | (1 << 20)) & u32::from(STATUS_FEATURES_OK), 0);
+    }
+
+    #[test]
+    fn activates_with_valid_rings_and_flags_bad_ones() {
+        let mut t = transport();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0x1000);
+        write(&mut t, 0x70, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK));
+        assert_eq!(read(&mut t, 0x70) & u32::from(STATUS_NEEDS_RESET), 0);
+        write(&mut t, 0x70, 0);
+        assert_eq!(read(&mut t, 0x70), 0, "reset");
+
+        let mut bad = transport();
+        negotiate(&mut bad, 1);
+        setup_queue(&mut bad, 0xffff_f000_0000);
+        write(&mut bad, 0x70, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK));
+        assert_ne!(read(&mut bad, 0x70) & u32::from(STATUS_NEEDS_RESET), 0);
+    }
+
+    #[test]
+    fn notifications_and_interrupt_acknowledgement() {
+        let mut t = transport();
+        write(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert_eq!(t.kicks()[0].read().unwrap(), 1);
+        write(&mut t, QUEUE_NOTIFY_OFFSET, 1000); // no such queue
+        t.interrupt.signal_used_queue(0);
+        assert_eq!(read(&mut t, 0x60), 1);
+        write(&mut t, 0x64, 1);
+        assert_eq!(read(&mut t, 0x60), 0);
+        let mut odd = [0u8; 2];
+        t.read(0x00, &mut odd);
+        assert_eq!(odd, [0, 0], "registers answer only 32-bit reads");
+    }
+}

@@ -269,3 +269,82 @@ pub fn vector_count(device: &dyn VirtioDevice) -> usize {
     device.queue_max_sizes().len() + 1
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::pci::msix::{MsiRouting, MsixState, Vector};
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::transport::*;
+    use vm_memory::GuestAddress;
+
+    struct NoRouting;
+    impl MsiRouting for NoRouting {
+        fn route(&self, _: u32, _: u64, _: u32) {}
+    }
+
+    fn transport() -> VirtioPciTransport {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vectors = (0..2).map(|i| Vector { gsi: 24 + i, irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap() }).collect();
+        let msix = MsixState::new(vectors, Arc::new(NoRouting));
+        VirtioPciTransport::new(Box::new(Rng::default()), mem, 0xe000_0000, msix).unwrap()
+    }
+
+    #[test]
+    fn capabilities_describe_bar0_layout() {
+        let t = transport();
+        assert_eq!(t.config_read(0), 0x1044_1af4, "virtio vendor, modern rng device");
+        let mut offset = (t.config_read(13) & 0xff) as usize;
+        let mut found = Vec::new();
+        while offset != 0 {
+            let header = t.config_read(offset / 4);
+            let id = header as u8;
+            if id == CAP_VENDOR {
+                let bar_offset = t.config_read(offset / 4 + 2);
+                found.push(((header >> 24) as u8, bar_offset));
+            } else {
+                found.push((id, 0));
+            }
+            offset = ((header >> 8) & 0xff) as usize;
+        }
+        assert_eq!(
+            found,
+            vec![(CFG_TYPE_COMMON, 0), (CFG_TYPE_ISR, 0x1000), (CFG_TYPE_DEVICE, 0x2000), (CFG_TYPE_NOTIFY, 0x3000), (CAP_MSIX, 0)]
+        );
+    }
+
+    #[test]
+    fn common_config_sets_up_queues_and_vectors() {
+        let mut t = transport();
+        let w16 = |t: &mut VirtioPciTransport, off: u64, v: u16| t.write(off, &v.to_le_bytes());
+        let r16 = |t: &mut VirtioPciTransport, off: u64| {
+            let mut d = [0u8; 2];
+            t.read(off, &mut d);
+            u16::from_le_bytes(d)
+        };
+        assert_eq!(r16(&mut t, 0x12), 1, "one queue");
+        w16(&mut t, 0x16, 0);
+        w16(&mut t, 0x1a, 1);
+        assert_eq!(r16(&mut t, 0x1a), 1);
+        w16(&mut t, 0x1a, 9);
+        assert_eq!(r16(&mut t, 0x1a), NO_VECTOR, "a vector the device lacks");
+        w16(&mut t, 0x16, 5);
+        assert_eq!(r16(&mut t, 0x18), 0, "no queue 5");
+        t.write(0x14, &[STATUS_ACKNOWLEDGE]);
+        let mut status = [0u8];
+        t.read(0x14, &mut status);
+        assert_eq!(status[0], STATUS_ACKNOWLEDGE);
+        t.write(NOTIFY_OFFSET, &0u16.to_le_bytes());
+        assert_eq!(t.kicks()[0].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn msix_enable_goes_through_config_space() {
+        let mut t = transport();
+        let reg = t.msix_cap / 4;
+        assert_eq!(t.config_read(reg) >> 16, 1, "two vectors, disabled");
+        t.config_write(reg, 2, &0x8000u16.to_le_bytes());
+        assert_eq!(t.config_read(reg) >> 16, 0x8001);
+        assert_eq!(t.config_read(reg) & 0xff, u32::from(CAP_MSIX));
+    }
+}

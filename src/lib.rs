@@ -1,0 +1,11 @@
+//! kvmtool-rs: the layers of the `lkvm` VMM, from the command line down to the devices.
+//! The binary is `src/main.rs`; the library exists so fuzz targets and benchmarks can drive
+//! the device models directly.
+
+pub mod arch;
+pub mod boot;
+pub mod cli;
+pub mod devices;
+pub mod disk;
+pub mod term;
+pub mod vmm;
