@@ -80,6 +80,11 @@ impl Block {
         Block { disk: Arc::new(disk), id: serial, config, worker: None }
     }
 
+    /// A request handler over this disk, as the device's worker runs it.
+    pub fn request_handler(&self) -> RequestHandler {
+        RequestHandler { disk: self.disk.clone(), id: self.id, buffer: BounceBuffer::new() }
+    }
+
     fn config_space(disk: &DiskImage) -> Vec<u8> {
         let mut c = vec![0u8; 60];
         let mut put = |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
@@ -134,8 +139,7 @@ impl VirtioDevice for Block {
             return Err(ActivateError::QueueCount(queues.len(), 1));
         }
         let ActiveQueue { mut queue, kick } = queues.remove(0);
-        let handler = RequestHandler { disk: self.disk.clone(), id: self.id, buffer: BounceBuffer::new() };
-        let mut handler = handler;
+        let mut handler = self.request_handler();
         self.worker = Some(Worker::spawn("virtio-blk".into(), vec![kick], move |_| {
             handler.process_queue(&mut queue, &mem, &*interrupt);
         })?);
@@ -298,8 +302,7 @@ mod tests {
         let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only, direct: false }).unwrap();
         let block = Block::new(disk, "serial-0123456789abcdefXYZ");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let handler = RequestHandler { disk: block.disk.clone(), id: block.id, buffer: BounceBuffer::new() };
-        Harness { mem, handler, path }
+        Harness { mem, handler: block.request_handler(), path }
     }
 
     impl Drop for Harness {
