@@ -11,81 +11,11 @@ Usage: bench/boot.py [--runs N] (after scripts/install-deps.sh --bench and guest
 """
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.path.join(ROOT, "guest", "out")
-LKVM = os.path.join(ROOT, "target", "release", "lkvm")
-MEM_MIB = 128
-HOST_PARAMS = "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 quiet"
-# lkvm's generated defaults, given to QEMU explicitly so both guests see the same command line.
-LKVM_DEFAULTS = "console=ttyS0 reboot=k panic=1 pci=conf1 i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1"
-
-
-def guest_mapping_rss_kb(pid, guest_kb):
-    """(total RSS, RSS of mappings at least as large as guest RAM) in KiB, from smaps."""
-    total = guest = 0
-    size = 0
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                if line.startswith("Size:"):
-                    size = int(line.split()[1])
-                elif line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                    total += rss
-                    if size >= guest_kb:
-                        guest += rss
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return total, guest
-
-
-def run(cmd, marker_re, timeout=600):
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen = {}
-    peak = {"rss": 0, "overhead": 0}
-
-    def sample():
-        while proc.poll() is None:
-            r = guest_mapping_rss_kb(proc.pid, MEM_MIB * 1024)
-            if r:
-                peak["rss"] = max(peak["rss"], r[0])
-                peak["overhead"] = max(peak["overhead"], r[0] - r[1])
-            time.sleep(0.05)
-
-    def read_stdout():
-        for line in proc.stdout:
-            if b"LKVM-RESULT" in line and "init" not in seen:
-                seen["init"] = time.monotonic() - start
-
-    stderr_lines = []
-    threads = [threading.Thread(target=sample), threading.Thread(target=read_stdout),
-               threading.Thread(target=lambda: stderr_lines.extend(proc.stderr))]
-    for t in threads:
-        t.start()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - start
-    marker = None
-    for line in stderr_lines:
-        m = re.search(rb"boot marker 1 .* at ([0-9.]+) s", line)
-        if m:
-            marker = float(m.group(1))
-    return {"init": seen.get("init"), "exit": elapsed, "rss": peak["rss"] / 1024,
-            "overhead": peak["overhead"] / 1024, "marker": marker, "code": proc.returncode}
+from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, MEM_MIB, med, qemu_base, run
 
 
 def lkvm_cmd():
@@ -93,11 +23,9 @@ def lkvm_cmd():
             "-c", "1", "--loglevel", "info", "-p", HOST_PARAMS]
 
 
+
 def qemu_cmd():
-    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=on", "-device", "i8042", "-enable-kvm", "-cpu", "host",
-            "-m", str(MEM_MIB), "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
-            "-no-reboot", "-kernel", f"{GUEST}/vmlinux", "-initrd", f"{GUEST}/initramfs.cpio",
-            "-append", f"{LKVM_DEFAULTS} {HOST_PARAMS}"]
+    return qemu_base() + ["-append", f"{LKVM_DEFAULTS} {HOST_PARAMS}"]
 
 
 def flat_payload():
@@ -107,11 +35,6 @@ def flat_payload():
     f.write(code)
     f.close()
     return f.name
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def fmt(v, unit):
@@ -126,12 +49,12 @@ def main():
     for i in range(args.runs):
         # Interleaved, so drift in machine load hits both alike.
         for name, cmd in (("lkvm", lkvm_cmd()), ("qemu", qemu_cmd())):
-            r = run(cmd, None)
+            r = run(cmd)
             results[name].append(r)
             print(f"run {i + 1} {name}: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 2)}"
-                                                    for k, v in r.items()), file=sys.stderr)
+                                                    for k, v in r.items() if k != "lines"), file=sys.stderr)
     flat = flat_payload()
-    flat_runs = [run([LKVM, "run", "-k", flat, "-m", "16", "-c", "1"], None)["exit"] for _ in range(20)]
+    flat_runs = [run([LKVM, "run", "-k", flat, "-m", "16", "-c", "1"])["exit"] for _ in range(20)]
     os.unlink(flat)
 
     rows = [("start to init (s)", "init", " s"), ("start to exit (s)", "exit", " s"),

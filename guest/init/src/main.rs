@@ -7,6 +7,8 @@
 //! - `lkvm.write=DEV:LEN:SEED`: write LEN bytes of the test pattern for SEED to DEV and fsync.
 //! - `lkvm.serial=NAME`: the virtio-blk serial of block device NAME.
 //! - `lkvm.hwrng=LEN`: read LEN bytes from /dev/hwrng.
+//! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
+//!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
 //! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
@@ -122,6 +124,46 @@ fn hwrng_check(arg: &str) {
     }
 }
 
+/// A page-aligned buffer, as O_DIRECT requires.
+fn aligned(len: usize) -> &'static mut [u8] {
+    let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+    // SAFETY: non-zero size; the zeroed allocation is leaked for the life of this process.
+    unsafe { std::slice::from_raw_parts_mut(std::alloc::alloc_zeroed(layout), len) }
+}
+
+fn blk_bench(arg: &str) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Some((dev, mib)) = arg.split_once(':') else { return result("blkbench", "bad-arg") };
+    let span: u64 = mib.parse::<u64>().unwrap_or(16) << 20;
+    let file = match fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dev) {
+        Ok(f) => f,
+        Err(e) => return result("blkbench", &format!("err:{e}")),
+    };
+    let big = aligned(1 << 20);
+    let small = aligned(4096);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut random_offset = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % (span / 4096)) * 4096
+    };
+    let random_ops = 2000u64;
+    let mut run = |name: &str, bytes: u64, op: &mut dyn FnMut() -> std::io::Result<()>| {
+        let start = std::time::Instant::now();
+        let outcome = op();
+        let secs = start.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => result(&format!("blkbench:{name}"), &format!("{:.2}MB/s,{:.3}s", bytes as f64 / 1e6 / secs, secs)),
+            Err(e) => result(&format!("blkbench:{name}"), &format!("err:{e}")),
+        }
+    };
+    run("seq_write", span, &mut || (0..span >> 20).try_for_each(|i| file.write_all_at(big, i << 20)));
+    run("seq_read", span, &mut || (0..span >> 20).try_for_each(|i| file.read_exact_at(big, i << 20)));
+    run("rand_write_4k", random_ops * 4096, &mut || (0..random_ops).try_for_each(|_| file.write_all_at(small, random_offset())));
+    run("rand_read_4k", random_ops * 4096, &mut || (0..random_ops).try_for_each(|_| file.read_exact_at(small, random_offset())));
+}
+
 fn main() {
     boot_marker();
     mount("proc", "/proc", "proc");
@@ -152,6 +194,8 @@ fn main() {
                 result(&format!("serial:{name}"), serial.as_deref().map_or("none", str::trim));
             } else if let Some(arg) = param.strip_prefix("lkvm.hwrng=") {
                 hwrng_check(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.blkbench=") {
+                blk_bench(arg);
             }
         }
         println!("LKVM-DONE");
