@@ -271,7 +271,7 @@ mod tests {
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress};
 
     const HEADER: u64 = 0x10000;
     const DATA: u64 = 0x20000;
@@ -432,6 +432,27 @@ mod tests {
         h.header(VIRTIO_BLK_T_IN, 0);
         let (status, _) = h.submit(&[desc(HEADER, 16, NEXT, 1), desc(0xffff_0000, 512, NEXT | WRITE, 2), desc(STATUS, 1, WRITE, 0)]);
         assert_ne!(status, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn an_avail_index_out_of_range_does_not_hang_the_worker() {
+        let mut h = harness(false);
+        let mem = h.mem.clone();
+        h.header(VIRTIO_BLK_T_IN, 0);
+        let (mut queue, used_idx): (Queue, GuestAddress) = {
+            let mock = MockSplitQueue::new(&mem, 16);
+            mock.add_desc_chains(&[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, WRITE, 0)], 0).unwrap();
+            mock.avail().idx().store(1000); // claims 1000 buffers in a 16-entry ring
+            (mock.create_queue().unwrap(), mock.used_addr().unchecked_add(2))
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // A detached thread: if the handler spins, the test fails instead of hanging.
+        std::thread::spawn(move || {
+            h.handler.process_queue(&mut queue, &h.mem, &CountingInterrupt::default());
+            done_tx.send(()).unwrap();
+        });
+        assert!(done_rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok(), "process_queue spun forever");
+        assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0, "nothing from a broken ring is completed");
     }
 
     #[test]

@@ -86,6 +86,7 @@ impl Port {
     /// keeps notifications on so the guest's next buffer wakes the worker.
     fn receive(&mut self) {
         let mut used = false;
+        let mut stalled = false;
         loop {
             let mut bytes = self.inbox.bytes.lock().unwrap();
             if bytes.is_empty() {
@@ -93,11 +94,12 @@ impl Port {
             }
             let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
                 drop(bytes);
-                match self.rx.enable_notification(&self.mem) {
-                    Ok(true) => continue,
-                    _ => break,
+                if more_available(&mut self.rx, &self.mem, false, &mut stalled) {
+                    continue;
                 }
+                break;
             };
+            stalled = false;
             let head = chain.head_index();
             let mut written = 0;
             if let Ok(mut writer) = chain.writer(&self.mem) {

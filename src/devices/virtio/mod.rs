@@ -71,10 +71,12 @@ where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
     let mut used = false;
+    let mut stalled = false;
     'drain: loop {
         if queue.disable_notification(mem).is_err() {
             break;
         }
+        let mut progressed = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = serve(chain);
@@ -82,14 +84,31 @@ where
                 break 'drain;
             }
             used = true;
+            progressed = true;
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
+        if !more_available(queue, mem, progressed, &mut stalled) {
+            break;
         }
     }
     if used && queue.needs_notification(mem).unwrap_or(true) {
         interrupt.signal_used_queue(index);
+    }
+}
+
+/// Re-enables notifications and tells whether buffers arrived meanwhile. A ring that claims
+/// buffers but yields none twice in a row (an avail index the driver pushed out of range) is
+/// broken: give up until the next notification rather than spin.
+pub fn more_available(queue: &mut Queue, mem: &GuestMemoryMmap, progressed: bool, stalled: &mut bool) -> bool {
+    match queue.enable_notification(mem) {
+        Ok(true) if progressed || !*stalled => {
+            *stalled = !progressed;
+            true
+        }
+        Ok(true) => {
+            tracing::debug!("virtqueue offers buffers it cannot yield; waiting for a reset or notification");
+            false
+        }
+        _ => false,
     }
 }
 
