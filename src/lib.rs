@@ -7,5 +7,6 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod disk;
+pub mod net;
 pub mod term;
 pub mod vmm;

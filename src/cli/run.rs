@@ -9,6 +9,7 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::boot::cmdline::KernelCmdline;
 use crate::disk::DiskSpec;
+use crate::net::{NetMode, NetSpec};
 use crate::vmm::{ConsoleDevice, Transport, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -61,6 +62,10 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from the host's getrandom
     #[arg(long)]
     pub rng: bool,
+    /// Network: `mode=user|tap|none[,tapif=NAME][,guest_mac=MAC][,host_ip=IP][,guest_ip=IP]
+    /// [,script=PATH][,hostfwd=tcp:HOSTPORT:GUESTPORT]`; repeatable. Default: one user-mode NIC
+    #[arg(short = 'n', long = "network", value_name = "OPTIONS")]
+    pub networks: Vec<String>,
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
     pub loglevel: String,
@@ -158,6 +163,19 @@ impl RunArgs {
         if !disks.is_empty() && !self.nodefaults && !user_cmdline.has_key("root") {
             cmdline.push("root=/dev/vda rw");
         }
+        let mut nets = self.networks.iter().map(|n| NetSpec::parse(n)).collect::<Result<Vec<_>, _>>()?;
+        if self.networks.is_empty() {
+            // kvmtool's default NIC, when the user-mode helper is there to serve it.
+            if passt_installed() {
+                nets.push(NetSpec::default());
+            } else {
+                eprintln!("lkvm: no network: user-mode networking needs passt (apt-get install passt)");
+            }
+        }
+        nets.retain(|n| n.mode != NetMode::None);
+        if nets.iter().any(|n| n.mode == NetMode::User) && !self.nodefaults && !user_cmdline.has_key("ip") {
+            cmdline.push("ip=dhcp");
+        }
         let console = if self.console == "virtio" { ConsoleDevice::Virtio } else { ConsoleDevice::Serial };
         if console == ConsoleDevice::Virtio {
             cmdline.set_console("hvc0");
@@ -173,6 +191,7 @@ impl RunArgs {
             disks,
             console,
             rng: self.rng,
+            nets,
             transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
             mem_size,
             cpus: cpus as u8,
@@ -180,6 +199,10 @@ impl RunArgs {
             started,
         })
     }
+}
+
+fn passt_installed() -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("passt").is_file()))
 }
 
 fn find_default_kernel(candidates: &[PathBuf]) -> Result<PathBuf, String> {
@@ -267,6 +290,15 @@ mod tests {
         let hvc = RunArgs { console: "virtio".into(), ..base() }.into_config(now).unwrap();
         assert_eq!(hvc.console, ConsoleDevice::Virtio);
         assert!(hvc.cmdline.as_string().starts_with("console=hvc0 "));
+        let none = RunArgs { networks: vec!["mode=none".into()], ..base() }.into_config(now).unwrap();
+        assert!(none.nets.is_empty() && !none.cmdline.as_string().contains("ip=dhcp"));
+        let user = RunArgs { networks: vec!["mode=user".into()], ..base() }.into_config(now).unwrap();
+        assert_eq!(user.nets.len(), 1);
+        assert!(user.cmdline.as_string().contains("ip=dhcp"));
+        let own_ip = RunArgs { networks: vec!["mode=user".into()], params: Some("ip=off".into()), ..base() };
+        assert!(!own_ip.into_config(now).unwrap().cmdline.as_string().contains("ip=dhcp"));
+        let bad_net = RunArgs { networks: vec!["mode=warp".into()], ..base() }.into_config(now).unwrap_err();
+        assert!(bad_net.contains("unknown mode 'warp'"));
         let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config(now).unwrap_err();
         assert!(bad.contains("unknown disk option 'bogus'"));
     }

@@ -21,6 +21,7 @@ use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::pci::msix::{MsiRouting, MsixState, Vector};
 use crate::devices::pci::{self, PciRoot};
@@ -28,6 +29,9 @@ use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::VirtioDevice;
 use crate::disk::DiskImage;
+use crate::net::passt::Passt;
+use crate::net::tap::Tap;
+use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
 
 /// GSIs for virtio-mmio devices: IOAPIC pins no legacy device uses (8 is the RTC's).
 const VIRTIO_MMIO_GSIS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
@@ -74,6 +78,18 @@ pub fn create_devices(
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, disk) in disks.into_iter().enumerate() {
         virtio.push(Box::new(Block::new(disk, &format!("lkvm-disk{index}"))));
+    }
+    for (index, spec) in config.nets.iter().enumerate() {
+        let backend: Box<dyn NetBackend> = match spec.mode {
+            NetMode::User => Box::new(Passt::start(spec, index).map_err(Error::Network)?),
+            NetMode::Tap => Box::new(Tap::open(spec, index).map_err(Error::Network)?),
+            NetMode::None => continue,
+        };
+        let mut mac = spec.guest_mac.unwrap_or(DEFAULT_GUEST_MAC);
+        if spec.guest_mac.is_none() {
+            mac[5] = mac[5].wrapping_add(index as u8);
+        }
+        virtio.push(Box::new(Net::new(mac, backend)));
     }
     if config.console == ConsoleDevice::Virtio {
         let console = Console::new(Box::new(serial::Stdout)).map_err(|e| Error::Host("virtio console", e))?;

@@ -26,6 +26,7 @@ use crate::boot::cmdline::KernelCmdline;
 use crate::boot::{self, BootSpec};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage, DiskSpec};
+use crate::net::NetSpec;
 use crate::term;
 use exit::VmExit;
 use vcpu::Vcpu;
@@ -59,6 +60,7 @@ pub struct VmConfig {
     pub transport: Transport,
     pub console: ConsoleDevice,
     pub rng: bool,
+    pub nets: Vec<NetSpec>,
     pub mem_size: u64,
     pub cpus: u8,
     pub disabled_cpuid: Vec<&'static Feature>,
@@ -88,6 +90,8 @@ pub enum Error {
     Host(&'static str, io::Error),
     #[error(transparent)]
     Disk(#[from] disk::OpenError),
+    #[error("{0}")]
+    Network(String),
     #[error("no room for device {0}: {1}")]
     DeviceSpace(String, String),
 }

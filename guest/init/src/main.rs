@@ -7,6 +7,12 @@
 //! - `lkvm.write=DEV:LEN:SEED`: write LEN bytes of the test pattern for SEED to DEV and fsync.
 //! - `lkvm.serial=NAME`: the virtio-blk serial of block device NAME.
 //! - `lkvm.hwrng=LEN`: read LEN bytes from /dev/hwrng.
+//! - `lkvm.ifaddr=IF`: the IPv4 address of interface IF.
+//! - `lkvm.fetch=IP:PORT:PATH`: HTTP/1.0 GET; prints the body's length and checksum.
+//! - `lkvm.send=IP:PORT:LEN:SEED`: TCP-connect and send LEN bytes of the test pattern.
+//! - `lkvm.serve=PORT:LEN:SEED`: print `listening`, accept one TCP connection, send the pattern.
+//! - `lkvm.udp=IP:PORT`: send a datagram and wait for its echo.
+//! - `lkvm.ping=IP`: one ICMP echo request, wait for the reply.
 //! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
 //!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
@@ -164,6 +170,141 @@ fn blk_bench(arg: &str) {
     run("rand_read_4k", random_ops * 4096, &mut || (0..random_ops).try_for_each(|_| file.read_exact_at(small, random_offset())));
 }
 
+const NET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn ifaddr(name: &str) {
+    // SAFETY: an ioctl on a fresh socket with a zeroed ifreq naming the interface.
+    let addr = unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let rc = libc::ioctl(sock, libc::SIOCGIFADDR, &mut req);
+        libc::close(sock);
+        if rc != 0 {
+            return result(&format!("ifaddr:{name}"), "none");
+        }
+        let sin: libc::sockaddr_in = std::mem::transmute(req.ifr_ifru.ifru_addr);
+        std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
+    };
+    result(&format!("ifaddr:{name}"), &addr.to_string());
+}
+
+fn connect(addr: &str) -> std::io::Result<std::net::TcpStream> {
+    let addr: std::net::SocketAddr = addr.parse().map_err(|_| std::io::Error::other("bad address"))?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, NET_TIMEOUT)?;
+    stream.set_read_timeout(Some(NET_TIMEOUT))?;
+    Ok(stream)
+}
+
+fn fetch(arg: &str) {
+    let mut parts = arg.splitn(3, ':');
+    let (Some(ip), Some(port), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        return result("fetch", "bad-arg");
+    };
+    let outcome = connect(&format!("{ip}:{port}")).and_then(|mut s| {
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
+        let mut response = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut response)?;
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
+        Ok(response[split + 4..].to_vec())
+    });
+    match outcome {
+        Ok(body) => result("fetch", &format!("{}:{:016x}", body.len(), fnv1a(&body))),
+        Err(e) => result("fetch", &format!("err:{e}")),
+    }
+}
+
+fn send(arg: &str) {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let [ip, port, len, seed] = parts[..] else { return result("send", "bad-arg") };
+    let data = pattern(len.parse().unwrap_or(0), seed.parse().unwrap_or(0));
+    match connect(&format!("{ip}:{port}")).and_then(|mut s| s.write_all(&data)) {
+        Ok(()) => result("send", "ok"),
+        Err(e) => result("send", &format!("err:{e}")),
+    }
+}
+
+fn serve(arg: &str) {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let [port, len, seed] = parts[..] else { return result("serve", "bad-arg") };
+    let data = pattern(len.parse().unwrap_or(0), seed.parse().unwrap_or(0));
+    let outcome = std::net::TcpListener::bind(format!("0.0.0.0:{port}")).and_then(|listener| {
+        result("listening", port);
+        let (mut s, _) = listener.accept()?;
+        s.write_all(&data)
+    });
+    match outcome {
+        Ok(()) => result("serve", "ok"),
+        Err(e) => result("serve", &format!("err:{e}")),
+    }
+}
+
+fn udp(arg: &str) {
+    let outcome = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+        s.set_read_timeout(Some(NET_TIMEOUT))?;
+        s.send_to(b"lkvm-udp-probe", arg)?;
+        let mut buf = [0u8; 64];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok(buf[..n] == b"lkvm-udp-probe"[..])
+    });
+    match outcome {
+        Ok(true) => result("udp", "ok"),
+        Ok(false) => result("udp", "wrong-reply"),
+        Err(e) => result("udp", &format!("err:{e}")),
+    }
+}
+
+fn checksum16(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ping(ip: &str) {
+    let Ok(addr) = ip.parse::<std::net::Ipv4Addr>() else { return result("ping", "bad-arg") };
+    // SAFETY: raw ICMP socket calls with buffers and addresses owned here.
+    let outcome = unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+        if sock < 0 {
+            return result("ping", &format!("err:{}", std::io::Error::last_os_error()));
+        }
+        let tv = libc::timeval { tv_sec: NET_TIMEOUT.as_secs() as i64, tv_usec: 0 };
+        libc::setsockopt(sock, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of_val(&tv) as u32);
+        let mut packet = [8u8, 0, 0, 0, 0x4c, 0x4b, 0, 1, b'l', b'k', b'v', b'm'];
+        let sum = checksum16(&packet);
+        packet[2..4].copy_from_slice(&sum.to_be_bytes());
+        let dest = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(addr).to_be() },
+            sin_zero: [0; 8],
+        };
+        libc::sendto(sock, packet.as_ptr().cast(), packet.len(), 0, (&dest as *const libc::sockaddr_in).cast(), std::mem::size_of_val(&dest) as u32);
+        let mut reply = [0u8; 1500];
+        let mut outcome = "timeout".to_string();
+        // Raw sockets see every ICMP packet: wait for an echo reply (type 0) with our id.
+        for _ in 0..16 {
+            let n = libc::recv(sock, reply.as_mut_ptr().cast(), reply.len(), 0);
+            if n < 0 {
+                outcome = format!("err:{}", std::io::Error::last_os_error());
+                break;
+            }
+            let ihl = usize::from(reply[0] & 0xf) * 4;
+            if n as usize >= ihl + 8 && reply[ihl] == 0 && reply[ihl + 4..ihl + 6] == [0x4c, 0x4b] {
+                outcome = "ok".to_string();
+                break;
+            }
+        }
+        libc::close(sock);
+        outcome
+    };
+    result("ping", &outcome);
+}
+
 fn main() {
     boot_marker();
     mount("proc", "/proc", "proc");
@@ -194,6 +335,18 @@ fn main() {
                 result(&format!("serial:{name}"), serial.as_deref().map_or("none", str::trim));
             } else if let Some(arg) = param.strip_prefix("lkvm.hwrng=") {
                 hwrng_check(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.ifaddr=") {
+                ifaddr(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.fetch=") {
+                fetch(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.send=") {
+                send(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.serve=") {
+                serve(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.udp=") {
+                udp(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.ping=") {
+                ping(arg);
             } else if let Some(arg) = param.strip_prefix("lkvm.blkbench=") {
                 blk_bench(arg);
             }

@@ -264,7 +264,7 @@ impl RequestHandler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::disk::DiskSpec;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -295,11 +295,15 @@ mod tests {
     }
 
     fn harness(read_only: bool) -> Harness {
+        harness_with(read_only, false)
+    }
+
+    fn harness_with(read_only: bool, direct: bool) -> Harness {
         static N: AtomicUsize = AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!("lkvm-blk-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
         let image: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(&path, image).unwrap();
-        let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only, direct: false }).unwrap();
+        let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only, direct }).unwrap();
         let block = Block::new(disk, "serial-0123456789abcdefXYZ");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Harness { mem, handler: block.request_handler(), path }
@@ -369,6 +373,18 @@ mod tests {
         assert!(image[8 * 512..9 * 512].iter().all(|b| *b == 8), "neighbours untouched");
         h.header(VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(h.submit(&[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, WRITE, 0)]).0, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn direct_io_images_read_and_write() {
+        let mut h = harness_with(false, true);
+        h.mem.write_slice(&[0x77; 4096], GuestAddress(DATA)).unwrap();
+        assert_eq!(h.simple(VIRTIO_BLK_T_OUT, 8, 4096, false).0, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(h.simple(VIRTIO_BLK_T_IN, 8, 4096, true).0, VIRTIO_BLK_S_OK as u8);
+        let mut data = vec![0u8; 4096];
+        h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert!(data.iter().all(|b| *b == 0x77));
+        assert!(h.disk_bytes()[8 * 512..16 * 512].iter().all(|b| *b == 0x77));
     }
 
     #[test]

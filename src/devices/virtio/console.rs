@@ -164,3 +164,68 @@ impl VirtioDevice for Console {
         self.worker = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::tests::CountingInterrupt;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+
+    #[test]
+    fn guest_output_reaches_the_terminal_and_input_the_guest() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let rx_mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx_mock = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        mem.write_slice(b"hello", GuestAddress(0x40000)).unwrap();
+        tx_mock.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x40000, 5, 0, 0))], 0).unwrap();
+        rx_mock.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x50000, 2, WRITE, 0))], 0).unwrap();
+        rx_mock.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x60000, 8, WRITE, 0))], 1).unwrap();
+
+        let console = Console::new(Box::new(std::io::sink())).unwrap();
+        let out = Capture::default();
+        let mut port = Port {
+            rx: rx_mock.create_queue().unwrap(),
+            tx: tx_mock.create_queue().unwrap(),
+            mem: mem.clone(),
+            inbox: console.inbox(),
+            output: Box::new(out.clone()),
+            interrupt: Arc::new(CountingInterrupt::default()),
+        };
+        port.transmit();
+        assert_eq!(&*out.0.lock().unwrap(), b"hello");
+        assert_eq!(tx_mock.used().idx().load(), 1);
+
+        assert_eq!(console.inbox().push(b"abc"), 3);
+        port.receive();
+        // "ab" fills the 2-byte buffer, "c" goes to the next.
+        assert_eq!(rx_mock.used().idx().load(), 2);
+        let mut first = [0u8; 2];
+        mem.read_slice(&mut first, GuestAddress(0x50000)).unwrap();
+        assert_eq!(&first, b"ab");
+        assert_eq!(rx_mock.used().ring().ref_at(1).unwrap().load().len(), 1);
+    }
+
+    #[test]
+    fn input_for_a_guest_that_does_not_read_is_bounded() {
+        let console = Console::new(Box::new(std::io::sink())).unwrap();
+        let inbox = console.inbox();
+        assert_eq!(inbox.push(&vec![b'x'; INBOX_CAPACITY + 100]), INBOX_CAPACITY);
+        assert_eq!(inbox.push(b"more"), 0);
+    }
+}

@@ -2,7 +2,7 @@
 //! through ioeventfd, off the vCPU threads) and runs the device's handler for each.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -13,6 +13,22 @@ pub struct Worker {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Lets a handler stop and resume watching the host descriptor (`spawn_with_fd`), say while
+/// the guest has no buffer to put its data in.
+pub struct Watch<'a> {
+    epoll: &'a Epoll,
+    fd: Option<(RawFd, u64)>,
+}
+
+impl Watch<'_> {
+    pub fn host_fd(&self, readable: bool) {
+        if let Some((fd, token)) = self.fd {
+            let events = if readable { EventSet::IN } else { EventSet::empty() };
+            let _ = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token));
+        }
+    }
+}
+
 impl Worker {
     /// Runs `handle(i)` on a new thread each time `events[i]` fires: the queues' notification
     /// eventfds, and any of the device's own (say, host input ready).
@@ -20,17 +36,38 @@ impl Worker {
     where
         F: FnMut(usize) + Send + 'static,
     {
+        Self::start(name, events, None, move |i, _| handle(i))
+    }
+
+    /// Like `spawn`, plus a host descriptor (a socket or tap) reported as index
+    /// `events.len()` while readable; the handler reads it itself.
+    pub fn spawn_with_fd<F>(name: String, events: Vec<EventFd>, fd: RawFd, handle: F) -> io::Result<Worker>
+    where
+        F: FnMut(usize, &Watch) + Send + 'static,
+    {
+        Self::start(name, events, Some(fd), handle)
+    }
+
+    fn start<F>(name: String, events: Vec<EventFd>, fd: Option<RawFd>, mut handle: F) -> io::Result<Worker>
+    where
+        F: FnMut(usize, &Watch) + Send + 'static,
+    {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
-        let stop_token = events.len() as u64;
+        let fd_token = events.len() as u64;
+        let stop_token = fd_token + 1;
         for (i, evt) in events.iter().enumerate() {
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
+        }
+        if let Some(fd) = fd {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd_token))?;
         }
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
         let stop_clone = stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _stop = stop_clone;
-            let mut ready = vec![EpollEvent::default(); events.len() + 1];
+            let watch = Watch { epoll: &epoll, fd: fd.map(|fd| (fd, fd_token)) };
+            let mut ready = vec![EpollEvent::default(); events.len() + 2];
             loop {
                 let n = match epoll.wait(-1, &mut ready) {
                     Ok(n) => n,
@@ -45,8 +82,10 @@ impl Worker {
                     if token == stop_token {
                         return;
                     }
-                    let _ = events[token as usize].read();
-                    handle(token as usize);
+                    if let Some(evt) = events.get(token as usize) {
+                        let _ = evt.read();
+                    }
+                    handle(token as usize, &watch);
                 }
             }
         })?;
@@ -79,5 +118,19 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         drop(worker);
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn host_fd_is_reported_until_unwatched() {
+        let host = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        host.write(1).unwrap(); // stays readable: the handler does not drain it
+        let (tx, rx) = channel();
+        let _worker = Worker::spawn_with_fd("test".into(), vec![], host.as_raw_fd(), move |i, watch| {
+            tx.send(i).unwrap();
+            watch.host_fd(false);
+        })
+        .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "unwatched descriptor still reported");
     }
 }

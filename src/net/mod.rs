@@ -1,0 +1,160 @@
+//! Network backends behind virtio-net: user-mode networking through passt (no root needed) and
+//! tap devices; and the `-n` option that chooses between them.
+
+pub mod passt;
+pub mod tap;
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+/// Where the guest's Ethernet frames go. Frames carry no virtio-net header.
+pub trait NetBackend: Send + AsRawFd {
+    /// Sends one frame, waiting a bounded time for room.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Copies the next frame into `buf` and returns its length; `None` when none is ready.
+    /// A frame larger than `buf` is dropped.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    User,
+    Tap,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortForward {
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// One `-n` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    pub mode: NetMode,
+    pub tapif: Option<String>,
+    pub guest_mac: Option<[u8; 6]>,
+    pub host_ip: Ipv4Addr,
+    pub guest_ip: Ipv4Addr,
+    pub script: Option<PathBuf>,
+    pub forwards: Vec<PortForward>,
+}
+
+/// kvmtool's user-mode network: guest 192.168.33.15, host (gateway) 192.168.33.1.
+pub const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 33, 1);
+pub const DEFAULT_GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 33, 15);
+/// The first NIC's MAC; later NICs count up in the last byte.
+pub const DEFAULT_GUEST_MAC: [u8; 6] = [0x02, 0x15, 0x15, 0x15, 0x15, 0x15];
+
+impl Default for NetSpec {
+    fn default() -> Self {
+        NetSpec {
+            mode: NetMode::User,
+            tapif: None,
+            guest_mac: None,
+            host_ip: DEFAULT_HOST_IP,
+            guest_ip: DEFAULT_GUEST_IP,
+            script: None,
+            forwards: Vec::new(),
+        }
+    }
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = s.split(':').map(|b| u8::from_str_radix(b, 16).ok().filter(|_| b.len() == 2)).collect::<Option<_>>()?;
+    let mac: [u8; 6] = bytes.try_into().ok()?;
+    // A multicast address cannot be a NIC's own.
+    (mac[0] & 1 == 0).then_some(mac)
+}
+
+fn parse_forward(s: &str) -> Option<PortForward> {
+    let mut parts = s.split(':');
+    let protocol = match parts.next()? {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => return None,
+    };
+    let host_port = parts.next()?.parse().ok()?;
+    let guest_port = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some(PortForward { protocol, host_port, guest_port })
+}
+
+impl NetSpec {
+    pub fn parse(arg: &str) -> Result<NetSpec, String> {
+        let mut spec = NetSpec::default();
+        let bad = |what: &str| format!("-n {arg}: {what}");
+        for item in arg.split(',').filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').ok_or_else(|| bad(&format!("'{item}' is not key=value")))?;
+            match key {
+                "mode" => {
+                    spec.mode = match value {
+                        "user" => NetMode::User,
+                        "tap" => NetMode::Tap,
+                        "none" => NetMode::None,
+                        _ => return Err(bad(&format!("unknown mode '{value}' (user, tap or none)"))),
+                    }
+                }
+                "tapif" => spec.tapif = Some(value.to_string()),
+                "guest_mac" => spec.guest_mac = Some(parse_mac(value).ok_or_else(|| bad(&format!("bad MAC address '{value}'")))?),
+                "host_ip" => spec.host_ip = value.parse().map_err(|_| bad(&format!("bad IPv4 address '{value}'")))?,
+                "guest_ip" => spec.guest_ip = value.parse().map_err(|_| bad(&format!("bad IPv4 address '{value}'")))?,
+                "script" => spec.script = Some(PathBuf::from(value)),
+                "hostfwd" => spec
+                    .forwards
+                    .push(parse_forward(value).ok_or_else(|| bad(&format!("bad forward '{value}' (tcp:HOSTPORT:GUESTPORT)")))?),
+                "vhost" | "mq" => return Err(bad(&format!("'{key}' is not supported yet"))),
+                _ => return Err(bad(&format!("unknown option '{key}'"))),
+            }
+        }
+        if spec.mode != NetMode::User && !spec.forwards.is_empty() {
+            return Err(bad("hostfwd needs mode=user"));
+        }
+        if spec.tapif.as_ref().is_some_and(|name| name.is_empty() || name.len() >= libc::IFNAMSIZ) {
+            return Err(bad("tapif must be 1 to 15 characters"));
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kvmtool_style_network_options() {
+        assert_eq!(NetSpec::parse("mode=user").unwrap(), NetSpec::default());
+        let tap = NetSpec::parse("mode=tap,tapif=tap0,guest_mac=02:00:00:00:00:01,host_ip=10.0.0.1,script=/bin/true").unwrap();
+        assert_eq!(tap.mode, NetMode::Tap);
+        assert_eq!(tap.tapif.as_deref(), Some("tap0"));
+        assert_eq!(tap.guest_mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(tap.host_ip, Ipv4Addr::new(10, 0, 0, 1));
+        let fwd = NetSpec::parse("mode=user,hostfwd=tcp:8080:80,hostfwd=udp:5353:53").unwrap();
+        assert_eq!(fwd.forwards[0], PortForward { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 });
+        assert_eq!(fwd.forwards[1].protocol, Protocol::Udp);
+        assert_eq!(NetSpec::parse("mode=none").unwrap().mode, NetMode::None);
+    }
+
+    #[test]
+    fn rejects_bad_network_options() {
+        assert!(NetSpec::parse("mode=bridge").unwrap_err().contains("unknown mode 'bridge'"));
+        assert!(NetSpec::parse("guest_mac=02:00:00:00:00").unwrap_err().contains("bad MAC"));
+        assert!(NetSpec::parse("guest_mac=01:00:00:00:00:01").unwrap_err().contains("bad MAC"), "multicast");
+        assert!(NetSpec::parse("guest_mac=zz:00:00:00:00:01").unwrap_err().contains("bad MAC"));
+        assert!(NetSpec::parse("host_ip=300.1.1.1").unwrap_err().contains("bad IPv4"));
+        assert!(NetSpec::parse("hostfwd=tcp:80").unwrap_err().contains("bad forward"));
+        assert!(NetSpec::parse("mode=tap,hostfwd=tcp:1:2").unwrap_err().contains("needs mode=user"));
+        assert!(NetSpec::parse("mode=tap,tapif=averyveryverylongname").unwrap_err().contains("tapif"));
+        assert!(NetSpec::parse("vhost=1").unwrap_err().contains("not supported"));
+        assert!(NetSpec::parse("colour=blue").unwrap_err().contains("unknown option 'colour'"));
+    }
+}
