@@ -155,3 +155,22 @@ fn disk_that_is_read_only_on_the_host() {
     }
     assert_one_line_error(&out, "add ',ro'");
 }
+
+#[test]
+fn bad_network_options() {
+    let k = flat_kernel();
+    let run = |net: &str| run_lkvm(&["run", "-k", &k, "-m", "16", "-c", "1", "-n", net], None, TIMEOUT);
+    assert_one_line_error(&run("mode=bridge"), "unknown mode 'bridge'");
+    assert_one_line_error(&run("mode=user,guest_mac=02:00:00:00:00"), "bad MAC");
+}
+
+#[test]
+fn tap_without_permission() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        eprintln!("!!! SKIPPED tap_without_permission: running as root, which may open any tap !!!");
+        return;
+    }
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "-n", "mode=tap,tapif=lkvmtest0"], None, TIMEOUT);
+    assert_one_line_error(&out, "CAP_NET_ADMIN");
+}

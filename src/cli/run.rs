@@ -165,12 +165,7 @@ impl RunArgs {
         }
         let mut nets = self.networks.iter().map(|n| NetSpec::parse(n)).collect::<Result<Vec<_>, _>>()?;
         if self.networks.is_empty() {
-            // kvmtool's default NIC, when the user-mode helper is there to serve it.
-            if passt_installed() {
-                nets.push(NetSpec::default());
-            } else {
-                eprintln!("lkvm: no network: user-mode networking needs passt (apt-get install passt)");
-            }
+            nets.push(NetSpec::default()); // kvmtool's default: one user-mode NIC
         }
         nets.retain(|n| n.mode != NetMode::None);
         if nets.iter().any(|n| n.mode == NetMode::User) && !self.nodefaults && !user_cmdline.has_key("ip") {
@@ -199,10 +194,6 @@ impl RunArgs {
             started,
         })
     }
-}
-
-fn passt_installed() -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("passt").is_file()))
 }
 
 fn find_default_kernel(candidates: &[PathBuf]) -> Result<PathBuf, String> {

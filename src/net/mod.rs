@@ -1,7 +1,7 @@
-//! Network backends behind virtio-net: user-mode networking through passt (no root needed) and
-//! tap devices; and the `-n` option that chooses between them.
+//! Network backends behind virtio-net: user-mode networking through libslirp (no root needed)
+//! and tap devices; and the `-n` option that chooses between them.
 
-pub mod passt;
+pub mod slirp;
 pub mod tap;
 
 use std::io;

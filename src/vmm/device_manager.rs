@@ -29,7 +29,7 @@ use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::VirtioDevice;
 use crate::disk::DiskImage;
-use crate::net::passt::Passt;
+use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
 use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
 
@@ -81,7 +81,7 @@ pub fn create_devices(
     }
     for (index, spec) in config.nets.iter().enumerate() {
         let backend: Box<dyn NetBackend> = match spec.mode {
-            NetMode::User => Box::new(Passt::start(spec, index).map_err(Error::Network)?),
+            NetMode::User => Box::new(Slirp::start(spec).map_err(Error::Network)?),
             NetMode::Tap => Box::new(Tap::open(spec, index).map_err(Error::Network)?),
             NetMode::None => continue,
         };

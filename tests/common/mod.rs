@@ -50,8 +50,19 @@ impl Outcome {
 
 /// Runs lkvm with `args`, feeding `stdin`, and kills it after `timeout`.
 pub fn run_lkvm(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
+    run_command(lkvm(), args, stdin, timeout, |_| {})
+}
+
+/// Runs `program`, calling `on_line` with each line of its stdout as it arrives.
+pub fn run_command(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> Outcome {
     let start = Instant::now();
-    let mut child = Command::new(lkvm())
+    let mut child = Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -67,9 +78,16 @@ pub fn run_lkvm(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outco
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let out_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
+        let mut all = String::new();
+        let mut reader = std::io::BufReader::new(&mut out);
+        let mut raw = Vec::new();
+        while std::io::BufRead::read_until(&mut reader, b'\n', &mut raw).is_ok_and(|n| n > 0) {
+            let line = String::from_utf8_lossy(&raw).into_owned();
+            on_line(line.trim_end_matches(['\n', '\r']));
+            all.push_str(&line);
+            raw.clear();
+        }
+        all
     });
     let err_reader = std::thread::spawn(move || {
         let mut s = Vec::new();

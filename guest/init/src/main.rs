@@ -204,7 +204,7 @@ fn fetch(arg: &str) {
         return result("fetch", "bad-arg");
     };
     let outcome = connect(&format!("{ip}:{port}")).and_then(|mut s| {
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
         let mut response = Vec::new();
         std::io::Read::read_to_end(&mut s, &mut response)?;
         let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
@@ -232,7 +232,19 @@ fn serve(arg: &str) {
     let data = pattern(len.parse().unwrap_or(0), seed.parse().unwrap_or(0));
     let outcome = std::net::TcpListener::bind(format!("0.0.0.0:{port}")).and_then(|listener| {
         result("listening", port);
-        let (mut s, _) = listener.accept()?;
+        // Poll, so a host client that never comes fails the check instead of hanging it.
+        listener.set_nonblocking(true)?;
+        let deadline = std::time::Instant::now() + NET_TIMEOUT;
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        s.set_nonblocking(false)?;
         s.write_all(&data)
     });
     match outcome {
@@ -272,7 +284,7 @@ fn ping(ip: &str) {
         if sock < 0 {
             return result("ping", &format!("err:{}", std::io::Error::last_os_error()));
         }
-        let tv = libc::timeval { tv_sec: NET_TIMEOUT.as_secs() as i64, tv_usec: 0 };
+        let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
         libc::setsockopt(sock, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of_val(&tv) as u32);
         let mut packet = [8u8, 0, 0, 0, 0x4c, 0x4b, 0, 1, b'l', b'k', b'v', b'm'];
         let sum = checksum16(&packet);
