@@ -13,6 +13,8 @@
 //! - `lkvm.serve=PORT:LEN:SEED`: print `listening`, accept one TCP connection, send the pattern.
 //! - `lkvm.udp=IP:PORT`: send a datagram and wait for its echo.
 //! - `lkvm.ping=IP`: one ICMP echo request, wait for the reply.
+//! - `lkvm.netbench=IP:SINKPORT:SOURCEPORT:ECHOPORT:MIB`: TCP throughput to a sink and from a
+//!   source on the host (MIB MiB each way), and UDP echo round-trip time (median of 200).
 //! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
 //!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
@@ -155,7 +157,7 @@ fn blk_bench(arg: &str) {
         (seed % (span / 4096)) * 4096
     };
     let random_ops = 2000u64;
-    let mut run = |name: &str, bytes: u64, op: &mut dyn FnMut() -> std::io::Result<()>| {
+    let run = |name: &str, bytes: u64, op: &mut dyn FnMut() -> std::io::Result<()>| {
         let start = std::time::Instant::now();
         let outcome = op();
         let secs = start.elapsed().as_secs_f64();
@@ -268,6 +270,54 @@ fn udp(arg: &str) {
     }
 }
 
+fn net_bench(arg: &str) {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let [ip, sink, source, echo, mib] = parts[..] else { return result("netbench", "bad-arg") };
+    let bytes = mib.parse::<usize>().unwrap_or(16) << 20;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let timed = |name: &str, op: &mut dyn FnMut() -> std::io::Result<()>| {
+        let start = std::time::Instant::now();
+        match op() {
+            Ok(()) => result(name, &format!("{:.2}MB/s", bytes as f64 / 1e6 / start.elapsed().as_secs_f64())),
+            Err(e) => result(name, &format!("err:{e}")),
+        }
+    };
+    timed("netbench:guest_to_host", &mut || {
+        let mut s = connect(&format!("{ip}:{sink}"))?;
+        (0..bytes / chunk.len()).try_for_each(|_| s.write_all(&chunk))
+    });
+    timed("netbench:host_to_guest", &mut || {
+        let mut s = connect(&format!("{ip}:{source}"))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < bytes {
+            match std::io::Read::read(&mut s, &mut buf)? {
+                0 => return Err(std::io::Error::other("short stream")),
+                n => got += n,
+            }
+        }
+        Ok(())
+    });
+    let rtt = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        s.connect(format!("{ip}:{echo}"))?;
+        let mut samples = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..200 {
+            let start = std::time::Instant::now();
+            s.send(b"rtt")?;
+            s.recv(&mut buf)?;
+            samples.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+        samples.sort_by(|a, b| a.total_cmp(b));
+        Ok(samples[samples.len() / 2])
+    });
+    match rtt {
+        Ok(us) => result("netbench:udp_rtt", &format!("{us:.0}us")),
+        Err(e) => result("netbench:udp_rtt", &format!("err:{e}")),
+    }
+}
+
 fn checksum16(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
@@ -359,6 +409,8 @@ fn main() {
                 udp(arg);
             } else if let Some(arg) = param.strip_prefix("lkvm.ping=") {
                 ping(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.netbench=") {
+                net_bench(arg);
             } else if let Some(arg) = param.strip_prefix("lkvm.blkbench=") {
                 blk_bench(arg);
             }
