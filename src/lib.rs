@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod boot;
 pub mod cli;
+pub mod control;
 pub mod devices;
 pub mod disk;
 pub mod net;

@@ -1,13 +1,14 @@
 //! lkvm: boot Linux under KVM in one command, with kvmtool's command line.
 
-use lkvm::{cli, vmm};
-
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use lkvm::cli::{self, control as ctl, Command};
+use lkvm::control::Command as Request;
+use lkvm::vmm;
 
-/// Exit status for bad input or a VM that could not be built.
+/// Exit status for bad input, a VM that could not be built, or a control request that failed.
 const EXIT_SETUP_FAILED: u8 = 1;
 /// Exit status for a command line clap could not parse.
 const EXIT_USAGE: u8 = 2;
@@ -28,6 +29,34 @@ fn init_logging(level: &str) {
         .init();
 }
 
+fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
+    init_logging(&args.loglevel);
+    let config = match args.into_config(started) {
+        Ok(config) => config,
+        Err(msg) => return fail(&msg),
+    };
+    match vmm::run(&config) {
+        Ok(exit) if exit.exit_code() == 0 => {
+            tracing::info!("{exit}");
+            ExitCode::SUCCESS
+        }
+        Ok(exit) => {
+            eprintln!("lkvm: error: {exit}");
+            ExitCode::from(exit.exit_code() as u8)
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("lkvm: error: {msg}");
+    ExitCode::from(EXIT_SETUP_FAILED)
+}
+
+fn done(result: Result<(), String>) -> ExitCode {
+    result.map_or_else(|msg| fail(&msg), |()| ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = match cli::Cli::try_parse() {
@@ -45,34 +74,19 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        cli::Command::Version => {
+        Command::Run(args) => run(args, started),
+        Command::List => done(ctl::list()),
+        Command::Stop(target) => done(ctl::act(&target, Request::Stop, |_, _| {})),
+        Command::Pause(target) => done(ctl::act(&target, Request::Pause, |name, _| println!("{name}: paused"))),
+        Command::Resume(target) => done(ctl::act(&target, Request::Resume, |name, _| println!("{name}: resumed"))),
+        Command::Debug(args) => done(ctl::act(&args.target, Request::Registers, |name, response| {
+            for line in response.vcpus.iter().flatten() {
+                println!("{name}: {line}");
+            }
+        })),
+        Command::Version => {
             println!("lkvm {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
-        }
-        cli::Command::Run(args) => {
-            init_logging(&args.loglevel);
-            let config = match args.into_config(started) {
-                Ok(config) => config,
-                Err(msg) => {
-                    eprintln!("lkvm: error: {msg}");
-                    return ExitCode::from(EXIT_SETUP_FAILED);
-                }
-            };
-            match vmm::run(&config) {
-                Ok(exit) => {
-                    let code = exit.exit_code();
-                    if code == 0 {
-                        tracing::info!("{exit}");
-                    } else {
-                        eprintln!("lkvm: error: {exit}");
-                    }
-                    ExitCode::from(code as u8)
-                }
-                Err(e) => {
-                    eprintln!("lkvm: error: {e}");
-                    ExitCode::from(EXIT_SETUP_FAILED)
-                }
-            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Command line: kvmtool's subcommands and options, one file per subcommand.
 
+pub mod control;
 pub mod run;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +16,16 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest: `lkvm run -k bzImage -i initrd -p "params" -m 512 -c 2`
     Run(run::RunArgs),
+    /// List running guests (and `lkvm setup` directories)
+    List,
+    /// Stop a guest
+    Stop(control::Target),
+    /// Pause a guest's vCPUs
+    Pause(control::Target),
+    /// Resume a paused guest
+    Resume(control::Target),
+    /// Inspect a running guest
+    Debug(control::DebugArgs),
     /// Print the version
     Version,
 }

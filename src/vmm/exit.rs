@@ -13,6 +13,8 @@ pub enum VmExit {
     Poweroff,
     /// The user quit with Ctrl-A x.
     UserQuit,
+    /// `lkvm stop` asked it to end.
+    Stopped,
     InternalError { cpu: u8, suberror: u32, rip: u64, code: Vec<u8> },
     TripleFault { cpu: u8, rip: u64 },
     FailEntry { cpu: u8, reason: u64 },
@@ -23,7 +25,7 @@ pub enum VmExit {
 impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::Poweroff | VmExit::UserQuit => 0,
+            VmExit::Reset | VmExit::Poweroff | VmExit::UserQuit | VmExit::Stopped => 0,
             _ => EXIT_GUEST_FAILED,
         }
     }
@@ -45,6 +47,7 @@ impl fmt::Display for VmExit {
             VmExit::Reset => write!(f, "guest rebooted"),
             VmExit::Poweroff => write!(f, "guest powered off"),
             VmExit::UserQuit => write!(f, "stopped from the console (Ctrl-A x)"),
+            VmExit::Stopped => write!(f, "stopped by lkvm stop"),
             VmExit::InternalError { cpu, suberror, rip, code } => {
                 let bytes: Vec<String> = code.iter().map(|b| format!("{b:02x}")).collect();
                 let code = if bytes.is_empty() { "unreadable".to_string() } else { bytes.join(" ") };

@@ -7,16 +7,15 @@ pub mod vcpu;
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
-use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::cpuid::{self, Feature};
 use crate::arch::x86_64::memory::ram_regions;
@@ -29,7 +28,8 @@ use crate::disk::{self, DiskImage, DiskSpec};
 use crate::net::NetSpec;
 use crate::term;
 use exit::VmExit;
-use vcpu::Vcpu;
+use crate::control::{Controller, RunState};
+use vcpu::{Vcpu, VcpuControl};
 
 /// Where KVM keeps its three-page TSS on Intel: just below the BIOS area, inside the hole.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -92,6 +92,8 @@ pub enum Error {
     Disk(#[from] disk::OpenError),
     #[error("{0}")]
     Network(String),
+    #[error("{0}")]
+    Control(String),
     #[error("no room for device {0}: {1}")]
     DeviceSpace(String, String),
 }
@@ -164,6 +166,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     );
     // Input files first: a bad disk must fail before anything else happens.
     let disks = config.disks.iter().map(DiskImage::open).collect::<Result<Vec<_>, _>>()?;
+    let (events, exits) = channel();
+    let control = Arc::new(VcpuControl::new(usize::from(config.cpus)));
+    let controller = Arc::new(VmController { vcpus: control.clone(), events: Mutex::new(events.clone()) });
+    let _control_socket = crate::control::Server::start(&config.name, controller).map_err(Error::Control)?;
     let kvm = open_kvm(&config.kvm_device)?;
     let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
     if usize::from(config.cpus) > max_cpus {
@@ -176,7 +182,6 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         .map_err(kvm_err("create PIT"))?;
     let mem = create_memory(&vm, config.mem_size)?;
 
-    let (events, exits) = channel();
     let mut cmdline = config.cmdline.clone();
     let devices = device_manager::create_devices(&vm, &mem, config, disks, &mut cmdline, &events)?;
 
@@ -204,29 +209,53 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     }
 
     vcpu::register_kick_handler().map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
-    let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
-        let (stop, events) = (stop.clone(), events.clone());
+        let (control, events) = (control.clone(), events.clone());
         let thread = thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
-            .spawn(move || vcpu.run(&stop, &events))
+            .spawn(move || vcpu.run(&control, &events))
             .map_err(|e| Error::Host("spawn vCPU thread", e))?;
         threads.push(thread);
     }
+    control.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
     spawn_console_input(devices.console_input, events.clone())?;
 
     let _raw_terminal = term::RawMode::stdin();
     let reason = exits.recv().expect("the VMM holds a sender until here");
-    stop.store(true, Ordering::Release);
-    for thread in &threads {
-        // A vCPU that already returned has nothing to interrupt.
-        let _ = thread.kill(vcpu::kick_signal());
-    }
+    control.stop();
     for thread in threads {
         let _ = thread.join();
     }
     Ok(reason)
+}
+
+/// The control socket's view of the VM.
+struct VmController {
+    vcpus: Arc<VcpuControl>,
+    events: Mutex<Sender<VmExit>>,
+}
+
+impl Controller for VmController {
+    fn state(&self) -> RunState {
+        if self.vcpus.paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+    fn stop(&self) {
+        let _ = self.events.lock().unwrap().send(VmExit::Stopped);
+    }
+    fn pause(&self) -> Result<(), String> {
+        self.vcpus.pause()
+    }
+    fn resume(&self) -> Result<(), String> {
+        self.vcpus.resume()
+    }
+    fn registers(&self) -> Result<Vec<String>, String> {
+        self.vcpus.registers()
+    }
 }
 
 /// Feeds the terminal to the guest console. The thread is left blocked in read() when the VM ends: lkvm

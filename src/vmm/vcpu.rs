@@ -7,7 +7,8 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -78,6 +79,126 @@ pub fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Result<(), Stop> {
     Ok(())
 }
 
+/// How long pause and register dumps wait for every vCPU to stop.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Parking {
+    paused: bool,
+    parked: usize,
+    /// Register dumps being collected from parked vCPUs, one slot each.
+    dumps: Option<Vec<Option<String>>>,
+}
+
+/// Stop, pause and register dumps, shared by the VMM, the control socket and the vCPU threads.
+/// A request sets a flag and kicks the threads out of KVM_RUN (see `kick_signal`); they act
+/// on it before re-entering.
+pub struct VcpuControl {
+    stop: AtomicBool,
+    pause: AtomicBool,
+    parking: Mutex<Parking>,
+    changed: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+    count: usize,
+}
+
+impl VcpuControl {
+    pub fn new(count: usize) -> Self {
+        VcpuControl {
+            stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            parking: Mutex::new(Parking::default()),
+            changed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            count,
+        }
+    }
+
+    pub fn set_threads(&self, threads: Vec<libc::pthread_t>) {
+        *self.threads.lock().unwrap() = threads;
+    }
+
+    fn kick_all(&self) {
+        for thread in self.threads.lock().unwrap().iter() {
+            // SAFETY: the vCPU threads are joined only after the last kick; a thread that has
+            // already left its run loop just runs the no-op handler.
+            unsafe { libc::pthread_kill(*thread, kick_signal()) };
+        }
+    }
+
+    /// Makes every vCPU leave its run loop (parked ones included).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _guard = self.parking.lock().unwrap();
+        self.changed.notify_all();
+        drop(_guard);
+        self.kick_all();
+    }
+
+    pub fn paused(&self) -> bool {
+        self.parking.lock().unwrap().paused
+    }
+
+    /// Parks every vCPU; returns once all are parked.
+    pub fn pause(&self) -> Result<(), String> {
+        {
+            let mut parking = self.parking.lock().unwrap();
+            if parking.paused {
+                return Err("the guest is already paused".into());
+            }
+            parking.paused = true;
+            self.pause.store(true, Ordering::Release);
+        }
+        self.kick_all();
+        let parking = self.parking.lock().unwrap();
+        let (_parking, timeout) = self
+            .changed
+            .wait_timeout_while(parking, PARK_TIMEOUT, |p| p.parked < self.count && !self.stop.load(Ordering::Acquire))
+            .unwrap();
+        if timeout.timed_out() {
+            return Err("the vCPUs did not stop within 5 s".into());
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), String> {
+        let mut parking = self.parking.lock().unwrap();
+        if !parking.paused {
+            return Err("the guest is not paused".into());
+        }
+        parking.paused = false;
+        self.pause.store(false, Ordering::Release);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Every vCPU's registers and code bytes, taken while they are parked.
+    pub fn registers(&self) -> Result<Vec<String>, String> {
+        let was_paused = self.paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let mut parking = self.parking.lock().unwrap();
+        parking.dumps = Some(vec![None; self.count]);
+        self.changed.notify_all();
+        let (mut parking, timeout) = self
+            .changed
+            .wait_timeout_while(parking, PARK_TIMEOUT, |p| {
+                p.dumps.as_ref().is_some_and(|d| d.iter().any(Option::is_none)) && !self.stop.load(Ordering::Acquire)
+            })
+            .unwrap();
+        let dumps = parking.dumps.take().unwrap_or_default();
+        drop(parking);
+        if !was_paused {
+            self.resume()?;
+        }
+        if timeout.timed_out() {
+            return Err("the vCPUs did not report within 5 s".into());
+        }
+        Ok(dumps.into_iter().flatten().collect())
+    }
+}
+
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,
@@ -87,11 +208,15 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Runs until the guest ends or `stop` is set; reports an ending the guest caused.
-    pub fn run(mut self, stop: &AtomicBool, events: &Sender<VmExit>) {
+    /// Runs until the guest ends or `control` says stop; reports an ending the guest caused.
+    pub fn run(mut self, control: &VcpuControl, events: &Sender<VmExit>) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
-        while !stop.load(Ordering::Acquire) {
+        while !control.stop.load(Ordering::Acquire) {
+            if control.pause.load(Ordering::Acquire) {
+                self.park(control);
+                continue;
+            }
             let result = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, &self.pio, &self.mmio).map_err(Some),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -113,6 +238,40 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+
+    /// Waits while the VM is paused, answering register-dump requests meanwhile.
+    fn park(&mut self, control: &VcpuControl) {
+        let mut parking = control.parking.lock().unwrap();
+        parking.parked += 1;
+        control.changed.notify_all();
+        while parking.paused && !control.stop.load(Ordering::Acquire) {
+            let index = usize::from(self.index);
+            if parking.dumps.as_ref().is_some_and(|d| d[index].is_none()) {
+                let dump = self.dump();
+                if let Some(dumps) = parking.dumps.as_mut() {
+                    dumps[index] = Some(dump);
+                }
+                control.changed.notify_all();
+            }
+            parking = control.changed.wait(parking).unwrap();
+        }
+        parking.parked -= 1;
+    }
+
+    /// Registers and the code at RIP, as one line.
+    fn dump(&self) -> String {
+        let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return format!("vCPU {}: registers unavailable", self.index);
+        };
+        let (_, code) = self.code_at_rip();
+        let code: Vec<String> = code.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "vCPU {}: rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} \
+             rbp={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} code: {}",
+            self.index, r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, s.cs.selector, s.cr0,
+            s.cr3, s.cr4, s.efer, code.join(" ")
+        )
     }
 
     fn describe(&mut self, stop: Stop) -> VmExit {

@@ -1,0 +1,323 @@
+//! The control socket: every running lkvm listens on `~/.lkvm/NAME.sock` (the directory is
+//! private to its user), and `lkvm list|stop|pause|resume|debug` talk to it.
+//!
+//! Protocol: one JSON object per line each way, request then response, then the connection
+//! closes. Every message carries `"version": 1`. Requests: `{"version":1,"command":C}` with C
+//! one of `status`, `stop`, `pause`, `resume`, `registers`. Responses: `{"version":1,"ok":true,
+//! ...}` with command-specific fields, or `{"version":1,"ok":false,"error":"..."}`; a request
+//! of another version, malformed or unknown, gets such an error. Clients give up after 5 s.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_MESSAGE: u64 = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    Status,
+    Stop,
+    Pause,
+    Resume,
+    Registers,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub version: u32,
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<RunState>,
+    /// One register dump per vCPU, for `registers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<Vec<String>>,
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Response { version: PROTOCOL_VERSION, ok: true, ..Default::default() }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Response { version: PROTOCOL_VERSION, ok: false, error: Some(message.into()), ..Default::default() }
+    }
+}
+
+/// What the control socket can do to a running VM.
+pub trait Controller: Send + Sync {
+    fn state(&self) -> RunState;
+    fn stop(&self);
+    fn pause(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), String>;
+    fn registers(&self) -> Result<Vec<String>, String>;
+}
+
+/// Answers one request line.
+pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
+    let request: Request = match serde_json::from_str(line) {
+        Ok(request) => request,
+        Err(e) => {
+            // Say what is wrong with the version before anything else: a newer client's
+            // commands may not parse here.
+            let version = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["version"].as_u64());
+            return match version {
+                Some(v) if v != u64::from(PROTOCOL_VERSION) => {
+                    Response::error(format!("protocol version {v} is not supported (this lkvm speaks {PROTOCOL_VERSION})"))
+                }
+                _ => Response::error(format!("malformed request: {e}")),
+            };
+        }
+    };
+    if request.version != PROTOCOL_VERSION {
+        return Response::error(format!(
+            "protocol version {} is not supported (this lkvm speaks {PROTOCOL_VERSION})",
+            request.version
+        ));
+    }
+    let outcome = match request.command {
+        Command::Status => Ok(Response::ok()),
+        Command::Stop => {
+            controller.stop();
+            Ok(Response::ok())
+        }
+        Command::Pause => controller.pause().map(|_| Response::ok()),
+        Command::Resume => controller.resume().map(|_| Response::ok()),
+        Command::Registers => controller.registers().map(|dumps| Response { vcpus: Some(dumps), ..Response::ok() }),
+    };
+    let mut response = outcome.unwrap_or_else(Response::error);
+    response.pid = Some(std::process::id());
+    response.name = Some(name.to_string());
+    response.state = Some(controller.state());
+    response
+}
+
+/// `~/.lkvm`, kvmtool's directory for sockets and rootfs directories.
+pub fn lkvm_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp")).join(".lkvm")
+}
+
+pub fn socket_path(name: &str) -> PathBuf {
+    lkvm_dir().join(format!("{name}.sock"))
+}
+
+/// Guest names become file names: letters, digits, '.', '_' and '-' only.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("guest name '{name}': use 1-64 letters, digits, '.', '_' or '-'"))
+    }
+}
+
+/// Sends one request to the guest listening at `path` and returns its response.
+pub fn request(path: &Path, command: Command) -> io::Result<Response> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut line = serde_json::to_string(&Request { version: PROTOCOL_VERSION, command })?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(MAX_MESSAGE)).read_line(&mut reply).map_err(|e| {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::new(io::ErrorKind::TimedOut, "no answer within 5 s")
+        } else {
+            e
+        }
+    })?;
+    serde_json::from_str(&reply).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad response: {e}")))
+}
+
+/// The sockets of guests that answer, by name; stale sockets of dead guests are removed.
+pub fn running_guests() -> Vec<(String, Response)> {
+    let Ok(entries) = std::fs::read_dir(lkvm_dir()) else { return Vec::new() };
+    let mut guests: Vec<(String, Response)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let name = path.file_name()?.to_str()?.strip_suffix(".sock")?.to_string();
+            match request(&path, Command::Status) {
+                Ok(response) => Some((name, response)),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    let _ = std::fs::remove_file(&path);
+                    None
+                }
+                Err(_) => None,
+            }
+        })
+        .collect();
+    guests.sort_by(|a, b| a.0.cmp(&b.0));
+    guests
+}
+
+/// Listens for control requests for guest `name` until the process exits.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Server {
+    pub fn start(name: &str, controller: Arc<dyn Controller>) -> Result<Server, String> {
+        check_name(name)?;
+        let dir = lkvm_dir();
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = socket_path(name);
+        if path.exists() {
+            if UnixStream::connect(&path).is_ok() {
+                return Err(format!("a guest named '{name}' is already running ({})", path.display()));
+            }
+            let _ = std::fs::remove_file(&path); // left by a guest that died
+        }
+        let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Only the owner may control the guest.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("{}: {e}", path.display()))?;
+        let name = name.to_string();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    serve(stream, &name, &*controller);
+                }
+            })
+            .map_err(|e| format!("control thread: {e}"))?;
+        Ok(Server { path })
+    }
+}
+
+fn serve(stream: UnixStream, name: &str, controller: &dyn Controller) {
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let mut line = String::new();
+    let response = match BufReader::new((&stream).take(MAX_MESSAGE)).read_line(&mut line) {
+        Ok(_) => handle(line.trim(), name, controller),
+        Err(e) => Response::error(format!("reading request: {e}")),
+    };
+    if let Ok(mut text) = serde_json::to_string(&response) {
+        text.push('\n');
+        let _ = (&stream).write_all(text.as_bytes());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Fake {
+        paused: Mutex<bool>,
+        stopped: Mutex<bool>,
+    }
+
+    impl Controller for Fake {
+        fn state(&self) -> RunState {
+            if *self.paused.lock().unwrap() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            }
+        }
+        fn stop(&self) {
+            *self.stopped.lock().unwrap() = true;
+        }
+        fn pause(&self) -> Result<(), String> {
+            *self.paused.lock().unwrap() = true;
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), String> {
+            let mut paused = self.paused.lock().unwrap();
+            if !*paused {
+                return Err("not paused".into());
+            }
+            *paused = false;
+            Ok(())
+        }
+        fn registers(&self) -> Result<Vec<String>, String> {
+            Ok(vec!["vCPU 0: rip=0x1000".into()])
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let request = Request { version: 1, command: Command::Registers };
+        let text = serde_json::to_string(&request).unwrap();
+        assert_eq!(text, r#"{"version":1,"command":"registers"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
+        let response = Response { state: Some(RunState::Paused), ..Response::ok() };
+        let text = serde_json::to_string(&response).unwrap();
+        assert_eq!(text, r#"{"version":1,"ok":true,"state":"paused"}"#);
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), response);
+    }
+
+    #[test]
+    fn commands_reach_the_controller() {
+        let fake = Fake::default();
+        let r = handle(r#"{"version":1,"command":"pause"}"#, "g", &fake);
+        assert!(r.ok && r.state == Some(RunState::Paused) && r.name.as_deref() == Some("g"));
+        let r = handle(r#"{"version":1,"command":"registers"}"#, "g", &fake);
+        assert_eq!(r.vcpus.unwrap(), vec!["vCPU 0: rip=0x1000"]);
+        assert!(handle(r#"{"version":1,"command":"resume"}"#, "g", &fake).ok);
+        let again = handle(r#"{"version":1,"command":"resume"}"#, "g", &fake);
+        assert_eq!((again.ok, again.error.as_deref()), (false, Some("not paused")));
+        assert!(handle(r#"{"version":1,"command":"stop"}"#, "g", &fake).ok);
+        assert!(*fake.stopped.lock().unwrap());
+    }
+
+    #[test]
+    fn malformed_unknown_and_other_versions_get_errors() {
+        let fake = Fake::default();
+        let bad = handle("not json", "g", &fake);
+        assert!(!bad.ok && bad.error.unwrap().contains("malformed"));
+        let unknown = handle(r#"{"version":1,"command":"explode"}"#, "g", &fake);
+        assert!(!unknown.ok && unknown.error.unwrap().contains("malformed"));
+        let future = handle(r#"{"version":2,"command":"teleport"}"#, "g", &fake);
+        assert!(future.error.unwrap().contains("version 2 is not supported"));
+        let old = handle(r#"{"version":0,"command":"status"}"#, "g", &fake);
+        assert!(old.error.unwrap().contains("version 0"));
+        assert!(!*fake.stopped.lock().unwrap());
+    }
+
+    #[test]
+    fn names_are_safe_file_names() {
+        assert!(check_name("guest-123").is_ok());
+        assert!(check_name("a.b_c").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", "sp ace", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The control socket with tiny payload guests: list, pause (progress stops), resume, register
+//! dumps, stop by name and stop -a, name clashes, unknown guests. Each test uses its own HOME,
+//! so `-a` sees only its own guests.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Prints 'x' on COM1 forever, with a delay loop between characters.
+fn ticker() -> Vec<u8> {
+    vec![
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'x', // loop: mov al, 'x'
+        0xee, // out dx, al
+        0xb9, 0xff, 0xff, // mov cx, 0xffff
+        0xe2, 0xfe, // loop $
+        0xeb, 0xf6, // jmp loop
+    ]
+}
+
+struct Guest {
+    child: Child,
+    output: Arc<AtomicUsize>,
+}
+
+fn start(home: &Path, name: &str, kernel: &Path) -> Guest {
+    let mut child = Command::new(lkvm())
+        .args(["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "2", "-n", "mode=none", "--name", name])
+        .env("HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let output = Arc::new(AtomicUsize::new(0));
+    let (mut stdout, counter) = (child.stdout.take().unwrap(), output.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            counter.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    let guest = Guest { child, output };
+    wait_for(|| guest.output.load(Ordering::SeqCst) > 0, "the guest to print");
+    guest
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(lkvm()).args(args).env("HOME", home).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn exits_zero(guest: &mut Guest) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = guest.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            return;
+        }
+        assert!(Instant::now() < deadline, "lkvm did not exit after stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn list_pause_resume_debug_and_stop() {
+    if !kvm_available("list_pause_resume_debug_and_stop") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let mut guest = start(&home, "ticker", &kernel);
+
+    let (code, list, _) = ctl(&home, &["list"]);
+    assert_eq!(code, 0);
+    let line = list.lines().find(|l| l.contains("ticker")).unwrap_or_else(|| panic!("not listed: {list}"));
+    assert!(line.contains("running") && line.contains(&guest.child.id().to_string()), "{line}");
+
+    assert_eq!(ctl(&home, &["pause", "-n", "ticker"]).0, 0);
+    let before = guest.output.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(guest.output.load(Ordering::SeqCst), before, "output went on while paused");
+    assert!(ctl(&home, &["list"]).1.lines().any(|l| l.contains("ticker") && l.contains("paused")));
+    let (code, _, err) = ctl(&home, &["pause", "-n", "ticker"]);
+    assert!(code != 0 && err.contains("already paused"), "{err}");
+
+    let (code, dump, _) = ctl(&home, &["debug", "-n", "ticker", "-d"]);
+    assert_eq!(code, 0);
+    // vCPU 0 runs the payload at 0x1000:xxxx; vCPU 1 never started (waits for a SIPI).
+    let vcpu0 = dump.lines().find(|l| l.contains("vCPU 0:")).unwrap_or_else(|| panic!("{dump}"));
+    assert!(vcpu0.contains("cs=0x1000") && vcpu0.contains("rip=0x"), "{vcpu0}");
+    assert!(dump.contains("vCPU 1:"), "{dump}");
+
+    assert_eq!(ctl(&home, &["resume", "-n", "ticker"]).0, 0);
+    wait_for(|| guest.output.load(Ordering::SeqCst) > before, "output after resume");
+
+    let (code, _, err) = ctl(&home, &["stop", "-n", "nosuch"]);
+    assert!(code != 0 && err.contains("no such running guest"), "{err}");
+    assert_eq!(ctl(&home, &["stop", "-n", "ticker"]).0, 0);
+    exits_zero(&mut guest);
+    assert!(!home.join(".lkvm/ticker.sock").exists(), "socket left behind");
+}
+
+#[test]
+fn names_are_unique_and_stop_all_ends_every_guest() {
+    if !kvm_available("names_are_unique_and_stop_all_ends_every_guest") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let mut first = start(&home, "one", &kernel);
+    let mut second = start(&home, "two", &kernel);
+
+    let clash = Command::new(lkvm())
+        .args(["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "1", "-n", "mode=none", "--name", "one"])
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    assert_ne!(clash.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&clash.stderr).contains("already running"));
+
+    let (code, list, _) = ctl(&home, &["list"]);
+    assert_eq!(code, 0);
+    assert!(list.contains("one") && list.contains("two"), "{list}");
+    assert_eq!(ctl(&home, &["stop", "-a"]).0, 0);
+    exits_zero(&mut first);
+    exits_zero(&mut second);
+    assert!(!ctl(&home, &["list"]).1.contains("running"));
+}
