@@ -7,6 +7,7 @@ initramfs. Host-side servers listen on loopback only.
 Usage: bench/net.py [--runs N] [--mib M]
 """
 import argparse
+import re
 import socket
 import sys
 import threading
@@ -55,9 +56,9 @@ def servers(mib):
 
 
 def value(v):
-    if v is None or v.startswith("err"):
-        return None
-    return float(v.rstrip("us").split("MB/s")[0])
+    """'12.3MB/s' or '450us' -> the number"""
+    m = re.match(r"[0-9.]+", v or "")
+    return float(m.group(0)) if m else None
 
 
 def main():

@@ -24,6 +24,7 @@ impl Interrupt for Count {
     fn signal_used_queue(&self, _: u16) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    fn signal_config_change(&self) {}
 }
 
 fn bench(block: &Block, request_type: u32, len: u32) -> f64 {

@@ -84,6 +84,19 @@ fn main() -> ExitCode {
                 println!("{name}: {line}");
             }
         })),
+        Command::Balloon(args) => {
+            let delta = args.change.delta_mib();
+            done(ctl::act_with(&args.target, Request::Balloon, Some(delta), |name, r| {
+                let (target, actual) = (r.balloon_target_mib.unwrap_or(0), r.balloon_actual_mib.unwrap_or(0));
+                println!("{name}: balloon target {target} MiB (the guest has given back {actual} MiB)");
+            }))
+        }
+        Command::Stat(args) => done(ctl::act(&args.target, Request::Stats, |name, r| {
+            println!("{name}: guest memory statistics");
+            for (key, value) in r.stats.iter().flatten() {
+                println!("  {key:20} {value}");
+            }
+        })),
         Command::Version => {
             println!("lkvm {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

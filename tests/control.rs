@@ -145,3 +145,72 @@ fn names_are_unique_and_stop_all_ends_every_guest() {
     exits_zero(&mut second);
     assert!(!ctl(&home, &["list"]).1.contains("running"));
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn balloon_returns_memory_and_stat_reports_numbers() {
+    if !kvm_available("balloon_returns_memory_and_stat_reports_numbers") {
+        return;
+    }
+    let home = temp_dir();
+    let guest = guest();
+    let params = format!("{HOST_GUEST_PARAMS} lkvm.balloon=150:32");
+    let args = [
+        "run", "-k", guest.vmlinux.to_str().unwrap(), "-i", guest.initramfs.to_str().unwrap(), "-c", "1", "-m", "256",
+        "-n", "mode=none", "--balloon", "--name", "ballooned", "-p", &params,
+    ];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (shrunk_tx, shrunk_rx) = std::sync::mpsc::channel::<()>();
+    let home_for_host = home.clone();
+    let lkvm_env = [("HOME", home.to_str().unwrap().to_string())];
+    // The host acts when the guest has touched its memory, and measures again once the guest
+    // reports the smaller MemTotal (it stays up for 8 s after that).
+    let mut shrunk_rx = Some(shrunk_rx);
+    let out = run_command_env(lkvm(), &args, &lkvm_env, BOOT_TIMEOUT, move |line| {
+        if line.contains("LKVM-RESULT balloon_ready=") {
+            let (tx, home, shrunk) = (tx.clone(), home_for_host.clone(), shrunk_rx.take().unwrap());
+            std::thread::spawn(move || {
+                let pid: u32 = ctl(&home, &["list"]).1.lines().find(|l| l.contains("ballooned")).and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+                let rss_before = rss_kib(pid);
+                let stat = ctl(&home, &["stat", "-n", "ballooned", "-m"]);
+                let inflate = ctl(&home, &["balloon", "-n", "ballooned", "-i", "32"]);
+                let _ = shrunk.recv_timeout(Duration::from_secs(200));
+                let rss_after = rss_kib(pid);
+                let _ = tx.send((stat, inflate, rss_before, rss_after));
+            });
+        } else if line.contains("LKVM-RESULT memtotal_after_kb=") {
+            let _ = shrunk_tx.send(());
+        }
+    });
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let (stat, inflate, rss_before, rss_after) = rx.recv_timeout(Duration::from_secs(10)).expect("host side ran");
+    assert_eq!(stat.0, 0, "stat failed: {}", stat.2);
+    assert!(stat.1.contains("total_memory") && stat.1.contains("free_memory"), "{}", stat.1);
+    assert_eq!(inflate.0, 0, "balloon failed: {}", inflate.2);
+    assert!(inflate.1.contains("balloon target 32 MiB"), "{}", inflate.1);
+    let before: u64 = out.result("balloon_ready").unwrap().parse().unwrap();
+    let after: u64 = out.result("memtotal_after_kb").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(before - after >= 30 * 1024, "MemTotal {before} -> {after} kB after inflating 32 MiB");
+    assert!(rss_after > 0, "lkvm was gone before its RSS could be measured");
+    assert!(rss_before.saturating_sub(rss_after) >= 16 * 1024, "lkvm RSS {rss_before} -> {rss_after} KiB after inflating 32 MiB");
+}
+
+#[test]
+fn stat_without_a_balloon_answers_at_once() {
+    if !kvm_available("stat_without_a_balloon_answers_at_once") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let mut guest = start(&home, "plain", &kernel);
+    let started = Instant::now();
+    let (code, _, err) = ctl(&home, &["stat", "-n", "plain", "-m"]);
+    assert!(code != 0 && err.contains("no balloon device"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "stat hung");
+    assert_eq!(ctl(&home, &["stop", "-n", "plain"]).0, 0);
+    exits_zero(&mut guest);
+}

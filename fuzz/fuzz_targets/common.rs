@@ -10,6 +10,7 @@ pub const MEM_SIZE: usize = 64 * 1024;
 pub struct NoInterrupt;
 impl Interrupt for NoInterrupt {
     fn signal_used_queue(&self, _queue: u16) {}
+    fn signal_config_change(&self) {}
 }
 
 /// Guest memory filled with `data`, and a queue whose size, ring addresses and EVENT_IDX

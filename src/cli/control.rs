@@ -24,6 +24,40 @@ pub struct DebugArgs {
     pub dump: bool,
 }
 
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct BalloonChange {
+    /// Inflate the balloon by MB (the guest gives that memory back)
+    #[arg(short = 'i', long = "inflate", value_name = "MB")]
+    pub inflate: Option<u32>,
+    /// Deflate the balloon by MB
+    #[arg(short = 'd', long = "deflate", value_name = "MB")]
+    pub deflate: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct BalloonArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub change: BalloonChange,
+}
+
+#[derive(Args, Debug)]
+pub struct StatArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Guest memory statistics (from the balloon driver)
+    #[arg(short = 'm', long = "memory", required = true)]
+    pub memory: bool,
+}
+
+impl BalloonChange {
+    pub fn delta_mib(&self) -> i64 {
+        i64::from(self.inflate.unwrap_or(0)) - i64::from(self.deflate.unwrap_or(0))
+    }
+}
+
 fn state_name(state: Option<RunState>) -> &'static str {
     match state {
         Some(RunState::Paused) => "paused",
@@ -56,6 +90,11 @@ pub fn list() -> Result<(), String> {
 
 /// Sends `command` to the target guests; prints what `show` makes of each answer.
 pub fn act(target: &Target, command: Command, show: impl Fn(&str, &Response)) -> Result<(), String> {
+    act_with(target, command, None, show)
+}
+
+/// Like `act`, with the balloon size change for `Command::Balloon`.
+pub fn act_with(target: &Target, command: Command, mib: Option<i64>, show: impl Fn(&str, &Response)) -> Result<(), String> {
     let names: Vec<String> = if target.all {
         control::running_guests().into_iter().map(|(name, _)| name).collect()
     } else {
@@ -65,7 +104,8 @@ pub fn act(target: &Target, command: Command, show: impl Fn(&str, &Response)) ->
     };
     let mut failures = Vec::new();
     for name in &names {
-        match control::request(&control::socket_path(name), command) {
+        let request = control::Request { version: control::PROTOCOL_VERSION, command, mib };
+        match control::request_with(&control::socket_path(name), request) {
             Ok(response) if response.ok => show(name, &response),
             Ok(response) => failures.push(format!("{name}: {}", response.error.unwrap_or_default())),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {

@@ -26,6 +26,10 @@ pub enum Command {
     Resume(control::Target),
     /// Inspect a running guest
     Debug(control::DebugArgs),
+    /// Inflate or deflate a guest's memory balloon
+    Balloon(control::BalloonArgs),
+    /// Guest statistics
+    Stat(control::StatArgs),
     /// Print the version
     Version,
 }

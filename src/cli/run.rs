@@ -62,6 +62,9 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from the host's getrandom
     #[arg(long)]
     pub rng: bool,
+    /// Add a virtio-balloon device (lkvm balloon, lkvm stat)
+    #[arg(long)]
+    pub balloon: bool,
     /// Network: `mode=user|tap|none[,tapif=NAME][,guest_mac=MAC][,host_ip=IP][,guest_ip=IP]
     /// [,script=PATH][,hostfwd=tcp:HOSTPORT:GUESTPORT]`; repeatable. Default: one user-mode NIC
     #[arg(short = 'n', long = "network", value_name = "OPTIONS")]
@@ -186,6 +189,7 @@ impl RunArgs {
             disks,
             console,
             rng: self.rng,
+            balloon: self.balloon,
             nets,
             transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
             mem_size,

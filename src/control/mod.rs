@@ -28,12 +28,17 @@ pub enum Command {
     Pause,
     Resume,
     Registers,
+    /// Moves the balloon target by `mib` (positive inflates).
+    Balloon,
+    Stats,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub version: u32,
     pub command: Command,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mib: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +63,14 @@ pub struct Response {
     /// One register dump per vCPU, for `registers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<Vec<String>>,
+    /// The balloon's target and what the guest has given back, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_target_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_actual_mib: Option<u64>,
+    /// Guest memory statistics from the balloon driver, in bytes or counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Response {
@@ -77,6 +90,9 @@ pub trait Controller: Send + Sync {
     fn pause(&self) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
     fn registers(&self) -> Result<Vec<String>, String>;
+    /// Returns the balloon's (target, actual) in MiB after the change.
+    fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String>;
+    fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String>;
 }
 
 /// Answers one request line.
@@ -110,6 +126,15 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
         Command::Pause => controller.pause().map(|_| Response::ok()),
         Command::Resume => controller.resume().map(|_| Response::ok()),
         Command::Registers => controller.registers().map(|dumps| Response { vcpus: Some(dumps), ..Response::ok() }),
+        Command::Balloon => match request.mib {
+            Some(mib) => controller.balloon(mib).map(|(target, actual)| Response {
+                balloon_target_mib: Some(target),
+                balloon_actual_mib: Some(actual),
+                ..Response::ok()
+            }),
+            None => Err("balloon needs \"mib\"".to_string()),
+        },
+        Command::Stats => controller.stats().map(|stats| Response { stats: Some(stats), ..Response::ok() }),
     };
     let mut response = outcome.unwrap_or_else(Response::error);
     response.pid = Some(std::process::id());
@@ -142,10 +167,14 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 /// Sends one request to the guest listening at `path` and returns its response.
 pub fn request(path: &Path, command: Command) -> io::Result<Response> {
+    request_with(path, Request { version: PROTOCOL_VERSION, command, mib: None })
+}
+
+pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
     let mut stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut line = serde_json::to_string(&Request { version: PROTOCOL_VERSION, command })?;
+    let mut line = serde_json::to_string(&request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut reply = String::new();
@@ -270,11 +299,17 @@ mod tests {
         fn registers(&self) -> Result<Vec<String>, String> {
             Ok(vec!["vCPU 0: rip=0x1000".into()])
         }
+        fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
+            Ok((delta_mib.max(0) as u64, 0))
+        }
+        fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
+            Err("no balloon driver".into())
+        }
     }
 
     #[test]
     fn requests_round_trip_as_json_lines() {
-        let request = Request { version: 1, command: Command::Registers };
+        let request = Request { version: 1, command: Command::Registers, mib: None };
         let text = serde_json::to_string(&request).unwrap();
         assert_eq!(text, r#"{"version":1,"command":"registers"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
@@ -294,6 +329,10 @@ mod tests {
         assert!(handle(r#"{"version":1,"command":"resume"}"#, "g", &fake).ok);
         let again = handle(r#"{"version":1,"command":"resume"}"#, "g", &fake);
         assert_eq!((again.ok, again.error.as_deref()), (false, Some("not paused")));
+        let balloon = handle(r#"{"version":1,"command":"balloon","mib":64}"#, "g", &fake);
+        assert_eq!(balloon.balloon_target_mib, Some(64));
+        assert!(handle(r#"{"version":1,"command":"balloon"}"#, "g", &fake).error.unwrap().contains("needs"));
+        assert_eq!(handle(r#"{"version":1,"command":"stats"}"#, "g", &fake).error.as_deref(), Some("no balloon driver"));
         assert!(handle(r#"{"version":1,"command":"stop"}"#, "g", &fake).ok);
         assert!(*fake.stopped.lock().unwrap());
     }

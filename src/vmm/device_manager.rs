@@ -19,6 +19,7 @@ use crate::arch::x86_64::memory::ram_regions;
 use crate::boot::cmdline::KernelCmdline;
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
+use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::net::Net;
@@ -43,6 +44,7 @@ pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub console_input: ConsoleInput,
+    pub balloon: Option<Arc<BalloonControl>>,
 }
 
 /// Ends the VM with a fixed reason when triggered (the i8042 reset line).
@@ -100,6 +102,12 @@ pub fn create_devices(
     if config.rng {
         virtio.push(Box::new(Rng::default()));
     }
+    let mut balloon_control = None;
+    if config.balloon {
+        let balloon = Balloon::new().map_err(|e| Error::Host("virtio balloon", e))?;
+        balloon_control = Some(balloon.control());
+        virtio.push(Box::new(balloon));
+    }
 
     let mut mmio = Bus::default();
     let mut space = AddressAllocator::new(MMIO_HOLE_START, u64::from(IOAPIC_ADDR) - MMIO_HOLE_START)
@@ -112,7 +120,7 @@ pub fn create_devices(
             add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
         }
         pio.insert(Arc::new(Mutex::new(pci)), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
-        return Ok(Devices { pio, mmio, console_input });
+        return Ok(Devices { pio, mmio, console_input, balloon: balloon_control });
     }
     if virtio.len() > VIRTIO_MMIO_GSIS.len() {
         return Err(Error::DeviceSpace(
@@ -123,7 +131,7 @@ pub fn create_devices(
     for (device, gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
         add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio, cmdline)?;
     }
-    Ok(Devices { pio, mmio, console_input })
+    Ok(Devices { pio, mmio, console_input, balloon: balloon_control })
 }
 
 #[allow(clippy::too_many_arguments)]

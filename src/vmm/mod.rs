@@ -9,7 +9,7 @@ use std::io;
 use std::path::PathBuf;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use crate::net::NetSpec;
 use crate::term;
 use exit::VmExit;
 use crate::control::{Controller, RunState};
+use crate::devices::virtio::balloon::BalloonControl;
 use vcpu::{Vcpu, VcpuControl};
 
 /// Where KVM keeps its three-page TSS on Intel: just below the BIOS area, inside the hole.
@@ -60,6 +61,7 @@ pub struct VmConfig {
     pub transport: Transport,
     pub console: ConsoleDevice,
     pub rng: bool,
+    pub balloon: bool,
     pub nets: Vec<NetSpec>,
     pub mem_size: u64,
     pub cpus: u8,
@@ -168,8 +170,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let disks = config.disks.iter().map(DiskImage::open).collect::<Result<Vec<_>, _>>()?;
     let (events, exits) = channel();
     let control = Arc::new(VcpuControl::new(usize::from(config.cpus)));
-    let controller = Arc::new(VmController { vcpus: control.clone(), events: Mutex::new(events.clone()) });
-    let _control_socket = crate::control::Server::start(&config.name, controller).map_err(Error::Control)?;
+    let controller = Arc::new(VmController {
+        vcpus: control.clone(),
+        events: Mutex::new(events.clone()),
+        balloon: OnceLock::new(),
+        guest_mib: config.mem_size >> 20,
+    });
+    let _control_socket = crate::control::Server::start(&config.name, controller.clone()).map_err(Error::Control)?;
     let kvm = open_kvm(&config.kvm_device)?;
     let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
     if usize::from(config.cpus) > max_cpus {
@@ -184,6 +191,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
 
     let mut cmdline = config.cmdline.clone();
     let devices = device_manager::create_devices(&vm, &mem, config, disks, &mut cmdline, &events)?;
+    if let Some(balloon) = &devices.balloon {
+        let _ = controller.balloon.set(balloon.clone());
+    }
 
     let cmdline = cmdline.as_string();
     let spec = BootSpec {
@@ -234,6 +244,14 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
 struct VmController {
     vcpus: Arc<VcpuControl>,
     events: Mutex<Sender<VmExit>>,
+    balloon: OnceLock<Arc<BalloonControl>>,
+    guest_mib: u64,
+}
+
+impl VmController {
+    fn balloon_device(&self) -> Result<&BalloonControl, String> {
+        self.balloon.get().map(|b| &**b).ok_or_else(|| "the guest has no balloon device (run it with --balloon)".to_string())
+    }
 }
 
 impl Controller for VmController {
@@ -255,6 +273,14 @@ impl Controller for VmController {
     }
     fn registers(&self) -> Result<Vec<String>, String> {
         self.vcpus.registers()
+    }
+    fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
+        let balloon = self.balloon_device()?;
+        let target = balloon.resize(delta_mib, self.guest_mib)?;
+        Ok((target, balloon.actual_mib()))
+    }
+    fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        self.balloon_device()?.stats()
     }
 }
 

@@ -59,10 +59,33 @@ pub fn run_command(
     args: &[&str],
     stdin: Option<&[u8]>,
     timeout: Duration,
+    on_line: impl FnMut(&str) + Send + 'static,
+) -> Outcome {
+    run_full(program, args, &[], stdin, timeout, on_line)
+}
+
+/// `run_command` with extra environment variables and no stdin.
+pub fn run_command_env(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    timeout: Duration,
+    on_line: impl FnMut(&str) + Send + 'static,
+) -> Outcome {
+    run_full(program, args, env, None, timeout, on_line)
+}
+
+fn run_full(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
     mut on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
     let start = Instant::now();
     let mut child = Command::new(program)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())

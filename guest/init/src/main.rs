@@ -15,6 +15,9 @@
 //! - `lkvm.ping=IP`: one ICMP echo request, wait for the reply.
 //! - `lkvm.netbench=IP:SINKPORT:SOURCEPORT:ECHOPORT:MIB`: TCP throughput to a sink and from a
 //!   source on the host (MIB MiB each way), and UDP echo round-trip time (median of 200).
+//! - `lkvm.balloon=SECONDS:MIB`: touch most free memory and free it again (so the host backs
+//!   it), print `balloon_ready`, wait up to SECONDS for MemTotal to shrink by MIB (the host
+//!   inflating the balloon), print the new MemTotal, and stay up 8 s more for the host to look.
 //! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
 //!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
@@ -318,6 +321,29 @@ fn net_bench(arg: &str) {
     }
 }
 
+fn balloon_wait(arg: &str) {
+    let kb = |field: &str| meminfo(field).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let touch = kb("MemFree:") * 1024 * 8 / 10;
+    // SAFETY: an anonymous private mapping, written and unmapped here only.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), touch as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        if p != libc::MAP_FAILED {
+            std::ptr::write_bytes(p.cast::<u8>(), 0x5a, touch as usize);
+            libc::munmap(p, touch as usize);
+        }
+    }
+    let (seconds, mib) = arg.split_once(':').unwrap_or((arg, "1"));
+    let shrink_kb = mib.parse::<u64>().unwrap_or(1) * 1024;
+    let before = kb("MemTotal:");
+    result("balloon_ready", &before.to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds.parse().unwrap_or(120));
+    while kb("MemTotal:") + shrink_kb > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    result("memtotal_after_kb", &kb("MemTotal:").to_string());
+    std::thread::sleep(std::time::Duration::from_secs(8));
+}
+
 fn checksum16(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
@@ -409,6 +435,8 @@ fn main() {
                 udp(arg);
             } else if let Some(arg) = param.strip_prefix("lkvm.ping=") {
                 ping(arg);
+            } else if let Some(arg) = param.strip_prefix("lkvm.balloon=") {
+                balloon_wait(arg);
             } else if let Some(arg) = param.strip_prefix("lkvm.netbench=") {
                 net_bench(arg);
             } else if let Some(arg) = param.strip_prefix("lkvm.blkbench=") {

@@ -286,6 +286,9 @@ pub(crate) mod tests {
         fn signal_used_queue(&self, _queue: u16) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+        fn signal_config_change(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     struct Harness {

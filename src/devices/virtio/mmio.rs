@@ -19,6 +19,7 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4d56_4b4c; // "LKVM"
 const CONFIG_OFFSET: u64 = 0x100;
 const INT_USED_RING: u32 = 1;
+const INT_CONFIG_CHANGE: u32 = 2;
 
 pub struct MmioInterrupt {
     status: AtomicU32,
@@ -37,6 +38,9 @@ impl MmioInterrupt {
 impl Interrupt for MmioInterrupt {
     fn signal_used_queue(&self, _queue: u16) {
         self.raise(INT_USED_RING);
+    }
+    fn signal_config_change(&self) {
+        self.raise(INT_CONFIG_CHANGE);
     }
 }
 

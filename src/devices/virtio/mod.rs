@@ -1,6 +1,7 @@
 //! Virtio devices and their transports. A device implements `VirtioDevice` (features, config
 //! space, what to do with its queues); the transports (PCI, MMIO) are shared by all devices.
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod mmio;
@@ -24,10 +25,12 @@ pub const DEVICE_ID_NET: u32 = 1;
 pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_CONSOLE: u32 = 3;
 pub const DEVICE_ID_RNG: u32 = 4;
+pub const DEVICE_ID_BALLOON: u32 = 5;
 
-/// How a device tells the driver that it used buffers.
+/// How a device tells the driver that it used buffers or changed its config space.
 pub trait Interrupt: Send + Sync {
     fn signal_used_queue(&self, queue: u16);
+    fn signal_config_change(&self);
 }
 
 /// A queue the driver set up, with the eventfd that its notifications arrive on.

@@ -33,6 +33,7 @@ const CFG_TYPE_DEVICE: u8 = 4;
 const VIRTIO_VENDOR: u16 = 0x1af4;
 const VIRTIO_MODERN_DEVICE_BASE: u16 = 0x1040;
 const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
 
 /// PCI class code for each virtio device type, as Linux lists them.
 fn class_of(device_type: u32) -> u32 {
@@ -48,6 +49,7 @@ struct PciInterrupt {
     msix: SharedMsix,
     isr: Arc<AtomicU8>,
     queue_vectors: Vec<u16>,
+    config_vector: u16,
 }
 
 impl Interrupt for PciInterrupt {
@@ -57,6 +59,13 @@ impl Interrupt for PciInterrupt {
             if vector != NO_VECTOR {
                 self.msix.lock().unwrap().signal(vector);
             }
+        }
+    }
+
+    fn signal_config_change(&self) {
+        self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        if self.config_vector != NO_VECTOR {
+            self.msix.lock().unwrap().signal(self.config_vector);
         }
     }
 }
@@ -113,6 +122,7 @@ impl VirtioPciTransport {
             msix: self.msix.clone(),
             isr: self.isr.clone(),
             queue_vectors: self.state.queues.iter().map(|q| q.msix_vector).collect(),
+            config_vector: self.state.config_vector,
         })
     }
 
