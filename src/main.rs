@@ -79,14 +79,19 @@ fn main() -> ExitCode {
         Command::Stop(target) => done(ctl::act(&target, Request::Stop, |_, _| {})),
         Command::Pause(target) => done(ctl::act(&target, Request::Pause, |name, _| println!("{name}: paused"))),
         Command::Resume(target) => done(ctl::act(&target, Request::Resume, |name, _| println!("{name}: resumed"))),
-        Command::Debug(args) => done(ctl::act(&args.target, Request::Registers, |name, response| {
-            for line in response.vcpus.iter().flatten() {
-                println!("{name}: {line}");
-            }
-        })),
+        Command::Debug(args) => match args.action.nmi {
+            Some(cpu) => done(ctl::act_with(&args.target, Request::Nmi, None, Some(cpu), |name, _| {
+                println!("{name}: NMI sent to vCPU {cpu}")
+            })),
+            None => done(ctl::act(&args.target, Request::Registers, |name, response| {
+                for line in response.vcpus.iter().flatten() {
+                    println!("{name}: {line}");
+                }
+            })),
+        },
         Command::Balloon(args) => {
             let delta = args.change.delta_mib();
-            done(ctl::act_with(&args.target, Request::Balloon, Some(delta), |name, r| {
+            done(ctl::act_with(&args.target, Request::Balloon, Some(delta), None, |name, r| {
                 let (target, actual) = (r.balloon_target_mib.unwrap_or(0), r.balloon_actual_mib.unwrap_or(0));
                 println!("{name}: balloon target {target} MiB (the guest has given back {actual} MiB)");
             }))

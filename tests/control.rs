@@ -112,6 +112,8 @@ fn list_pause_resume_debug_and_stop() {
     assert_eq!(ctl(&home, &["resume", "-n", "ticker"]).0, 0);
     wait_for(|| guest.output.load(Ordering::SeqCst) > before, "output after resume");
 
+    let (code, _, err) = ctl(&home, &["debug", "-n", "ticker", "-m", "7"]);
+    assert!(code != 0 && err.contains("no vCPU 7"), "{err}");
     let (code, _, err) = ctl(&home, &["stop", "-n", "nosuch"]);
     assert!(code != 0 && err.contains("no such running guest"), "{err}");
     assert_eq!(ctl(&home, &["stop", "-n", "ticker"]).0, 0);
@@ -178,16 +180,18 @@ fn balloon_returns_memory_and_stat_reports_numbers() {
                 let rss_before = rss_kib(pid);
                 let stat = ctl(&home, &["stat", "-n", "ballooned", "-m"]);
                 let inflate = ctl(&home, &["balloon", "-n", "ballooned", "-i", "32"]);
+                let nmi = ctl(&home, &["debug", "-n", "ballooned", "-m", "0"]);
                 let _ = shrunk.recv_timeout(Duration::from_secs(200));
                 let rss_after = rss_kib(pid);
-                let _ = tx.send((stat, inflate, rss_before, rss_after));
+                let _ = tx.send((stat, inflate, nmi, rss_before, rss_after));
             });
         } else if line.contains("LKVM-RESULT memtotal_after_kb=") {
             let _ = shrunk_tx.send(());
         }
     });
     assert_eq!(out.code, Some(0), "{}", out.describe());
-    let (stat, inflate, rss_before, rss_after) = rx.recv_timeout(Duration::from_secs(10)).expect("host side ran");
+    let (stat, inflate, nmi, rss_before, rss_after) = rx.recv_timeout(Duration::from_secs(10)).expect("host side ran");
+    assert_eq!(nmi.0, 0, "debug -m failed: {}", nmi.2);
     assert_eq!(stat.0, 0, "stat failed: {}", stat.2);
     assert!(stat.1.contains("total_memory") && stat.1.contains("free_memory"), "{}", stat.1);
     assert_eq!(inflate.0, 0, "balloon failed: {}", inflate.2);
@@ -196,6 +200,8 @@ fn balloon_returns_memory_and_stat_reports_numbers() {
     let after: u64 = out.result("memtotal_after_kb").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{}", out.describe()));
     assert!(before - after >= 30 * 1024, "MemTotal {before} -> {after} kB after inflating 32 MiB");
     assert!(rss_after > 0, "lkvm was gone before its RSS could be measured");
+    // The kernel reports the NMI we injected: nothing in this VM raises one by itself.
+    assert!(out.stdout.contains("NMI received"), "no NMI in the guest log: {}", out.describe());
     assert!(rss_before.saturating_sub(rss_after) >= 16 * 1024, "lkvm RSS {rss_before} -> {rss_after} KiB after inflating 32 MiB");
 }
 

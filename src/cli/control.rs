@@ -16,12 +16,22 @@ pub struct Target {
 }
 
 #[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct DebugAction {
+    /// Dump every vCPU's registers and the code bytes at RIP
+    #[arg(short = 'd', long = "dump")]
+    pub dump: bool,
+    /// Inject an NMI into vCPU N
+    #[arg(short = 'm', long = "nmi", value_name = "N")]
+    pub nmi: Option<u32>,
+}
+
+#[derive(Args, Debug)]
 pub struct DebugArgs {
     #[command(flatten)]
     pub target: Target,
-    /// Dump every vCPU's registers and the code bytes at RIP
-    #[arg(short = 'd', long = "dump", required = true)]
-    pub dump: bool,
+    #[command(flatten)]
+    pub action: DebugAction,
 }
 
 #[derive(Args, Debug)]
@@ -90,11 +100,17 @@ pub fn list() -> Result<(), String> {
 
 /// Sends `command` to the target guests; prints what `show` makes of each answer.
 pub fn act(target: &Target, command: Command, show: impl Fn(&str, &Response)) -> Result<(), String> {
-    act_with(target, command, None, show)
+    act_with(target, command, None, None, show)
 }
 
-/// Like `act`, with the balloon size change for `Command::Balloon`.
-pub fn act_with(target: &Target, command: Command, mib: Option<i64>, show: impl Fn(&str, &Response)) -> Result<(), String> {
+/// Like `act`, with the balloon size change (`mib`) or vCPU (`cpu`) the command needs.
+pub fn act_with(
+    target: &Target,
+    command: Command,
+    mib: Option<i64>,
+    cpu: Option<u32>,
+    show: impl Fn(&str, &Response),
+) -> Result<(), String> {
     let names: Vec<String> = if target.all {
         control::running_guests().into_iter().map(|(name, _)| name).collect()
     } else {
@@ -104,7 +120,7 @@ pub fn act_with(target: &Target, command: Command, mib: Option<i64>, show: impl 
     };
     let mut failures = Vec::new();
     for name in &names {
-        let request = control::Request { version: control::PROTOCOL_VERSION, command, mib };
+        let request = control::Request { version: control::PROTOCOL_VERSION, command, mib, cpu };
         match control::request_with(&control::socket_path(name), request) {
             Ok(response) if response.ok => show(name, &response),
             Ok(response) => failures.push(format!("{name}: {}", response.error.unwrap_or_default())),

@@ -31,6 +31,8 @@ pub enum Command {
     /// Moves the balloon target by `mib` (positive inflates).
     Balloon,
     Stats,
+    /// Injects an NMI into vCPU `cpu`.
+    Nmi,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +41,8 @@ pub struct Request {
     pub command: Command,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mib: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +97,7 @@ pub trait Controller: Send + Sync {
     /// Returns the balloon's (target, actual) in MiB after the change.
     fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String>;
     fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String>;
+    fn nmi(&self, cpu: u32) -> Result<(), String>;
 }
 
 /// Answers one request line.
@@ -135,6 +140,10 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
             None => Err("balloon needs \"mib\"".to_string()),
         },
         Command::Stats => controller.stats().map(|stats| Response { stats: Some(stats), ..Response::ok() }),
+        Command::Nmi => match request.cpu {
+            Some(cpu) => controller.nmi(cpu).map(|_| Response::ok()),
+            None => Err("nmi needs \"cpu\"".to_string()),
+        },
     };
     let mut response = outcome.unwrap_or_else(Response::error);
     response.pid = Some(std::process::id());
@@ -167,7 +176,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 /// Sends one request to the guest listening at `path` and returns its response.
 pub fn request(path: &Path, command: Command) -> io::Result<Response> {
-    request_with(path, Request { version: PROTOCOL_VERSION, command, mib: None })
+    request_with(path, Request { version: PROTOCOL_VERSION, command, mib: None, cpu: None })
 }
 
 pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
@@ -305,11 +314,14 @@ mod tests {
         fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
             Err("no balloon driver".into())
         }
+        fn nmi(&self, cpu: u32) -> Result<(), String> {
+            if cpu == 0 { Ok(()) } else { Err("no vCPU".into()) }
+        }
     }
 
     #[test]
     fn requests_round_trip_as_json_lines() {
-        let request = Request { version: 1, command: Command::Registers, mib: None };
+        let request = Request { version: 1, command: Command::Registers, mib: None, cpu: None };
         let text = serde_json::to_string(&request).unwrap();
         assert_eq!(text, r#"{"version":1,"command":"registers"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);

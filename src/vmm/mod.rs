@@ -282,6 +282,9 @@ impl Controller for VmController {
     fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
         self.balloon_device()?.stats()
     }
+    fn nmi(&self, cpu: u32) -> Result<(), String> {
+        self.vcpus.inject_nmi(cpu as usize)
+    }
 }
 
 /// Feeds the terminal to the guest console. The thread is left blocked in read() when the VM ends: lkvm

@@ -99,12 +99,15 @@ pub struct VcpuControl {
     parking: Mutex<Parking>,
     changed: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// An NMI to inject into each vCPU before it next enters the guest.
+    nmi: Vec<AtomicBool>,
     count: usize,
 }
 
 impl VcpuControl {
     pub fn new(count: usize) -> Self {
         VcpuControl {
+            nmi: (0..count).map(|_| AtomicBool::new(false)).collect(),
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),
             parking: Mutex::new(Parking::default()),
@@ -124,6 +127,17 @@ impl VcpuControl {
             // already left its run loop just runs the no-op handler.
             unsafe { libc::pthread_kill(*thread, kick_signal()) };
         }
+    }
+
+    /// Injects an NMI into vCPU `cpu` (KVM_NMI must come from the vCPU's own thread).
+    pub fn inject_nmi(&self, cpu: usize) -> Result<(), String> {
+        let flag = self.nmi.get(cpu).ok_or_else(|| format!("no vCPU {cpu} (the guest has {})", self.count))?;
+        flag.store(true, Ordering::Release);
+        if let Some(thread) = self.threads.lock().unwrap().get(cpu) {
+            // SAFETY: as in kick_all.
+            unsafe { libc::pthread_kill(*thread, kick_signal()) };
+        }
+        Ok(())
     }
 
     /// Makes every vCPU leave its run loop (parked ones included).
@@ -216,6 +230,11 @@ impl Vcpu {
             if control.pause.load(Ordering::Acquire) {
                 self.park(control);
                 continue;
+            }
+            if control.nmi[usize::from(self.index)].swap(false, Ordering::AcqRel) {
+                if let Err(e) = self.fd.nmi() {
+                    tracing::warn!("NMI to vCPU {}: {e}", self.index);
+                }
             }
             let result = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, &self.pio, &self.mmio).map_err(Some),

@@ -221,11 +221,20 @@ fn fetch(arg: &str) {
     }
 }
 
+/// Sends `data` and waits for the peer to close: a plain close would let this process move
+/// on (and the VM reboot) while the data is still in flight.
+fn send_all_and_wait(s: &mut std::net::TcpStream, data: &[u8]) -> std::io::Result<()> {
+    s.write_all(data)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(s, &mut rest).map(|_| ())
+}
+
 fn send(arg: &str) {
     let parts: Vec<&str> = arg.split(':').collect();
     let [ip, port, len, seed] = parts[..] else { return result("send", "bad-arg") };
     let data = pattern(len.parse().unwrap_or(0), seed.parse().unwrap_or(0));
-    match connect(&format!("{ip}:{port}")).and_then(|mut s| s.write_all(&data)) {
+    match connect(&format!("{ip}:{port}")).and_then(|mut s| send_all_and_wait(&mut s, &data)) {
         Ok(()) => result("send", "ok"),
         Err(e) => result("send", &format!("err:{e}")),
     }
@@ -250,7 +259,8 @@ fn serve(arg: &str) {
             }
         };
         s.set_nonblocking(false)?;
-        s.write_all(&data)
+        s.set_read_timeout(Some(NET_TIMEOUT))?;
+        send_all_and_wait(&mut s, &data)
     });
     match outcome {
         Ok(()) => result("serve", "ok"),

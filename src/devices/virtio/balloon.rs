@@ -213,8 +213,7 @@ impl VirtioDevice for Balloon {
         queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        let [inflate, deflate, stats]: [ActiveQueue; 3] =
-            queues.try_into().map_err(|q: Vec<_>| ActivateError::QueueCount(q.len(), 3))?;
+        let [inflate, deflate, stats] = expect_queues(queues)?;
         *self.control.interrupt.lock().unwrap() = Some(interrupt.clone());
         let request = self.control.stats_request.try_clone()?;
         let mut queues = Queues {

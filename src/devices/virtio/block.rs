@@ -115,12 +115,11 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let common = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
         let blk = feature(VIRTIO_BLK_F_SEG_MAX) | feature(VIRTIO_BLK_F_BLK_SIZE) | feature(VIRTIO_BLK_F_FLUSH);
         if self.disk.read_only() {
-            common | blk | feature(VIRTIO_BLK_F_RO)
+            COMMON_FEATURES | blk | feature(VIRTIO_BLK_F_RO)
         } else {
-            common | blk | feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)
+            COMMON_FEATURES | blk | feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)
         }
     }
 
@@ -132,13 +131,10 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn Interrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount(queues.len(), 1));
-        }
-        let ActiveQueue { mut queue, kick } = queues.remove(0);
+        let [ActiveQueue { mut queue, kick }] = expect_queues(queues)?;
         let mut handler = self.request_handler();
         self.worker = Some(Worker::spawn("virtio-blk".into(), vec![kick], move |_| {
             handler.process_queue(&mut queue, &mem, &*interrupt);

@@ -131,11 +131,7 @@ impl VirtioDevice for Console {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+        COMMON_FEATURES
     }
 
     fn activate(
@@ -145,7 +141,7 @@ impl VirtioDevice for Console {
         queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        let [rx, tx]: [ActiveQueue; 2] = queues.try_into().map_err(|q: Vec<_>| ActivateError::QueueCount(q.len(), 2))?;
+        let [rx, tx] = expect_queues(queues)?;
         // The terminal is handed over once; a re-activated console keeps writing to it.
         let output = self.output.take().unwrap_or_else(|| Box::new(std::io::stdout()));
         let ready = self.inbox.ready.try_clone()?;

@@ -21,6 +21,9 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+/// What every lkvm device offers: virtio 1.x, indirect descriptors, event-index suppression.
+pub const COMMON_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+
 pub const DEVICE_ID_NET: u32 = 1;
 pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_CONSOLE: u32 = 3;
@@ -53,7 +56,10 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits offered to the driver.
     fn features(&self) -> u64;
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Reads the device's config space; devices without one read as zeros.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts serving `queues` with the features the driver accepted.
     fn activate(
@@ -65,6 +71,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops serving queues; the driver may set the device up again.
     fn reset(&mut self);
+}
+
+/// The `N` queues a device needs, or the error that the driver set up another number.
+pub fn expect_queues<const N: usize>(queues: Vec<ActiveQueue>) -> Result<[ActiveQueue; N], ActivateError> {
+    queues.try_into().map_err(|q: Vec<_>| ActivateError::QueueCount(q.len(), N))
 }
 
 /// Serves every available request on `queue`: `serve` handles one chain and returns how many

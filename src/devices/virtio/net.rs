@@ -152,7 +152,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -166,7 +166,7 @@ impl VirtioDevice for Net {
         queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        let [rx, tx]: [ActiveQueue; 2] = queues.try_into().map_err(|q: Vec<_>| ActivateError::QueueCount(q.len(), 2))?;
+        let [rx, tx] = expect_queues(queues)?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&**self.backend.lock().unwrap());
         let mut port = NetPort::new(rx.queue, tx.queue, mem, self.backend.clone(), interrupt);
         self.worker = Some(Worker::spawn_with_fd("virtio-net".into(), vec![rx.kick, tx.kick], fd, move |event, watch| {

@@ -56,24 +56,17 @@ impl VirtioDevice for Rng {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+        COMMON_FEATURES
     }
 
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn Interrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount(queues.len(), 1));
-        }
-        let ActiveQueue { mut queue, kick } = queues.remove(0);
+        let [ActiveQueue { mut queue, kick }] = expect_queues(queues)?;
         self.worker = Some(Worker::spawn("virtio-rng".into(), vec![kick], move |_| {
             process_queue(&mut queue, &mem, &*interrupt)
         })?);
