@@ -1,4 +1,4 @@
-//! End-to-end networking: a Linux guest with user-mode networking (passt) reaching services on
+//! End-to-end networking: a Linux guest with user-mode networking (libslirp) reaching services on
 //! the host loopback and served through a port forward, and with a tap device inside a network
 //! namespace this test creates. Only loopback and the test's own namespace are addressed.
 
@@ -73,7 +73,7 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let udp_port = udp.local_addr().unwrap().port();
     udp_echo(udp);
-    let forward_port = local_listener().1; // free now; passt binds it
+    let forward_port = local_listener().1; // free now; lkvm binds it for the forward
 
     let params = format!(
         "{HOST_GUEST_PARAMS} lkvm.ifaddr=eth0 lkvm.fetch=192.168.33.1:{http_port}:/blob \

@@ -1,4 +1,4 @@
-//! virtio-net: one queue pair between the guest and a host backend (passt or tap). Frames are
+//! virtio-net: one queue pair between the guest and a host backend (libslirp or tap). Frames are
 //! bounded (64 KiB), and at most one received frame waits for a guest buffer, so neither a
 //! flooding guest nor a flooding peer can grow host memory.
 
