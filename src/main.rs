@@ -79,11 +79,14 @@ fn main() -> ExitCode {
         Command::Stop(target) => done(ctl::act(&target, Request::Stop, |_, _| {})),
         Command::Pause(target) => done(ctl::act(&target, Request::Pause, |name, _| println!("{name}: paused"))),
         Command::Resume(target) => done(ctl::act(&target, Request::Resume, |name, _| println!("{name}: resumed"))),
-        Command::Debug(args) => match args.action.nmi {
-            Some(cpu) => done(ctl::act_with(&args.target, Request::Nmi, None, Some(cpu), |name, _| {
+        Command::Debug(args) => match (args.action.nmi, args.action.sysrq) {
+            (Some(cpu), _) => done(ctl::act_with(&args.target, Request::Nmi, None, Some(cpu), None, |name, _| {
                 println!("{name}: NMI sent to vCPU {cpu}")
             })),
-            None => done(ctl::act(&args.target, Request::Registers, |name, response| {
+            (_, Some(key)) => done(ctl::act_with(&args.target, Request::Sysrq, None, None, Some(key), |name, _| {
+                println!("{name}: SysRq {key} sent")
+            })),
+            _ => done(ctl::act(&args.target, Request::Registers, |name, response| {
                 for line in response.vcpus.iter().flatten() {
                     println!("{name}: {line}");
                 }
@@ -91,7 +94,7 @@ fn main() -> ExitCode {
         },
         Command::Balloon(args) => {
             let delta = args.change.delta_mib();
-            done(ctl::act_with(&args.target, Request::Balloon, Some(delta), None, |name, r| {
+            done(ctl::act_with(&args.target, Request::Balloon, Some(delta), None, None, |name, r| {
                 let (target, actual) = (r.balloon_target_mib.unwrap_or(0), r.balloon_actual_mib.unwrap_or(0));
                 println!("{name}: balloon target {target} MiB (the guest has given back {actual} MiB)");
             }))

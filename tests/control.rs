@@ -181,17 +181,19 @@ fn balloon_returns_memory_and_stat_reports_numbers() {
                 let stat = ctl(&home, &["stat", "-n", "ballooned", "-m"]);
                 let inflate = ctl(&home, &["balloon", "-n", "ballooned", "-i", "32"]);
                 let nmi = ctl(&home, &["debug", "-n", "ballooned", "-m", "0"]);
+                let sysrq = ctl(&home, &["debug", "-n", "ballooned", "-s", "h"]);
                 let _ = shrunk.recv_timeout(Duration::from_secs(200));
                 let rss_after = rss_kib(pid);
-                let _ = tx.send((stat, inflate, nmi, rss_before, rss_after));
+                let _ = tx.send((stat, inflate, nmi, sysrq, rss_before, rss_after));
             });
         } else if line.contains("LKVM-RESULT memtotal_after_kb=") {
             let _ = shrunk_tx.send(());
         }
     });
     assert_eq!(out.code, Some(0), "{}", out.describe());
-    let (stat, inflate, nmi, rss_before, rss_after) = rx.recv_timeout(Duration::from_secs(10)).expect("host side ran");
+    let (stat, inflate, nmi, sysrq, rss_before, rss_after) = rx.recv_timeout(Duration::from_secs(10)).expect("host side ran");
     assert_eq!(nmi.0, 0, "debug -m failed: {}", nmi.2);
+    assert_eq!(sysrq.0, 0, "debug -s failed: {}", sysrq.2);
     assert_eq!(stat.0, 0, "stat failed: {}", stat.2);
     assert!(stat.1.contains("total_memory") && stat.1.contains("free_memory"), "{}", stat.1);
     assert_eq!(inflate.0, 0, "balloon failed: {}", inflate.2);
@@ -202,6 +204,8 @@ fn balloon_returns_memory_and_stat_reports_numbers() {
     assert!(rss_after > 0, "lkvm was gone before its RSS could be measured");
     // The kernel reports the NMI we injected: nothing in this VM raises one by itself.
     assert!(out.stdout.contains("NMI received"), "no NMI in the guest log: {}", out.describe());
+    // SysRq h prints the help line on the console.
+    assert!(out.stdout.contains("sysrq: HELP"), "no SysRq in the guest log: {}", out.describe());
     assert!(rss_before.saturating_sub(rss_after) >= 16 * 1024, "lkvm RSS {rss_before} -> {rss_after} KiB after inflating 32 MiB");
 }
 

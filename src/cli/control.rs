@@ -24,6 +24,9 @@ pub struct DebugAction {
     /// Inject an NMI into vCPU N
     #[arg(short = 'm', long = "nmi", value_name = "N")]
     pub nmi: Option<u32>,
+    /// Send magic SysRq key C through the serial console (break, then C)
+    #[arg(short = 's', long = "sysrq", value_name = "C")]
+    pub sysrq: Option<char>,
 }
 
 #[derive(Args, Debug)]
@@ -100,7 +103,7 @@ pub fn list() -> Result<(), String> {
 
 /// Sends `command` to the target guests; prints what `show` makes of each answer.
 pub fn act(target: &Target, command: Command, show: impl Fn(&str, &Response)) -> Result<(), String> {
-    act_with(target, command, None, None, show)
+    act_with(target, command, None, None, None, show)
 }
 
 /// Like `act`, with the balloon size change (`mib`) or vCPU (`cpu`) the command needs.
@@ -109,6 +112,7 @@ pub fn act_with(
     command: Command,
     mib: Option<i64>,
     cpu: Option<u32>,
+    key: Option<char>,
     show: impl Fn(&str, &Response),
 ) -> Result<(), String> {
     let names: Vec<String> = if target.all {
@@ -120,7 +124,7 @@ pub fn act_with(
     };
     let mut failures = Vec::new();
     for name in &names {
-        let request = control::Request { version: control::PROTOCOL_VERSION, command, mib, cpu };
+        let request = control::Request { version: control::PROTOCOL_VERSION, command, mib, cpu, key };
         match control::request_with(&control::socket_path(name), request) {
             Ok(response) if response.ok => show(name, &response),
             Ok(response) => failures.push(format!("{name}: {}", response.error.unwrap_or_default())),

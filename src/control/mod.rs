@@ -33,6 +33,8 @@ pub enum Command {
     Stats,
     /// Injects an NMI into vCPU `cpu`.
     Nmi,
+    /// Sends magic SysRq `key` through the serial console.
+    Sysrq,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,8 @@ pub struct Request {
     pub mib: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<char>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +102,7 @@ pub trait Controller: Send + Sync {
     fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String>;
     fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String>;
     fn nmi(&self, cpu: u32) -> Result<(), String>;
+    fn sysrq(&self, key: char) -> Result<(), String>;
 }
 
 /// Answers one request line.
@@ -140,6 +145,10 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
             None => Err("balloon needs \"mib\"".to_string()),
         },
         Command::Stats => controller.stats().map(|stats| Response { stats: Some(stats), ..Response::ok() }),
+        Command::Sysrq => match request.key {
+            Some(key) => controller.sysrq(key).map(|_| Response::ok()),
+            None => Err("sysrq needs \"key\"".to_string()),
+        },
         Command::Nmi => match request.cpu {
             Some(cpu) => controller.nmi(cpu).map(|_| Response::ok()),
             None => Err("nmi needs \"cpu\"".to_string()),
@@ -176,7 +185,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 /// Sends one request to the guest listening at `path` and returns its response.
 pub fn request(path: &Path, command: Command) -> io::Result<Response> {
-    request_with(path, Request { version: PROTOCOL_VERSION, command, mib: None, cpu: None })
+    request_with(path, Request { version: PROTOCOL_VERSION, command, mib: None, cpu: None, key: None })
 }
 
 pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
@@ -317,11 +326,14 @@ mod tests {
         fn nmi(&self, cpu: u32) -> Result<(), String> {
             if cpu == 0 { Ok(()) } else { Err("no vCPU".into()) }
         }
+        fn sysrq(&self, _key: char) -> Result<(), String> {
+            Ok(())
+        }
     }
 
     #[test]
     fn requests_round_trip_as_json_lines() {
-        let request = Request { version: 1, command: Command::Registers, mib: None, cpu: None };
+        let request = Request { version: 1, command: Command::Registers, mib: None, cpu: None, key: None };
         let text = serde_json::to_string(&request).unwrap();
         assert_eq!(text, r#"{"version":1,"command":"registers"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);

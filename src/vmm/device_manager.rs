@@ -45,6 +45,8 @@ pub struct Devices {
     pub mmio: Bus,
     pub console_input: ConsoleInput,
     pub balloon: Option<Arc<BalloonControl>>,
+    /// COM1, for SysRq from the control socket.
+    pub com1: Arc<Mutex<serial::SerialPort>>,
 }
 
 /// Ends the VM with a fixed reason when triggered (the i8042 reset line).
@@ -74,7 +76,8 @@ pub fn create_devices(
 ) -> Result<Devices, Error> {
     let mut pio = Bus::default();
     let com1 = add_legacy_devices(vm, config, events, &mut pio)?;
-    let mut console_input: ConsoleInput = Box::new(move |bytes: &[u8]| com1.lock().unwrap().receive(bytes));
+    let com1_input = com1.clone();
+    let mut console_input: ConsoleInput = Box::new(move |bytes: &[u8]| com1_input.lock().unwrap().receive(bytes));
 
     // The guest enumerates these in order: disks become vda, vdb, ...
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -120,7 +123,7 @@ pub fn create_devices(
             add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
         }
         pio.insert(Arc::new(Mutex::new(pci)), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
-        return Ok(Devices { pio, mmio, console_input, balloon: balloon_control });
+        return Ok(Devices { pio, mmio, console_input, balloon: balloon_control, com1 });
     }
     if virtio.len() > VIRTIO_MMIO_GSIS.len() {
         return Err(Error::DeviceSpace(
@@ -131,7 +134,7 @@ pub fn create_devices(
     for (device, gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
         add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio, cmdline)?;
     }
-    Ok(Devices { pio, mmio, console_input, balloon: balloon_control })
+    Ok(Devices { pio, mmio, console_input, balloon: balloon_control, com1 })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -29,6 +29,7 @@ use crate::net::NetSpec;
 use crate::term;
 use exit::VmExit;
 use crate::control::{Controller, RunState};
+use crate::devices::legacy::serial::SerialPort;
 use crate::devices::virtio::balloon::BalloonControl;
 use vcpu::{Vcpu, VcpuControl};
 
@@ -174,6 +175,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         vcpus: control.clone(),
         events: Mutex::new(events.clone()),
         balloon: OnceLock::new(),
+        com1: OnceLock::new(),
         guest_mib: config.mem_size >> 20,
     });
     let _control_socket = crate::control::Server::start(&config.name, controller.clone()).map_err(Error::Control)?;
@@ -194,6 +196,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     if let Some(balloon) = &devices.balloon {
         let _ = controller.balloon.set(balloon.clone());
     }
+    let _ = controller.com1.set(devices.com1.clone());
 
     let cmdline = cmdline.as_string();
     let spec = BootSpec {
@@ -245,6 +248,7 @@ struct VmController {
     vcpus: Arc<VcpuControl>,
     events: Mutex<Sender<VmExit>>,
     balloon: OnceLock<Arc<BalloonControl>>,
+    com1: OnceLock<Arc<Mutex<SerialPort>>>,
     guest_mib: u64,
 }
 
@@ -284,6 +288,10 @@ impl Controller for VmController {
     }
     fn nmi(&self, cpu: u32) -> Result<(), String> {
         self.vcpus.inject_nmi(cpu as usize)
+    }
+    fn sysrq(&self, key: char) -> Result<(), String> {
+        let key = u8::try_from(key).ok().filter(u8::is_ascii_graphic).ok_or("sysrq keys are ASCII characters")?;
+        self.com1.get().ok_or("the VM is still starting")?.lock().unwrap().send_sysrq(key)
     }
 }
 

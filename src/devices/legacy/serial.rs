@@ -22,13 +22,32 @@ impl Trigger for IrqTrigger {
     }
 }
 
+const DATA: u64 = 0;
+const LINE_CONTROL: u64 = 3;
+const LINE_STATUS: u64 = 5;
+const LCR_DLAB: u8 = 0x80;
+const LSR_BREAK: u8 = 0x10;
+
 pub struct SerialPort {
     uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+    /// A break condition waits in the receive FIFO as a NUL byte (vm-superio models none):
+    /// the line status shows it until the driver reads that byte.
+    break_pending: bool,
 }
 
 impl SerialPort {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialPort { uart: Serial::new(IrqTrigger(irq), out) }
+        SerialPort { uart: Serial::new(IrqTrigger(irq), out), break_pending: false }
+    }
+
+    /// Sends a break followed by `key`: Linux's magic SysRq over a serial console.
+    pub fn send_sysrq(&mut self, key: u8) -> Result<(), String> {
+        if self.uart.fifo_capacity() < 2 {
+            return Err("the guest is not reading its serial port".into());
+        }
+        self.uart.enqueue_raw_bytes(&[0, key]).map_err(|e| format!("serial input: {e:?}"))?;
+        self.break_pending = true;
+        Ok(())
     }
 
     /// Queues as many of `bytes` as the receive FIFO takes; returns how many it took.
@@ -47,7 +66,15 @@ impl SerialPort {
 impl BusDevice for SerialPort {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        let receiving = offset == DATA && self.uart.read(LINE_CONTROL as u8) & LCR_DLAB == 0;
         data[0] = self.uart.read(offset as u8);
+        if self.break_pending {
+            if offset == LINE_STATUS {
+                data[0] |= LSR_BREAK;
+            } else if receiving {
+                self.break_pending = false;
+            }
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -109,6 +136,22 @@ mod tests {
         assert_ne!(byte[0] & LSR_DATA_READY, 0);
         port.read(THR, &mut byte);
         assert_eq!(byte[0], b'o');
+    }
+
+    #[test]
+    fn sysrq_is_a_break_then_the_key() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut port = SerialPort::new(irq, Box::new(io::sink()));
+        port.send_sysrq(b'h').unwrap();
+        let mut byte = [0u8];
+        port.read(LSR, &mut byte);
+        assert_eq!(byte[0] & (LSR_BREAK | LSR_DATA_READY), LSR_BREAK | LSR_DATA_READY);
+        port.read(THR, &mut byte);
+        assert_eq!(byte[0], 0, "the break arrives as a NUL");
+        port.read(LSR, &mut byte);
+        assert_eq!(byte[0] & LSR_BREAK, 0, "break cleared once read");
+        port.read(THR, &mut byte);
+        assert_eq!(byte[0], b'h');
     }
 
     #[test]
