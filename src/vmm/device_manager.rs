@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use vm_memory::GuestMemoryMmap;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -137,6 +137,11 @@ pub fn create_devices(
     Ok(Devices { pio, mmio, console_input, balloon: balloon_control, com1 })
 }
 
+/// A naturally aligned window of `size` bytes in the MMIO hole.
+fn allocate(space: &mut AddressAllocator, size: u64, what: &str) -> Result<RangeInclusive, Error> {
+    space.allocate(size, size, AllocPolicy::FirstMatch).map_err(|e| Error::DeviceSpace(what.to_string(), e.to_string()))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn add_virtio_pci(
     vm: &VmFd,
@@ -149,9 +154,7 @@ fn add_virtio_pci(
     pci: &mut PciRoot,
 ) -> Result<(), Error> {
     let what = format!("virtio-pci device type {}", device.device_type());
-    let bar = space
-        .allocate(virtio_pci::BAR_SIZE, virtio_pci::BAR_SIZE, AllocPolicy::FirstMatch)
-        .map_err(|e| Error::DeviceSpace(what.clone(), e.to_string()))?;
+    let bar = allocate(space, virtio_pci::BAR_SIZE, &what)?;
     let mut vectors = Vec::new();
     for _ in 0..virtio_pci::vector_count(device.as_ref()) {
         let irqfd = eventfd()?;
@@ -184,9 +187,7 @@ fn add_virtio_mmio(
     cmdline: &mut KernelCmdline,
 ) -> Result<(), Error> {
     let what = format!("virtio-mmio device type {}", device.device_type());
-    let range = space
-        .allocate(mmio::WINDOW_SIZE, mmio::WINDOW_SIZE, AllocPolicy::FirstMatch)
-        .map_err(|e| Error::DeviceSpace(what.clone(), e.to_string()))?;
+    let range = allocate(space, mmio::WINDOW_SIZE, &what)?;
     let irq = eventfd()?;
     vm.register_irqfd(&irq, gsi).map_err(kvm_err("register virtio irqfd"))?;
     let transport = MmioTransport::new(device, mem.clone(), irq).map_err(|e| Error::Host("virtio transport", e))?;

@@ -403,6 +403,28 @@ fn ping(ip: &str) {
     result("ping", &outcome);
 }
 
+fn serial_check(name: &str) {
+    let serial = fs::read_to_string(format!("/sys/block/{name}/serial"));
+    result(&format!("serial:{name}"), serial.as_deref().map_or("none", str::trim));
+}
+
+/// The checks a test can ask for on the kernel command line, run in the order given.
+const CHECKS: &[(&str, fn(&str))] = &[
+    ("lkvm.read=", read_check),
+    ("lkvm.write=", write_check),
+    ("lkvm.serial=", serial_check),
+    ("lkvm.hwrng=", hwrng_check),
+    ("lkvm.ifaddr=", ifaddr),
+    ("lkvm.fetch=", fetch),
+    ("lkvm.send=", send),
+    ("lkvm.serve=", serve),
+    ("lkvm.udp=", udp),
+    ("lkvm.ping=", ping),
+    ("lkvm.balloon=", balloon_wait),
+    ("lkvm.netbench=", net_bench),
+    ("lkvm.blkbench=", blk_bench),
+];
+
 fn main() {
     boot_marker();
     mount("proc", "/proc", "proc");
@@ -424,33 +446,9 @@ fn main() {
         result("virtio_irqs", &virtio.len().to_string());
         result("virtio_msi_irqs", &virtio.iter().filter(|l| l.contains("MSI")).count().to_string());
         for param in &params {
-            if let Some(arg) = param.strip_prefix("lkvm.read=") {
-                read_check(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.write=") {
-                write_check(arg);
-            } else if let Some(name) = param.strip_prefix("lkvm.serial=") {
-                let serial = fs::read_to_string(format!("/sys/block/{name}/serial"));
-                result(&format!("serial:{name}"), serial.as_deref().map_or("none", str::trim));
-            } else if let Some(arg) = param.strip_prefix("lkvm.hwrng=") {
-                hwrng_check(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.ifaddr=") {
-                ifaddr(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.fetch=") {
-                fetch(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.send=") {
-                send(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.serve=") {
-                serve(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.udp=") {
-                udp(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.ping=") {
-                ping(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.balloon=") {
-                balloon_wait(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.netbench=") {
-                net_bench(arg);
-            } else if let Some(arg) = param.strip_prefix("lkvm.blkbench=") {
-                blk_bench(arg);
+            let check = CHECKS.iter().find_map(|(prefix, run)| param.strip_prefix(prefix).map(|arg| (run, arg)));
+            if let Some((run, arg)) = check {
+                run(arg);
             }
         }
         println!("LKVM-DONE");
