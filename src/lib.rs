@@ -9,5 +9,7 @@ pub mod control;
 pub mod devices;
 pub mod disk;
 pub mod net;
+pub mod rootfs;
+pub mod share;
 pub mod term;
 pub mod vmm;

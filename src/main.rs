@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Parser;
 use lkvm::cli::{self, control as ctl, Command};
 use lkvm::control::Command as Request;
-use lkvm::vmm;
+use lkvm::{rootfs, vmm};
 
 /// Exit status for bad input, a VM that could not be built, or a control request that failed.
 const EXIT_SETUP_FAILED: u8 = 1;
@@ -31,11 +31,24 @@ fn init_logging(level: &str) {
 
 fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
     init_logging(&args.loglevel);
-    let config = match args.into_config(started) {
+    let config = match prepare(args, started) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    match vmm::run(&config) {
+    boot(&config)
+}
+
+/// Validates the options and creates or refreshes the `lkvm setup` root directory booted.
+fn prepare(args: cli::run::RunArgs, started: Instant) -> Result<vmm::VmConfig, String> {
+    let config = args.into_config(started)?;
+    if let Some(root) = &config.lkvm_rootfs {
+        rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    }
+    Ok(config)
+}
+
+fn boot(config: &vmm::VmConfig) -> ExitCode {
+    match vmm::run(config) {
         Ok(exit) if exit.exit_code() == 0 => {
             tracing::info!("{exit}");
             ExitCode::SUCCESS
@@ -45,6 +58,37 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
             ExitCode::from(exit.exit_code() as u8)
         }
         Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Boots the 9p root filesystem with the command for its init; exits with the command's status.
+fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
+    init_logging(&args.run.loglevel);
+    if args.run.initrd.is_some() || args.run.nodefaults {
+        return fail("lkvm sandbox runs the command from lkvm's 9p root filesystem: drop -i and --nodefaults");
+    }
+    // Only the command's output, unless the user asks the kernel for more.
+    args.run.params = Some(format!("quiet {}", args.run.params.as_deref().unwrap_or("")));
+    let mut config = match prepare(args.run, started) {
+        Ok(config) => config,
+        Err(msg) => return fail(&msg),
+    };
+    let Some(root) = config.lkvm_rootfs.clone() else {
+        return fail("lkvm sandbox needs lkvm's 9p root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest");
+    };
+    let raw_output = !std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let job = match rootfs::SandboxJob::create(&root, &args.command, raw_output) {
+        Ok(job) => job,
+        Err(e) => return fail(&format!("{}: {e}", root.display())),
+    };
+    config.cmdline.push(&job.param());
+    let vm_status = boot(&config);
+    if vm_status != ExitCode::SUCCESS {
+        return vm_status;
+    }
+    match job.exit_status() {
+        Some(status) => ExitCode::from(status),
+        None => fail("the guest ended before the command did: no exit status"),
     }
 }
 
@@ -75,6 +119,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(args, started),
+        Command::Sandbox(args) => sandbox(args, started),
+        Command::Setup { name } => done(rootfs::create(&name).map(|root| println!("{}: ready; boot it with lkvm run -d {name}", root.display()))),
         Command::List => done(ctl::list()),
         Command::Stop(target) => done(ctl::act(&target, Request::Stop, |_, _| {})),
         Command::Pause(target) => done(ctl::act(&target, Request::Pause, |name, _| println!("{name}: paused"))),

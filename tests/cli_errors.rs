@@ -129,7 +129,6 @@ fn bad_disks() {
     let image = write_file(&dir, "keep.img", &[7u8; 4096]);
     let run = |disk: &str| run_lkvm(&["run", "-k", &k, "-m", "16", "-c", "1", "-d", disk], None, TIMEOUT);
     assert_one_line_error(&run("/nonexistent/disk.img"), "disk /nonexistent/disk.img: No such file");
-    assert_one_line_error(&run(dir.to_str().unwrap()), "is a directory");
     assert_one_line_error(&run(&format!("{},sparse", image.display())), "unknown disk option 'sparse'");
     assert_eq!(std::fs::read(&image).unwrap(), vec![7u8; 4096], "nothing written");
 }
@@ -173,4 +172,42 @@ fn tap_without_permission() {
     }
     let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "-n", "mode=tap,tapif=lkvmtest0"], None, TIMEOUT);
     assert_one_line_error(&out, "CAP_NET_ADMIN");
+}
+
+#[test]
+fn bad_9p_shares() {
+    let out = run_lkvm(&["run", "-k", "/nonexistent", "--9p", "/tmp"], None, TIMEOUT);
+    assert_one_line_error(&out, "needs a mount tag");
+    let out = run_lkvm(&["run", "-k", "/nonexistent", "--9p", "/tmp,t,rw"], None, TIMEOUT);
+    assert_one_line_error(&out, "unknown option 'rw'");
+    if !kvm_available("bad_9p_shares") {
+        return;
+    }
+    let dir = temp_dir();
+    let kernel = flat_kernel();
+    let out = run_lkvm(&["run", "-k", &kernel, "-m", "16", "-c", "1", "--9p", "/nonexistent/dir,t"], None, TIMEOUT);
+    assert_one_line_error(&out, "9p share /nonexistent/dir: No such file");
+    let file = write_file(&dir, "file", b"x");
+    let share = format!("{},t", file.display());
+    let out = run_lkvm(&["run", "-k", &kernel, "-m", "16", "-c", "1", "--9p", &share], None, TIMEOUT);
+    assert_one_line_error(&out, "is not a directory");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let out = run_lkvm(&["run", "-k", &kernel, "-d", a.to_str().unwrap(), "-d", b.to_str().unwrap()], None, TIMEOUT);
+    assert_one_line_error(&out, "only one directory can be the root filesystem");
+}
+
+#[test]
+fn bad_sandbox_and_setup() {
+    let out = run_lkvm(&["sandbox", "-k", "/nonexistent"], None, TIMEOUT);
+    assert_eq!(out.code, Some(2), "no command: {}", out.describe());
+    let out = run_lkvm(&["sandbox", "-i", "/nonexistent", "--", "true"], None, TIMEOUT);
+    assert_one_line_error(&out, "drop -i and --nodefaults");
+    let dir = temp_dir();
+    let image = write_file(&dir, "disk.img", &[0u8; 4096]);
+    let out = run_lkvm(&["sandbox", "-k", "/nonexistent", "-d", image.to_str().unwrap(), "--", "true"], None, TIMEOUT);
+    assert_one_line_error(&out, "needs lkvm's 9p root filesystem");
+    let out = run_lkvm(&["setup", "../escape"], None, TIMEOUT);
+    assert_one_line_error(&out, "not a guest name");
 }

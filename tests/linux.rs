@@ -64,14 +64,23 @@ fn disks_boot(transport: &str, console: &str) {
     let vdc = write_file(&dir, "vdc.img", &vec![0x55u8; 1 << 20]);
     let (vda, vdb, vdc_ro) =
         (vda.to_str().unwrap().to_string(), vdb.to_str().unwrap().to_string(), format!("{},ro", vdc.display()));
+    let (shared, shared_ro) = (dir.join("shared"), dir.join("shared-ro"));
+    let host_file = pattern(300_000, 8);
+    for share in [&shared, &shared_ro] {
+        std::fs::create_dir(share).unwrap();
+        std::fs::write(share.join("hostfile"), &host_file).unwrap();
+    }
+    std::fs::write(shared.join("torename"), b"rename me").unwrap();
+    std::fs::write(shared.join("todelete"), b"delete me").unwrap();
+    let (share_arg, share_ro_arg) = (format!("{},hostdir", shared.display()), format!("{},hostro,ro", shared_ro.display()));
     let params = format!(
         "{HOST_GUEST_PARAMS} lkvm.read=/dev/vda:1048576 lkvm.write=/dev/vdb:65536:9 \
-         lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64"
+         lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64 lkvm.9p=hostdir:hostro"
     );
     let args = [
         "run", "-k", guest.vmlinux.to_str().unwrap(), "-i", guest.initramfs.to_str().unwrap(), "-c", "1", "-m", "128",
         "--virtio-transport", transport, "--console", console, "--rng", "-d", &vda, "-d", &vdb, "-d", &vdc_ro,
-        "-p", &params,
+        "--9p", &share_arg, "--9p", &share_ro_arg, "-p", &params,
     ];
     let out = run_lkvm(&args, None, BOOT_TIMEOUT);
     assert_eq!(out.code, Some(0), "{}", out.describe());
@@ -89,6 +98,21 @@ fn disks_boot(transport: &str, console: &str) {
     assert!(refused.starts_with("err:"), "read-only disk accepted a write: {refused}");
     assert!(std::fs::read(dir.join("vdc.img")).unwrap().iter().all(|b| *b == 0x55), "read-only image changed");
     assert_eq!(out.result("serial:vda").as_deref(), Some("lkvm-disk0"));
+
+    // The 9p shares: the guest reads the host's file, and its changes are the host's.
+    let host_sum = format!("{:016x}", fnv1a(&host_file));
+    assert_eq!(out.result("9p_read"), Some(host_sum.clone()), "{}", out.describe());
+    for op in ["9p_write", "9p_rename", "9p_unlink", "9p_mkdir"] {
+        assert_eq!(out.result(op).as_deref(), Some("ok"), "{op}: {}", out.describe());
+    }
+    assert_eq!(std::fs::read(shared.join("guestfile")).unwrap(), pattern(100000, 3));
+    assert_eq!(std::fs::read(shared.join("renamed")).unwrap(), b"rename me");
+    assert!(!shared.join("torename").exists() && !shared.join("todelete").exists());
+    assert!(shared.join("newdir").is_dir());
+    assert_eq!(out.result("9p_ro_read"), Some(host_sum));
+    let refused = out.result("9p_ro_write").unwrap();
+    assert!(refused.contains("Read-only file system"), "read-only share accepted a write: {refused}");
+    assert_eq!(std::fs::read_dir(&shared_ro).unwrap().count(), 1, "the read-only share changed");
 
     let (n, distinct) = out.result("hwrng").and_then(|v| v.split_once(':').map(|(a, b)| (a.to_string(), b.to_string()))).unwrap();
     assert_eq!(n, "64");

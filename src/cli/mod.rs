@@ -16,6 +16,13 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest: `lkvm run -k bzImage -i initrd -p "params" -m 512 -c 2`
     Run(run::RunArgs),
+    /// Run a command in a fresh guest that sees the host's files; exits with its status:
+    /// `lkvm sandbox [run options] -- cmd args...`
+    Sandbox(run::SandboxArgs),
+    /// Create ~/.lkvm/NAME, a root directory for `lkvm run -d NAME` and `lkvm sandbox -d NAME`
+    Setup {
+        name: String,
+    },
     /// List running guests (and `lkvm setup` directories)
     List,
     /// Stop a guest

@@ -10,6 +10,8 @@ use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::boot::cmdline::KernelCmdline;
 use crate::disk::DiskSpec;
 use crate::net::{NetMode, NetSpec};
+use crate::rootfs;
+use crate::share::ShareSpec;
 use crate::vmm::{ConsoleDevice, Transport, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -50,9 +52,14 @@ pub struct RunArgs {
     /// Hide CPUID features from the guest, e.g. `popcnt,avx2` (names as in /proc/cpuinfo)
     #[arg(long = "disable-cpuid", value_name = "FEATURES", value_delimiter = ',')]
     pub disable_cpuid: Vec<String>,
-    /// Disk image or host block device, `PATH[,ro][,direct]`; repeatable (/dev/vda, /dev/vdb, ...)
-    #[arg(short = 'd', long = "disk", value_name = "IMAGE")]
+    /// Disk image or host block device, `PATH[,ro][,direct]`; repeatable (/dev/vda, /dev/vdb, ...).
+    /// A directory, or the NAME of an `lkvm setup` guest, is booted as a 9p root filesystem
+    #[arg(short = 'd', long = "disk", value_name = "IMAGE|DIR")]
     pub disks: Vec<String>,
+    /// Share a host directory over virtio-9p, `DIR,TAG[,ro]`; repeatable. In the guest:
+    /// mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt
+    #[arg(long = "9p", value_name = "DIR,TAG")]
+    pub shares: Vec<String>,
     /// Virtio transport
     #[arg(long = "virtio-transport", value_name = "TRANSPORT", default_value = "pci", value_parser = ["pci", "mmio"])]
     pub virtio_transport: String,
@@ -72,6 +79,15 @@ pub struct RunArgs {
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
     pub loglevel: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The command to run in the guest, and its arguments
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// Parses kvmtool's size syntax: a plain number is MiB; B, K, M, G, T suffixes.
@@ -158,12 +174,48 @@ impl RunArgs {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let disks = self.disks.iter().map(|d| DiskSpec::parse(d)).collect::<Result<Vec<_>, _>>()?;
+        let mut disks = Vec::new();
+        let mut root_dir = None;
+        for arg in &self.disks {
+            let spec = DiskSpec::parse(arg)?;
+            let dir = match spec.path.to_str().map(rootfs::path) {
+                _ if spec.path.is_dir() => spec.path.clone(),
+                Some(named) if !spec.path.exists() && !arg.contains('/') && named.is_dir() => named,
+                _ => {
+                    disks.push(spec);
+                    continue;
+                }
+            };
+            if root_dir.is_some() {
+                return Err(format!("-d {arg}: only one directory can be the root filesystem"));
+            }
+            root_dir = Some((dir, spec.read_only));
+        }
+        let boots_default_rootfs = disks.is_empty() && root_dir.is_none() && self.initrd.is_none() && !self.nodefaults;
+        if boots_default_rootfs {
+            root_dir = Some((rootfs::path(rootfs::DEFAULT_NAME), false));
+        }
+        let mut shares = self.shares.iter().map(|s| ShareSpec::parse(s)).collect::<Result<Vec<_>, _>>()?;
+
         let user_params = self.params.as_deref().unwrap_or("");
         let mut cmdline = KernelCmdline::new(!self.nodefaults);
         let mut user_cmdline = KernelCmdline::new(false);
         user_cmdline.push_user(user_params);
-        if !disks.is_empty() && !self.nodefaults && !user_cmdline.has_key("root") {
+        let mut lkvm_rootfs = None;
+        if let Some((dir, read_only)) = root_dir {
+            if !self.nodefaults && !user_cmdline.has_key("root") {
+                cmdline.push(rootfs::ROOT_PARAMS);
+            }
+            // Our rootfs: its /bin, /lib, ... live in the host's /, and its init is ours.
+            if boots_default_rootfs || rootfs::is_lkvm_rootfs(&dir) {
+                shares.push(ShareSpec { read_only: true, ..ShareSpec::new("/", rootfs::HOST_TAG)? });
+                if !self.nodefaults && !user_cmdline.has_key("init") {
+                    cmdline.push(rootfs::INIT_PARAM);
+                }
+                lkvm_rootfs = Some(dir.clone());
+            }
+            shares.push(ShareSpec { read_only, ..ShareSpec::new(dir, rootfs::ROOT_TAG)? });
+        } else if !disks.is_empty() && !self.nodefaults && !user_cmdline.has_key("root") {
             cmdline.push("root=/dev/vda rw");
         }
         let mut nets = self.networks.iter().map(|n| NetSpec::parse(n)).collect::<Result<Vec<_>, _>>()?;
@@ -187,6 +239,8 @@ impl RunArgs {
             initrd: self.initrd,
             cmdline,
             disks,
+            shares,
+            lkvm_rootfs,
             console,
             rng: self.rng,
             balloon: self.balloon,
@@ -267,7 +321,13 @@ mod tests {
         assert_eq!(config.cpus, 2);
         let cmdline = config.cmdline.as_string();
         assert!(cmdline.starts_with("console=ttyS0") && cmdline.ends_with("quiet"));
-        assert!(!cmdline.contains("root="));
+        // No disk and no initrd: kvmtool's default guest, ~/.lkvm/default over 9p.
+        assert!(cmdline.contains(rootfs::ROOT_PARAMS) && cmdline.contains("init=/virt/init"), "{cmdline}");
+        let tags: Vec<_> = config.shares.iter().map(|s| (s.tag.as_str(), s.path.clone(), s.read_only)).collect();
+        assert_eq!(tags, [("hostfs", PathBuf::from("/"), true), ("root", rootfs::path("default"), false)]);
+        assert_eq!(config.lkvm_rootfs, Some(rootfs::path("default")));
+        let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config(now).unwrap();
+        assert!(!initrd.cmdline.as_string().contains("root=") && initrd.shares.is_empty() && initrd.lkvm_rootfs.is_none());
         let bare = RunArgs { cpus: Some(1), nodefaults: true, params: Some("x=1".into()), ..base() };
         assert_eq!(bare.into_config(now).unwrap().cmdline.as_string(), "x=1");
     }
@@ -296,6 +356,21 @@ mod tests {
         assert!(bad_net.contains("unknown mode 'warp'"));
         let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config(now).unwrap_err();
         assert!(bad.contains("unknown disk option 'bogus'"));
+    }
+
+    #[test]
+    fn a_directory_is_a_9p_root() {
+        let now = Instant::now();
+        let dir = std::env::temp_dir();
+        let base = RunArgs { kernel: Some("k".into()), cpus: Some(1), disks: vec![format!("{},ro", dir.display()), "a.img".into()], ..Default::default() };
+        let config = base.into_config(now).unwrap();
+        assert_eq!(config.disks.len(), 1, "the image stays a disk");
+        assert_eq!((config.shares.len(), config.shares[0].tag.as_str(), config.shares[0].read_only), (1, "root", true));
+        let cmdline = config.cmdline.as_string();
+        assert!(cmdline.contains(rootfs::ROOT_PARAMS) && !cmdline.contains("/dev/vda"), "{cmdline}");
+        assert!(!cmdline.contains("init=") && config.lkvm_rootfs.is_none(), "not an lkvm rootfs: its own init");
+        let shared = RunArgs { kernel: Some("k".into()), cpus: Some(1), initrd: Some("i".into()), shares: vec!["/tmp,tmp".into()], ..Default::default() };
+        assert_eq!(shared.into_config(now).unwrap().shares, [ShareSpec { path: "/tmp".into(), tag: "tmp".into(), read_only: false }]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::pci::msix::{MsiRouting, MsixState, Vector};
 use crate::devices::pci::{self, PciRoot};
@@ -30,6 +31,7 @@ use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::VirtioDevice;
 use crate::disk::DiskImage;
+use crate::share::Share;
 use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
 use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
@@ -71,6 +73,7 @@ pub fn create_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     disks: Vec<DiskImage>,
+    shares: Vec<(Share, String)>,
     cmdline: &mut KernelCmdline,
     events: &Sender<VmExit>,
 ) -> Result<Devices, Error> {
@@ -83,6 +86,9 @@ pub fn create_devices(
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, disk) in disks.into_iter().enumerate() {
         virtio.push(Box::new(Block::new(disk, &format!("lkvm-disk{index}"))));
+    }
+    for (share, tag) in shares {
+        virtio.push(Box::new(P9::new(share, &tag)));
     }
     for (index, spec) in config.nets.iter().enumerate() {
         let backend: Box<dyn NetBackend> = match spec.mode {

@@ -25,6 +25,7 @@ use crate::boot::cmdline::KernelCmdline;
 use crate::boot::{self, BootSpec};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage, DiskSpec};
+use crate::share::{self, Share, ShareSpec};
 use crate::net::NetSpec;
 use crate::term;
 use exit::VmExit;
@@ -59,6 +60,11 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: KernelCmdline,
     pub disks: Vec<DiskSpec>,
+    /// Host directories over virtio-9p, after the disks.
+    pub shares: Vec<ShareSpec>,
+    /// An `lkvm setup` root directory being booted (also among `shares`), which the caller
+    /// creates or refreshes first.
+    pub lkvm_rootfs: Option<PathBuf>,
     pub transport: Transport,
     pub console: ConsoleDevice,
     pub rng: bool,
@@ -93,6 +99,8 @@ pub enum Error {
     Host(&'static str, io::Error),
     #[error(transparent)]
     Disk(#[from] disk::OpenError),
+    #[error(transparent)]
+    Share(#[from] share::OpenError),
     #[error("{0}")]
     Network(String),
     #[error("{0}")]
@@ -169,6 +177,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     );
     // Input files first: a bad disk must fail before anything else happens.
     let disks = config.disks.iter().map(DiskImage::open).collect::<Result<Vec<_>, _>>()?;
+    let shares = config.shares.iter().map(|spec| Ok((Share::open(spec)?, spec.tag.clone()))).collect::<Result<Vec<_>, Error>>()?;
     let (events, exits) = channel();
     let control = Arc::new(VcpuControl::new(usize::from(config.cpus)));
     let controller = Arc::new(VmController {
@@ -192,7 +201,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let mem = create_memory(&vm, config.mem_size)?;
 
     let mut cmdline = config.cmdline.clone();
-    let devices = device_manager::create_devices(&vm, &mem, config, disks, &mut cmdline, &events)?;
+    let devices = device_manager::create_devices(&vm, &mem, config, disks, shares, &mut cmdline, &events)?;
     if let Some(balloon) = &devices.balloon {
         let _ = controller.balloon.set(balloon.clone());
     }

@@ -263,3 +263,53 @@ pub fn boot_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// Runs lkvm with `env`, waits until its output shows `prompt`, then types `input`; kills it
+/// after `timeout`. Input typed before the guest opens its console would be lost.
+pub fn run_interactive(args: &[&str], env: &[(&str, String)], prompt: &str, input: &str, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = Command::new(lkvm())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lkvm");
+    let output = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let mut out = child.stdout.take().unwrap();
+    let sink = output.clone();
+    let out_reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = out.read(&mut chunk) {
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let mut typed = false;
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        if !typed && String::from_utf8_lossy(&output.lock().unwrap()).contains(prompt) {
+            stdin.write_all(input.as_bytes()).unwrap();
+            typed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    out_reader.join().unwrap();
+    let stdout = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+    Outcome { code: status.code(), stdout, stderr: err_reader.join().unwrap(), timed_out, elapsed: start.elapsed() }
+}

@@ -20,6 +20,10 @@
 //!   inflating the balloon), print the new MemTotal, and stay up 8 s more for the host to look.
 //! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
 //!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
+//! - `lkvm.9p=TAG:ROTAG`: mount the 9p shares TAG (read-write) and ROTAG (read-only); in TAG
+//!   checksum `hostfile`, write `guestfile` (100000 bytes, pattern seed 3), rename `torename` to
+//!   `renamed`, delete `todelete`, make directory `newdir`; in ROTAG checksum `hostfile` and try
+//!   to create a file.
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
 //! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
@@ -32,13 +36,19 @@ const BOOT_MARKER_PORT: u16 = 0x440;
 const BOOT_MARKER_VALUE: u8 = 123;
 
 fn mount(source: &str, target: &str, fstype: &str) {
+    mount_with(source, target, fstype, "");
+}
+
+fn mount_with(source: &str, target: &str, fstype: &str, data: &str) -> bool {
     let _ = fs::create_dir_all(target);
     let (s, t, f) = (CString::new(source).unwrap(), CString::new(target).unwrap(), CString::new(fstype).unwrap());
+    let d = CString::new(data).unwrap();
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, d.as_ptr().cast()) };
     if rc != 0 {
         result("mount", &format!("{target}:{}", std::io::Error::last_os_error()));
     }
+    rc == 0
 }
 
 fn boot_marker() {
@@ -121,6 +131,32 @@ fn write_check(arg: &str) {
     match outcome {
         Ok(()) => result(&key, "ok"),
         Err(e) => result(&key, &format!("err:{e}")),
+    }
+}
+
+fn outcome(r: std::io::Result<()>) -> String {
+    r.map_or_else(|e| format!("err:{e}"), |()| "ok".into())
+}
+
+fn share_check(arg: &str) {
+    let Some((tag, ro_tag)) = arg.split_once(':') else { return result("9p", "bad-arg") };
+    let options = "trans=virtio,version=9p2000.L";
+    if mount_with(tag, "/mnt/rw", "9p", options) {
+        let read = fs::read("/mnt/rw/hostfile").map(|b| format!("{:016x}", fnv1a(&b)));
+        result("9p_read", &read.unwrap_or_else(|e| format!("err:{e}")));
+        let write = fs::File::create("/mnt/rw/guestfile").and_then(|mut f| {
+            f.write_all(&pattern(100000, 3))?;
+            f.sync_all()
+        });
+        result("9p_write", &outcome(write));
+        result("9p_rename", &outcome(fs::rename("/mnt/rw/torename", "/mnt/rw/renamed")));
+        result("9p_unlink", &outcome(fs::remove_file("/mnt/rw/todelete")));
+        result("9p_mkdir", &outcome(fs::create_dir("/mnt/rw/newdir")));
+    }
+    if mount_with(ro_tag, "/mnt/ro", "9p", options) {
+        let read = fs::read("/mnt/ro/hostfile").map(|b| format!("{:016x}", fnv1a(&b)));
+        result("9p_ro_read", &read.unwrap_or_else(|e| format!("err:{e}")));
+        result("9p_ro_write", &outcome(fs::write("/mnt/ro/planted", b"x")));
     }
 }
 
@@ -423,6 +459,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.balloon=", balloon_wait),
     ("lkvm.netbench=", net_bench),
     ("lkvm.blkbench=", blk_bench),
+    ("lkvm.9p=", share_check),
 ];
 
 fn main() {

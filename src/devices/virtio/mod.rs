@@ -6,6 +6,7 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod p9;
 pub mod pci;
 pub mod rng;
 pub mod transport;
@@ -29,6 +30,7 @@ pub const DEVICE_ID_BLOCK: u32 = 2;
 pub const DEVICE_ID_CONSOLE: u32 = 3;
 pub const DEVICE_ID_RNG: u32 = 4;
 pub const DEVICE_ID_BALLOON: u32 = 5;
+pub const DEVICE_ID_9P: u32 = 9;
 
 /// How a device tells the driver that it used buffers or changed its config space.
 pub trait Interrupt: Send + Sync {

@@ -1,0 +1,179 @@
+//! kvmtool's zero-setup guest: `~/.lkvm/NAME/`, a root directory served over 9p whose /bin,
+//! /lib, /usr... point into /host (the host's / shared read-only), with our init as /virt/init.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::control::lkvm_dir;
+
+/// The static init built by build.rs from `init/main.rs`.
+const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lkvm-init"));
+
+/// The rootfs `lkvm run` boots when given no disk and no initrd.
+pub const DEFAULT_NAME: &str = "default";
+/// Mount tags: the root filesystem and the host's / for /host.
+pub const ROOT_TAG: &str = "root";
+pub const HOST_TAG: &str = "hostfs";
+/// The kernel parameters that mount a 9p root and start our init. kvmtool's tag is
+/// `/dev/root`, which Linux >= 5.18 first tries as tag `root` (and logs an error) before
+/// falling back to it; the tag `root` mounts at once.
+pub const ROOT_PARAMS: &str = "root=root rw rootflags=trans=virtio,version=9p2000.L,cache=loose rootfstype=9p";
+pub const INIT_PARAM: &str = "init=/virt/init";
+
+const DIRS: &[&str] = &["dev", "etc", "home", "host", "proc", "root", "sys", "tmp", "var", "virt", "virt/sandbox"];
+const HOST_LINKS: &[&str] = &["bin", "lib", "lib32", "lib64", "libx32", "sbin", "usr"];
+const INIT_PATH: &str = "virt/init";
+
+pub fn path(name: &str) -> PathBuf {
+    lkvm_dir().join(name)
+}
+
+/// Whether `dir` was made by `lkvm setup` (so it boots our init and needs the host's /).
+pub fn is_lkvm_rootfs(dir: &Path) -> bool {
+    dir.join(INIT_PATH).is_file()
+}
+
+/// `lkvm setup NAME`: refuses a name that exists, as kvmtool does.
+pub fn create(name: &str) -> Result<PathBuf, String> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(format!("'{name}' is not a guest name (no '/', no leading '.')"));
+    }
+    let root = path(name);
+    if root.exists() {
+        return Err(format!("{} already exists", root.display()));
+    }
+    populate(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    Ok(root)
+}
+
+/// Creates or completes the rootfs at `root`, and refreshes its init to this lkvm's.
+pub fn populate(root: &Path) -> io::Result<()> {
+    for dir in DIRS {
+        fs::create_dir_all(root.join(dir))?;
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    for name in HOST_LINKS {
+        let link = root.join(name);
+        match symlink(Path::new("/host").join(name), link) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    write_if_missing(&root.join("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\n")?;
+    write_if_missing(&root.join("etc/group"), b"root:x:0:\n")?;
+    if let Ok(resolv) = fs::read("/etc/resolv.conf") {
+        write_if_missing(&root.join("etc/resolv.conf"), &resolv)?;
+    }
+    // Written under a name of its own and renamed: a guest running the old init keeps it, and
+    // lkvm processes starting together do not write into each other's copy.
+    let staged = root.join(format!("virt/.init.{}", std::process::id()));
+    let _ = fs::remove_file(&staged);
+    fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&staged).and_then(|mut f| io::Write::write_all(&mut f, INIT))?;
+    fs::rename(staged, root.join(INIT_PATH))
+}
+
+fn write_if_missing(path: &Path, contents: &[u8]) -> io::Result<()> {
+    match fs::OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(mut file) => io::Write::write_all(&mut file, contents),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A command for the sandbox guest's init, in `ROOTFS/virt/sandbox/ID/`; removed on drop.
+pub struct SandboxJob {
+    dir: PathBuf,
+    id: String,
+}
+
+impl SandboxJob {
+    /// `argv[0]`, if an absolute host path, is rewritten to the guest's /host view of it; the
+    /// command runs in the host's current directory as seen under /host.
+    pub fn create(root: &Path, argv: &[String], raw_output: bool) -> io::Result<SandboxJob> {
+        let id = format!("{}", std::process::id());
+        let dir = root.join("virt/sandbox").join(&id);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let job = SandboxJob { dir, id };
+        let mut encoded = Vec::new();
+        for (i, arg) in argv.iter().enumerate() {
+            if i == 0 && arg.starts_with('/') {
+                encoded.extend_from_slice(b"/host");
+            }
+            encoded.extend_from_slice(arg.as_bytes());
+            encoded.push(0);
+        }
+        fs::write(job.dir.join("argv"), encoded)?;
+        let cwd = std::env::current_dir()?;
+        fs::write(job.dir.join("cwd"), Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd)).as_os_str().as_encoded_bytes())?;
+        if raw_output {
+            fs::write(job.dir.join("raw"), b"")?;
+        }
+        Ok(job)
+    }
+
+    /// The kernel parameter that tells init to run this job.
+    pub fn param(&self) -> String {
+        format!("lkvm.sandbox={}", self.id)
+    }
+
+    /// The command's exit status, if the guest got to record it.
+    pub fn exit_status(&self) -> Option<u8> {
+        fs::read_to_string(self.dir.join("status")).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for SandboxJob {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_makes_kvmtools_layout_with_our_init() {
+        let root = std::env::temp_dir().join(format!("lkvm-rootfs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        populate(&root).unwrap();
+        for dir in DIRS {
+            assert!(root.join(dir).is_dir(), "{dir}");
+        }
+        assert_eq!(fs::read_link(root.join("usr")).unwrap(), Path::new("/host/usr"));
+        assert_eq!(fs::read_to_string(root.join("etc/passwd")).unwrap(), "root:x:0:0:root:/root:/bin/sh\n");
+        let init = fs::read(root.join(INIT_PATH)).unwrap();
+        assert_eq!(&init[..4], b"\x7fELF");
+        assert_eq!(init[4], 2, "64-bit");
+        assert_eq!(fs::metadata(root.join(INIT_PATH)).unwrap().permissions().mode() & 0o777, 0o755);
+        assert!(is_lkvm_rootfs(&root));
+        // A second run keeps what the user changed and refreshes the init.
+        fs::write(root.join("etc/passwd"), "mine\n").unwrap();
+        fs::write(root.join(INIT_PATH), "stale").unwrap();
+        populate(&root).unwrap();
+        assert_eq!(fs::read_to_string(root.join("etc/passwd")).unwrap(), "mine\n");
+        assert_eq!(fs::read(root.join(INIT_PATH)).unwrap(), init);
+
+        let job = SandboxJob::create(&root, &["/bin/sh".into(), "-c".into(), "exit 7".into()], true).unwrap();
+        let dir = root.join("virt/sandbox").join(&job.id);
+        assert_eq!(fs::read(dir.join("argv")).unwrap(), b"/host/bin/sh\0-c\0exit 7\0");
+        assert!(fs::read_to_string(dir.join("cwd")).unwrap().starts_with("/host/"));
+        assert!(dir.join("raw").exists());
+        assert_eq!(job.param(), format!("lkvm.sandbox={}", std::process::id()));
+        assert_eq!(job.exit_status(), None);
+        fs::write(dir.join("status"), "7").unwrap();
+        assert_eq!(job.exit_status(), Some(7));
+        drop(job);
+        assert!(!dir.exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn setup_refuses_bad_or_taken_names() {
+        assert!(create("../etc").unwrap_err().contains("not a guest name"));
+        assert!(create(".hidden").unwrap_err().contains("not a guest name"));
+    }
+}

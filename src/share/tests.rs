@@ -1,0 +1,344 @@
+//! The server driven with hand-built T-messages against a temporary directory, as the Linux
+//! client would send them, and every way out of the share a guest could try.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+const RVERSION: u8 = 101;
+const TVERSION: u8 = 100;
+const TATTACH: u8 = 104;
+const TREAD: u8 = 116;
+const TGETATTR: u8 = 24;
+const TREADDIR: u8 = 40;
+const TSTATFS: u8 = 8;
+const TFSYNC: u8 = 50;
+const TREADLINK: u8 = 22;
+const TLOCK: u8 = 52;
+const TCLUNK: u8 = 120;
+const ROOT: u32 = 0;
+const P9_RDWR: u32 = 2;
+const P9_TRUNC: u32 = 0o1000;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("lkvm-share-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(path.join("share")).unwrap();
+        fs::create_dir_all(path.join("outside")).unwrap();
+        fs::write(path.join("outside/secret"), b"host secret").unwrap();
+        TempDir(path)
+    }
+    fn share(&self) -> PathBuf {
+        self.0.join("share")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Encodes message fields the way the Linux client does.
+#[derive(Default)]
+struct Msg(Vec<u8>);
+
+impl Msg {
+    fn u8(mut self, v: u8) -> Msg {
+        self.0.push(v);
+        self
+    }
+    fn u32(mut self, v: u32) -> Msg {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Msg {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn s(mut self, v: &str) -> Msg {
+        self.0.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        self.0.extend_from_slice(v.as_bytes());
+        self
+    }
+    fn names(mut self, names: &[&str]) -> Msg {
+        self.0.extend_from_slice(&(names.len() as u16).to_le_bytes());
+        names.iter().fold(self, |m, n| m.s(n))
+    }
+}
+
+struct Client {
+    share: Share,
+}
+
+/// A reply: its type and body, or the errno of an Rlerror.
+type Reply = Result<(u8, Vec<u8>), u32>;
+
+impl Client {
+    fn attach(dir: &Path, read_only: bool) -> Client {
+        let spec = ShareSpec { path: dir.to_path_buf(), tag: "t".into(), read_only };
+        let mut client = Client { share: Share::open(&spec).unwrap() };
+        let (kind, body) = client.call(TVERSION, Msg::default().u32(65536).s("9P2000.L")).unwrap();
+        assert_eq!(kind, RVERSION);
+        assert_eq!(&body[6..], b"9P2000.L");
+        client.call(TATTACH, Msg::default().u32(ROOT).u32(!0).s("root").s("").u32(0)).unwrap();
+        client
+    }
+
+    fn call(&mut self, kind: u8, body: Msg) -> Reply {
+        let mut message = ((body.0.len() + 7) as u32).to_le_bytes().to_vec();
+        message.push(kind);
+        message.extend_from_slice(&1u16.to_le_bytes());
+        message.extend_from_slice(&body.0);
+        let mut reply = Vec::new();
+        self.share.handle(&mut message, &mut reply).unwrap();
+        assert_eq!(u32::from_le_bytes(reply[..4].try_into().unwrap()) as usize, reply.len());
+        assert_eq!(&reply[5..7], &1u16.to_le_bytes(), "tag echoed");
+        if reply[4] == RLERROR {
+            return Err(u32::from_le_bytes(reply[7..11].try_into().unwrap()));
+        }
+        assert_eq!(reply[4], kind + 1);
+        Ok((reply[4], reply[7..].to_vec()))
+    }
+
+    fn walk(&mut self, fid: u32, newfid: u32, names: &[&str]) -> Reply {
+        self.call(TWALK, Msg::default().u32(fid).u32(newfid).names(names))
+    }
+    fn lopen(&mut self, fid: u32, flags: u32) -> Reply {
+        self.call(TLOPEN, Msg::default().u32(fid).u32(flags))
+    }
+    fn lcreate(&mut self, fid: u32, name: &str, mode: u32) -> Reply {
+        self.call(TLCREATE, Msg::default().u32(fid).s(name).u32(P9_RDWR).u32(mode).u32(0))
+    }
+    fn write(&mut self, fid: u32, offset: u64, data: &[u8]) -> Reply {
+        let mut msg = Msg::default().u32(fid).u64(offset).u32(data.len() as u32);
+        msg.0.extend_from_slice(data);
+        self.call(TWRITE, msg)
+    }
+    fn read(&mut self, fid: u32, offset: u64, count: u32) -> Vec<u8> {
+        let (_, body) = self.call(TREAD, Msg::default().u32(fid).u64(offset).u32(count)).unwrap();
+        body[4..].to_vec()
+    }
+    fn mkdir(&mut self, dfid: u32, name: &str, mode: u32) -> Reply {
+        self.call(TMKDIR, Msg::default().u32(dfid).s(name).u32(mode).u32(0))
+    }
+    fn renameat(&mut self, old: &str, new: &str) -> Reply {
+        self.call(TRENAMEAT, Msg::default().u32(ROOT).s(old).u32(ROOT).s(new))
+    }
+    fn unlinkat(&mut self, name: &str) -> Reply {
+        self.call(TUNLINKAT, Msg::default().u32(ROOT).s(name).u32(0))
+    }
+    fn link(&mut self, fid: u32, name: &str) -> Reply {
+        self.call(TLINK, Msg::default().u32(ROOT).u32(fid).s(name))
+    }
+    fn symlink(&mut self, name: &str, target: &str) -> Reply {
+        self.call(TSYMLINK, Msg::default().u32(ROOT).s(name).s(target).u32(0))
+    }
+    fn set_mode(&mut self, fid: u32, mode: u32) -> Reply {
+        let msg = Msg::default().u32(fid).u32(P9_SETATTR_MODE).u32(mode).u32(0).u32(0);
+        self.call(TSETATTR, msg.u64(0).u64(0).u64(0).u64(0).u64(0))
+    }
+    fn set_size(&mut self, fid: u32, size: u64) -> Reply {
+        let msg = Msg::default().u32(fid).u32(8).u32(0).u32(0).u32(0);
+        self.call(TSETATTR, msg.u64(size).u64(0).u64(0).u64(0).u64(0))
+    }
+    fn size(&mut self, fid: u32) -> u64 {
+        let (_, body) = self.call(TGETATTR, Msg::default().u32(fid).u64(0x7ff)).unwrap();
+        // valid[8] qid[13] mode[4] uid[4] gid[4] nlink[8] rdev[8] size[8]
+        u64::from_le_bytes(body[49..57].try_into().unwrap())
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn serves_the_operations_the_linux_client_uses() {
+    let dir = TempDir::new("ops");
+    let share = dir.share();
+    fs::write(share.join("hello"), b"hello from the host").unwrap();
+    symlink("hello", share.join("alias")).unwrap();
+    let mut c = Client::attach(&share, false);
+
+    c.walk(ROOT, 1, &["hello"]).unwrap();
+    c.lopen(1, 0).unwrap();
+    assert_eq!(c.read(1, 6, 100), b"from the host");
+    assert_eq!(c.size(1), 19);
+
+    c.walk(ROOT, 2, &[]).unwrap();
+    c.lcreate(2, "new", 0o644).unwrap();
+    let (_, written) = c.write(2, 0, b"guest data").unwrap();
+    assert_eq!(written, 10u32.to_le_bytes());
+    c.call(TFSYNC, Msg::default().u32(2).u32(0)).unwrap();
+    c.call(TLOCK, Msg::default().u32(2).u8(1).u32(0).u64(0).u64(0).u32(1).s("guest")).unwrap();
+    c.set_size(2, 5).unwrap();
+    assert_eq!(fs::read(share.join("new")).unwrap(), b"guest");
+
+    c.mkdir(ROOT, "sub", 0o755).unwrap();
+    c.renameat("new", "renamed").unwrap();
+    c.walk(ROOT, 3, &["renamed"]).unwrap();
+    c.link(3, "hardlink").unwrap();
+    c.call(TRENAMEAT, Msg::default().u32(ROOT).s("hardlink").u32(ROOT).s("moved")).unwrap();
+    c.walk(ROOT, 4, &["sub"]).unwrap();
+    c.call(TRENAMEAT, Msg::default().u32(ROOT).s("moved").u32(4).s("inside")).unwrap();
+    assert_eq!(fs::read(share.join("sub/inside")).unwrap(), b"guest");
+    c.unlinkat("renamed").unwrap();
+    assert!(!share.join("renamed").exists() && !share.join("new").exists());
+
+    c.walk(ROOT, 5, &["alias"]).unwrap();
+    let (_, target) = c.call(TREADLINK, Msg::default().u32(5)).unwrap();
+    assert_eq!(&target[2..], b"hello");
+
+    c.walk(ROOT, 6, &[]).unwrap();
+    c.lopen(6, 0o200000).unwrap(); // O_DIRECTORY
+    let (_, entries) = c.call(TREADDIR, Msg::default().u32(6).u64(0).u32(8192)).unwrap();
+    let listing = String::from_utf8_lossy(&entries);
+    assert!(["hello", "alias", "sub"].iter().all(|n| listing.contains(n)), "{listing}");
+    let (_, statfs) = c.call(TSTATFS, Msg::default().u32(ROOT)).unwrap();
+    assert!(u32::from_le_bytes(statfs[4..8].try_into().unwrap()) > 0, "block size");
+    c.call(TCLUNK, Msg::default().u32(6)).unwrap();
+    assert_eq!(c.call(TCLUNK, Msg::default().u32(6)), Err(libc::EBADF as u32));
+}
+
+#[test]
+fn names_cannot_leave_the_share() {
+    let dir = TempDir::new("escape");
+    let share = dir.share();
+    let outside = dir.0.join("outside");
+    fs::write(share.join("file"), b"inside").unwrap();
+    fs::create_dir(share.join("d")).unwrap();
+    let mut c = Client::attach(&share, false);
+    let eacces = Err(libc::EACCES as u32);
+
+    assert_eq!(c.walk(ROOT, 1, &[".."]), eacces);
+    assert_eq!(c.walk(ROOT, 1, &["d", "..", ".."]), eacces);
+    assert_eq!(c.walk(ROOT, 1, &["../outside/secret"]), eacces);
+    assert_eq!(c.walk(ROOT, 1, &["."]), eacces);
+    assert_eq!(c.walk(ROOT, 1, &[""]), eacces);
+    c.walk(ROOT, 2, &["d"]).unwrap();
+    assert_eq!(c.lcreate(2, "../../outside/planted", 0o644), eacces);
+    assert_eq!(c.mkdir(ROOT, "../planted", 0o755), eacces);
+    assert_eq!(c.renameat("file", "../stolen"), eacces);
+    assert_eq!(c.renameat("../outside/secret", "stolen"), eacces);
+    assert_eq!(c.unlinkat("../outside/secret"), eacces);
+    assert_eq!(c.unlinkat(".."), eacces);
+    c.walk(ROOT, 3, &["file"]).unwrap();
+    assert_eq!(c.link(3, "../linked"), eacces);
+    assert_eq!(c.call(TRENAMEAT, Msg::default().u32(ROOT).s("d").u32(ROOT).s("..")), eacces);
+    let names: Vec<_> = fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "nothing appeared beside the share: {names:?}");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
+}
+
+#[test]
+fn symlinks_are_never_followed_out_of_the_share() {
+    let dir = TempDir::new("symlinks");
+    let share = dir.share();
+    let outside = dir.0.join("outside");
+    symlink(outside.join("secret"), share.join("absolute")).unwrap();
+    symlink("../outside/secret", share.join("relative")).unwrap();
+    symlink("../outside", share.join("dirlink")).unwrap();
+    symlink("/", share.join("root")).unwrap();
+    let mut c = Client::attach(&share, false);
+
+    for (fid, link) in [(1, "absolute"), (2, "relative")] {
+        c.walk(ROOT, fid, &[link]).unwrap();
+        assert_eq!(c.lopen(fid, 0), Err(libc::ELOOP as u32), "open through {link}");
+        assert_eq!(c.lopen(fid, P9_RDWR | P9_TRUNC), Err(libc::ELOOP as u32));
+        assert!(c.set_size(fid, 0).is_err());
+    }
+    // A walk through a symlinked directory stops at the link: no fid inside its target.
+    let (_, qids) = c.walk(ROOT, 3, &["dirlink", "secret"]).unwrap();
+    assert_eq!(qids[..2], 1u16.to_le_bytes(), "only the link itself was walked");
+    assert_eq!(c.call(TGETATTR, Msg::default().u32(3).u64(0x7ff)), Err(libc::EBADF as u32));
+    let (_, qids) = c.walk(ROOT, 4, &["root", "etc"]).unwrap();
+    assert_eq!(qids[..2], 1u16.to_le_bytes());
+    assert_eq!(c.call(TGETATTR, Msg::default().u32(4).u64(0x7ff)), Err(libc::EBADF as u32));
+    // Names created at the link's parent land in the share, not in its target.
+    c.walk(ROOT, 5, &["dirlink"]).unwrap();
+    assert!(c.lcreate(5, "planted", 0o644).is_err());
+    assert!(c.mkdir(5, "planted", 0o755).is_err());
+    assert!(c.lcreate(ROOT, "absolute", 0o644).is_err(), "O_EXCL does not follow the link");
+    // The guest cannot make links of its own to follow later.
+    assert!(c.symlink("mine", "/etc").is_err());
+    assert!(!share.join("mine").exists());
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
+}
+
+#[test]
+fn a_read_only_share_refuses_every_write() {
+    let dir = TempDir::new("ro");
+    let share = dir.share();
+    fs::write(share.join("file"), b"keep me").unwrap();
+    fs::create_dir(share.join("d")).unwrap();
+    let mut c = Client::attach(&share, true);
+    let erofs = Err(libc::EROFS as u32);
+
+    c.walk(ROOT, 1, &["file"]).unwrap();
+    assert_eq!(c.lopen(1, P9_RDWR), erofs);
+    assert_eq!(c.lopen(1, 1), erofs);
+    assert_eq!(c.lopen(1, P9_TRUNC), erofs);
+    assert_eq!(c.set_size(1, 0), erofs);
+    assert_eq!(c.set_mode(1, 0o777), erofs);
+    assert_eq!(c.link(1, "again"), erofs);
+    assert_eq!(c.lcreate(ROOT, "new", 0o644), erofs);
+    assert_eq!(c.mkdir(ROOT, "new", 0o755), erofs);
+    assert_eq!(c.renameat("file", "moved"), erofs);
+    assert_eq!(c.unlinkat("file"), erofs);
+    assert_eq!(c.unlinkat("d"), erofs);
+    assert_eq!(c.symlink("s", "file"), erofs);
+    c.lopen(1, 0).unwrap();
+    assert_eq!(c.write(1, 0, b"overwrite"), erofs);
+    assert_eq!(c.read(1, 0, 100), b"keep me");
+    assert_eq!(fs::read(share.join("file")).unwrap(), b"keep me");
+    assert_eq!(fs::read_dir(&share).unwrap().count(), 2);
+}
+
+#[test]
+fn the_guest_cannot_plant_set_id_programs() {
+    let dir = TempDir::new("setid");
+    let share = dir.share();
+    let mut c = Client::attach(&share, false);
+    c.walk(ROOT, 1, &[]).unwrap();
+    c.lcreate(1, "tool", 0o4755).unwrap();
+    assert_eq!(mode_of(&share.join("tool")) & 0o6000, 0);
+    c.set_mode(1, 0o6755).unwrap();
+    assert_eq!(mode_of(&share.join("tool")), 0o755);
+    c.mkdir(ROOT, "group", 0o2775).unwrap();
+    assert_eq!(mode_of(&share.join("group")) & 0o6000, 0);
+}
+
+#[test]
+fn malformed_messages_get_errors() {
+    let dir = TempDir::new("malformed");
+    let mut c = Client::attach(&dir.share(), false);
+    // A walk that promises more names than it carries, an unknown type, a truncated header.
+    assert!(c.call(TWALK, Msg::default().u32(ROOT).u32(1).u32(0xffff)).is_err());
+    assert!(c.call(TWALK, Msg::default().u32(ROOT).u32(1).u8(5).u8(0).s("a")).is_err());
+    let mut reply = Vec::new();
+    let mut unknown = vec![7, 0, 0, 0, 250, 1, 0];
+    assert!(c.share.handle(&mut unknown, &mut reply).is_err() || reply.get(4) == Some(&RLERROR));
+    let mut short = vec![3, 0];
+    let mut reply = Vec::new();
+    assert!(c.share.handle(&mut short, &mut reply).is_err() || reply.get(4) == Some(&RLERROR));
+}
+
+#[test]
+fn share_options() {
+    let spec = ShareSpec::parse("/tmp,hosttmp,ro").unwrap();
+    assert_eq!((spec.path.as_path(), spec.tag.as_str(), spec.read_only), (Path::new("/tmp"), "hosttmp", true));
+    assert!(!ShareSpec::parse("/tmp,t").unwrap().read_only);
+    assert!(ShareSpec::parse("/tmp").unwrap_err().contains("needs a mount tag"));
+    assert!(ShareSpec::parse("/tmp,").unwrap_err().contains("1 to 255"));
+    assert!(ShareSpec::parse("/tmp,t,rw").unwrap_err().contains("unknown option 'rw'"));
+    assert!(Share::open(&ShareSpec::new("/nonexistent", "t").unwrap()).err().unwrap().to_string().contains("No such file"));
+    assert!(Share::open(&ShareSpec::new("/etc/hostname", "t").unwrap()).err().unwrap().to_string().contains("not a directory"));
+}

@@ -1,0 +1,80 @@
+//! End-to-end: kvmtool's zero-setup guest. `lkvm run` with no disk boots ~/.lkvm/default over
+//! 9p with the host's / read-only at /host; `lkvm setup` makes such a root directory and
+//! `lkvm sandbox` runs a host command in a fresh guest, returning the command's exit status.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn home_env(home: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![("HOME", home.to_str().unwrap().to_string())]
+}
+
+#[test]
+fn run_without_a_disk_gives_a_shell_over_the_hosts_files() {
+    if !kvm_available("run_without_a_disk_gives_a_shell_over_the_hosts_files") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    let home = temp_dir();
+    let host_file = write_file(&home, "note.txt", b"written-by-the-host-4711");
+    let planted = format!("/tmp/lkvm-planted-{}", std::process::id());
+    let input = format!(
+        "echo shell-$((6*7)) mounts=$(grep -c ' 9p ' /proc/mounts); cat /host{}; touch /host{planted} || echo refused; exit\n",
+        host_file.display()
+    );
+    let vmlinux = guest().vmlinux.to_str().unwrap();
+    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "-p", HOST_GUEST_PARAMS];
+    let out = run_interactive(&args, &home_env(&home), "# ", &input, BOOT_TIMEOUT);
+
+    assert_eq!(out.code, Some(0), "the VM ends with the shell: {}", out.describe());
+    for expected in ["shell-42", "mounts=2", "written-by-the-host-4711", "Read-only file system", "refused"] {
+        assert!(out.stdout.contains(expected), "want {expected:?}: {}", out.describe());
+    }
+    assert!(!std::path::Path::new(&planted).exists(), "the guest wrote to the host's /");
+    let rootfs = home.join(".lkvm/default");
+    assert!(rootfs.join("virt/init").is_file() && rootfs.join("etc/passwd").is_file());
+    assert_eq!(std::fs::read_link(rootfs.join("bin")).unwrap(), std::path::Path::new("/host/bin"));
+    std::fs::remove_dir_all(home).unwrap();
+}
+
+#[test]
+fn sandbox_runs_a_host_command_and_returns_its_status() {
+    if !kvm_available("sandbox_runs_a_host_command_and_returns_its_status") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    let home = temp_dir();
+    let env = home_env(&home);
+    let setup = run_command_env(lkvm(), &["setup", "sbx"], &env, Duration::from_secs(30), |_| {});
+    assert_eq!(setup.code, Some(0), "{}", setup.describe());
+    assert!(setup.stdout.contains("lkvm run -d sbx"), "{}", setup.describe());
+    let again = run_command_env(lkvm(), &["setup", "sbx"], &env, Duration::from_secs(30), |_| {});
+    assert_eq!(again.code, Some(1));
+    assert!(again.stderr.contains("already exists"), "{}", again.describe());
+
+    // The command runs in the host's current directory, seen under /host.
+    let work = temp_dir();
+    write_file(&work, "data.txt", b"data-in-the-cwd\n");
+    let script = "cat data.txt; echo out-$((2*3)); echo err-line >&2; echo made > /root/made; exit 7";
+    let shell = format!(
+        "cd {} && exec {} sandbox -d sbx -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}'",
+        work.display(),
+        lkvm(),
+        guest().vmlinux.display()
+    );
+    let out = run_command_env("/bin/sh", &["-c", &shell], &env, BOOT_TIMEOUT, |_| {});
+
+    assert_eq!(out.code, Some(7), "lkvm returns the command's status: {}", out.describe());
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    for expected in ["data-in-the-cwd", "out-6", "err-line"] {
+        assert!(lines.contains(&expected), "want the line {expected:?} as printed (no \\r): {}", out.describe());
+    }
+    let rootfs = home.join(".lkvm/sbx");
+    assert_eq!(std::fs::read_to_string(rootfs.join("root/made")).unwrap(), "made\n");
+    assert_eq!(std::fs::read_dir(rootfs.join("virt/sandbox")).unwrap().count(), 0, "the job was cleaned up");
+    std::fs::remove_dir_all(home).unwrap();
+    std::fs::remove_dir_all(work).unwrap();
+}
