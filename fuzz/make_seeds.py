@@ -33,3 +33,32 @@ for target in ("blk_request", "virtqueue_walk"):
     for name, data in seeds.items():
         with open(f"corpus/{target}/{name}", "wb") as f:
             f.write(data)
+
+
+def p9(kind, body):
+    return struct.pack("<IBH", len(body) + 7, kind, 0) + body
+
+
+def s(text):
+    return struct.pack("<H", len(text)) + text.encode()
+
+
+walk = lambda fid, new, *names: p9(110, struct.pack("<IIH", fid, new, len(names)) + b"".join(s(n) for n in names))
+p9_seeds = {
+    "read": walk(0, 1, "file") + p9(12, struct.pack("<II", 1, 0)) + p9(116, struct.pack("<IQI", 1, 0, 64)),
+    "create_write": walk(0, 1) + p9(14, struct.pack("<I", 1) + s("new") + struct.pack("<III", 2, 0o644, 0))
+    + p9(118, struct.pack("<IQI", 1, 0, 4) + b"data") + p9(50, struct.pack("<II", 1, 0)),
+    "mkdir_rename_unlink": p9(72, struct.pack("<I", 0) + s("d2") + struct.pack("<II", 0o755, 0))
+    + p9(74, struct.pack("<I", 0) + s("d2") + struct.pack("<I", 0) + s("d3"))
+    + p9(76, struct.pack("<I", 0) + s("d3") + struct.pack("<I", 0x200)),
+    "readdir": walk(0, 1, "dir") + p9(12, struct.pack("<II", 1, 0o200000)) + p9(40, struct.pack("<IQI", 1, 0, 4096)),
+    "symlinks": walk(0, 1, "up", "secret") + walk(0, 2, "abs") + p9(12, struct.pack("<II", 2, 2))
+    + p9(22, struct.pack("<I", 2)),
+    "setattr_link": walk(0, 1, "file") + p9(26, struct.pack("<IIIIIQQQQQ", 1, 9, 0o4755, 0, 0, 3, 0, 0, 0, 0))
+    + p9(70, struct.pack("<II", 0, 1) + s("hard")) + p9(8, struct.pack("<I", 0)) + p9(24, struct.pack("<IQ", 1, 0x7FF)),
+}
+os.makedirs("corpus/p9_message", exist_ok=True)
+for name, data in p9_seeds.items():
+    for read_only in (0, 1):
+        with open(f"corpus/p9_message/{name}_{read_only}", "wb") as f:
+            f.write(bytes([read_only]) + data)

@@ -24,6 +24,8 @@
 //!   checksum `hostfile`, write `guestfile` (100000 bytes, pattern seed 3), rename `torename` to
 //!   `renamed`, delete `todelete`, make directory `newdir`; in ROTAG checksum `hostfile` and try
 //!   to create a file.
+//! - `lkvm.p9bench=TAG:FILES`: mount 9p share TAG; time reading its file `big` (1 MiB reads),
+//!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory.
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
 //! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
@@ -157,6 +159,47 @@ fn share_check(arg: &str) {
         let read = fs::read("/mnt/ro/hostfile").map(|b| format!("{:016x}", fnv1a(&b)));
         result("9p_ro_read", &read.unwrap_or_else(|e| format!("err:{e}")));
         result("9p_ro_write", &outcome(fs::write("/mnt/ro/planted", b"x")));
+    }
+}
+
+fn p9_bench(arg: &str) {
+    let Some((tag, files)) = arg.split_once(':') else { return result("p9bench", "bad-arg") };
+    let files: usize = files.parse().unwrap_or(0);
+    if !mount_with(tag, "/mnt/bench", "9p", "trans=virtio,version=9p2000.L") {
+        return;
+    }
+    let start = std::time::Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    let read = fs::File::open("/mnt/bench/big").and_then(|mut f| loop {
+        match std::io::Read::read(&mut f, &mut buf)? {
+            0 => return Ok(()),
+            n => total += n,
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    match read {
+        Ok(()) => result("p9bench:read", &format!("{:.2}MB/s,{total}B", total as f64 / secs / 1e6)),
+        Err(e) => result("p9bench:read", &format!("err:{e}")),
+    }
+    let dir = "/mnt/bench/small";
+    let start = std::time::Instant::now();
+    let outcome = fs::create_dir(dir).and_then(|()| {
+        for i in 0..files {
+            fs::write(format!("{dir}/f{i}"), [7u8; 100])?;
+        }
+        for i in 0..files {
+            fs::metadata(format!("{dir}/f{i}"))?;
+        }
+        for i in 0..files {
+            fs::remove_file(format!("{dir}/f{i}"))?;
+        }
+        fs::remove_dir(dir)
+    });
+    let secs = start.elapsed().as_secs_f64();
+    match outcome {
+        Ok(()) => result("p9bench:meta", &format!("{:.0}ops/s,{files}files", (3 * files) as f64 / secs)),
+        Err(e) => result("p9bench:meta", &format!("err:{e}")),
     }
 }
 
@@ -460,6 +503,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.netbench=", net_bench),
     ("lkvm.blkbench=", blk_bench),
     ("lkvm.9p=", share_check),
+    ("lkvm.p9bench=", p9_bench),
 ];
 
 fn main() {
