@@ -198,7 +198,7 @@ fn p9_bench(arg: &str) {
     });
     let secs = start.elapsed().as_secs_f64();
     match outcome {
-        Ok(()) => result("p9bench:meta", &format!("{:.0}ops/s,{files}files", (3 * files) as f64 / secs)),
+        Ok(()) => result("p9bench:meta", &format!("{:.1}ops/s,{files}files", (3 * files) as f64 / secs)),
         Err(e) => result("p9bench:meta", &format!("err:{e}")),
     }
 }
