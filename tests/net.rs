@@ -77,7 +77,8 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
 
     let params = format!(
         "{HOST_GUEST_PARAMS} lkvm.ifaddr=eth0 lkvm.fetch=192.168.33.1:{http_port}:/blob \
-         lkvm.send=192.168.33.1:{sink_port}:65536:3 lkvm.udp=192.168.33.1:{udp_port} lkvm.serve=8000:65536:4"
+         lkvm.send=192.168.33.1:{sink_port}:65536:3 lkvm.udp=192.168.33.1:{udp_port} lkvm.serve=8000:65536:4 \
+         lkvm.ping=192.168.33.1"
     );
     let net = format!("mode=user,hostfwd=tcp:{forward_port}:8000");
     let args = [
@@ -107,6 +108,7 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
     assert_eq!(received.recv_timeout(Duration::from_secs(10)).unwrap(), pattern(65536, 3));
     assert_eq!(out.result("udp").as_deref(), Some("ok"), "{}", out.describe());
     assert_eq!(out.result("serve").as_deref(), Some("ok"), "{}", out.describe());
+    assert_eq!(out.result("ping").as_deref(), Some("ok"), "ICMP echo to the host address: {}", out.describe());
     let forwarded = fwd_rx.recv_timeout(Duration::from_secs(10)).expect("host client ran").expect("host client connected");
     assert_eq!(forwarded, pattern(65536, 4), "bytes through the port forward");
 }
@@ -130,6 +132,9 @@ impl Drop for Netns {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// Bytes the guest sends over the tap: enough for TCP to build offloaded segments.
+const SENT: usize = 262144;
 
 #[test]
 fn tap_networking_in_a_private_namespace() {
@@ -155,11 +160,12 @@ fn tap_networking_in_a_private_namespace() {
 
     let params = format!(
         "{HOST_GUEST_PARAMS} ip=10.33.0.2::10.33.0.1:255.255.255.0::eth0:off lkvm.ifaddr=eth0 lkvm.ping=10.33.0.1 \
-         lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.send=10.33.0.1:{sink_port}:65536:5"
+         lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.netstats=eth0 \
+         lkvm.send=10.33.0.1:{sink_port}:{SENT}:5 lkvm.netstats=eth0"
     );
     let args = [
         "netns", "exec", &ns, lkvm(), "run", "-k", guest.vmlinux.to_str().unwrap(), "-i",
-        guest.initramfs.to_str().unwrap(), "-c", "1", "-m", "128", "-n", "mode=tap,tapif=lkvmtap0,host_ip=10.33.0.1",
+        guest.initramfs.to_str().unwrap(), "-c", "2", "-m", "128", "-n", "mode=tap,tapif=lkvmtap0,host_ip=10.33.0.1,mq=2",
         "-p", &params,
     ];
     let out = run_command("ip", &args, None, BOOT_TIMEOUT, |_| {});
@@ -168,5 +174,27 @@ fn tap_networking_in_a_private_namespace() {
     assert_eq!(out.result("ping").as_deref(), Some("ok"), "{}", out.describe());
     assert_eq!(out.result("fetch"), Some(format!("{BODY_LEN}:{:016x}", fnv1a(&body))), "{}", out.describe());
     assert_eq!(out.result("send").as_deref(), Some("ok"), "{}", out.describe());
-    assert_eq!(received.recv_timeout(Duration::from_secs(10)).unwrap(), pattern(65536, 5));
+    assert_eq!(received.recv_timeout(Duration::from_secs(10)).unwrap(), pattern(SENT, 5));
+
+    // Two queue pairs in use, and the offloads negotiated and used: TCP moved the data both
+    // ways in fewer frames than MSS-sized segments would need (TSO through the tap's virtio-net
+    // header; the guest counts a segmentation-offload frame once).
+    let features = out.result("netfeatures:eth0").unwrap();
+    for (bit, name) in [(0, "CSUM"), (7, "GUEST_TSO4"), (11, "HOST_TSO4"), (15, "MRG_RXBUF"), (17, "CTRL_VQ"), (22, "MQ")] {
+        assert_eq!(features.as_bytes().get(bit), Some(&b'1'), "{name} not negotiated: {features}");
+    }
+    // rxq:rx_packets:rx_bytes:tx_packets:tx_bytes after the fetch, then after the send.
+    let stats: Vec<Vec<usize>> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("LKVM-RESULT netstats:eth0="))
+        .map(|v| v.split(':').map(|n| n.parse().unwrap()).collect())
+        .collect();
+    let [after_fetch, after_send] = &stats[..] else { panic!("netstats: {}", out.describe()) };
+    assert_eq!(after_send[0], 2, "mq=2 with 2 vCPUs: the guest uses both queue pairs");
+    const MSS: usize = 1448;
+    let fetched = after_fetch[1];
+    assert!(fetched < BODY_LEN / MSS, "host-to-guest: {fetched} frames for {BODY_LEN} bytes: {}", out.describe());
+    let sent = after_send[3] - after_fetch[3];
+    assert!(sent < SENT / MSS, "guest-to-host: {sent} frames for {SENT} bytes: {}", out.describe());
 }

@@ -36,6 +36,6 @@ fuzz_target!(|input: &[u8]| {
     let Some((mem, tx)) = common::setup(config, data) else { return };
     let rx = Queue::new(256).unwrap();
     let backend: Box<dyn NetBackend> = Box::new(Sink);
-    let mut port = NetPort::new(rx, tx, mem, Arc::new(Mutex::new(backend)), Arc::new(common::NoInterrupt));
+    let mut port = NetPort::new(rx, tx, 0, mem, Arc::new(Mutex::new(backend)), Arc::new(common::NoInterrupt), 0);
     port.transmit();
 });

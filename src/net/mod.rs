@@ -9,8 +9,23 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
-/// Where the guest's Ethernet frames go. Frames carry no virtio-net header.
+/// Where the guest's Ethernet frames go.
 pub trait NetBackend: Send + AsRawFd {
+    /// Whether frames to and from the backend start with a struct virtio_net_hdr_v1 (a tap with
+    /// IFF_VNET_HDR), which carries checksum and segmentation offloads; otherwise frames are
+    /// bare and complete.
+    fn has_vnet_header(&self) -> bool {
+        false
+    }
+    /// Tells the backend the virtio-net features the guest's driver accepted: which offloads
+    /// it can take on received frames.
+    fn set_offloads(&mut self, _guest_features: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// With several queue pairs: whether the guest serves this backend's pair.
+    fn set_active(&mut self, _active: bool) -> io::Result<()> {
+        Ok(())
+    }
     /// Sends one frame, waiting a bounded time for room.
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
     /// Copies the next frame into `buf` and returns its length; `None` when none is ready.
@@ -48,7 +63,12 @@ pub struct NetSpec {
     pub guest_ip: Ipv4Addr,
     pub script: Option<PathBuf>,
     pub forwards: Vec<PortForward>,
+    /// Queue pairs (`mq=N`, tap only): one tap queue and one host thread each.
+    pub queue_pairs: u16,
 }
+
+/// The most queue pairs `mq=` takes, as a 16-vCPU guest would use.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 /// kvmtool's user-mode network: guest 192.168.33.15, host (gateway) 192.168.33.1.
 pub const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 33, 1);
@@ -66,6 +86,7 @@ impl Default for NetSpec {
             guest_ip: DEFAULT_GUEST_IP,
             script: None,
             forwards: Vec::new(),
+            queue_pairs: 1,
         }
     }
 }
@@ -112,12 +133,22 @@ impl NetSpec {
                 "hostfwd" => spec
                     .forwards
                     .push(parse_forward(value).ok_or_else(|| bad(&format!("bad forward '{value}' (tcp:HOSTPORT:GUESTPORT)")))?),
-                "vhost" | "mq" => return Err(bad(&format!("'{key}' is not supported yet"))),
+                "mq" => {
+                    spec.queue_pairs = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_QUEUE_PAIRS).contains(n))
+                        .ok_or_else(|| bad(&format!("mq={value}: queue pairs must be 1 to {MAX_QUEUE_PAIRS}")))?
+                }
+                "vhost" => return Err(bad("vhost is not supported yet (lkvm's own virtio-net serves the tap)")),
                 _ => return Err(bad(&format!("unknown option '{key}'"))),
             }
         }
         if spec.mode != NetMode::User && !spec.forwards.is_empty() {
             return Err(bad("hostfwd needs mode=user"));
+        }
+        if spec.mode != NetMode::Tap && spec.queue_pairs > 1 {
+            return Err(bad("mq needs mode=tap"));
         }
         if spec.tapif.as_ref().is_some_and(|name| name.is_empty() || name.len() >= libc::IFNAMSIZ) {
             return Err(bad("tapif must be 1 to 15 characters"));
@@ -142,6 +173,7 @@ mod tests {
         assert_eq!(fwd.forwards[0], PortForward { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 });
         assert_eq!(fwd.forwards[1].protocol, Protocol::Udp);
         assert_eq!(NetSpec::parse("mode=none").unwrap().mode, NetMode::None);
+        assert_eq!(NetSpec::parse("mode=tap,mq=4").unwrap().queue_pairs, 4);
     }
 
     #[test]
@@ -155,6 +187,9 @@ mod tests {
         assert!(NetSpec::parse("mode=tap,hostfwd=tcp:1:2").unwrap_err().contains("needs mode=user"));
         assert!(NetSpec::parse("mode=tap,tapif=averyveryverylongname").unwrap_err().contains("tapif"));
         assert!(NetSpec::parse("vhost=1").unwrap_err().contains("not supported"));
+        assert!(NetSpec::parse("mode=user,mq=2").unwrap_err().contains("mq needs mode=tap"));
+        assert!(NetSpec::parse("mode=tap,mq=0").unwrap_err().contains("1 to 16"));
+        assert!(NetSpec::parse("mode=tap,mq=99").unwrap_err().contains("1 to 16"));
         assert!(NetSpec::parse("colour=blue").unwrap_err().contains("unknown option 'colour'"));
     }
 }

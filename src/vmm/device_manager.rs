@@ -91,16 +91,16 @@ pub fn create_devices(
         virtio.push(Box::new(P9::new(share, &tag)));
     }
     for (index, spec) in config.nets.iter().enumerate() {
-        let backend: Box<dyn NetBackend> = match spec.mode {
-            NetMode::User => Box::new(Slirp::start(spec).map_err(Error::Network)?),
-            NetMode::Tap => Box::new(Tap::open(spec, index).map_err(Error::Network)?),
+        let backends: Vec<Box<dyn NetBackend>> = match spec.mode {
+            NetMode::User => vec![Box::new(Slirp::start(spec).map_err(Error::Network)?)],
+            NetMode::Tap => Tap::open(spec, index).map_err(Error::Network)?.into_iter().map(|t| Box::new(t) as _).collect(),
             NetMode::None => continue,
         };
         let mut mac = spec.guest_mac.unwrap_or(DEFAULT_GUEST_MAC);
         if spec.guest_mac.is_none() {
             mac[5] = mac[5].wrapping_add(index as u8);
         }
-        virtio.push(Box::new(Net::new(mac, backend)));
+        virtio.push(Box::new(Net::new(mac, backends)));
     }
     if config.console == ConsoleDevice::Virtio {
         let console = Console::new(Box::new(serial::Stdout)).map_err(|e| Error::Host("virtio console", e))?;

@@ -26,6 +26,8 @@
 //!   to create a file.
 //! - `lkvm.p9bench=TAG:FILES`: mount 9p share TAG; time reading its file `big` (1 MiB reads),
 //!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory.
+//! - `lkvm.netstats=IF`: IF's receive queue count and packet counts and byte counts so far
+//!   (`rxq:rx_packets:rx_bytes:tx_packets:tx_bytes`; put it after the traffic checks).
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
 //! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
@@ -275,6 +277,18 @@ fn ifaddr(name: &str) {
     result(&format!("ifaddr:{name}"), &addr.to_string());
 }
 
+fn net_stats(name: &str) {
+    let base = format!("/sys/class/net/{name}");
+    let queues = fs::read_dir(format!("{base}/queues")).map_or(0, |d| {
+        d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count()
+    });
+    let stat = |what: &str| fs::read_to_string(format!("{base}/statistics/{what}")).unwrap_or_default().trim().to_string();
+    let values = [stat("rx_packets"), stat("rx_bytes"), stat("tx_packets"), stat("tx_bytes")];
+    result(&format!("netstats:{name}"), &format!("{queues}:{}", values.join(":")));
+    let features = fs::read_to_string(format!("{base}/device/features")).unwrap_or_default();
+    result(&format!("netfeatures:{name}"), features.trim());
+}
+
 fn connect(addr: &str) -> std::io::Result<std::net::TcpStream> {
     let addr: std::net::SocketAddr = addr.parse().map_err(|_| std::io::Error::other("bad address"))?;
     let stream = std::net::TcpStream::connect_timeout(&addr, NET_TIMEOUT)?;
@@ -503,6 +517,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.netbench=", net_bench),
     ("lkvm.blkbench=", blk_bench),
     ("lkvm.9p=", share_check),
+    ("lkvm.netstats=", net_stats),
     ("lkvm.p9bench=", p9_bench),
 ];
 

@@ -1,81 +1,219 @@
-//! virtio-net: one queue pair between the guest and a host backend (libslirp or tap). Frames are
-//! bounded (64 KiB), and at most one received frame waits for a guest buffer, so neither a
-//! flooding guest nor a flooding peer can grow host memory.
+//! virtio-net: queue pairs between the guest and host backends (libslirp, or tap queues), and
+//! with several pairs a control queue. Frames are bounded (64 KiB plus headers), and each pair
+//! holds at most one received frame waiting for guest buffers, so neither a flooding guest nor
+//! a flooding peer can grow host memory.
+//!
+//! With a backend that speaks the virtio-net header (tap with IFF_VNET_HDR), headers pass
+//! through unchanged, so checksum and segmentation offloads (CSUM, TSO4/6, ECN, both ways) cost
+//! the guest nothing; the host kernel validates them. MRG_RXBUF spreads a received frame over
+//! as many guest buffers as it needs.
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::worker::{Watch, Worker};
 use super::*;
 use crate::net::NetBackend;
 
-const QUEUE_SIZES: &[u16] = &[256, 256];
-const RX_QUEUE: usize = 0;
-const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Worker events of a queue pair: its queues' notifications, then the backend being readable.
+const RX_EVENT: usize = 0;
+const TX_EVENT: usize = 1;
 const BACKEND_READY: usize = 2;
 /// struct virtio_net_hdr_v1: with VERSION_1 it always includes num_buffers.
 pub const HEADER_LEN: usize = 12;
-pub const MAX_FRAME: usize = 65536;
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// A frame's largest size: a 64 KiB segmentation-offload packet plus link-layer headers.
+pub const MAX_FRAME: usize = 65536 + 256;
+
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+/// What a backend that carries virtio-net headers lets the guest offload.
+const OFFLOADS: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_ECN;
 const LINK_UP: u16 = 1;
+
+// Control queue: class, command, data, then the device writes one status byte.
+const VIRTIO_NET_CTRL_MQ: u8 = 4;
+const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const VIRTIO_NET_OK: u8 = 0;
+const VIRTIO_NET_ERR: u8 = 1;
 
 pub type SharedBackend = Arc<Mutex<Box<dyn NetBackend>>>;
 
 pub struct Net {
     config: Vec<u8>,
-    backend: SharedBackend,
-    worker: Option<Worker>,
+    /// One backend per queue pair (tap queues); a single one otherwise.
+    backends: Vec<SharedBackend>,
+    queue_sizes: Vec<u16>,
+    workers: Vec<Worker>,
 }
 
 impl Net {
-    pub fn new(mac: [u8; 6], backend: Box<dyn NetBackend>) -> Self {
+    pub fn new(mac: [u8; 6], backends: Vec<Box<dyn NetBackend>>) -> Self {
+        assert!(!backends.is_empty(), "a NIC needs a backend");
+        let pairs = backends.len() as u16;
         let mut config = mac.to_vec();
         config.extend_from_slice(&LINK_UP.to_le_bytes());
-        config.extend_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
-        Net { config, backend: Arc::new(Mutex::new(backend)), worker: None }
+        config.extend_from_slice(&pairs.to_le_bytes()); // max_virtqueue_pairs
+        let control_queue = usize::from(pairs > 1);
+        let queue_sizes = vec![QUEUE_SIZE; 2 * backends.len() + control_queue];
+        let backends = backends.into_iter().map(|b| Arc::new(Mutex::new(b))).collect();
+        Net { config, backends, queue_sizes, workers: Vec::new() }
+    }
+
+    fn vnet_header(&self) -> bool {
+        self.backends[0].lock().unwrap().has_vnet_header()
     }
 }
 
 pub struct NetPort {
     rx: Queue,
     tx: Queue,
+    /// Queue indices, for interrupts.
+    rx_index: u16,
+    tx_index: u16,
     mem: GuestMemoryMmap,
     backend: SharedBackend,
     interrupt: Arc<dyn Interrupt>,
-    frame: Vec<u8>,
-    /// Length of a received frame still waiting for a guest buffer.
+    /// Frames pass to and from the backend with their virtio-net header.
+    vnet_header: bool,
+    mergeable: bool,
+    /// A packet: virtio-net header, then the frame.
+    packet: Vec<u8>,
+    /// Length of a received packet still waiting for guest buffers.
     pending: Option<usize>,
     backend_failed: bool,
 }
 
+enum Delivery {
+    Done,
+    NoRoom,
+    QueueBroken,
+}
+
 impl NetPort {
-    pub fn new(rx: Queue, tx: Queue, mem: GuestMemoryMmap, backend: SharedBackend, interrupt: Arc<dyn Interrupt>) -> Self {
-        NetPort { rx, tx, mem, backend, interrupt, frame: vec![0; MAX_FRAME], pending: None, backend_failed: false }
+    /// Queue pair `pair` of a device whose driver accepted `features`.
+    pub fn new(
+        rx: Queue,
+        tx: Queue,
+        pair: u16,
+        mem: GuestMemoryMmap,
+        backend: SharedBackend,
+        interrupt: Arc<dyn Interrupt>,
+        features: u64,
+    ) -> Self {
+        let vnet_header = backend.lock().unwrap().has_vnet_header();
+        NetPort {
+            rx,
+            tx,
+            rx_index: 2 * pair,
+            tx_index: 2 * pair + 1,
+            mem,
+            backend,
+            interrupt,
+            vnet_header,
+            mergeable: features & VIRTIO_NET_F_MRG_RXBUF != 0,
+            packet: vec![0; HEADER_LEN + MAX_FRAME],
+            pending: None,
+            backend_failed: false,
+        }
     }
 
     /// Sends every frame the guest queued; malformed ones (shorter than the header, longer
     /// than a frame) are dropped.
     pub fn transmit(&mut self) {
-        let (mem, backend, frame) = (&self.mem, &self.backend, &mut self.frame);
-        serve_queue(&mut self.tx, mem, &*self.interrupt, TX_QUEUE as u16, |chain| {
+        let (mem, backend, packet, vnet_header) = (&self.mem, &self.backend, &mut self.packet, self.vnet_header);
+        serve_queue(&mut self.tx, mem, &*self.interrupt, self.tx_index, |chain| {
             let Ok(mut reader) = chain.reader(mem) else { return 0 };
             let len = reader.available_bytes();
-            if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) {
+            if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) || reader.read_exact(&mut packet[..len]).is_err() {
                 return 0;
             }
-            let mut header = [0u8; HEADER_LEN];
-            let payload = len - HEADER_LEN;
-            if reader.read_exact(&mut header).is_ok() && reader.read_exact(&mut frame[..payload]).is_ok() {
-                if let Err(e) = backend.lock().unwrap().send(&frame[..payload]) {
-                    tracing::debug!("virtio-net: frame dropped: {e}");
-                }
+            let start = if vnet_header { 0 } else { HEADER_LEN };
+            if let Err(e) = backend.lock().unwrap().send(&packet[start..len]) {
+                tracing::debug!("virtio-net: frame dropped: {e}");
             }
             0
         });
+    }
+
+    /// The next packet from the backend, header first; `None` when none is ready.
+    fn read_packet(&mut self) -> std::io::Result<Option<usize>> {
+        let mut backend = self.backend.lock().unwrap();
+        if !self.vnet_header {
+            self.packet[..HEADER_LEN].fill(0);
+            return Ok(backend.recv(&mut self.packet[HEADER_LEN..])?.map(|len| HEADER_LEN + len));
+        }
+        loop {
+            match backend.recv(&mut self.packet)? {
+                Some(len) if len < HEADER_LEN => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Places the pending packet in the guest's receive buffers: one buffer, or with
+    /// MRG_RXBUF as many as it takes. Buffers taken for a packet that does not fit yet are
+    /// given back to the ring.
+    fn deliver(&mut self, len: usize) -> Delivery {
+        let mut chains = Vec::new();
+        let mut room = 0;
+        while room < len && (self.mergeable || chains.is_empty()) {
+            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+                for _ in 0..chains.len() {
+                    self.rx.go_to_previous_position();
+                }
+                return Delivery::NoRoom;
+            };
+            room += chain.clone().writer(&self.mem).map_or(0, |w| w.available_bytes());
+            chains.push(chain);
+            if chains.len() == usize::from(self.rx.size()) {
+                break; // a whole ring of buffers too small: the packet is dropped below
+            }
+        }
+        let fits = room >= len;
+        let buffers = chains.len() as u16;
+        self.packet[NUM_BUFFERS_OFFSET..HEADER_LEN].copy_from_slice(&buffers.to_le_bytes());
+        let mut offset = 0;
+        for chain in chains {
+            let head = chain.head_index();
+            let mut written = 0;
+            if let (true, Ok(mut writer)) = (fits, chain.writer(&self.mem)) {
+                let n = writer.available_bytes().min(len - offset);
+                if writer.write_all(&self.packet[offset..offset + n]).is_ok() {
+                    written = n;
+                    offset += n;
+                }
+            }
+            if self.rx.add_used(&self.mem, head, written as u32).is_err() {
+                return Delivery::QueueBroken;
+            }
+        }
+        if !fits {
+            tracing::debug!("virtio-net: a {len}-byte packet does not fit the guest's buffers; dropped");
+        }
+        Delivery::Done
     }
 
     /// Moves frames from the backend into the guest's receive buffers until either runs out.
@@ -87,7 +225,7 @@ impl NetPort {
         let watch = loop {
             let len = match self.pending {
                 Some(len) => len,
-                None => match self.backend.lock().unwrap().recv(&mut self.frame) {
+                None => match self.read_packet() {
                     Ok(Some(len)) => len,
                     Ok(None) => break true,
                     Err(e) => {
@@ -100,40 +238,26 @@ impl NetPort {
                 },
             };
             self.pending = Some(len);
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
-                if more_available(&mut self.rx, &self.mem, false, &mut stalled) {
-                    continue;
+            match self.deliver(len) {
+                Delivery::Done => {
+                    self.pending = None;
+                    used = true;
+                    stalled = false;
                 }
-                break false;
-            };
-            stalled = false;
-            self.pending = None;
-            let head = chain.head_index();
-            let mut written = 0;
-            if let Ok(mut writer) = chain.writer(&self.mem) {
-                if writer.available_bytes() >= HEADER_LEN + len {
-                    let mut header = [0u8; HEADER_LEN];
-                    header[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
-                    if writer.write_all(&header).is_ok() && writer.write_all(&self.frame[..len]).is_ok() {
-                        written = HEADER_LEN + len;
-                    }
-                }
+                Delivery::NoRoom if more_available(&mut self.rx, &self.mem, false, &mut stalled) => {}
+                Delivery::NoRoom | Delivery::QueueBroken => break false,
             }
-            if self.rx.add_used(&self.mem, head, written as u32).is_err() {
-                break false;
-            }
-            used = true;
         };
         if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue(RX_QUEUE as u16);
+            self.interrupt.signal_used_queue(self.rx_index);
         }
         watch && !self.backend_failed
     }
 
     fn handle(&mut self, event: usize, watch: &Watch) {
         match event {
-            TX_QUEUE => self.transmit(),
-            RX_QUEUE | BACKEND_READY => {
+            TX_EVENT => self.transmit(),
+            RX_EVENT | BACKEND_READY => {
                 let keep_watching = self.receive();
                 watch.host_fd(keep_watching);
             }
@@ -142,17 +266,53 @@ impl NetPort {
     }
 }
 
+/// Answers control-queue commands: only the number of queue pairs in use, which attaches
+/// and detaches the backends' queues so that no frame goes to a pair the guest does not serve.
+pub fn process_control_queue(queue: &mut Queue, index: u16, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt, backends: &[SharedBackend]) {
+    serve_queue(queue, mem, interrupt, index, |chain| {
+        let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else { return 0 };
+        let mut command = [0u8; 4];
+        let status = match reader.read_exact(&mut command) {
+            Ok(()) if command[..2] == [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET] => {
+                let pairs = usize::from(u16::from_le_bytes([command[2], command[3]]));
+                if (1..=backends.len()).contains(&pairs) {
+                    let results: Vec<_> =
+                        backends.iter().enumerate().map(|(i, b)| b.lock().unwrap().set_active(i < pairs)).collect();
+                    match results.into_iter().find_map(Result::err) {
+                        Some(e) => {
+                            tracing::warn!("virtio-net: using {pairs} queue pairs: {e}");
+                            VIRTIO_NET_ERR
+                        }
+                        None => VIRTIO_NET_OK,
+                    }
+                } else {
+                    VIRTIO_NET_ERR
+                }
+            }
+            _ => VIRTIO_NET_ERR,
+        };
+        u32::from(writer.write_all(&[status]).is_ok())
+    });
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         DEVICE_ID_NET
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
-        COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        let mut features = COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF;
+        if self.vnet_header() {
+            features |= OFFLOADS;
+        }
+        if self.backends.len() > 1 {
+            features |= VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ;
+        }
+        features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -164,18 +324,233 @@ impl VirtioDevice for Net {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
-        _acked_features: u64,
+        acked_features: u64,
     ) -> Result<(), ActivateError> {
-        let [rx, tx] = expect_queues(queues)?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&**self.backend.lock().unwrap());
-        let mut port = NetPort::new(rx.queue, tx.queue, mem, self.backend.clone(), interrupt);
-        self.worker = Some(Worker::spawn_with_fd("virtio-net".into(), vec![rx.kick, tx.kick], fd, move |event, watch| {
-            port.handle(event, watch)
-        })?);
+        // Without MQ the driver uses one pair (and the control queue, if it took CTRL_VQ).
+        let pairs = if acked_features & VIRTIO_NET_F_MQ != 0 { self.backends.len() } else { 1 };
+        let control = acked_features & VIRTIO_NET_F_CTRL_VQ != 0;
+        let wanted = 2 * pairs + usize::from(control);
+        if queues.len() != wanted {
+            return Err(ActivateError::QueueCount(queues.len(), wanted));
+        }
+        let mut queues = queues.into_iter();
+        let mut workers = Vec::new();
+        for (pair, backend) in self.backends.iter().take(pairs).enumerate() {
+            let (rx, tx) = (queues.next().expect("counted"), queues.next().expect("counted"));
+            let fd = {
+                let mut backend = backend.lock().unwrap();
+                backend.set_offloads(acked_features)?;
+                backend.set_active(pair == 0)?; // until the driver asks for more pairs
+                std::os::fd::AsRawFd::as_raw_fd(&**backend)
+            };
+            let mut port = NetPort::new(rx.queue, tx.queue, pair as u16, mem.clone(), backend.clone(), interrupt.clone(), acked_features);
+            let name = format!("virtio-net-q{pair}");
+            workers.push(Worker::spawn_with_fd(name, vec![rx.kick, tx.kick], fd, move |event, watch| port.handle(event, watch))?);
+        }
+        if let Some(ActiveQueue { mut queue, kick }) = queues.next() {
+            let index = (2 * pairs) as u16;
+            let backends = self.backends.clone();
+            let mem = mem.clone();
+            let interrupt = interrupt.clone();
+            workers.push(Worker::spawn("virtio-net-ctrl".into(), vec![kick], move |_| {
+                process_control_queue(&mut queue, index, &mem, &*interrupt, &backends)
+            })?);
+        }
+        self.workers = workers;
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.workers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::os::fd::{AsRawFd, RawFd};
+
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::block::tests::CountingInterrupt;
+
+    #[derive(Default)]
+    struct Wire {
+        to_guest: VecDeque<Vec<u8>>,
+        from_guest: Vec<Vec<u8>>,
+        active: Option<bool>,
+    }
+
+    struct TestBackend {
+        wire: Arc<Mutex<Wire>>,
+        vnet: bool,
+    }
+
+    impl NetBackend for TestBackend {
+        fn has_vnet_header(&self) -> bool {
+            self.vnet
+        }
+        fn set_active(&mut self, active: bool) -> std::io::Result<()> {
+            self.wire.lock().unwrap().active = Some(active);
+            Ok(())
+        }
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            self.wire.lock().unwrap().from_guest.push(frame.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+            Ok(self.wire.lock().unwrap().to_guest.pop_front().map(|frame| {
+                buf[..frame.len()].copy_from_slice(&frame);
+                frame.len()
+            }))
+        }
+    }
+
+    impl AsRawFd for TestBackend {
+        fn as_raw_fd(&self) -> RawFd {
+            -1
+        }
+    }
+
+    fn backend(vnet: bool) -> (SharedBackend, Arc<Mutex<Wire>>) {
+        let wire = Arc::new(Mutex::new(Wire::default()));
+        let backend: Box<dyn NetBackend> = Box::new(TestBackend { wire: wire.clone(), vnet });
+        (Arc::new(Mutex::new(backend)), wire)
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+    }
+
+    /// `count` receive buffers of `len` bytes each, at 0x10000, 0x20000, ...
+    fn rx_buffers(mock: &MockSplitQueue<GuestMemoryMmap>, count: u16, len: u32, first: u16) {
+        let descs: Vec<_> = (0..count).map(|i| desc(0x10000 * u64::from(first + i + 1), len, VRING_DESC_F_WRITE, 0)).collect();
+        mock.add_desc_chains(&descs, first).unwrap();
+    }
+
+    #[test]
+    fn transmit_hands_bare_frames_or_whole_packets_to_the_backend() {
+        for vnet in [false, true] {
+            let mem = memory();
+            let mock = MockSplitQueue::new(&mem, 16);
+            let mut header = [0u8; HEADER_LEN];
+            header[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+            mem.write_slice(&header, GuestAddress(0x10000)).unwrap();
+            mem.write_slice(b"an ethernet frame", GuestAddress(0x20000)).unwrap();
+            let frame = [desc(0x10000, HEADER_LEN as u32, VRING_DESC_F_NEXT, 1), desc(0x20000, 17, 0, 0)];
+            mock.add_desc_chains(&frame, 0).unwrap();
+            // Shorter than a header, and longer than any frame: dropped.
+            mock.add_desc_chains(&[desc(0x30000, 4, 0, 0)], 2).unwrap();
+            mock.add_desc_chains(&[desc(0x40000, (HEADER_LEN + MAX_FRAME + 1) as u32, 0, 0)], 3).unwrap();
+            let (shared, wire) = backend(vnet);
+            let interrupt = Arc::new(CountingInterrupt::default());
+            let mut port = NetPort::new(Queue::new(16).unwrap(), mock.create_queue().unwrap(), 0, mem.clone(), shared, interrupt, 0);
+            port.transmit();
+            assert_eq!(mock.used().idx().load(), 3, "every buffer is returned");
+            let sent = &wire.lock().unwrap().from_guest;
+            assert_eq!(sent.len(), 1);
+            let expected = if vnet { [&header[..], b"an ethernet frame"].concat() } else { b"an ethernet frame".to_vec() };
+            assert_eq!(sent[0], expected);
+        }
+    }
+
+    #[test]
+    fn mergeable_buffers_take_a_frame_too_large_for_one() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        rx_buffers(&mock, 4, 1500, 0);
+        let (shared, wire) = backend(false);
+        let frame: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+        wire.lock().unwrap().to_guest.extend([frame.clone(), b"second".to_vec()]);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let rx = mock.create_queue().unwrap();
+        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
+        // The second frame finds one buffer left: enough for it.
+        assert!(port.receive());
+        let used = mock.used();
+        assert_eq!(used.idx().load(), 4);
+        let lens: Vec<u32> = (0..4).map(|i| used.ring().ref_at(i).unwrap().load().len()).collect();
+        assert_eq!(lens, [1500, 1500, 1012, (HEADER_LEN + 6) as u32]);
+        let mut first = vec![0u8; 4012];
+        for (i, chunk) in first.chunks_mut(1500).enumerate() {
+            mem.read_slice(chunk, GuestAddress(0x10000 * (i as u64 + 1))).unwrap();
+        }
+        assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3, "num_buffers");
+        assert_eq!(&first[HEADER_LEN..], &frame[..]);
+    }
+
+    #[test]
+    fn a_frame_waits_for_buffers_and_is_not_lost() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        rx_buffers(&mock, 1, 1500, 0);
+        let (shared, wire) = backend(false);
+        wire.lock().unwrap().to_guest.extend([vec![7u8; 3000], vec![8u8; 100]]);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let rx = mock.create_queue().unwrap();
+        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
+        assert!(!port.receive(), "no room: stop watching the backend");
+        assert_eq!(mock.used().idx().load(), 0, "the lone buffer went back to the ring");
+        rx_buffers(&mock, 2, 1500, 1);
+        assert!(!port.receive(), "the first frame fits now; the second waits for room");
+        assert_eq!(mock.used().idx().load(), 3, "3000 bytes in three buffers");
+        let mut byte = [0u8; 1];
+        mem.read_slice(&mut byte, GuestAddress(0x10000 + HEADER_LEN as u64)).unwrap();
+        assert_eq!(byte[0], 7);
+        rx_buffers(&mock, 1, 1500, 3);
+        assert!(port.receive());
+        assert_eq!(mock.used().ring().ref_at(3).unwrap().load().len(), (HEADER_LEN + 100) as u32);
+        assert!(wire.lock().unwrap().to_guest.is_empty());
+    }
+
+    #[test]
+    fn without_mergeable_buffers_a_frame_too_large_is_dropped() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        rx_buffers(&mock, 2, 1500, 0);
+        let (shared, wire) = backend(true);
+        let mut small = vec![0u8; HEADER_LEN + 60];
+        small[HEADER_LEN] = 0xab;
+        wire.lock().unwrap().to_guest.extend([vec![1u8; 3000], small]);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let rx = mock.create_queue().unwrap();
+        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, 0);
+        port.receive();
+        let used = mock.used();
+        assert_eq!(used.ring().ref_at(0).unwrap().load().len(), 0, "dropped");
+        assert_eq!(used.ring().ref_at(1).unwrap().load().len(), (HEADER_LEN + 60) as u32, "header from the tap, as is");
+        let mut packet = [0u8; HEADER_LEN + 1];
+        mem.read_slice(&mut packet, GuestAddress(0x20000)).unwrap();
+        assert_eq!((u16::from_le_bytes([packet[10], packet[11]]), packet[HEADER_LEN]), (1, 0xab));
+    }
+
+    #[test]
+    fn the_control_queue_sets_the_queue_pairs_in_use() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let (backends, wires): (Vec<_>, Vec<_>) = (0..2).map(|_| backend(true)).unzip();
+        let commands: [[u8; 4]; 3] = [[4, 0, 2, 0], [4, 0, 1, 0], [4, 0, 3, 0]];
+        for (i, command) in commands.iter().enumerate() {
+            let at = 0x10000 * (i as u64 + 1);
+            mem.write_slice(command, GuestAddress(at)).unwrap();
+            let chain = [desc(at, 4, VRING_DESC_F_NEXT, 2 * i as u16 + 1), desc(at + 0x100, 1, VRING_DESC_F_WRITE, 0)];
+            mock.add_desc_chains(&chain, 2 * i as u16).unwrap();
+        }
+        let mut queue = mock.create_queue().unwrap();
+        let interrupt = CountingInterrupt::default();
+        let status = |i: u64| mem.read_obj::<u8>(GuestAddress(0x10000 * (i + 1) + 0x100)).unwrap();
+        let active = || wires.iter().map(|w| w.lock().unwrap().active).collect::<Vec<_>>();
+        process_control_queue(&mut queue, 4, &mem, &interrupt, &backends);
+        assert_eq!(mock.used().idx().load(), 3);
+        assert_eq!([status(0), status(1), status(2)], [VIRTIO_NET_OK, VIRTIO_NET_OK, VIRTIO_NET_ERR]);
+        assert_eq!(active(), [Some(true), Some(false)], "after 2 pairs, then 1; 3 was refused");
     }
 }
