@@ -137,7 +137,7 @@ def main():
     for t, unit in zip(TESTS, ["MB/s", "MB/s", "us"]):
         a, b = med(table["lkvm"][t]), med(table["QEMU"][t])
         ratio = f"{a / b:.2f}" if a and b else "-"
-        print(f"| {t} ({unit}) | {a if a is None else round(a, 1)} | {b if b is None else round(b, 1)} | {ratio} |")
+        print(f"| {t} ({unit}) | {a if a is None else round(a, 2)} | {b if b is None else round(b, 2)} | {ratio} |")
 
 
 if __name__ == "__main__":

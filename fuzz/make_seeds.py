@@ -28,7 +28,7 @@ def seed(request_type, data_len, data_writable, event_idx=0):
 
 seeds = {"read": seed(0, 512, True), "write": seed(1, 512, False), "flush": seed(4, 0, False),
          "get_id": seed(8, 20, True), "discard": seed(11, 16, False), "read_event_idx": seed(0, 1024, True, 1)}
-for target in ("blk_request", "virtqueue_walk"):
+for target in ("blk_request", "virtqueue_walk", "net_rx"):
     os.makedirs(f"corpus/{target}", exist_ok=True)
     for name, data in seeds.items():
         with open(f"corpus/{target}/{name}", "wb") as f:

@@ -161,11 +161,12 @@ fn tap_networking_in_a_private_namespace() {
     let params = format!(
         "{HOST_GUEST_PARAMS} ip=10.33.0.2::10.33.0.1:255.255.255.0::eth0:off lkvm.ifaddr=eth0 lkvm.ping=10.33.0.1 \
          lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.netstats=eth0 \
-         lkvm.send=10.33.0.1:{sink_port}:{SENT}:5 lkvm.netstats=eth0"
+         lkvm.send=10.33.0.1:{sink_port}:{SENT}:5 lkvm.netstats=eth0 lkvm.netstats=eth1"
     );
     let args = [
         "netns", "exec", &ns, lkvm(), "run", "-k", guest.vmlinux.to_str().unwrap(), "-i",
         guest.initramfs.to_str().unwrap(), "-c", "2", "-m", "128", "-n", "mode=tap,tapif=lkvmtap0,host_ip=10.33.0.1,mq=2",
+        "-n", "mode=user",
         "-p", &params,
     ];
     let out = run_command("ip", &args, None, BOOT_TIMEOUT, |_| {});
@@ -197,4 +198,7 @@ fn tap_networking_in_a_private_namespace() {
     assert!(fetched < BODY_LEN / MSS, "host-to-guest: {fetched} frames for {BODY_LEN} bytes: {}", out.describe());
     let sent = after_send[3] - after_fetch[3];
     assert!(sent < SENT / MSS, "guest-to-host: {sent} frames for {SENT} bytes: {}", out.describe());
+    // The second -n is a second NIC, with the next MAC.
+    assert_eq!(out.result("mac:eth0").as_deref(), Some("02:15:15:15:15:15"));
+    assert_eq!(out.result("mac:eth1").as_deref(), Some("02:15:15:15:15:16"), "{}", out.describe());
 }

@@ -27,7 +27,8 @@
 //! - `lkvm.p9bench=TAG:FILES`: mount 9p share TAG; time reading its file `big` (1 MiB reads),
 //!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory.
 //! - `lkvm.netstats=IF`: IF's receive queue count and packet counts and byte counts so far
-//!   (`rxq:rx_packets:rx_bytes:tx_packets:tx_bytes`; put it after the traffic checks).
+//!   (`rxq:rx_packets:rx_bytes:tx_packets:tx_bytes`; put it after the traffic checks), its
+//!   negotiated virtio features and its MAC address.
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
 //! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
@@ -287,6 +288,8 @@ fn net_stats(name: &str) {
     result(&format!("netstats:{name}"), &format!("{queues}:{}", values.join(":")));
     let features = fs::read_to_string(format!("{base}/device/features")).unwrap_or_default();
     result(&format!("netfeatures:{name}"), features.trim());
+    let mac = fs::read_to_string(format!("{base}/address")).unwrap_or_default();
+    result(&format!("mac:{name}"), mac.trim());
 }
 
 fn connect(addr: &str) -> std::io::Result<std::net::TcpStream> {
