@@ -101,6 +101,7 @@ fn disks_boot(transport: &str, console: &str) {
 
     // The 9p shares: the guest reads the host's file, and its changes are the host's.
     let host_sum = format!("{:016x}", fnv1a(&host_file));
+    assert_eq!(out.result("9p_msize").as_deref(), Some("512000"), "large messages: {}", out.describe());
     assert_eq!(out.result("9p_read"), Some(host_sum.clone()), "{}", out.describe());
     for op in ["9p_write", "9p_rename", "9p_unlink", "9p_mkdir"] {
         assert_eq!(out.result(op).as_deref(), Some("ok"), "{op}: {}", out.describe());

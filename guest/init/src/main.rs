@@ -20,7 +20,8 @@
 //!   inflating the balloon), print the new MemTotal, and stay up 8 s more for the host to look.
 //! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
 //!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
-//! - `lkvm.9p=TAG:ROTAG`: mount the 9p shares TAG (read-write) and ROTAG (read-only); in TAG
+//! - `lkvm.9p=TAG:ROTAG`: mount the 9p shares TAG (read-write, msize 512000) and ROTAG
+//!   (read-only); print the msize in effect; in TAG
 //!   checksum `hostfile`, write `guestfile` (100000 bytes, pattern seed 3), rename `torename` to
 //!   `renamed`, delete `todelete`, make directory `newdir`; in ROTAG checksum `hostfile` and try
 //!   to create a file.
@@ -145,8 +146,13 @@ fn outcome(r: std::io::Result<()>) -> String {
 
 fn share_check(arg: &str) {
     let Some((tag, ro_tag)) = arg.split_once(':') else { return result("9p", "bad-arg") };
-    let options = "trans=virtio,version=9p2000.L";
+    // The largest msize Linux's virtio transport takes (125 pages).
+    let options = "trans=virtio,version=9p2000.L,msize=512000";
     if mount_with(tag, "/mnt/rw", "9p", options) {
+        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let line = mounts.lines().find(|l| l.contains("/mnt/rw")).unwrap_or("");
+        let msize = line.split([',', ' ']).find_map(|o| o.strip_prefix("msize=")).unwrap_or("none");
+        result("9p_msize", msize);
         let read = fs::read("/mnt/rw/hostfile").map(|b| format!("{:016x}", fnv1a(&b)));
         result("9p_read", &read.unwrap_or_else(|e| format!("err:{e}")));
         let write = fs::File::create("/mnt/rw/guestfile").and_then(|mut f| {
