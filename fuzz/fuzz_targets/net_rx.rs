@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use libfuzzer_sys::fuzz_target;
 use lkvm::devices::virtio::net::{NetPort, MAX_FRAME, VIRTIO_NET_F_MRG_RXBUF};
 use lkvm::net::NetBackend;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
 struct Source(VecDeque<usize>);
 
