@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the test guest into guest/out: vmlinux and bzImage (build-kernel.sh), and
+# Builds the test guest into guest/out: vmlinux and bzImage (build-kernel.sh), init, and
 # initramfs.cpio (uncompressed: our static init as /init, plus static busybox for a shell).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,6 +11,9 @@ mkdir -p "$out"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
   --manifest-path "$here/init/Cargo.toml" --target x86_64-unknown-linux-gnu
 init_bin=$here/init/target/x86_64-unknown-linux-gnu/release/lkvm-guest-init
+
+# Also on its own, for tests that boot a directory over 9p with it as /sbin/init.
+cp "$init_bin" "$out/init"
 
 busybox=/bin/busybox
 if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'; then

@@ -78,3 +78,31 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     std::fs::remove_dir_all(home).unwrap();
     std::fs::remove_dir_all(work).unwrap();
 }
+
+#[test]
+fn a_directory_boots_as_the_9p_root_filesystem() {
+    if !kvm_available("a_directory_boots_as_the_9p_root_filesystem") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    let root = temp_dir();
+    for dir in ["dev", "proc", "sys", "tmp", "sbin"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::copy(&guest().init, root.join("sbin/init")).unwrap();
+    write_file(&root, "written", &[0u8; 4096]);
+    let params = format!("{HOST_GUEST_PARAMS} lkvm.write=/written:4096:6");
+    let vmlinux = guest().vmlinux.to_str().unwrap();
+    let args = ["run", "-k", vmlinux, "-d", root.to_str().unwrap(), "-m", "128", "-c", "1", "-n", "mode=none", "-p", &params];
+    let out = run_lkvm(&args, None, BOOT_TIMEOUT);
+
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("LKVM-DONE"), "its own /sbin/init ran: {}", out.describe());
+    let cmdline = out.result("cmdline").unwrap();
+    assert!(cmdline.contains("root=root rw") && cmdline.contains("rootfstype=9p"), "{cmdline}");
+    assert!(!cmdline.contains("init=/virt/init"), "not an lkvm setup directory: {cmdline}");
+    assert_eq!(out.result("write:/written").as_deref(), Some("ok"), "{}", out.describe());
+    assert_eq!(std::fs::read(root.join("written")).unwrap(), pattern(4096, 6), "the guest's write is in the host file");
+    assert!(!root.join("virt").exists(), "lkvm left the directory as it was");
+    std::fs::remove_dir_all(root).unwrap();
+}

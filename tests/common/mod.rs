@@ -228,6 +228,8 @@ pub struct Guest {
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
     pub initramfs: PathBuf,
+    /// The initramfs's /init on its own (static).
+    pub init: PathBuf,
 }
 
 pub fn guest() -> &'static Guest {
@@ -237,7 +239,7 @@ pub fn guest() -> &'static Guest {
         let status = Command::new(root.join("guest/build.sh")).status().expect("run guest/build.sh");
         assert!(status.success(), "guest/build.sh failed: see its output above");
         let out = root.join("guest/out");
-        Guest { vmlinux: out.join("vmlinux"), bzimage: out.join("bzImage"), initramfs: out.join("initramfs.cpio") }
+        Guest { vmlinux: out.join("vmlinux"), bzimage: out.join("bzImage"), initramfs: out.join("initramfs.cpio"), init: out.join("init") }
     })
 }
 
