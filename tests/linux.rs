@@ -103,13 +103,14 @@ fn disks_boot(transport: &str, console: &str) {
     let host_sum = format!("{:016x}", fnv1a(&host_file));
     assert_eq!(out.result("9p_msize").as_deref(), Some("512000"), "large messages: {}", out.describe());
     assert_eq!(out.result("9p_read"), Some(host_sum.clone()), "{}", out.describe());
-    for op in ["9p_write", "9p_rename", "9p_unlink", "9p_mkdir"] {
+    for op in ["9p_write", "9p_rename", "9p_unlink", "9p_mkdir", "9p_symlink"] {
         assert_eq!(out.result(op).as_deref(), Some("ok"), "{op}: {}", out.describe());
     }
     assert_eq!(std::fs::read(shared.join("guestfile")).unwrap(), pattern(100000, 3));
     assert_eq!(std::fs::read(shared.join("renamed")).unwrap(), b"rename me");
     assert!(!shared.join("torename").exists() && !shared.join("todelete").exists());
     assert!(shared.join("newdir").is_dir());
+    assert_eq!(std::fs::read_link(shared.join("newdir/link")).unwrap(), std::path::Path::new("renamed"));
     assert_eq!(out.result("9p_ro_read"), Some(host_sum));
     let refused = out.result("9p_ro_write").unwrap();
     assert!(refused.contains("Read-only file system"), "read-only share accepted a write: {refused}");

@@ -11,9 +11,19 @@
 //! - on a read-only share every message that writes is answered EROFS;
 //! - set-user-ID and set-group-ID bits are cleared from the modes the guest sets, so a guest
 //!   cannot plant a set-id program for host users.
+//!
+//! The server refuses symlink and mknod; lkvm serves those itself, in the directory of the fid
+//! named, which it knows by mirroring the guest's attaches, walks, creates and renames. A
+//! symlink's target is just stored (the server never follows one); mknod makes FIFOs and
+//! sockets only, never device nodes.
 
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 /// The largest message the server accepts (payload plus header room); the guest's msize is
 /// negotiated down to this.
@@ -23,6 +33,9 @@ const MAX_TAG_LEN: usize = 255;
 
 // Message types, from the Linux client (include/net/9p/9p.h).
 const RLERROR: u8 = 7;
+const TVERSION: u8 = 100;
+const TATTACH: u8 = 104;
+const TCLUNK: u8 = 120;
 const TLOPEN: u8 = 12;
 const TLCREATE: u8 = 14;
 const TSYMLINK: u8 = 16;
@@ -43,6 +56,8 @@ const P9_ACCESS_MASK: u32 = 0o3;
 const P9_WRITING_FLAGS: u32 = 0o100 | 0o1000 | 0o2000;
 const P9_SETATTR_MODE: u32 = 1;
 const SET_ID_BITS: u32 = (libc::S_ISUID | libc::S_ISGID) as u32;
+const QID_SYMLINK: u8 = 0x02;
+const QID_FILE: u8 = 0x00;
 
 /// How the user asked for a share (`--9p DIR,TAG[,ro]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +100,10 @@ pub struct OpenError {
 /// One shared directory and the 9P server session the guest holds on it.
 pub struct Share {
     server: p9::Server,
+    root: PathBuf,
     read_only: bool,
+    /// Each fid's path below the root, as far as the guest's messages tell.
+    fid_paths: HashMap<u32, PathBuf>,
 }
 
 impl Share {
@@ -96,26 +114,124 @@ impl Share {
         if !root.is_dir() {
             return Err(fail("is not a directory".into()));
         }
-        let config = p9::Config { root: root.into(), msize: MAX_MESSAGE_SIZE, ..Default::default() };
+        let config = p9::Config { root: root.clone().into(), msize: MAX_MESSAGE_SIZE, ..Default::default() };
         let server = p9::Server::with_config(config).map_err(|e| fail(format!("cannot start the 9p server: {e}")))?;
-        Ok(Share { server, read_only: spec.read_only })
+        Ok(Share { server, root, read_only: spec.read_only, fid_paths: HashMap::new() })
     }
 
     /// Answers one T-message with one R-message. `request` may be edited (set-id bits cleared).
     pub fn handle<W: Write>(&mut self, request: &mut [u8], reply: &mut W) -> io::Result<()> {
-        match self.vet(request) {
-            Ok(()) => self.server.handle_message(&mut &request[..], reply),
-            Err(errno) => {
-                let tag = request.get(5..7).map_or([0xff, 0xff], |t| [t[0], t[1]]);
-                let mut message = [0u8; 11];
-                message[..4].copy_from_slice(&11u32.to_le_bytes());
-                message[4] = RLERROR;
-                message[5..7].copy_from_slice(&tag);
-                message[7..].copy_from_slice(&(errno as u32).to_le_bytes());
-                reply.write_all(&message)?;
-                reply.flush()
-            }
+        let tag = request.get(5..7).map_or([0xff, 0xff], |t| [t[0], t[1]]);
+        if let Err(errno) = self.vet(request) {
+            return send(reply, RLERROR, tag, &(errno as u32).to_le_bytes());
         }
+        let kind = request.get(4).copied();
+        if let Some(kind @ (TSYMLINK | TMKNOD)) = kind {
+            return match self.make_node(request) {
+                Ok(qid) => send(reply, kind + 1, tag, &qid),
+                Err(Stop::Refused(errno)) => send(reply, RLERROR, tag, &(errno as u32).to_le_bytes()),
+                Err(Stop::Truncated) => send(reply, RLERROR, tag, &(libc::EINVAL as u32).to_le_bytes()),
+            };
+        }
+        let mut watched = ReplyHeader { inner: reply, header: Vec::with_capacity(9) };
+        self.server.handle_message(&mut &request[..], &mut watched)?;
+        let header = watched.header;
+        let answered = header.len() > 4 && header[4] != RLERROR;
+        let walked = header.get(7..9).map(|n| u16::from_le_bytes([n[0], n[1]]));
+        // Only a malformed message fails to parse here, and the server refused it already.
+        let _ = self.track_fids(request, answered, walked);
+        Ok(())
+    }
+
+    /// Follows where fids point: attach, walk (when complete), create, rename, clunk.
+    fn track_fids(&mut self, message: &mut [u8], answered: bool, walked: Option<u16>) -> Result<(), Stop> {
+        let kind = *message.get(4).ok_or(Stop::Truncated)?;
+        let mut fields = Fields { message, at: 7 };
+        match kind {
+            TVERSION if answered => self.fid_paths.clear(),
+            TATTACH if answered => {
+                self.fid_paths.insert(fields.u32()?, PathBuf::new());
+            }
+            TWALK => {
+                let (fid, newfid, count) = (fields.u32()?, fields.u32()?, fields.u16()?);
+                let mut path = self.fid_paths.get(&fid).cloned();
+                for _ in 0..count {
+                    let name = fields.name()?;
+                    path = path.map(|p| p.join(OsStr::from_bytes(&name)));
+                }
+                if answered && walked == Some(count) {
+                    match path {
+                        Some(path) => self.fid_paths.insert(newfid, path),
+                        None => self.fid_paths.remove(&newfid),
+                    };
+                }
+            }
+            TLCREATE if answered => {
+                let fid = fields.u32()?;
+                let name = fields.name()?;
+                if let Some(path) = self.fid_paths.get_mut(&fid) {
+                    path.push(OsStr::from_bytes(&name));
+                }
+            }
+            TRENAMEAT if answered => {
+                let (old_dir, old_name) = (fields.u32()?, fields.name()?);
+                let (new_dir, new_name) = (fields.u32()?, fields.name()?);
+                let (Some(from), Some(to)) = (self.fid_paths.get(&old_dir), self.fid_paths.get(&new_dir)) else {
+                    return Ok(());
+                };
+                let (from, to) = (from.join(OsStr::from_bytes(&old_name)), to.join(OsStr::from_bytes(&new_name)));
+                for path in self.fid_paths.values_mut() {
+                    if let Ok(rest) = path.strip_prefix(&from) {
+                        *path = to.join(rest);
+                    }
+                }
+            }
+            TCLUNK | TREMOVE => {
+                self.fid_paths.remove(&fields.u32()?);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Tsymlink (dfid, name, target, gid) and Tmknod (dfid, name, mode, major, minor, gid):
+    /// makes the node and returns its qid.
+    fn make_node(&mut self, message: &mut [u8]) -> Result<[u8; 13], Stop> {
+        let kind = message[4];
+        let mut fields = Fields { message, at: 7 };
+        let dir = fields.u32()?;
+        let name = CString::new(fields.name()?).map_err(|_| Stop::Refused(libc::EINVAL))?;
+        let refused = |e: io::Error| Stop::Refused(e.raw_os_error().unwrap_or(libc::EIO));
+        let path = self.fid_paths.get(&dir).ok_or(Stop::Refused(libc::EBADF))?;
+        let dir = open_dir_beneath(&self.root, path).map_err(refused)?;
+        // SAFETY (both calls): NUL-terminated strings that outlive the call, a valid dirfd.
+        let rc = if kind == TSYMLINK {
+            let target = CString::new(fields.string()?).map_err(|_| Stop::Refused(libc::EINVAL))?;
+            unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }
+        } else {
+            let mode = fields.u32()?;
+            let kind = mode & libc::S_IFMT;
+            if kind != libc::S_IFIFO && kind != libc::S_IFSOCK {
+                return Err(Stop::Refused(libc::EPERM));
+            }
+            unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode & !SET_ID_BITS, 0) }
+        };
+        if rc < 0 {
+            return Err(refused(io::Error::last_os_error()));
+        }
+        // SAFETY: fstatat fills the zeroed stat for a name in the directory we hold.
+        let stat = unsafe {
+            let mut stat: libc::stat64 = std::mem::zeroed();
+            if libc::fstatat64(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) < 0 {
+                return Err(refused(io::Error::last_os_error()));
+            }
+            stat
+        };
+        let mut qid = [0u8; 13];
+        qid[0] = if stat.st_mode & libc::S_IFMT == libc::S_IFLNK { QID_SYMLINK } else { QID_FILE };
+        qid[1..5].copy_from_slice(&(stat.st_mtime as u32).to_le_bytes());
+        qid[5..].copy_from_slice(&stat.st_ino.to_le_bytes());
+        Ok(qid)
     }
 
     /// Refuses, with an errno, a message that names something outside one directory level or
@@ -189,6 +305,57 @@ impl Share {
     }
 }
 
+/// Opens `path` below `root` one component at a time, never following a symlink.
+fn open_dir_beneath(root: &Path, path: &Path) -> io::Result<File> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let open_at = |dir: libc::c_int, name: &OsStr| -> io::Result<File> {
+        let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a NUL-terminated name; the new descriptor is owned by the returned File.
+        let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    };
+    let mut dir = open_at(libc::AT_FDCWD, root.as_os_str())?;
+    for component in path.components() {
+        dir = open_at(dir.as_raw_fd(), component.as_os_str())?;
+    }
+    Ok(dir)
+}
+
+/// Writes one R-message: size, type, tag, body.
+fn send<W: Write>(writer: &mut W, kind: u8, tag: [u8; 2], body: &[u8]) -> io::Result<()> {
+    let mut message = Vec::with_capacity(7 + body.len());
+    message.extend_from_slice(&((7 + body.len()) as u32).to_le_bytes());
+    message.push(kind);
+    message.extend_from_slice(&tag);
+    message.extend_from_slice(body);
+    writer.write_all(&message)?;
+    writer.flush()
+}
+
+/// Passes the server's reply through, keeping its first bytes: size, type, tag, and for an
+/// Rwalk the number of names walked.
+struct ReplyHeader<'a, W> {
+    inner: &'a mut W,
+    header: Vec<u8>,
+}
+
+impl<W: Write> Write for ReplyHeader<'_, W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        let keep = n.min(9 - self.header.len());
+        self.header.extend_from_slice(&data[..keep]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 enum Stop {
     /// The message ends early; the server's decoder answers it.
     Truncated,
@@ -223,15 +390,19 @@ impl Fields<'_> {
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
-    /// A string that must name an entry of one directory.
-    fn name(&mut self) -> Result<(), Stop> {
+    fn string(&mut self) -> Result<Vec<u8>, Stop> {
         let len = self.u16()?;
-        let name = self.take(usize::from(len))?;
+        Ok(self.take(usize::from(len))?.to_vec())
+    }
+
+    /// A string that must name an entry of one directory.
+    fn name(&mut self) -> Result<Vec<u8>, Stop> {
+        let name = self.string()?;
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
-            tracing::debug!("9p: refused name {:?}", String::from_utf8_lossy(name));
+            tracing::debug!("9p: refused name {:?}", String::from_utf8_lossy(&name));
             return Err(Stop::Refused(libc::EACCES));
         }
-        Ok(())
+        Ok(name)
     }
 
     /// Clears the set-id bits of the mode field at the cursor.

@@ -17,7 +17,6 @@ const TSTATFS: u8 = 8;
 const TFSYNC: u8 = 50;
 const TREADLINK: u8 = 22;
 const TLOCK: u8 = 52;
-const TCLUNK: u8 = 120;
 const ROOT: u32 = 0;
 const P9_RDWR: u32 = 2;
 const P9_TRUNC: u32 = 0o1000;
@@ -137,7 +136,13 @@ impl Client {
         self.call(TLINK, Msg::default().u32(ROOT).u32(fid).s(name))
     }
     fn symlink(&mut self, name: &str, target: &str) -> Reply {
-        self.call(TSYMLINK, Msg::default().u32(ROOT).s(name).s(target).u32(0))
+        self.symlink_in(ROOT, name, target)
+    }
+    fn symlink_in(&mut self, dfid: u32, name: &str, target: &str) -> Reply {
+        self.call(TSYMLINK, Msg::default().u32(dfid).s(name).s(target).u32(0))
+    }
+    fn mknod(&mut self, dfid: u32, name: &str, mode: u32) -> Reply {
+        self.call(TMKNOD, Msg::default().u32(dfid).s(name).u32(mode).u32(8).u32(0).u32(0))
     }
     fn set_mode(&mut self, fid: u32, mode: u32) -> Reply {
         let msg = Msg::default().u32(fid).u32(P9_SETATTR_MODE).u32(mode).u32(0).u32(0);
@@ -266,11 +271,48 @@ fn symlinks_are_never_followed_out_of_the_share() {
     assert!(c.lcreate(5, "planted", 0o644).is_err());
     assert!(c.mkdir(5, "planted", 0o755).is_err());
     assert!(c.lcreate(ROOT, "absolute", 0o644).is_err(), "O_EXCL does not follow the link");
-    // The guest cannot make links of its own to follow later.
-    assert!(c.symlink("mine", "/etc").is_err());
-    assert!(!share.join("mine").exists());
+    // Symlinks the guest makes are stored, and no more followed than the host's.
+    c.symlink("mine", "/etc").unwrap();
+    c.symlink("up", "../outside").unwrap();
+    assert_eq!(fs::read_link(share.join("up")).unwrap(), Path::new("../outside"));
+    c.walk(ROOT, 6, &["mine"]).unwrap();
+    assert_eq!(c.lopen(6, 0), Err(libc::ELOOP as u32));
+    let (_, qids) = c.walk(ROOT, 7, &["up", "secret"]).unwrap();
+    assert_eq!(qids[..2], 1u16.to_le_bytes());
+    c.walk(ROOT, 8, &["up"]).unwrap();
+    assert!(c.symlink_in(8, "planted", "x").is_err(), "a symlink is no directory to create in");
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
     assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host secret");
+}
+
+#[test]
+fn symlinks_and_fifos_are_made_where_the_guest_says() {
+    let dir = TempDir::new("nodes");
+    let share = dir.share();
+    fs::create_dir_all(share.join("a/b")).unwrap();
+    let mut c = Client::attach(&share, false);
+    c.walk(ROOT, 1, &["a", "b"]).unwrap();
+    let (kind, qid) = c.symlink_in(1, "link", "../target").unwrap();
+    assert_eq!((kind, qid[0]), (TSYMLINK + 1, 0x02));
+    assert_eq!(fs::read_link(share.join("a/b/link")).unwrap(), Path::new("../target"));
+    // After the guest renames a directory, its fids inside follow it.
+    c.renameat("a", "moved").unwrap();
+    c.symlink_in(1, "after", "/etc/passwd").unwrap();
+    assert_eq!(fs::read_link(share.join("moved/b/after")).unwrap(), Path::new("/etc/passwd"));
+    // A fid made by lcreate names the new file, which is no directory.
+    c.walk(ROOT, 2, &["moved"]).unwrap();
+    c.lcreate(2, "file", 0o644).unwrap();
+    assert_eq!(c.symlink_in(2, "x", "y"), Err(libc::ENOTDIR as u32));
+    c.mknod(1, "fifo", libc::S_IFIFO | 0o4644).unwrap();
+    let meta = fs::symlink_metadata(share.join("moved/b/fifo")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o644, "no set-id bits");
+    // Device nodes would give host users the devices: refused.
+    assert_eq!(c.mknod(1, "disk", libc::S_IFBLK | 0o666), Err(libc::EPERM as u32));
+    assert_eq!(c.mknod(1, "mem", libc::S_IFCHR | 0o666), Err(libc::EPERM as u32));
+    assert_eq!(c.symlink_in(99, "x", "y"), Err(libc::EBADF as u32), "an unknown fid");
+    c.call(TCLUNK, Msg::default().u32(1)).unwrap();
+    assert_eq!(c.symlink_in(1, "x", "y"), Err(libc::EBADF as u32), "a clunked fid");
 }
 
 #[test]
@@ -295,6 +337,7 @@ fn a_read_only_share_refuses_every_write() {
     assert_eq!(c.unlinkat("file"), erofs);
     assert_eq!(c.unlinkat("d"), erofs);
     assert_eq!(c.symlink("s", "file"), erofs);
+    assert_eq!(c.mknod(ROOT, "fifo", libc::S_IFIFO | 0o644), erofs);
     c.lopen(1, 0).unwrap();
     assert_eq!(c.write(1, 0, b"overwrite"), erofs);
     assert_eq!(c.read(1, 0, 100), b"keep me");

@@ -23,7 +23,8 @@
 //! - `lkvm.9p=TAG:ROTAG`: mount the 9p shares TAG (read-write, msize 512000) and ROTAG
 //!   (read-only); print the msize in effect; in TAG
 //!   checksum `hostfile`, write `guestfile` (100000 bytes, pattern seed 3), rename `torename` to
-//!   `renamed`, delete `todelete`, make directory `newdir`; in ROTAG checksum `hostfile` and try
+//!   `renamed`, delete `todelete`, make directory `newdir` and in it a symlink `link` to
+//!   `renamed`; in ROTAG checksum `hostfile` and try
 //!   to create a file.
 //! - `lkvm.p9bench=TAG:FILES`: mount 9p share TAG; time reading its file `big` (1 MiB reads),
 //!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory.
@@ -163,6 +164,7 @@ fn share_check(arg: &str) {
         result("9p_rename", &outcome(fs::rename("/mnt/rw/torename", "/mnt/rw/renamed")));
         result("9p_unlink", &outcome(fs::remove_file("/mnt/rw/todelete")));
         result("9p_mkdir", &outcome(fs::create_dir("/mnt/rw/newdir")));
+        result("9p_symlink", &outcome(std::os::unix::fs::symlink("renamed", "/mnt/rw/newdir/link")));
     }
     if mount_with(ro_tag, "/mnt/ro", "9p", options) {
         let read = fs::read("/mnt/ro/hostfile").map(|b| format!("{:016x}", fnv1a(&b)));
