@@ -54,6 +54,10 @@ p9_seeds = {
     "readdir": walk(0, 1, "dir") + p9(12, struct.pack("<II", 1, 0o200000)) + p9(40, struct.pack("<IQI", 1, 0, 4096)),
     "symlinks": walk(0, 1, "up", "secret") + walk(0, 2, "abs") + p9(12, struct.pack("<II", 2, 2))
     + p9(22, struct.pack("<I", 2)),
+    "symlink_mknod": walk(0, 1, "dir") + p9(16, struct.pack("<I", 1) + s("ln") + s("../up") + struct.pack("<I", 0))
+    + p9(18, struct.pack("<I", 1) + s("fifo") + struct.pack("<IIII", 0o10644, 0, 0, 0))
+    + p9(74, struct.pack("<I", 0) + s("dir") + struct.pack("<I", 0) + s("dir2"))
+    + p9(16, struct.pack("<I", 1) + s("ln2") + s("/") + struct.pack("<I", 0)),
     "setattr_link": walk(0, 1, "file") + p9(26, struct.pack("<IIIIIQQQQQ", 1, 9, 0o4755, 0, 0, 3, 0, 0, 0, 0))
     + p9(70, struct.pack("<II", 0, 1) + s("hard")) + p9(8, struct.pack("<I", 0)) + p9(24, struct.pack("<IQ", 1, 0x7FF)),
 }

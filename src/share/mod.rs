@@ -15,7 +15,8 @@
 //! The server refuses symlink and mknod; lkvm serves those itself, in the directory of the fid
 //! named, which it knows by mirroring the guest's attaches, walks, creates and renames. A
 //! symlink's target is just stored (the server never follows one); mknod makes FIFOs and
-//! sockets only, never device nodes.
+//! sockets only, never device nodes, and device nodes already in a share cannot be opened: a
+//! guest must not drive host devices. Files open non-blocking, so a FIFO cannot stall the device.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -54,6 +55,7 @@ const TREMOVE: u8 = 122;
 // Tlopen flags that write: access mode (O_WRONLY, O_RDWR, 3), O_CREAT, O_TRUNC, O_APPEND.
 const P9_ACCESS_MASK: u32 = 0o3;
 const P9_WRITING_FLAGS: u32 = 0o100 | 0o1000 | 0o2000;
+const P9_NONBLOCK: u32 = 0o4000;
 const P9_SETATTR_MODE: u32 = 1;
 const SET_ID_BITS: u32 = (libc::S_ISUID | libc::S_ISGID) as u32;
 const QID_SYMLINK: u8 = 0x02;
@@ -194,6 +196,25 @@ impl Share {
         Ok(())
     }
 
+    /// Whether `fid` names a character or block device: opening one would let the guest drive
+    /// a host device (a share of / holds /dev).
+    fn is_device(&self, fid: u32) -> bool {
+        let Some(path) = self.fid_paths.get(&fid) else { return false };
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return false };
+        let (Ok(dir), Ok(name)) = (open_dir_beneath(&self.root, parent), CString::new(name.as_bytes())) else {
+            return false;
+        };
+        // SAFETY: fstatat fills the zeroed stat for a name in the directory we hold.
+        let mode = unsafe {
+            let mut stat: libc::stat64 = std::mem::zeroed();
+            if libc::fstatat64(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) < 0 {
+                return false;
+            }
+            stat.st_mode & libc::S_IFMT
+        };
+        mode == libc::S_IFCHR || mode == libc::S_IFBLK
+    }
+
     /// Tsymlink (dfid, name, target, gid) and Tmknod (dfid, name, mode, major, minor, gid):
     /// makes the node and returns its qid.
     fn make_node(&mut self, message: &mut [u8]) -> Result<[u8; 13], Stop> {
@@ -262,11 +283,18 @@ impl Share {
                 }
             }
             TLOPEN => {
-                fields.skip(4)?;
+                let fid = fields.u32()?;
                 let flags = fields.u32()?;
                 if self.read_only && (flags & P9_ACCESS_MASK != 0 || flags & P9_WRITING_FLAGS != 0) {
                     return Err(Stop::Refused(libc::EROFS));
                 }
+                if self.is_device(fid) {
+                    return Err(Stop::Refused(libc::EPERM));
+                }
+                // A FIFO opened without O_NONBLOCK would block the device's only thread until
+                // a writer comes; regular files do not care.
+                fields.at -= 4;
+                fields.take(4)?.copy_from_slice(&(flags | P9_NONBLOCK).to_le_bytes());
             }
             TLCREATE => {
                 fields.skip(4)?;

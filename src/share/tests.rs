@@ -1,6 +1,7 @@
 //! The server driven with hand-built T-messages against a temporary directory, as the Linux
 //! client would send them, and every way out of the share a guest could try.
 
+use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -313,6 +314,28 @@ fn symlinks_and_fifos_are_made_where_the_guest_says() {
     assert_eq!(c.symlink_in(99, "x", "y"), Err(libc::EBADF as u32), "an unknown fid");
     c.call(TCLUNK, Msg::default().u32(1)).unwrap();
     assert_eq!(c.symlink_in(1, "x", "y"), Err(libc::EBADF as u32), "a clunked fid");
+}
+
+#[test]
+fn host_devices_cannot_be_opened_and_fifos_do_not_block() {
+    let dir = TempDir::new("devices");
+    let share = dir.share();
+    let null = CString::new(share.join("null").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; makes a node like /dev/null (needs root).
+    let have_node = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+    let mut c = Client::attach(&share, true);
+    if have_node {
+        c.walk(ROOT, 1, &["null"]).unwrap();
+        assert_eq!(c.lopen(1, 0), Err(libc::EPERM as u32), "a host device node");
+    } else {
+        eprintln!("!!! host_devices_cannot_be_opened: not root, no device node to try !!!");
+    }
+    let mut c = Client::attach(&share, false);
+    c.mknod(ROOT, "fifo", libc::S_IFIFO | 0o644).unwrap();
+    c.walk(ROOT, 2, &["fifo"]).unwrap();
+    c.lopen(2, 0).unwrap(); // would block forever without a writer if opened blocking
+    c.walk(ROOT, 3, &[]).unwrap();
+    c.lopen(3, 0o200000).unwrap(); // directories still open
 }
 
 #[test]
