@@ -37,6 +37,9 @@ const RLERROR: u8 = 7;
 const TVERSION: u8 = 100;
 const TATTACH: u8 = 104;
 const TCLUNK: u8 = 120;
+const TGETATTR: u8 = 24;
+const RGETATTR: u8 = 25;
+const P9_GETATTR_BASIC: u64 = 0x7ff;
 const TLOPEN: u8 = 12;
 const TLCREATE: u8 = 14;
 const TSYMLINK: u8 = 16;
@@ -136,13 +139,14 @@ impl Share {
             };
         }
         let mut watched = ReplyHeader { inner: reply, header: Vec::with_capacity(9) };
-        self.server.handle_message(&mut &request[..], &mut watched)?;
+        let sent = self.server.handle_message(&mut &request[..], &mut watched);
+        // The server acted even if its reply did not fit the guest's buffer: follow it anyway.
         let header = watched.header;
         let answered = header.len() > 4 && header[4] != RLERROR;
         let walked = header.get(7..9).map(|n| u16::from_le_bytes([n[0], n[1]]));
         // Only a malformed message fails to parse here, and the server refused it already.
         let _ = self.track_fids(request, answered, walked);
-        Ok(())
+        sent
     }
 
     /// Follows where fids point: attach, walk (when complete), create, rename, clunk.
@@ -188,7 +192,8 @@ impl Share {
                     }
                 }
             }
-            TCLUNK | TREMOVE => {
+            // Tremove would clunk too, but the server refuses it and keeps the fid.
+            TCLUNK => {
                 self.fid_paths.remove(&fields.u32()?);
             }
             _ => {}
@@ -196,23 +201,23 @@ impl Share {
         Ok(())
     }
 
-    /// Whether `fid` names a character or block device: opening one would let the guest drive
-    /// a host device (a share of / holds /dev).
-    fn is_device(&self, fid: u32) -> bool {
-        let Some(path) = self.fid_paths.get(&fid) else { return false };
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return false };
-        let (Ok(dir), Ok(name)) = (open_dir_beneath(&self.root, parent), CString::new(name.as_bytes())) else {
-            return false;
-        };
-        // SAFETY: fstatat fills the zeroed stat for a name in the directory we hold.
-        let mode = unsafe {
-            let mut stat: libc::stat64 = std::mem::zeroed();
-            if libc::fstatat64(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) < 0 {
-                return false;
-            }
-            stat.st_mode & libc::S_IFMT
-        };
-        mode == libc::S_IFCHR || mode == libc::S_IFBLK
+    /// Whether `fid` is a character or block device, as the server itself sees it (the inode
+    /// it would open, whatever became of the path): opening one, or truncating or chmod-ing
+    /// it, would let the guest drive a host device (a share of / holds /dev). Fails closed.
+    fn is_device(&mut self, fid: u32) -> bool {
+        let mut getattr = 19u32.to_le_bytes().to_vec();
+        getattr.push(TGETATTR);
+        getattr.extend_from_slice(&[0xff, 0xff]);
+        getattr.extend_from_slice(&fid.to_le_bytes());
+        getattr.extend_from_slice(&P9_GETATTR_BASIC.to_le_bytes());
+        let mut reply = Vec::new();
+        if self.server.handle_message(&mut &getattr[..], &mut reply).is_err() || reply.get(4) != Some(&RGETATTR) {
+            return true;
+        }
+        // Rgetattr: size[4] type[1] tag[2] valid[8] qid[13] mode[4] ...
+        let Some(mode) = reply.get(28..32) else { return true };
+        let kind = u32::from_le_bytes([mode[0], mode[1], mode[2], mode[3]]) & libc::S_IFMT;
+        kind == libc::S_IFCHR || kind == libc::S_IFBLK
     }
 
     /// Tsymlink (dfid, name, target, gid) and Tmknod (dfid, name, mode, major, minor, gid):
@@ -257,14 +262,14 @@ impl Share {
 
     /// Refuses, with an errno, a message that names something outside one directory level or
     /// writes to a read-only share. Malformed messages pass: the server's decoder rejects them.
-    fn vet(&self, message: &mut [u8]) -> Result<(), i32> {
+    fn vet(&mut self, message: &mut [u8]) -> Result<(), i32> {
         match self.vet_fields(message) {
             Ok(()) | Err(Stop::Truncated) => Ok(()),
             Err(Stop::Refused(errno)) => Err(errno),
         }
     }
 
-    fn vet_fields(&self, message: &mut [u8]) -> Result<(), Stop> {
+    fn vet_fields(&mut self, message: &mut [u8]) -> Result<(), Stop> {
         let kind = *message.get(4).ok_or(Stop::Truncated)?;
         let writes = matches!(
             kind,
@@ -308,7 +313,9 @@ impl Share {
                 fields.clear_set_id()?;
             }
             TSETATTR => {
-                fields.skip(4)?;
+                if self.is_device(fields.u32()?) {
+                    return Err(Stop::Refused(libc::EPERM));
+                }
                 if fields.u32()? & P9_SETATTR_MODE != 0 {
                     fields.clear_set_id()?;
                 }
@@ -373,9 +380,11 @@ struct ReplyHeader<'a, W> {
 
 impl<W: Write> Write for ReplyHeader<'_, W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(data)?;
-        let keep = n.min(9 - self.header.len());
+        let keep = data.len().min(9 - self.header.len());
         self.header.extend_from_slice(&data[..keep]);
+        let n = self.inner.write(data)?;
+        // What the guest's buffer did not take is written again by the caller, not recorded twice.
+        self.header.truncate(self.header.len() - (keep - n.min(keep)));
         Ok(n)
     }
 

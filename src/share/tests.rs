@@ -307,7 +307,7 @@ fn symlinks_and_fifos_are_made_where_the_guest_says() {
     c.mknod(1, "fifo", libc::S_IFIFO | 0o4644).unwrap();
     let meta = fs::symlink_metadata(share.join("moved/b/fifo")).unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
-    assert_eq!(meta.permissions().mode() & 0o7777, 0o644, "no set-id bits");
+    assert_eq!(meta.permissions().mode() & 0o6000, 0, "no set-id bits");
     // Device nodes would give host users the devices: refused.
     assert_eq!(c.mknod(1, "disk", libc::S_IFBLK | 0o666), Err(libc::EPERM as u32));
     assert_eq!(c.mknod(1, "mem", libc::S_IFCHR | 0o666), Err(libc::EPERM as u32));
@@ -323,14 +323,27 @@ fn host_devices_cannot_be_opened_and_fifos_do_not_block() {
     let null = CString::new(share.join("null").as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a NUL-terminated path; makes a node like /dev/null (needs root).
     let have_node = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
-    let mut c = Client::attach(&share, true);
+    let mut c = Client::attach(&share, false);
     if have_node {
         c.walk(ROOT, 1, &["null"]).unwrap();
         assert_eq!(c.lopen(1, 0), Err(libc::EPERM as u32), "a host device node");
+        assert_eq!(c.set_size(1, 0), Err(libc::EPERM as u32), "truncating opens it");
+        assert_eq!(c.set_mode(1, 0o666), Err(libc::EPERM as u32));
+        // A walk whose reply did not fit the guest's buffer still made the fid: still refused.
+        let mut walk = Msg::default().u32(ROOT).u32(4).names(&["null"]).0;
+        let mut message = ((walk.len() + 7) as u32).to_le_bytes().to_vec();
+        message.extend_from_slice(&[TWALK, 1, 0]);
+        message.append(&mut walk);
+        assert!(c.share.handle(&mut message, &mut &mut [0u8; 1][..]).is_err(), "no room for the reply");
+        assert_eq!(c.lopen(4, 0), Err(libc::EPERM as u32));
+        // Even when the path it was walked by now names something else.
+        c.unlinkat("null").unwrap();
+        c.walk(ROOT, 5, &[]).unwrap();
+        c.lcreate(5, "null", 0o644).unwrap();
+        assert_eq!(c.lopen(1, 0), Err(libc::EPERM as u32), "the fid still holds the device");
     } else {
         eprintln!("!!! host_devices_cannot_be_opened: not root, no device node to try !!!");
     }
-    let mut c = Client::attach(&share, false);
     c.mknod(ROOT, "fifo", libc::S_IFIFO | 0o644).unwrap();
     c.walk(ROOT, 2, &["fifo"]).unwrap();
     c.lopen(2, 0).unwrap(); // would block forever without a writer if opened blocking
@@ -378,8 +391,10 @@ fn the_guest_cannot_plant_set_id_programs() {
     assert_eq!(mode_of(&share.join("tool")) & 0o6000, 0);
     c.set_mode(1, 0o6755).unwrap();
     assert_eq!(mode_of(&share.join("tool")), 0o755);
-    c.mkdir(ROOT, "group", 0o2775).unwrap();
-    assert_eq!(mode_of(&share.join("group")) & 0o6000, 0);
+    c.mkdir(ROOT, "group", 0o775).unwrap();
+    c.walk(ROOT, 2, &["group"]).unwrap();
+    c.set_mode(2, 0o2775).unwrap();
+    assert_eq!(mode_of(&share.join("group")), 0o775, "chmod g+s on a directory is cleared too");
 }
 
 #[test]
@@ -387,7 +402,9 @@ fn malformed_messages_get_errors() {
     let dir = TempDir::new("malformed");
     let mut c = Client::attach(&dir.share(), false);
     // A walk that promises more names than it carries, an unknown type, a truncated header.
-    assert!(c.call(TWALK, Msg::default().u32(ROOT).u32(1).u32(0xffff)).is_err());
+    assert!(c.call(TWALK, Msg::default().u32(ROOT).u32(1).names(&["a"]).u8(2)).is_err(), "trailing garbage");
+    let two_names_promised = Msg::default().u32(ROOT).u32(1).u8(2).u8(0).s("a");
+    assert!(c.call(TWALK, two_names_promised).is_err());
     assert!(c.call(TWALK, Msg::default().u32(ROOT).u32(1).u8(5).u8(0).s("a")).is_err());
     let mut reply = Vec::new();
     let mut unknown = vec![7, 0, 0, 0, 250, 1, 0];

@@ -11,8 +11,8 @@
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::worker::{Watch, Worker};
 use super::*;
@@ -103,7 +103,16 @@ pub struct NetPort {
     packet: Vec<u8>,
     /// Length of a received packet still waiting for guest buffers.
     pending: Option<usize>,
+    /// Buffers taken for the pending packet, and their total size.
+    held: Vec<RxBuffer>,
+    held_room: usize,
     backend_failed: bool,
+}
+
+/// A receive buffer taken from the ring: its head and its writable regions.
+struct RxBuffer {
+    head: u16,
+    regions: Vec<(GuestAddress, usize)>,
 }
 
 enum Delivery {
@@ -136,6 +145,8 @@ impl NetPort {
             mergeable: features & VIRTIO_NET_F_MRG_RXBUF != 0,
             packet: vec![0; HEADER_LEN + MAX_FRAME],
             pending: None,
+            held: Vec::new(),
+            held_room: 0,
             backend_failed: false,
         }
     }
@@ -174,39 +185,43 @@ impl NetPort {
     }
 
     /// Places the pending packet in the guest's receive buffers: one buffer, or with
-    /// MRG_RXBUF as many as it takes. Buffers taken for a packet that does not fit yet are
-    /// given back to the ring.
+    /// MRG_RXBUF as many as it takes. Buffers taken for a packet that does not fit yet are held
+    /// for it, not given back: the ring's event index then asks the driver to notify when it
+    /// adds more.
     fn deliver(&mut self, len: usize) -> Delivery {
-        let mut chains = Vec::new();
-        let mut room = 0;
-        while room < len && (self.mergeable || chains.is_empty()) {
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
-                for _ in 0..chains.len() {
-                    self.rx.go_to_previous_position();
-                }
-                return Delivery::NoRoom;
+        while self.held_room < len && (self.mergeable || self.held.is_empty()) {
+            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else { return Delivery::NoRoom };
+            let head = chain.head_index();
+            // A chain the Writer rejects (bad address, overflowing length) offers no room.
+            let regions: Vec<(GuestAddress, usize)> = match chain.clone().writer(&self.mem) {
+                Ok(_) => chain.writable().map(|d| (d.addr(), d.len() as usize)).collect(),
+                Err(_) => Vec::new(),
             };
-            room += chain.clone().writer(&self.mem).map_or(0, |w| w.available_bytes());
-            chains.push(chain);
-            if chains.len() == usize::from(self.rx.size()) {
+            self.held_room += regions.iter().map(|(_, size)| size).sum::<usize>();
+            self.held.push(RxBuffer { head, regions });
+            if self.held.len() == usize::from(self.rx.size()) {
                 break; // a whole ring of buffers too small: the packet is dropped below
             }
         }
-        let fits = room >= len;
-        let buffers = chains.len() as u16;
-        self.packet[NUM_BUFFERS_OFFSET..HEADER_LEN].copy_from_slice(&buffers.to_le_bytes());
+        let fits = self.held_room >= len;
+        let held = std::mem::take(&mut self.held);
+        self.held_room = 0;
+        self.packet[NUM_BUFFERS_OFFSET..HEADER_LEN].copy_from_slice(&(held.len() as u16).to_le_bytes());
         let mut offset = 0;
-        for chain in chains {
-            let head = chain.head_index();
+        for buffer in held {
             let mut written = 0;
-            if let (true, Ok(mut writer)) = (fits, chain.writer(&self.mem)) {
-                let n = writer.available_bytes().min(len - offset);
-                if writer.write_all(&self.packet[offset..offset + n]).is_ok() {
-                    written = n;
-                    offset += n;
+            for (addr, size) in buffer.regions {
+                if !fits || offset == len {
+                    break;
                 }
+                let n = size.min(len - offset);
+                if self.mem.write_slice(&self.packet[offset..offset + n], addr).is_err() {
+                    break;
+                }
+                offset += n;
+                written += n;
             }
-            if self.rx.add_used(&self.mem, head, written as u32).is_err() {
+            if self.rx.add_used(&self.mem, buffer.head, written as u32).is_err() {
                 return Delivery::QueueBroken;
             }
         }
@@ -335,14 +350,16 @@ impl VirtioDevice for Net {
         }
         let mut queues = queues.into_iter();
         let mut workers = Vec::new();
+        // Only the first pair is served until the driver asks for more (and without MQ, ever):
+        // frames the tap steers to another queue would wait there unread.
+        for (pair, backend) in self.backends.iter().enumerate() {
+            let mut backend = backend.lock().unwrap();
+            backend.set_offloads(acked_features)?;
+            backend.set_active(pair == 0)?;
+        }
         for (pair, backend) in self.backends.iter().take(pairs).enumerate() {
             let (rx, tx) = (queues.next().expect("counted"), queues.next().expect("counted"));
-            let fd = {
-                let mut backend = backend.lock().unwrap();
-                backend.set_offloads(acked_features)?;
-                backend.set_active(pair == 0)?; // until the driver asks for more pairs
-                std::os::fd::AsRawFd::as_raw_fd(&**backend)
-            };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&**backend.lock().unwrap());
             let mut port = NetPort::new(rx.queue, tx.queue, pair as u16, mem.clone(), backend.clone(), interrupt.clone(), acked_features);
             let name = format!("virtio-net-q{pair}");
             workers.push(Worker::spawn_with_fd(name, vec![rx.kick, tx.kick], fd, move |event, watch| port.handle(event, watch))?);
@@ -373,7 +390,6 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::devices::virtio::block::tests::CountingInterrupt;
@@ -498,7 +514,9 @@ mod tests {
         let rx = mock.create_queue().unwrap();
         let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
         assert!(!port.receive(), "no room: stop watching the backend");
-        assert_eq!(mock.used().idx().load(), 0, "the lone buffer went back to the ring");
+        assert_eq!(mock.used().idx().load(), 0, "the lone buffer is held for the frame");
+        // Every offered buffer was taken, so with EVENT_IDX the driver's next buffer notifies.
+        assert_eq!(port.rx.next_avail(), mock.avail().idx().load());
         rx_buffers(&mock, 2, 1500, 1);
         assert!(!port.receive(), "the first frame fits now; the second waits for room");
         assert_eq!(mock.used().idx().load(), 3, "3000 bytes in three buffers");
