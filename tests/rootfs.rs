@@ -58,9 +58,9 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     // The command runs in the host's current directory, seen under /host.
     let work = temp_dir();
     write_file(&work, "data.txt", b"data-in-the-cwd\n");
-    let script = "cat data.txt; echo out-$((2*3)); echo err-line >&2; echo made > /root/made; exit 7";
+    let script = "cat data.txt; echo out-$((2*3)) args=$#; echo err-line >&2; echo made > /root/made; exit 7";
     let shell = format!(
-        "cd {} && exec {} sandbox -d sbx -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}'",
+        "cd {} && exec {} sandbox -d sbx -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
         work.display(),
         lkvm(),
         guest().vmlinux.display()
@@ -69,7 +69,8 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
 
     assert_eq!(out.code, Some(7), "lkvm returns the command's status: {}", out.describe());
     let lines: Vec<&str> = out.stdout.lines().collect();
-    for expected in ["data-in-the-cwd", "out-6", "err-line"] {
+    // `zero ''`: $0, and one empty argument that must arrive.
+    for expected in ["data-in-the-cwd", "out-6 args=1", "err-line"] {
         assert!(lines.contains(&expected), "want the line {expected:?} as printed (no \\r): {}", out.describe());
     }
     let rootfs = home.join(".lkvm/sbx");

@@ -30,9 +30,12 @@ pub fn path(name: &str) -> PathBuf {
     lkvm_dir().join(name)
 }
 
-/// Whether `dir` was made by `lkvm setup` (so it boots our init and needs the host's /).
+/// Whether `dir` was made by `lkvm setup` (so it boots our init and needs the host's /): one
+/// of `~/.lkvm/`'s directories with our init. Where it lives is part of the test: a guest can
+/// write a /virt/init into any root it is given, and must not earn the host's / by it.
 pub fn is_lkvm_rootfs(dir: &Path) -> bool {
-    dir.join(INIT_PATH).is_file()
+    let (Ok(dir), Ok(home)) = (fs::canonicalize(dir), fs::canonicalize(lkvm_dir())) else { return false };
+    dir.parent() == Some(home.as_path()) && dir.join(INIT_PATH).is_file()
 }
 
 /// `lkvm setup NAME`: refuses a name that exists, as kvmtool does.
@@ -48,12 +51,16 @@ pub fn create(name: &str) -> Result<PathBuf, String> {
     Ok(root)
 }
 
-/// Creates or completes the rootfs at `root`, and refreshes its init to this lkvm's.
+/// Creates or completes the rootfs at `root`, and refreshes its init to this lkvm's. Its guests
+/// write in it as root: whatever they left is not followed (no symlink where a directory
+/// belongs, no file written through a symlink).
 pub fn populate(root: &Path) -> io::Result<()> {
+    fs::create_dir_all(root)?;
     for dir in DIRS {
-        fs::create_dir_all(root.join(dir))?;
+        ensure_dir(&root.join(dir))?;
     }
-    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    let tmp = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(root.join("tmp"))?;
+    tmp.set_permissions(fs::Permissions::from_mode(0o1777))?;
     for name in HOST_LINKS {
         let link = root.join(name);
         match symlink(Path::new("/host").join(name), link) {
@@ -71,7 +78,22 @@ pub fn populate(root: &Path) -> io::Result<()> {
     let staged = root.join(format!("virt/.init.{}", std::process::id()));
     let _ = fs::remove_file(&staged);
     fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&staged).and_then(|mut f| io::Write::write_all(&mut f, INIT))?;
-    fs::rename(staged, root.join(INIT_PATH))
+    fs::rename(staged, root.join(INIT_PATH)) // replaces a symlink there, never follows it
+}
+
+/// Makes `path` a directory unless it is one; anything else there (a symlink) is an error.
+fn ensure_dir(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::other(format!("{} is not a directory (remove it)", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates `path` with `contents`; O_EXCL means a symlink there is not followed.
+fn write_new(path: &Path, contents: &[u8]) -> io::Result<()> {
+    fs::OpenOptions::new().write(true).create_new(true).open(path).and_then(|mut f| io::Write::write_all(&mut f, contents))
 }
 
 fn write_if_missing(path: &Path, contents: &[u8]) -> io::Result<()> {
@@ -94,8 +116,8 @@ impl SandboxJob {
     pub fn create(root: &Path, argv: &[String], raw_output: bool) -> io::Result<SandboxJob> {
         let id = format!("{}", std::process::id());
         let dir = root.join("virt/sandbox").join(&id);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)?;
+        let _ = fs::remove_dir_all(&dir); // does not follow symlinks
+        fs::create_dir(&dir)?;
         let job = SandboxJob { dir, id };
         let mut encoded = Vec::new();
         for (i, arg) in argv.iter().enumerate() {
@@ -105,11 +127,11 @@ impl SandboxJob {
             encoded.extend_from_slice(arg.as_bytes());
             encoded.push(0);
         }
-        fs::write(job.dir.join("argv"), encoded)?;
+        write_new(&job.dir.join("argv"), &encoded)?;
         let cwd = std::env::current_dir()?;
-        fs::write(job.dir.join("cwd"), Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd)).as_os_str().as_encoded_bytes())?;
+        write_new(&job.dir.join("cwd"), Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd)).as_os_str().as_encoded_bytes())?;
         if raw_output {
-            fs::write(job.dir.join("raw"), b"")?;
+            write_new(&job.dir.join("raw"), b"")?;
         }
         Ok(job)
     }
@@ -119,9 +141,20 @@ impl SandboxJob {
         format!("lkvm.sandbox={}", self.id)
     }
 
-    /// The command's exit status, if the guest got to record it.
+    /// The command's exit status, if the guest got to record it: a few digits in a regular
+    /// file (the guest wrote it, so no symlink, FIFO or endless file is taken for it).
     pub fn exit_status(&self) -> Option<u8> {
-        fs::read_to_string(self.dir.join("status")).ok()?.trim().parse().ok()
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.dir.join("status"))
+            .ok()?;
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut digits = [0u8; 8];
+        let n = io::Read::read(&mut &file, &mut digits).ok()?;
+        std::str::from_utf8(&digits[..n]).ok()?.trim().parse().ok()
     }
 }
 
@@ -149,7 +182,7 @@ mod tests {
         assert_eq!(&init[..4], b"\x7fELF");
         assert_eq!(init[4], 2, "64-bit");
         assert_eq!(fs::metadata(root.join(INIT_PATH)).unwrap().permissions().mode() & 0o777, 0o755);
-        assert!(is_lkvm_rootfs(&root));
+        assert!(!is_lkvm_rootfs(&root), "only directories of ~/.lkvm are lkvm's");
         // A second run keeps what the user changed and refreshes the init.
         fs::write(root.join("etc/passwd"), "mine\n").unwrap();
         fs::write(root.join(INIT_PATH), "stale").unwrap();
@@ -166,8 +199,16 @@ mod tests {
         assert_eq!(job.exit_status(), None);
         fs::write(dir.join("status"), "7").unwrap();
         assert_eq!(job.exit_status(), Some(7));
+        // What the guest leaves in place of the status is not followed.
+        fs::remove_file(dir.join("status")).unwrap();
+        symlink("/dev/zero", dir.join("status")).unwrap();
+        assert_eq!(job.exit_status(), None);
         drop(job);
         assert!(!dir.exists());
+        // A guest's symlink where a directory belongs stops the next run.
+        fs::remove_dir(root.join("tmp")).unwrap();
+        symlink("/etc", root.join("tmp")).unwrap();
+        assert!(populate(&root).unwrap_err().to_string().contains("not a directory"));
         fs::remove_dir_all(&root).unwrap();
     }
 

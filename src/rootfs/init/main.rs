@@ -144,7 +144,9 @@ fn sandbox(id: &str) -> i32 {
         eprintln!("lkvm init: no sandbox command in {job}");
         return 126;
     };
-    let mut args = argv.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned());
+    // Each argument ends in a NUL; empty arguments are kept.
+    let argv = argv.strip_suffix(&[0]).unwrap_or(&argv);
+    let mut args = argv.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned());
     let Some(program) = args.next() else { return 126 };
     if std::path::Path::new(&format!("{job}/raw")).exists() {
         raw_output();
