@@ -73,12 +73,29 @@ pub fn populate(root: &Path) -> io::Result<()> {
     if let Ok(resolv) = fs::read("/etc/resolv.conf") {
         write_if_missing(&root.join("etc/resolv.conf"), &resolv)?;
     }
+    let init = root.join(INIT_PATH);
+    if is_current_init(&init) {
+        return Ok(()); // most runs write nothing
+    }
     // Written under a name of its own and renamed: a guest running the old init keeps it, and
     // lkvm processes starting together do not write into each other's copy.
     let staged = root.join(format!("virt/.init.{}", std::process::id()));
     let _ = fs::remove_file(&staged);
     fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&staged).and_then(|mut f| io::Write::write_all(&mut f, INIT))?;
-    fs::rename(staged, root.join(INIT_PATH)) // replaces a symlink there, never follows it
+    fs::rename(staged, init) // replaces a symlink there, never follows it
+}
+
+/// Whether `path` is a regular file holding this lkvm's init (not followed if a symlink, not
+/// waited on if a FIFO: guests write here).
+fn is_current_init(path: &Path) -> bool {
+    let Ok(file) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) else {
+        return false;
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file() && m.len() == INIT.len() as u64) {
+        return false;
+    }
+    let mut current = Vec::with_capacity(INIT.len());
+    io::Read::read_to_end(&mut io::Read::take(&file, INIT.len() as u64), &mut current).is_ok() && current == INIT
 }
 
 /// Makes `path` a directory unless it is one; anything else there (a symlink) is an error.
@@ -97,10 +114,9 @@ fn write_new(path: &Path, contents: &[u8]) -> io::Result<()> {
 }
 
 fn write_if_missing(path: &Path, contents: &[u8]) -> io::Result<()> {
-    match fs::OpenOptions::new().write(true).create_new(true).open(path) {
-        Ok(mut file) => io::Write::write_all(&mut file, contents),
+    match write_new(path, contents) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
+        other => other,
     }
 }
 

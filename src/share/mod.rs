@@ -34,25 +34,24 @@ const MAX_TAG_LEN: usize = 255;
 
 // Message types, from the Linux client (include/net/9p/9p.h).
 const RLERROR: u8 = 7;
-const TVERSION: u8 = 100;
-const TATTACH: u8 = 104;
-const TCLUNK: u8 = 120;
-const TGETATTR: u8 = 24;
-const RGETATTR: u8 = 25;
-const P9_GETATTR_BASIC: u64 = 0x7ff;
 const TLOPEN: u8 = 12;
 const TLCREATE: u8 = 14;
 const TSYMLINK: u8 = 16;
 const TMKNOD: u8 = 18;
 const TRENAME: u8 = 20;
+const TGETATTR: u8 = 24;
+const RGETATTR: u8 = 25;
 const TSETATTR: u8 = 26;
 const TXATTRCREATE: u8 = 32;
 const TLINK: u8 = 70;
 const TMKDIR: u8 = 72;
 const TRENAMEAT: u8 = 74;
 const TUNLINKAT: u8 = 76;
+const TVERSION: u8 = 100;
+const TATTACH: u8 = 104;
 const TWALK: u8 = 110;
 const TWRITE: u8 = 118;
+const TCLUNK: u8 = 120;
 const TREMOVE: u8 = 122;
 
 // Tlopen flags that write: access mode (O_WRONLY, O_RDWR, 3), O_CREAT, O_TRUNC, O_APPEND.
@@ -60,6 +59,7 @@ const P9_ACCESS_MASK: u32 = 0o3;
 const P9_WRITING_FLAGS: u32 = 0o100 | 0o1000 | 0o2000;
 const P9_NONBLOCK: u32 = 0o4000;
 const P9_SETATTR_MODE: u32 = 1;
+const P9_GETATTR_BASIC: u64 = 0x7ff;
 const SET_ID_BITS: u32 = (libc::S_ISUID | libc::S_ISGID) as u32;
 const QID_SYMLINK: u8 = 0x02;
 const QID_FILE: u8 = 0x00;

@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 
 const RVERSION: u8 = 101;
-const TVERSION: u8 = 100;
-const TATTACH: u8 = 104;
 const TREAD: u8 = 116;
-const TGETATTR: u8 = 24;
 const TREADDIR: u8 = 40;
 const TSTATFS: u8 = 8;
 const TFSYNC: u8 = 50;
@@ -154,7 +151,7 @@ impl Client {
         self.call(TSETATTR, msg.u64(size).u64(0).u64(0).u64(0).u64(0))
     }
     fn size(&mut self, fid: u32) -> u64 {
-        let (_, body) = self.call(TGETATTR, Msg::default().u32(fid).u64(0x7ff)).unwrap();
+        let (_, body) = self.call(TGETATTR, Msg::default().u32(fid).u64(P9_GETATTR_BASIC)).unwrap();
         // valid[8] qid[13] mode[4] uid[4] gid[4] nlink[8] rdev[8] size[8]
         u64::from_le_bytes(body[49..57].try_into().unwrap())
     }
@@ -263,10 +260,10 @@ fn symlinks_are_never_followed_out_of_the_share() {
     // A walk through a symlinked directory stops at the link: no fid inside its target.
     let (_, qids) = c.walk(ROOT, 3, &["dirlink", "secret"]).unwrap();
     assert_eq!(qids[..2], 1u16.to_le_bytes(), "only the link itself was walked");
-    assert_eq!(c.call(TGETATTR, Msg::default().u32(3).u64(0x7ff)), Err(libc::EBADF as u32));
+    assert_eq!(c.call(TGETATTR, Msg::default().u32(3).u64(P9_GETATTR_BASIC)), Err(libc::EBADF as u32));
     let (_, qids) = c.walk(ROOT, 4, &["root", "etc"]).unwrap();
     assert_eq!(qids[..2], 1u16.to_le_bytes());
-    assert_eq!(c.call(TGETATTR, Msg::default().u32(4).u64(0x7ff)), Err(libc::EBADF as u32));
+    assert_eq!(c.call(TGETATTR, Msg::default().u32(4).u64(P9_GETATTR_BASIC)), Err(libc::EBADF as u32));
     // Names created at the link's parent land in the share, not in its target.
     c.walk(ROOT, 5, &["dirlink"]).unwrap();
     assert!(c.lcreate(5, "planted", 0o644).is_err());

@@ -290,16 +290,13 @@ pub fn process_control_queue(queue: &mut Queue, index: u16, mem: &GuestMemoryMma
         let status = match reader.read_exact(&mut command) {
             Ok(()) if command[..2] == [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET] => {
                 let pairs = usize::from(u16::from_le_bytes([command[2], command[3]]));
-                if (1..=backends.len()).contains(&pairs) {
-                    let results: Vec<_> =
-                        backends.iter().enumerate().map(|(i, b)| b.lock().unwrap().set_active(i < pairs)).collect();
-                    match results.into_iter().find_map(Result::err) {
-                        Some(e) => {
-                            tracing::warn!("virtio-net: using {pairs} queue pairs: {e}");
-                            VIRTIO_NET_ERR
-                        }
-                        None => VIRTIO_NET_OK,
-                    }
+                let switched = (1..=backends.len()).contains(&pairs)
+                    && backends.iter().enumerate().all(|(i, backend)| {
+                        let result = backend.lock().unwrap().set_active(i < pairs);
+                        result.inspect_err(|e| tracing::warn!("virtio-net: using {pairs} queue pairs: {e}")).is_ok()
+                    });
+                if switched {
+                    VIRTIO_NET_OK
                 } else {
                     VIRTIO_NET_ERR
                 }
