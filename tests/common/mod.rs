@@ -61,7 +61,7 @@ pub fn run_command(
     timeout: Duration,
     on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
-    run_full(program, args, &[], stdin, timeout, on_line)
+    run_full(program, args, &[], stdin, None, timeout, on_line)
 }
 
 /// `run_command` with extra environment variables and no stdin.
@@ -72,7 +72,13 @@ pub fn run_command_env(
     timeout: Duration,
     on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
-    run_full(program, args, env, None, timeout, on_line)
+    run_full(program, args, env, None, None, timeout, on_line)
+}
+
+/// Text to type once the program's output shows a prompt.
+struct Typing<'a> {
+    prompt: &'a str,
+    input: &'a str,
 }
 
 fn run_full(
@@ -80,6 +86,7 @@ fn run_full(
     args: &[&str],
     env: &[(&str, String)],
     stdin: Option<&[u8]>,
+    typing: Option<Typing>,
     timeout: Duration,
     mut on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
@@ -87,36 +94,42 @@ fn run_full(
     let mut child = Command::new(program)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() || typing.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn lkvm");
-    if let Some(input) = stdin {
-        // Keep the pipe open: a closed stdin must not be mistaken for input.
-        let mut pipe = child.stdin.take().unwrap();
+    // Kept open to the end: a closed stdin must not be mistaken for input.
+    let mut pipe = child.stdin.take();
+    if let (Some(input), Some(pipe)) = (stdin, pipe.as_mut()) {
         pipe.write_all(input).unwrap();
-        std::mem::forget(pipe);
     }
+    // Output as it arrives (a prompt has no newline), and each whole line to `on_line`.
+    let output = std::sync::Arc::new(Mutex::new(Vec::new()));
     let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
+    let sink = output.clone();
     let out_reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        let mut reader = std::io::BufReader::new(&mut out);
-        let mut raw = Vec::new();
-        while std::io::BufRead::read_until(&mut reader, b'\n', &mut raw).is_ok_and(|n| n > 0) {
-            let line = String::from_utf8_lossy(&raw).into_owned();
-            on_line(line.trim_end_matches(['\n', '\r']));
-            all.push_str(&line);
-            raw.clear();
+        let mut chunk = [0u8; 4096];
+        let mut line = Vec::new();
+        while let Ok(n @ 1..) = out.read(&mut chunk) {
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            for &byte in &chunk[..n] {
+                if byte == b'\n' {
+                    on_line(String::from_utf8_lossy(&line).trim_end_matches('\r'));
+                    line.clear();
+                } else {
+                    line.push(byte);
+                }
+            }
         }
-        all
     });
+    let mut err = child.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = err.read_to_end(&mut s);
         String::from_utf8_lossy(&s).into_owned()
     });
+    let mut typing = typing;
     let mut timed_out = false;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -127,15 +140,17 @@ fn run_full(
             let _ = child.kill();
             break child.wait().unwrap();
         }
+        if let (Some(t), Some(pipe)) = (&typing, pipe.as_mut()) {
+            if String::from_utf8_lossy(&output.lock().unwrap()).contains(t.prompt) {
+                pipe.write_all(t.input.as_bytes()).unwrap();
+                typing = None;
+            }
+        }
         std::thread::sleep(Duration::from_millis(5));
     };
-    Outcome {
-        code: status.code(),
-        stdout: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-        timed_out,
-        elapsed: start.elapsed(),
-    }
+    out_reader.join().unwrap();
+    let stdout = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+    Outcome { code: status.code(), stdout, stderr: err_reader.join().unwrap(), timed_out, elapsed: start.elapsed() }
 }
 
 pub fn temp_dir() -> PathBuf {
@@ -269,49 +284,5 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 /// Runs lkvm with `env`, waits until its output shows `prompt`, then types `input`; kills it
 /// after `timeout`. Input typed before the guest opens its console would be lost.
 pub fn run_interactive(args: &[&str], env: &[(&str, String)], prompt: &str, input: &str, timeout: Duration) -> Outcome {
-    let start = Instant::now();
-    let mut child = Command::new(lkvm())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lkvm");
-    let output = std::sync::Arc::new(Mutex::new(Vec::new()));
-    let mut out = child.stdout.take().unwrap();
-    let sink = output.clone();
-    let out_reader = std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n @ 1..) = out.read(&mut chunk) {
-            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    let mut err = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let mut stdin = child.stdin.take().unwrap();
-    let mut typed = false;
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > timeout {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        if !typed && String::from_utf8_lossy(&output.lock().unwrap()).contains(prompt) {
-            stdin.write_all(input.as_bytes()).unwrap();
-            typed = true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    out_reader.join().unwrap();
-    let stdout = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
-    Outcome { code: status.code(), stdout, stderr: err_reader.join().unwrap(), timed_out, elapsed: start.elapsed() }
+    run_full(lkvm(), args, env, None, Some(Typing { prompt, input }), timeout, |_| {})
 }
