@@ -94,6 +94,18 @@ def med(values):
     return statistics.median(values) if values else None
 
 
+def ratio_table(rows, columns, baseline, digits=1):
+    """Prints a markdown table: a line per (label, {column: median}) with the medians, then each
+    other column's ratio to `baseline`."""
+    others = [c for c in columns if c != baseline]
+    print("| test | " + " | ".join(columns) + " | " + " | ".join(f"{c} / {baseline}" for c in others) + " |")
+    print("|---" * (1 + len(columns) + len(others)) + "|")
+    for label, m in rows:
+        cells = ["-" if m[c] is None else f"{m[c]:.{digits}f}" for c in columns]
+        ratios = [f"{m[c] / m[baseline]:.2f}" if m[c] and m[baseline] else "-" for c in others]
+        print(f"| {label} | " + " | ".join(cells + ratios) + " |")
+
+
 def qemu_base(mem_mib=None):
     """QEMU microvm with the same kernel, initramfs and i8042 reset path as lkvm's guests."""
     return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=on,acpi=off", "-device", "i8042", "-enable-kvm",

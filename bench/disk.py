@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, ROOT, med, qemu_base, results, run
+from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, ROOT, med, qemu_base, ratio_table, results, run
 
 TESTS = ["seq_write", "seq_read", "rand_write_4k", "rand_read_4k"]
 
@@ -51,13 +51,7 @@ def main():
     os.unlink(image.name)
 
     print(f"\nDisk benchmark: {args.runs} runs each, O_DIRECT in guest user space over {args.mib} MiB, MB/s medians")
-    print("| test | lkvm mmio | lkvm pci | QEMU mmio | lkvm mmio / QEMU | lkvm pci / QEMU |")
-    print("|---|---|---|---|---|---|")
-    for t in TESTS:
-        m = {name: med(table[name][t]) for name in vmms}
-        ratio = lambda a: f"{m[a] / m['QEMU mmio']:.2f}" if m[a] and m["QEMU mmio"] else "-"
-        cell = lambda a: "-" if m[a] is None else f"{m[a]:.1f}"
-        print(f"| {t} | {cell('lkvm mmio')} | {cell('lkvm pci')} | {cell('QEMU mmio')} | {ratio('lkvm mmio')} | {ratio('lkvm pci')} |")
+    ratio_table([(t, {name: med(table[name][t]) for name in vmms}) for t in TESTS], list(vmms), "QEMU mmio")
 
     print("\nHost-side block device model (no guest):")
     subprocess.run(["cargo", "run", "--quiet", "--release", "--example", "blk_model"], cwd=ROOT, check=True)

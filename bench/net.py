@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 
-from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, med, qemu_base, results, run
+from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, med, qemu_base, ratio_table, results, run
 
 TESTS = ["guest_to_host", "host_to_guest", "udp_rtt"]
 
@@ -132,12 +132,9 @@ def main():
             os.unlink(script.name)
     backend = "user mode (libslirp in both)" if args.mode == "user" else "tap in a namespace (QEMU vhost=off)"
     print(f"\nNetwork benchmark, {backend}, virtio-mmio, {args.runs} runs, medians")
-    print("| test | lkvm | QEMU | lkvm / QEMU |")
-    print("|---|---|---|---|")
-    for t, unit in zip(TESTS, ["MB/s", "MB/s", "us"]):
-        a, b = med(table["lkvm"][t]), med(table["QEMU"][t])
-        ratio = f"{a / b:.2f}" if a and b else "-"
-        print(f"| {t} ({unit}) | {a if a is None else round(a, 2)} | {b if b is None else round(b, 2)} | {ratio} |")
+    units = ["MB/s", "MB/s", "us"]
+    ratio_table([(f"{t} ({unit})", {name: med(table[name][t]) for name in vmms}) for t, unit in zip(TESTS, units)],
+                list(vmms), "QEMU", digits=2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 
-from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, med, qemu_base, results, run
+from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, med, qemu_base, ratio_table, results, run
 
 TESTS = [("read", "MB/s"), ("meta", "ops/s")]
 
@@ -52,14 +52,8 @@ def main():
 
     print(f"\n9p benchmark: {args.runs} runs each; read of a {args.mib} MiB file, create+stat+unlink of "
           f"{args.files} files; medians")
-    print("| test | lkvm mmio | lkvm pci | QEMU mmio | lkvm mmio / QEMU | lkvm pci / QEMU |")
-    print("|---|---|---|---|---|---|")
-    for t, unit in TESTS:
-        m = {name: med(table[name][t]) for name in vmms}
-        ratio = lambda a: f"{m[a] / m['QEMU mmio']:.2f}" if m[a] and m["QEMU mmio"] else "-"
-        cell = lambda a: "-" if m[a] is None else f"{m[a]:.1f}"
-        print(f"| {t} ({unit}) | {cell('lkvm mmio')} | {cell('lkvm pci')} | {cell('QEMU mmio')} | "
-              f"{ratio('lkvm mmio')} | {ratio('lkvm pci')} |")
+    ratio_table([(f"{t} ({unit})", {name: med(table[name][t]) for name in vmms}) for t, unit in TESTS],
+                list(vmms), "QEMU mmio")
 
 
 if __name__ == "__main__":
