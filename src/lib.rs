@@ -2,14 +2,18 @@
 //! The binary is `src/main.rs`; the library exists so fuzz targets and benchmarks can drive
 //! the device models directly.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod devices;
 pub mod disk;
+pub mod logging;
 pub mod net;
 pub mod rootfs;
 pub mod share;
 pub mod term;
+pub mod thread;
 pub mod vmm;

@@ -5,75 +5,76 @@ use std::time::Instant;
 
 use clap::Parser;
 use lkvm::cli::{self, control as ctl, Command};
-use lkvm::control::Command as Request;
-use lkvm::{rootfs, vmm};
+use lkvm::config::VmConfig;
+use lkvm::control::{self, Command as Request};
+use lkvm::vmm::exit::VmExit;
+use lkvm::vmm::Vm;
+use lkvm::{logging, rootfs};
 
 /// Exit status for bad input, a VM that could not be built, or a control request that failed.
 const EXIT_SETUP_FAILED: u8 = 1;
 /// Exit status for a command line clap could not parse.
 const EXIT_USAGE: u8 = 2;
 
-fn init_logging(level: &str) {
-    let level = match level {
-        "error" => tracing::Level::ERROR,
-        "info" => tracing::Level::INFO,
-        "debug" => tracing::Level::DEBUG,
-        _ => tracing::Level::WARN,
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(level)
-        .without_time()
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
-    init_logging(&args.loglevel);
-    let config = match prepare(args, started) {
+    logging::init(&args.loglevel);
+    let config = match prepare(args) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    boot(&config)
+    boot(config, started)
 }
 
 /// Validates the options and creates or refreshes the `lkvm setup` root directory booted.
-fn prepare(args: cli::run::RunArgs, started: Instant) -> Result<vmm::VmConfig, String> {
-    let config = args.into_config(started)?;
-    if let Some(root) = &config.lkvm_rootfs {
+fn prepare(args: cli::run::RunArgs) -> Result<VmConfig, String> {
+    let config = args.into_config()?;
+    if let Some(root) = config.lkvm_rootfs() {
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
     }
     Ok(config)
 }
 
-fn boot(config: &vmm::VmConfig) -> ExitCode {
-    match vmm::run(config) {
-        Ok(exit) if exit.exit_code() == 0 => {
-            tracing::info!("{exit}");
-            ExitCode::SUCCESS
-        }
-        Ok(exit) => {
-            eprintln!("lkvm: error: {exit}");
-            ExitCode::from(exit.exit_code() as u8)
-        }
-        Err(e) => fail(&e.to_string()),
+/// Builds and runs the VM, reachable through the control socket, until it ends.
+fn boot(config: VmConfig, started: Instant) -> ExitCode {
+    let name = config.name.clone();
+    let mut vm = match Vm::build(config, started) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let _control_socket = match control::Server::start(&name, vm.handle()) {
+        Ok(server) => server,
+        Err(msg) => return fail(&msg),
+    };
+    if let Err(e) = vm.start() {
+        return fail(&e.to_string());
+    }
+    exit_status(&vm.wait())
+}
+
+/// lkvm's exit status for how the VM ended (0 for the guest's own poweroff or reboot).
+fn exit_status(exit: &VmExit) -> ExitCode {
+    if exit.exit_code() == 0 {
+        tracing::info!("{exit}");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("lkvm: error: {exit}");
+        ExitCode::from(exit.exit_code() as u8)
     }
 }
 
 /// Boots the 9p root filesystem with the command for its init; exits with the command's status.
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
-    init_logging(&args.run.loglevel);
+    logging::init(&args.run.loglevel);
     if args.run.initrd.is_some() || args.run.nodefaults {
         return fail("lkvm sandbox runs the command from lkvm's 9p root filesystem: drop -i and --nodefaults");
     }
     // Only the command's output, unless the user asks the kernel for more.
     args.run.params = Some(format!("quiet {}", args.run.params.as_deref().unwrap_or("")));
-    let mut config = match prepare(args.run, started) {
+    let mut config = match prepare(args.run) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    let Some(root) = config.lkvm_rootfs.clone() else {
+    let Some(root) = config.lkvm_rootfs().cloned() else {
         return fail("lkvm sandbox needs lkvm's 9p root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest");
     };
     let raw_output = !std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -81,8 +82,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(job) => job,
         Err(e) => return fail(&format!("{}: {e}", root.display())),
     };
-    config.cmdline.push(&job.param());
-    let vm_status = boot(&config);
+    let params = config.boot.params.take().unwrap_or_default();
+    config.boot.params = Some(format!("{params} {}", job.param()));
+    let vm_status = boot(config, started);
     if vm_status != ExitCode::SUCCESS {
         return vm_status;
     }

@@ -172,7 +172,7 @@ fn balloon_returns_memory_and_stat_reports_numbers() {
     // The host acts when the guest has touched its memory, and measures again once the guest
     // reports the smaller MemTotal (it stays up for 8 s after that).
     let mut shrunk_rx = Some(shrunk_rx);
-    let out = run_command_env(lkvm(), &args, &lkvm_env, BOOT_TIMEOUT, move |line| {
+    let out = run_command_env(lkvm(), &args, &lkvm_env, boot_timeout(), move |line| {
         if line.contains("LKVM-RESULT balloon_ready=") {
             let (tx, home, shrunk) = (tx.clone(), home_for_host.clone(), shrunk_rx.take().unwrap());
             std::thread::spawn(move || {
@@ -182,7 +182,7 @@ fn balloon_returns_memory_and_stat_reports_numbers() {
                 let inflate = ctl(&home, &["balloon", "-n", "ballooned", "-i", "32"]);
                 let nmi = ctl(&home, &["debug", "-n", "ballooned", "-m", "0"]);
                 let sysrq = ctl(&home, &["debug", "-n", "ballooned", "-s", "h"]);
-                let _ = shrunk.recv_timeout(Duration::from_secs(200));
+                let _ = shrunk.recv_timeout(boot_timeout());
                 let rss_after = rss_kib(pid);
                 let _ = tx.send((stat, inflate, nmi, sysrq, rss_before, rss_after));
             });

@@ -15,7 +15,7 @@ fn boot(kernel: &std::path::Path, cpus: &str, mem_mib: &str, params: &str) -> Ou
         "run", "-k", kernel.to_str().unwrap(), "-i", guest.initramfs.to_str().unwrap(),
         "-c", cpus, "-m", mem_mib, "--name", "e2e", "--loglevel", "info", "-p", &params,
     ];
-    run_lkvm(&args, None, BOOT_TIMEOUT)
+    run_lkvm(&args, None, boot_timeout())
 }
 
 fn check_guest_view(out: &Outcome, cpus: u32, mem_mib: u64, marker: &str) {
@@ -82,7 +82,7 @@ fn disks_boot(transport: &str, console: &str) {
         "--virtio-transport", transport, "--console", console, "--rng", "-d", &vda, "-d", &vdb, "-d", &vdc_ro,
         "--9p", &share_arg, "--9p", &share_ro_arg, "-p", &params,
     ];
-    let out = run_lkvm(&args, None, BOOT_TIMEOUT);
+    let out = run_lkvm(&args, None, boot_timeout());
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert!(out.stdout.contains("LKVM-DONE"), "{}", out.describe());
     let cmdline = out.result("cmdline").unwrap();

@@ -87,7 +87,7 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
     ];
     // When the guest listens, a host client connects through the forward.
     let (fwd_tx, fwd_rx) = channel();
-    let out = run_command(lkvm(), &args, None, BOOT_TIMEOUT, move |line| {
+    let out = run_command(lkvm(), &args, None, boot_timeout(), move |line| {
         if line.contains("LKVM-RESULT listening=8000") {
             let tx = fwd_tx.clone();
             thread::spawn(move || {
@@ -169,7 +169,7 @@ fn tap_networking_in_a_private_namespace() {
         "-n", "mode=user",
         "-p", &params,
     ];
-    let out = run_command("ip", &args, None, BOOT_TIMEOUT, |_| {});
+    let out = run_command("ip", &args, None, boot_timeout(), |_| {});
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert_eq!(out.result("ifaddr:eth0").as_deref(), Some("10.33.0.2"), "{}", out.describe());
     assert_eq!(out.result("ping").as_deref(), Some("ok"), "{}", out.describe());

@@ -27,7 +27,7 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files() {
     );
     let vmlinux = guest().vmlinux.to_str().unwrap();
     let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "-p", HOST_GUEST_PARAMS];
-    let out = run_interactive(&args, &home_env(&home), "# ", &input, BOOT_TIMEOUT);
+    let out = run_interactive(&args, &home_env(&home), "# ", &input, boot_timeout());
 
     assert_eq!(out.code, Some(0), "the VM ends with the shell: {}", out.describe());
     for expected in ["shell-42", "mounts=2", "written-by-the-host-4711", "Read-only file system", "refused"] {
@@ -65,7 +65,7 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
         lkvm(),
         guest().vmlinux.display()
     );
-    let out = run_command_env("/bin/sh", &["-c", &shell], &env, BOOT_TIMEOUT, |_| {});
+    let out = run_command_env("/bin/sh", &["-c", &shell], &env, boot_timeout(), |_| {});
 
     assert_eq!(out.code, Some(7), "lkvm returns the command's status: {}", out.describe());
     let lines: Vec<&str> = out.stdout.lines().collect();
@@ -95,7 +95,7 @@ fn a_directory_boots_as_the_9p_root_filesystem() {
     let params = format!("{HOST_GUEST_PARAMS} lkvm.write=/written:4096:6");
     let vmlinux = guest().vmlinux.to_str().unwrap();
     let args = ["run", "-k", vmlinux, "-d", root.to_str().unwrap(), "-m", "128", "-c", "1", "-n", "mode=none", "-p", &params];
-    let out = run_lkvm(&args, None, BOOT_TIMEOUT);
+    let out = run_lkvm(&args, None, boot_timeout());
 
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert!(out.stdout.contains("LKVM-DONE"), "its own /sbin/init ran: {}", out.describe());

@@ -1,18 +1,19 @@
 //! `lkvm run`: options as in kvmtool, turned into a validated VM configuration.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Args;
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
-use crate::boot::cmdline::KernelCmdline;
+use crate::config::{
+    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig, RootShare,
+    ShareConfig, Transport, VmConfig,
+};
 use crate::disk::DiskSpec;
 use crate::net::{NetMode, NetSpec};
 use crate::rootfs;
 use crate::share::ShareSpec;
-use crate::vmm::{ConsoleDevice, Transport, VmConfig};
 
 const MIB: u64 = 1 << 20;
 /// kvmtool's default: 64 MiB per vCPU plus 192 MiB...
@@ -142,7 +143,7 @@ pub fn default_mem(cpus: u32, host_ram: u64) -> u64 {
 
 impl RunArgs {
     /// Validates the options and builds the VM configuration, or says in one line what is wrong.
-    pub fn into_config(self, started: Instant) -> Result<VmConfig, String> {
+    pub fn into_config(self) -> Result<VmConfig, String> {
         let cpus = self.cpus.unwrap_or_else(|| host_cpus().min(u32::from(MAX_CPUS)));
         if cpus == 0 {
             return Err("-c 0: a guest needs at least one vCPU".into());
@@ -163,18 +164,14 @@ impl RunArgs {
             Some(kernel) => kernel,
             None => find_default_kernel(&default_kernel_paths())?,
         };
-        let disabled_cpuid = self
-            .disable_cpuid
-            .iter()
-            .map(|name| {
-                cpuid::find_feature(name).ok_or_else(|| {
-                    let known: Vec<&str> = cpuid::FEATURES.iter().map(|f| f.name).collect();
-                    format!("--disable-cpuid: unknown feature '{name}' (known: {})", known.join(", "))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        for name in &self.disable_cpuid {
+            if cpuid::find_feature(name).is_none() {
+                let known: Vec<&str> = cpuid::FEATURES.iter().map(|f| f.name).collect();
+                return Err(format!("--disable-cpuid: unknown feature '{name}' (known: {})", known.join(", ")));
+            }
+        }
 
-        let mut disks = Vec::new();
+        let mut drives = Vec::new();
         let mut root_dir = None;
         for arg in &self.disks {
             let spec = DiskSpec::parse(arg)?;
@@ -182,7 +179,8 @@ impl RunArgs {
                 _ if spec.path.is_dir() => spec.path.clone(),
                 Some(named) if !spec.path.exists() && !arg.contains('/') && named.is_dir() => named,
                 _ => {
-                    disks.push(spec);
+                    let id = format!("disk{}", drives.len());
+                    drives.push(DriveConfig { id, spec, is_root_device: false, partuuid: None });
                     continue;
                 }
             };
@@ -191,66 +189,61 @@ impl RunArgs {
             }
             root_dir = Some((dir, spec.read_only));
         }
-        let boots_default_rootfs = disks.is_empty() && root_dir.is_none() && self.initrd.is_none() && !self.nodefaults;
+        let boots_default_rootfs = drives.is_empty() && root_dir.is_none() && self.initrd.is_none() && !self.nodefaults;
         if boots_default_rootfs {
             root_dir = Some((rootfs::path(rootfs::DEFAULT_NAME), false));
         }
-        let mut shares = self.shares.iter().map(|s| ShareSpec::parse(s)).collect::<Result<Vec<_>, _>>()?;
-
-        let user_params = self.params.as_deref().unwrap_or("");
-        let mut cmdline = KernelCmdline::new(!self.nodefaults);
-        let mut user_cmdline = KernelCmdline::new(false);
-        user_cmdline.push_user(user_params);
-        let mut lkvm_rootfs = None;
+        let mut shares = Vec::new();
+        for arg in &self.shares {
+            shares.push(ShareConfig { id: format!("9p{}", shares.len()), spec: ShareSpec::parse(arg)? });
+        }
+        let mut root_share = None;
         if let Some((dir, read_only)) = root_dir {
-            if !self.nodefaults && !user_cmdline.has_key("root") {
-                cmdline.push(rootfs::ROOT_PARAMS);
-            }
             // Our rootfs: its /bin, /lib, ... live in the host's /, and its init is ours.
-            if boots_default_rootfs || rootfs::is_lkvm_rootfs(&dir) {
-                shares.push(ShareSpec { read_only: true, ..ShareSpec::new("/", rootfs::HOST_TAG)? });
-                if !self.nodefaults && !user_cmdline.has_key("init") {
-                    cmdline.push(rootfs::INIT_PARAM);
-                }
-                lkvm_rootfs = Some(dir.clone());
+            let lkvm_rootfs = (boots_default_rootfs || rootfs::is_lkvm_rootfs(&dir)).then(|| dir.clone());
+            if lkvm_rootfs.is_some() {
+                let spec = ShareSpec { read_only: true, ..ShareSpec::new("/", rootfs::HOST_TAG)? };
+                shares.push(ShareConfig { id: "hostfs".into(), spec });
             }
-            shares.push(ShareSpec { read_only, ..ShareSpec::new(dir, rootfs::ROOT_TAG)? });
-        } else if !disks.is_empty() && !self.nodefaults && !user_cmdline.has_key("root") {
-            cmdline.push("root=/dev/vda rw");
+            let spec = ShareSpec { read_only, ..ShareSpec::new(dir, rootfs::ROOT_TAG)? };
+            shares.push(ShareConfig { id: "rootfs".into(), spec });
+            root_share = Some(RootShare { share_id: "rootfs".into(), lkvm_rootfs });
+        } else if let Some(first) = drives.first_mut() {
+            first.is_root_device = true;
         }
         let mut nets = self.networks.iter().map(|n| NetSpec::parse(n)).collect::<Result<Vec<_>, _>>()?;
         if self.networks.is_empty() {
             nets.push(NetSpec::default()); // kvmtool's default: one user-mode NIC
         }
         nets.retain(|n| n.mode != NetMode::None);
-        if nets.iter().any(|n| n.mode == NetMode::User) && !self.nodefaults && !user_cmdline.has_key("ip") {
-            cmdline.push("ip=dhcp");
-        }
-        let console = if self.console == "virtio" { ConsoleDevice::Virtio } else { ConsoleDevice::Serial };
-        if console == ConsoleDevice::Virtio {
-            cmdline.set_console("hvc0");
-        }
-        cmdline.push_user(user_params);
+        let nets = nets.into_iter().enumerate().map(|(i, spec)| NetConfig { id: format!("net{i}"), spec }).collect();
 
-        Ok(VmConfig {
+        let config = VmConfig {
             name: self.name.unwrap_or_else(|| format!("guest-{}", std::process::id())),
             kvm_device: self.kvm_device,
-            kernel,
-            initrd: self.initrd,
-            cmdline,
-            disks,
+            boot: BootConfig {
+                kernel,
+                initrd: self.initrd,
+                params: self.params,
+                policy: if self.nodefaults { CmdlinePolicy::Bare } else { CmdlinePolicy::Kvmtool },
+            },
+            machine: MachineConfig { vcpu_count: cpus as u8, mem_size_mib: mem_size / MIB, disabled_cpuid: self.disable_cpuid },
+            drives,
             shares,
-            lkvm_rootfs,
-            console,
-            rng: self.rng,
-            balloon: self.balloon,
+            root_share,
             nets,
+            console: if self.console == "virtio" { ConsoleDevice::Virtio } else { ConsoleDevice::Serial },
+            entropy: self.rng.then(|| DeviceId { id: "rng0".into() }),
+            balloon: self.balloon.then(|| BalloonConfig {
+                id: "balloon0".into(),
+                amount_mib: 0,
+                deflate_on_oom: false,
+                stats_polling_interval_s: 1,
+            }),
             transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
-            mem_size,
-            cpus: cpus as u8,
-            disabled_cpuid,
-            started,
-        })
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -270,6 +263,7 @@ fn find_default_kernel(candidates: &[PathBuf]) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::cmdline;
     use clap::Parser;
     use std::path::Path;
 
@@ -309,68 +303,66 @@ mod tests {
 
     #[test]
     fn config_validation() {
-        let now = Instant::now();
         let base = || RunArgs { kernel: Some("k".into()), ..Default::default() };
-        assert!(RunArgs { cpus: Some(0), ..base() }.into_config(now).unwrap_err().contains("at least one"));
-        assert!(RunArgs { cpus: Some(1000), ..base() }.into_config(now).unwrap_err().contains("at most"));
-        assert!(RunArgs { mem: Some(1 << 60), ..base() }.into_config(now).unwrap_err().contains("host's"));
-        let bad = RunArgs { disable_cpuid: vec!["nope".into()], ..base() }.into_config(now).unwrap_err();
+        assert!(RunArgs { cpus: Some(0), ..base() }.into_config().unwrap_err().contains("at least one"));
+        assert!(RunArgs { cpus: Some(1000), ..base() }.into_config().unwrap_err().contains("at most"));
+        assert!(RunArgs { mem: Some(1 << 60), ..base() }.into_config().unwrap_err().contains("host's"));
+        let bad = RunArgs { disable_cpuid: vec!["nope".into()], ..base() }.into_config().unwrap_err();
         assert!(bad.contains("unknown feature 'nope'"));
 
-        let config = RunArgs { cpus: Some(2), params: Some("quiet".into()), ..base() }.into_config(now).unwrap();
-        assert_eq!(config.cpus, 2);
-        let cmdline = config.cmdline.as_string();
+        let config = RunArgs { cpus: Some(2), params: Some("quiet".into()), ..base() }.into_config().unwrap();
+        assert_eq!(config.machine.vcpu_count, 2);
+        let cmdline = cmdline::compose(&config, &[]);
         assert!(cmdline.starts_with("console=ttyS0") && cmdline.ends_with("quiet"));
         // No disk and no initrd: kvmtool's default guest, ~/.lkvm/default over 9p.
         assert!(cmdline.contains(rootfs::ROOT_PARAMS) && cmdline.contains("init=/virt/init"), "{cmdline}");
-        let tags: Vec<_> = config.shares.iter().map(|s| (s.tag.as_str(), s.path.clone(), s.read_only)).collect();
+        let tags: Vec<_> = config.shares.iter().map(|s| (s.spec.tag.as_str(), s.spec.path.clone(), s.spec.read_only)).collect();
         assert_eq!(tags, [("hostfs", PathBuf::from("/"), true), ("root", rootfs::path("default"), false)]);
-        assert_eq!(config.lkvm_rootfs, Some(rootfs::path("default")));
-        let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config(now).unwrap();
-        assert!(!initrd.cmdline.as_string().contains("root=") && initrd.shares.is_empty() && initrd.lkvm_rootfs.is_none());
+        assert_eq!(config.lkvm_rootfs(), Some(&rootfs::path("default")));
+        let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config().unwrap();
+        assert!(!cmdline::compose(&initrd, &[]).contains("root=") && initrd.shares.is_empty() && initrd.lkvm_rootfs().is_none());
         let bare = RunArgs { cpus: Some(1), nodefaults: true, params: Some("x=1".into()), ..base() };
-        assert_eq!(bare.into_config(now).unwrap().cmdline.as_string(), "x=1");
+        assert_eq!(cmdline::compose(&bare.into_config().unwrap(), &[]), "x=1");
     }
 
     #[test]
     fn a_disk_brings_root_unless_the_user_chose_one() {
-        let now = Instant::now();
         let base = || RunArgs { kernel: Some("k".into()), cpus: Some(1), disks: vec!["a.img".into(), "b.img,ro".into()], ..Default::default() };
-        let config = base().into_config(now).unwrap();
-        assert_eq!(config.disks.len(), 2);
-        assert!(config.disks[1].read_only);
-        assert!(config.cmdline.as_string().contains("root=/dev/vda rw"));
-        let own_root = RunArgs { params: Some("root=/dev/vdb".into()), ..base() }.into_config(now).unwrap();
-        assert!(!own_root.cmdline.as_string().contains("/dev/vda"));
-        let hvc = RunArgs { console: "virtio".into(), ..base() }.into_config(now).unwrap();
+        let config = base().into_config().unwrap();
+        assert_eq!(config.drives.len(), 2);
+        assert!(config.drives[1].spec.read_only && config.drives[0].is_root_device);
+        assert!(cmdline::compose(&config, &[]).contains("root=/dev/vda rw"));
+        let own_root = RunArgs { params: Some("root=/dev/vdb".into()), ..base() }.into_config().unwrap();
+        assert!(!cmdline::compose(&own_root, &[]).contains("/dev/vda"));
+        let hvc = RunArgs { console: "virtio".into(), ..base() }.into_config().unwrap();
         assert_eq!(hvc.console, ConsoleDevice::Virtio);
-        assert!(hvc.cmdline.as_string().starts_with("console=hvc0 "));
-        let none = RunArgs { networks: vec!["mode=none".into()], ..base() }.into_config(now).unwrap();
-        assert!(none.nets.is_empty() && !none.cmdline.as_string().contains("ip=dhcp"));
-        let user = RunArgs { networks: vec!["mode=user".into()], ..base() }.into_config(now).unwrap();
+        assert!(cmdline::compose(&hvc, &[]).starts_with("console=hvc0 "));
+        let none = RunArgs { networks: vec!["mode=none".into()], ..base() }.into_config().unwrap();
+        assert!(none.nets.is_empty() && !cmdline::compose(&none, &[]).contains("ip=dhcp"));
+        let user = RunArgs { networks: vec!["mode=user".into()], ..base() }.into_config().unwrap();
         assert_eq!(user.nets.len(), 1);
-        assert!(user.cmdline.as_string().contains("ip=dhcp"));
+        assert!(cmdline::compose(&user, &[]).contains("ip=dhcp"));
         let own_ip = RunArgs { networks: vec!["mode=user".into()], params: Some("ip=off".into()), ..base() };
-        assert!(!own_ip.into_config(now).unwrap().cmdline.as_string().contains("ip=dhcp"));
-        let bad_net = RunArgs { networks: vec!["mode=warp".into()], ..base() }.into_config(now).unwrap_err();
+        assert!(!cmdline::compose(&own_ip.into_config().unwrap(), &[]).contains("ip=dhcp"));
+        let bad_net = RunArgs { networks: vec!["mode=warp".into()], ..base() }.into_config().unwrap_err();
         assert!(bad_net.contains("unknown mode 'warp'"));
-        let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config(now).unwrap_err();
+        let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config().unwrap_err();
         assert!(bad.contains("unknown disk option 'bogus'"));
     }
 
     #[test]
     fn a_directory_is_a_9p_root() {
-        let now = Instant::now();
         let dir = std::env::temp_dir();
         let base = RunArgs { kernel: Some("k".into()), cpus: Some(1), disks: vec![format!("{},ro", dir.display()), "a.img".into()], ..Default::default() };
-        let config = base.into_config(now).unwrap();
-        assert_eq!(config.disks.len(), 1, "the image stays a disk");
-        assert_eq!((config.shares.len(), config.shares[0].tag.as_str(), config.shares[0].read_only), (1, "root", true));
-        let cmdline = config.cmdline.as_string();
+        let config = base.into_config().unwrap();
+        assert_eq!(config.drives.len(), 1, "the image stays a disk");
+        assert_eq!((config.shares.len(), config.shares[0].spec.tag.as_str(), config.shares[0].spec.read_only), (1, "root", true));
+        let cmdline = cmdline::compose(&config, &[]);
         assert!(cmdline.contains(rootfs::ROOT_PARAMS) && !cmdline.contains("/dev/vda"), "{cmdline}");
-        assert!(!cmdline.contains("init=") && config.lkvm_rootfs.is_none(), "not an lkvm rootfs: its own init");
+        assert!(!cmdline.contains("init=") && config.lkvm_rootfs().is_none(), "not an lkvm rootfs: its own init");
         let shared = RunArgs { kernel: Some("k".into()), cpus: Some(1), initrd: Some("i".into()), shares: vec!["/tmp,tmp".into()], ..Default::default() };
-        assert_eq!(shared.into_config(now).unwrap().shares, [ShareSpec { path: "/tmp".into(), tag: "tmp".into(), read_only: false }]);
+        let spec = ShareSpec { path: "/tmp".into(), tag: "tmp".into(), read_only: false };
+        assert_eq!(shared.into_config().unwrap().shares, [ShareConfig { id: "9p0".into(), spec }]);
     }
 
     #[test]

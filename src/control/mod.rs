@@ -249,13 +249,11 @@ impl Server {
         // Only the owner may control the guest.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("{}: {e}", path.display()))?;
         let name = name.to_string();
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    serve(stream, &name, &*controller);
-                }
-            })
+        crate::thread::spawn(crate::thread::ThreadKind::Control, "control".into(), move || {
+            for stream in listener.incoming().flatten() {
+                serve(stream, &name, &*controller);
+            }
+        })
             .map_err(|e| format!("control thread: {e}"))?;
         Ok(Server { path })
     }

@@ -16,7 +16,7 @@ pub struct OpenError {
 }
 
 /// How the user asked for a disk (`-d PATH[,ro][,direct]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     pub path: PathBuf,
     pub read_only: bool,

@@ -33,20 +33,22 @@ pub trait NetBackend: Send + AsRawFd {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum NetMode {
     User,
     Tap,
     None,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortForward {
     pub protocol: Protocol,
     pub host_port: u16,
@@ -54,7 +56,7 @@ pub struct PortForward {
 }
 
 /// One `-n` option.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetSpec {
     pub mode: NetMode,
     pub tapif: Option<String>,

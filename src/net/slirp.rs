@@ -6,6 +6,7 @@
 //! the virtio-net worker over a SOCK_SEQPACKET socket pair: one frame per message, and the
 //! kernel's socket buffers bound how much can queue up either way.
 
+use crate::thread::ThreadKind;
 use std::ffi::{c_char, c_int, c_void};
 use std::io;
 use std::net::Ipv4Addr;
@@ -240,9 +241,7 @@ impl Slirp {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("user-mode network: {e}"))?;
         let stop_fd = stop.try_clone().map_err(|e| format!("user-mode network: {e}"))?;
         let (spec, (ready_tx, ready_rx)) = (spec.clone(), std::sync::mpsc::channel());
-        let thread = std::thread::Builder::new()
-            .name("slirp".into())
-            .spawn(move || run(spec, theirs, stop_fd, ready_tx))
+        let thread = crate::thread::spawn(ThreadKind::NetBackend, "slirp".into(), move || run(spec, theirs, stop_fd, ready_tx))
             .map_err(|e| format!("user-mode network: {e}"))?;
         ready_rx.recv().unwrap_or_else(|_| Err("user-mode network thread died".into()))?;
         Ok(Slirp { socket: ours, stop, thread: Some(thread) })

@@ -65,7 +65,7 @@ const QID_SYMLINK: u8 = 0x02;
 const QID_FILE: u8 = 0x00;
 
 /// How the user asked for a share (`--9p DIR,TAG[,ro]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShareSpec {
     pub path: PathBuf,
     pub tag: String,

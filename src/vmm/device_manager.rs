@@ -1,9 +1,11 @@
-//! Creates the guest's devices, places them on the buses and wires their interrupts and
-//! notifications to KVM (irqfd, ioeventfd).
+//! Creates the guest's devices from the config, places them on the buses, wires their
+//! interrupts and notifications to KVM (irqfd, ioeventfd), and keeps a handle on each by id.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
@@ -13,14 +15,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::exit::VmExit;
 use super::irq_routing::{KvmMsiRouting, FIRST_MSI_GSI};
-use super::{kvm_err, ConsoleDevice, Error, Transport, VmConfig};
+use super::{kvm_err, Error};
 use crate::arch::x86_64::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
 use crate::arch::x86_64::memory::ram_regions;
-use crate::boot::cmdline::KernelCmdline;
+use crate::config::{ConsoleDevice, Transport, VmConfig};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
 use crate::devices::virtio::balloon::{Balloon, BalloonControl};
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{Block, DriveMedia};
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::p9::P9;
@@ -36,23 +38,46 @@ use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
 use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
 
+/// Registry ids of the legacy devices the VMM reaches by id.
+pub const COM1_ID: &str = "com1";
+pub const KEYBOARD_ID: &str = "i8042";
+/// IRQ line of the i8042's keyboard port.
+const KEYBOARD_IRQ: u32 = 1;
+
 /// GSIs for virtio-mmio devices: IOAPIC pins no legacy device uses (8 is the RTC's).
 const VIRTIO_MMIO_GSIS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 
 /// Takes what fits of the terminal's input for the guest console; returns the bytes taken.
 pub type ConsoleInput = Box<dyn FnMut(&[u8]) -> usize + Send>;
 
+pub type Keyboard = i8042::I8042<ExitTrigger, i8042::IrqLine>;
+
+/// What the VMM can reach of a device after it is placed on the buses.
+pub enum DeviceEntry {
+    /// A virtio-blk drive, whose image can be swapped.
+    Drive(Arc<DriveMedia>),
+    Balloon(Arc<BalloonControl>),
+    /// COM1, for SysRq.
+    Serial(Arc<Mutex<serial::SerialPort>>),
+    /// The i8042, for Ctrl+Alt+Del.
+    Keyboard(Arc<Mutex<Keyboard>>),
+    /// A device the VMM needs no handle on (network, 9p, entropy, console).
+    Plain,
+}
+
+pub type Registry = BTreeMap<String, DeviceEntry>;
+
 pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub console_input: ConsoleInput,
-    pub balloon: Option<Arc<BalloonControl>>,
-    /// COM1, for SysRq from the control socket.
-    pub com1: Arc<Mutex<serial::SerialPort>>,
+    pub registry: Registry,
+    /// `virtio_mmio.device=` values for the kernel command line.
+    pub mmio_cmdline: Vec<String>,
 }
 
 /// Ends the VM with a fixed reason when triggered (the i8042 reset line).
-struct ExitTrigger {
+pub struct ExitTrigger {
     events: Mutex<Sender<VmExit>>,
     reason: VmExit,
 }
@@ -73,24 +98,28 @@ pub fn create_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     disks: Vec<DiskImage>,
-    shares: Vec<(Share, String)>,
-    cmdline: &mut KernelCmdline,
+    shares: Vec<Share>,
     events: &Sender<VmExit>,
+    started: Instant,
 ) -> Result<Devices, Error> {
     let mut pio = Bus::default();
-    let com1 = add_legacy_devices(vm, config, events, &mut pio)?;
-    let com1_input = com1.clone();
-    let mut console_input: ConsoleInput = Box::new(move |bytes: &[u8]| com1_input.lock().unwrap().receive(bytes));
+    let mut registry = Registry::new();
+    let com1 = add_legacy_devices(vm, config, events, started, &mut pio, &mut registry)?;
+    let mut console_input: ConsoleInput = Box::new(move |bytes: &[u8]| com1.lock().unwrap().receive(bytes));
 
     // The guest enumerates these in order: disks become vda, vdb, ...
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for (index, disk) in disks.into_iter().enumerate() {
-        virtio.push(Box::new(Block::new(disk, &format!("lkvm-disk{index}"))));
+    for (drive, disk) in config.drives.iter().zip(disks) {
+        let block = Block::new(disk, &drive.id);
+        registry.insert(drive.id.clone(), DeviceEntry::Drive(block.media()));
+        virtio.push(Box::new(block));
     }
-    for (share, tag) in shares {
-        virtio.push(Box::new(P9::new(share, &tag)));
+    for (config, share) in config.shares.iter().zip(shares) {
+        virtio.push(Box::new(P9::new(share, &config.spec.tag)));
+        registry.insert(config.id.clone(), DeviceEntry::Plain);
     }
-    for (index, spec) in config.nets.iter().enumerate() {
+    for (index, net) in config.nets.iter().enumerate() {
+        let spec = &net.spec;
         let backends: Vec<Box<dyn NetBackend>> = match spec.mode {
             NetMode::User => vec![Box::new(Slirp::start(spec).map_err(Error::Network)?)],
             NetMode::Tap => Tap::open(spec, index).map_err(Error::Network)?.into_iter().map(|t| Box::new(t) as _).collect(),
@@ -101,24 +130,27 @@ pub fn create_devices(
             mac[5] = mac[5].wrapping_add(index as u8);
         }
         virtio.push(Box::new(Net::new(mac, backends)));
+        registry.insert(net.id.clone(), DeviceEntry::Plain);
     }
     if config.console == ConsoleDevice::Virtio {
         let console = Console::new(Box::new(serial::Stdout)).map_err(|e| Error::Host("virtio console", e))?;
         let inbox = console.inbox();
         console_input = Box::new(move |bytes: &[u8]| inbox.push(bytes));
         virtio.push(Box::new(console));
+        registry.insert("console".into(), DeviceEntry::Plain);
     }
-    if config.rng {
+    if let Some(entropy) = &config.entropy {
         virtio.push(Box::new(Rng::default()));
+        registry.insert(entropy.id.clone(), DeviceEntry::Plain);
     }
-    let mut balloon_control = None;
-    if config.balloon {
-        let balloon = Balloon::new().map_err(|e| Error::Host("virtio balloon", e))?;
-        balloon_control = Some(balloon.control());
+    if let Some(config) = &config.balloon {
+        let balloon = Balloon::new(config.amount_mib, config.deflate_on_oom).map_err(|e| Error::Host("virtio balloon", e))?;
+        registry.insert(config.id.clone(), DeviceEntry::Balloon(balloon.control()));
         virtio.push(Box::new(balloon));
     }
 
     let mut mmio = Bus::default();
+    let mut mmio_cmdline = Vec::new();
     let mut space = AddressAllocator::new(MMIO_HOLE_START, u64::from(IOAPIC_ADDR) - MMIO_HOLE_START)
         .expect("the MMIO hole is a valid range");
     if config.transport == Transport::Pci {
@@ -129,7 +161,7 @@ pub fn create_devices(
             add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
         }
         pio.insert(Arc::new(Mutex::new(pci)), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
-        return Ok(Devices { pio, mmio, console_input, balloon: balloon_control, com1 });
+        return Ok(Devices { pio, mmio, console_input, registry, mmio_cmdline });
     }
     if virtio.len() > VIRTIO_MMIO_GSIS.len() {
         return Err(Error::DeviceSpace(
@@ -138,9 +170,9 @@ pub fn create_devices(
         ));
     }
     for (device, gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
-        add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio, cmdline)?;
+        mmio_cmdline.push(add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio)?);
     }
-    Ok(Devices { pio, mmio, console_input, balloon: balloon_control, com1 })
+    Ok(Devices { pio, mmio, console_input, registry, mmio_cmdline })
 }
 
 /// A naturally aligned window of `size` bytes in the MMIO hole.
@@ -190,8 +222,7 @@ fn add_virtio_mmio(
     gsi: u32,
     space: &mut AddressAllocator,
     bus: &mut Bus,
-    cmdline: &mut KernelCmdline,
-) -> Result<(), Error> {
+) -> Result<String, Error> {
     let what = format!("virtio-mmio device type {}", device.device_type());
     let range = allocate(space, mmio::WINDOW_SIZE, &what)?;
     let irq = eventfd()?;
@@ -202,15 +233,16 @@ fn add_virtio_mmio(
         vm.register_ioevent(kick, &notify, queue as u32).map_err(kvm_err("register virtio ioeventfd"))?;
     }
     bus.insert(Arc::new(Mutex::new(transport)), range.start(), mmio::WINDOW_SIZE)?;
-    cmdline.push(format!("virtio_mmio.device=4K@{:#x}:{gsi}", range.start()));
-    Ok(())
+    Ok(format!("4K@{:#x}:{gsi}", range.start()))
 }
 
 fn add_legacy_devices(
     vm: &VmFd,
     config: &VmConfig,
     events: &Sender<VmExit>,
+    started: Instant,
     pio: &mut Bus,
+    registry: &mut Registry,
 ) -> Result<Arc<Mutex<serial::SerialPort>>, Error> {
     let mut console = None;
     for (i, (port, irq)) in serial::PORTS.iter().enumerate() {
@@ -222,8 +254,12 @@ fn add_legacy_devices(
         console.get_or_insert(uart);
     }
     let reset = ExitTrigger { events: Mutex::new(events.clone()), reason: VmExit::Reset };
-    pio.insert(Arc::new(Mutex::new(i8042::I8042::new(reset))), u64::from(i8042::BASE), i8042::LEN)?;
-    let (low, high) = match ram_regions(config.mem_size).as_slice() {
+    let keyboard_irq = eventfd()?;
+    vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ).map_err(kvm_err("register keyboard irqfd"))?;
+    let keyboard = Arc::new(Mutex::new(i8042::I8042::new(reset, i8042::IrqLine(keyboard_irq))));
+    pio.insert(keyboard.clone(), u64::from(i8042::BASE), i8042::LEN)?;
+    registry.insert(KEYBOARD_ID.into(), DeviceEntry::Keyboard(keyboard));
+    let (low, high) = match ram_regions(config.machine.mem_size_mib << 20).as_slice() {
         [(_, low), (_, high)] => (*low, *high),
         [(_, low)] => (*low, 0),
         _ => unreachable!("guest RAM is one or two regions"),
@@ -232,7 +268,9 @@ fn add_legacy_devices(
     let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
     pio.insert(stub.clone(), u64::from(stub::POST_PORT), 1)?;
     pio.insert(stub, u64::from(stub::SYSTEM_CONTROL_A), 1)?;
-    let marker = boot_marker::BootMarker::new(config.started);
+    let marker = boot_marker::BootMarker::new(started);
     pio.insert(Arc::new(Mutex::new(marker)), u64::from(boot_marker::PORT), 1)?;
-    Ok(console.expect("COM1 exists"))
+    let com1 = console.expect("COM1 exists");
+    registry.insert(COM1_ID.into(), DeviceEntry::Serial(com1.clone()));
+    Ok(com1)
 }

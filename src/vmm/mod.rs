@@ -1,37 +1,38 @@
-//! The VM builder and its run loop: KVM, guest memory, irqchip, boot, devices, vCPU threads.
+//! The VM: built from a `VmConfig` before it runs (KVM, guest memory, irqchip, kernel, devices
+//! kept by id, vCPUs), then started and waited for; a `VmHandle` pauses, resumes, stops and
+//! reaches its devices from other threads (control socket, API).
 
 mod device_manager;
+mod handle;
 mod irq_routing;
 pub mod exit;
 pub mod vcpu;
 
 use std::io;
 use std::path::PathBuf;
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use std::os::unix::thread::JoinHandleExt;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::arch::x86_64::cpuid::{self, Feature};
+use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::memory::ram_regions;
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs;
-use crate::boot::cmdline::KernelCmdline;
 use crate::boot::{self, BootSpec};
+use crate::config::{cmdline, VmConfig};
 use crate::devices::bus;
-use crate::disk::{self, DiskImage, DiskSpec};
-use crate::share::{self, Share, ShareSpec};
-use crate::net::NetSpec;
+use crate::disk::{self, DiskImage};
+use crate::share::{self, Share};
 use crate::term;
+use crate::thread::{self as threads, ThreadKind};
 use exit::VmExit;
-use crate::control::{Controller, RunState};
-use crate::devices::legacy::serial::SerialPort;
-use crate::devices::virtio::balloon::BalloonControl;
+pub use handle::VmHandle;
 use vcpu::{Vcpu, VcpuControl};
 
 /// Where KVM keeps its three-page TSS on Intel: just below the BIOS area, inside the hole.
@@ -39,50 +40,14 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// How long console input waits for a guest that is not reading its console before dropping it.
 const CONSOLE_INPUT_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Everything needed to build and run one VM, already validated by the CLI.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Pci,
-    Mmio,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConsoleDevice {
-    Serial,
-    Virtio,
-}
-
-#[derive(Debug)]
-pub struct VmConfig {
-    pub name: String,
-    pub kvm_device: PathBuf,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: KernelCmdline,
-    pub disks: Vec<DiskSpec>,
-    /// Host directories over virtio-9p, after the disks.
-    pub shares: Vec<ShareSpec>,
-    /// An `lkvm setup` root directory being booted (also among `shares`), which the caller
-    /// creates or refreshes first.
-    pub lkvm_rootfs: Option<PathBuf>,
-    pub transport: Transport,
-    pub console: ConsoleDevice,
-    pub rng: bool,
-    pub balloon: bool,
-    pub nets: Vec<NetSpec>,
-    pub mem_size: u64,
-    pub cpus: u8,
-    pub disabled_cpuid: Vec<&'static Feature>,
-    /// When lkvm started, for the boot marker.
-    pub started: Instant,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {reason}")]
     KvmDevice { path: PathBuf, reason: String },
     #[error("KVM lacks {0}, which lkvm needs")]
     MissingCapability(&'static str),
+    #[error("{0}")]
+    Config(String),
     #[error("{requested} vCPUs requested, but this host's KVM allows at most {max}")]
     TooManyCpus { requested: u8, max: usize },
     #[error("KVM {0}: {1}")]
@@ -103,8 +68,6 @@ pub enum Error {
     Share(#[from] share::OpenError),
     #[error("{0}")]
     Network(String),
-    #[error("{0}")]
-    Control(String),
     #[error("no room for device {0}: {1}")]
     DeviceSpace(String, String),
 }
@@ -166,163 +129,131 @@ fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, Error> {
     Ok(mem)
 }
 
-/// Builds the VM, boots it, and runs it until the guest or the user ends it.
-pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
-    tracing::info!(
-        "# lkvm run -k {} -m {} -c {} --name {}",
-        config.kernel.display(),
-        config.mem_size >> 20,
-        config.cpus,
-        config.name
-    );
-    // Input files first: a bad disk must fail before anything else happens.
-    let disks = config.disks.iter().map(DiskImage::open).collect::<Result<Vec<_>, _>>()?;
-    let shares = config.shares.iter().map(|spec| Ok((Share::open(spec)?, spec.tag.clone()))).collect::<Result<Vec<_>, Error>>()?;
-    let (events, exits) = channel();
-    let control = Arc::new(VcpuControl::new(usize::from(config.cpus)));
-    let controller = Arc::new(VmController {
-        vcpus: control.clone(),
-        events: Mutex::new(events.clone()),
-        balloon: OnceLock::new(),
-        com1: OnceLock::new(),
-        guest_mib: config.mem_size >> 20,
-    });
-    let _control_socket = crate::control::Server::start(&config.name, controller.clone()).map_err(Error::Control)?;
-    let kvm = open_kvm(&config.kvm_device)?;
-    let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
-    if usize::from(config.cpus) > max_cpus {
-        return Err(Error::TooManyCpus { requested: config.cpus, max: max_cpus });
-    }
-    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
-    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("set TSS address"))?;
-    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-        .map_err(kvm_err("create PIT"))?;
-    let mem = create_memory(&vm, config.mem_size)?;
-
-    let mut cmdline = config.cmdline.clone();
-    let devices = device_manager::create_devices(&vm, &mem, config, disks, shares, &mut cmdline, &events)?;
-    if let Some(balloon) = &devices.balloon {
-        let _ = controller.balloon.set(balloon.clone());
-    }
-    let _ = controller.com1.set(devices.com1.clone());
-
-    let cmdline = cmdline.as_string();
-    let spec = BootSpec {
-        kernel: &config.kernel,
-        initrd: config.initrd.as_deref(),
-        cmdline: &cmdline,
-        mem_size: config.mem_size,
-        cpus: config.cpus,
-    };
-    let entry = boot::load(&mem, &spec)?;
-
-    let pio = Arc::new(devices.pio);
-    let mmio = Arc::new(devices.mmio);
-
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-    for index in 0..config.cpus {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create vCPU"))?;
-        let cpuid = cpuid::for_vcpu(&supported, index, config.cpus, &config.disabled_cpuid);
-        fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
-        regs::setup_vcpu(&fd, (index == 0).then_some(entry))?;
-        vcpus.push(Vcpu { index, fd, pio: pio.clone(), mmio: mmio.clone(), mem: mem.clone() });
-    }
-
-    vcpu::register_kick_handler().map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        let (control, events) = (control.clone(), events.clone());
-        let thread = thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.index))
-            .spawn(move || vcpu.run(&control, &events))
-            .map_err(|e| Error::Host("spawn vCPU thread", e))?;
-        threads.push(thread);
-    }
-    control.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
-    spawn_console_input(devices.console_input, events.clone())?;
-
-    let _raw_terminal = term::RawMode::stdin();
-    let reason = exits.recv().expect("the VMM holds a sender until here");
-    control.stop();
-    for thread in threads {
-        let _ = thread.join();
-    }
-    Ok(reason)
+/// A VM that exists before it runs: `build`, then `start`, then `wait` for its end.
+pub struct Vm {
+    handle: Arc<VmHandle>,
+    vcpus: Vec<Vcpu>,
+    threads: Vec<JoinHandle<()>>,
+    exits: Receiver<VmExit>,
+    console_input: Option<device_manager::ConsoleInput>,
+    /// Guest memory and the VM stay mapped until the vCPU threads are joined.
+    _mem: GuestMemoryMmap,
+    _vm: Arc<VmFd>,
 }
 
-/// The control socket's view of the VM.
-struct VmController {
-    vcpus: Arc<VcpuControl>,
-    events: Mutex<Sender<VmExit>>,
-    balloon: OnceLock<Arc<BalloonControl>>,
-    com1: OnceLock<Arc<Mutex<SerialPort>>>,
-    guest_mib: u64,
-}
-
-impl VmController {
-    fn balloon_device(&self) -> Result<&BalloonControl, String> {
-        self.balloon.get().map(|b| &**b).ok_or_else(|| "the guest has no balloon device (run it with --balloon)".to_string())
-    }
-}
-
-impl Controller for VmController {
-    fn state(&self) -> RunState {
-        if self.vcpus.paused() {
-            RunState::Paused
-        } else {
-            RunState::Running
+impl Vm {
+    /// Opens what the config names, creates the VM, its memory, devices and vCPUs and loads the
+    /// kernel; no guest code runs yet. `started` is when lkvm started, for the boot marker.
+    pub fn build(config: VmConfig, started: Instant) -> Result<Vm, Error> {
+        config.validate().map_err(Error::Config)?;
+        let machine = &config.machine;
+        tracing::info!(
+            "# lkvm run -k {} -m {} -c {} --name {}",
+            config.boot.kernel.display(),
+            machine.mem_size_mib,
+            machine.vcpu_count,
+            config.name
+        );
+        let disabled_cpuid = machine
+            .disabled_cpuid
+            .iter()
+            .map(|name| cpuid::find_feature(name).ok_or_else(|| Error::Config(format!("unknown CPUID feature '{name}'"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Input files first: a bad disk or initrd must fail before anything else happens.
+        if let Some(initrd) = &config.boot.initrd {
+            std::fs::File::open(initrd).map_err(|e| boot::Error::Initrd(initrd.clone(), e.to_string()))?;
         }
+        let disks = config.drives.iter().map(|d| DiskImage::open(&d.spec)).collect::<Result<Vec<_>, _>>()?;
+        let shares = config.shares.iter().map(|s| Share::open(&s.spec)).collect::<Result<Vec<_>, _>>()?;
+        let kvm = open_kvm(&config.kvm_device)?;
+        let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
+        if usize::from(machine.vcpu_count) > max_cpus {
+            return Err(Error::TooManyCpus { requested: machine.vcpu_count, max: max_cpus });
+        }
+        let mem_size = machine.mem_size_mib << 20;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("set TSS address"))?;
+        vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm_err("create PIT"))?;
+        let mem = create_memory(&vm, mem_size)?;
+
+        let (events, exits) = channel();
+        let devices = device_manager::create_devices(&vm, &mem, &config, disks, shares, &events, started)?;
+        let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);
+        let spec = BootSpec {
+            kernel: &config.boot.kernel,
+            initrd: config.boot.initrd.as_deref(),
+            cmdline: &cmdline,
+            mem_size,
+            cpus: machine.vcpu_count,
+        };
+        let entry = boot::load(&mem, &spec)?;
+
+        let pio = Arc::new(devices.pio);
+        let mmio = Arc::new(devices.mmio);
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
+        for index in 0..machine.vcpu_count {
+            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create vCPU"))?;
+            let cpuid = cpuid::for_vcpu(&supported, index, machine.vcpu_count, &disabled_cpuid);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            regs::setup_vcpu(&fd, (index == 0).then_some(entry))?;
+            vcpus.push(Vcpu { index, fd, pio: pio.clone(), mmio: mmio.clone(), mem: mem.clone() });
+        }
+        let control = Arc::new(VcpuControl::new(usize::from(machine.vcpu_count)));
+        let handle = Arc::new(VmHandle::new(config, control, events, devices.registry));
+        Ok(Vm { handle, vcpus, threads: Vec::new(), exits, console_input: Some(devices.console_input), _mem: mem, _vm: vm })
     }
-    fn stop(&self) {
-        let _ = self.events.lock().unwrap().send(VmExit::Stopped);
+
+    pub fn handle(&self) -> Arc<VmHandle> {
+        self.handle.clone()
     }
-    fn pause(&self) -> Result<(), String> {
-        self.vcpus.pause()
+
+    /// Runs the guest: one thread per vCPU, and the terminal feeding the console.
+    pub fn start(&mut self) -> Result<(), Error> {
+        vcpu::register_kick_handler().map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
+        for vcpu in self.vcpus.drain(..) {
+            let (control, events) = (self.handle.vcpus.clone(), self.handle.exit_sender());
+            let thread = threads::spawn(ThreadKind::Vcpu, format!("vcpu{}", vcpu.index), move || vcpu.run(&control, &events))
+                .map_err(|e| Error::Host("spawn vCPU thread", e))?;
+            self.threads.push(thread);
+        }
+        self.handle.vcpus.set_threads(self.threads.iter().map(|t| t.as_pthread_t()).collect());
+        if let Some(input) = self.console_input.take() {
+            spawn_console_input(input, self.handle.clone())?;
+        }
+        self.handle.mark_started();
+        Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
-        self.vcpus.resume()
-    }
-    fn registers(&self) -> Result<Vec<String>, String> {
-        self.vcpus.registers()
-    }
-    fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
-        let balloon = self.balloon_device()?;
-        let target = balloon.resize(delta_mib, self.guest_mib)?;
-        Ok((target, balloon.actual_mib()))
-    }
-    fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
-        self.balloon_device()?.stats()
-    }
-    fn nmi(&self, cpu: u32) -> Result<(), String> {
-        self.vcpus.inject_nmi(cpu as usize)
-    }
-    fn sysrq(&self, key: char) -> Result<(), String> {
-        let key = u8::try_from(key).ok().filter(u8::is_ascii_graphic).ok_or("sysrq keys are ASCII characters")?;
-        self.com1.get().ok_or("the VM is still starting")?.lock().unwrap().send_sysrq(key)
+
+    /// Waits until the guest or the user ends the VM, then stops every vCPU.
+    pub fn wait(self) -> VmExit {
+        let _raw_terminal = term::RawMode::stdin();
+        let reason = self.exits.recv().unwrap_or(VmExit::Stopped);
+        self.handle.vcpus.stop();
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        reason
     }
 }
 
-/// Feeds the terminal to the guest console. The thread is left blocked in read() when the VM ends: lkvm
-/// exits right after.
-fn spawn_console_input(mut input: device_manager::ConsoleInput, events: Sender<VmExit>) -> Result<(), Error> {
+/// Feeds the terminal to the guest console. The thread is left blocked in read() when the VM
+/// ends: lkvm exits right after.
+fn spawn_console_input(mut input: device_manager::ConsoleInput, handle: Arc<VmHandle>) -> Result<(), Error> {
     let deliver = move |mut bytes: &[u8]| {
         let deadline = Instant::now() + CONSOLE_INPUT_PATIENCE;
         while !bytes.is_empty() && Instant::now() < deadline {
             let taken = input(bytes);
             bytes = &bytes[taken..];
             if taken == 0 {
-                thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     };
-    let quit = move || {
-        let _ = events.send(VmExit::UserQuit);
-    };
-    thread::Builder::new()
-        .name("console".into())
-        .spawn(move || term::pump_stdin(deliver, quit))
+    let quit = move || handle.end(VmExit::UserQuit);
+    threads::spawn(ThreadKind::Console, "console".into(), move || term::pump_stdin(deliver, quit))
         .map(drop)
         .map_err(|e| Error::Host("spawn console thread", e))
 }

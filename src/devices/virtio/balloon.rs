@@ -21,7 +21,9 @@ const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
 const STATS: usize = 2;
 const STATS_REQUESTED: usize = 3;
+// Feature bits from the virtio spec (virtio-bindings has no balloon module).
 const VIRTIO_BALLOON_F_STATS_VQ: u64 = 1 << 1;
+const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
 /// The balloon counts in 4 KiB pages whatever the guest's page size.
 pub const PAGE_SIZE: u64 = 4096;
 const STAT_ENTRY: usize = 10;
@@ -53,13 +55,29 @@ impl BalloonControl {
     /// Moves the balloon target by `delta_mib` (positive inflates); returns the new target in
     /// MiB.
     pub fn resize(&self, delta_mib: i64, guest_mib: u64) -> Result<u64, String> {
-        let interrupt = self.interrupt.lock().unwrap().clone().ok_or("no balloon driver in the guest")?;
-        let pages_per_mib = (1 << 20) / PAGE_SIZE as i64;
-        let current = i64::from(self.target_pages.load(Ordering::SeqCst));
-        let target = (current + delta_mib * pages_per_mib).clamp(0, guest_mib as i64 * pages_per_mib);
-        self.target_pages.store(target as u32, Ordering::SeqCst);
-        interrupt.signal_config_change();
-        Ok(target as u64 / pages_per_mib as u64)
+        if self.interrupt.lock().unwrap().is_none() {
+            return Err("no balloon driver in the guest".into());
+        }
+        let target = self.target_mib().saturating_add_signed(delta_mib).min(guest_mib);
+        self.set_target_mib(target, guest_mib)?;
+        Ok(target)
+    }
+
+    /// Asks the guest to give back `mib` MiB in all; a guest without a driver yet reads the
+    /// target when its driver starts.
+    pub fn set_target_mib(&self, mib: u64, guest_mib: u64) -> Result<(), String> {
+        if mib > guest_mib {
+            return Err(format!("a balloon of {mib} MiB is larger than the guest's {guest_mib} MiB"));
+        }
+        self.target_pages.store((mib << 20).div_ceil(PAGE_SIZE) as u32, Ordering::SeqCst);
+        if let Some(interrupt) = &*self.interrupt.lock().unwrap() {
+            interrupt.signal_config_change();
+        }
+        Ok(())
+    }
+
+    pub fn target_mib(&self) -> u64 {
+        u64::from(self.target_pages.load(Ordering::SeqCst)) * PAGE_SIZE >> 20
     }
 
     /// Pages the guest says it has given back.
@@ -88,20 +106,23 @@ impl BalloonControl {
 
 pub struct Balloon {
     control: Arc<BalloonControl>,
+    deflate_on_oom: bool,
     worker: Option<Worker>,
 }
 
 impl Balloon {
-    pub fn new() -> std::io::Result<Self> {
+    /// A balloon whose first target is `amount_mib`; `deflate_on_oom` lets the guest take
+    /// pages back when it runs out of memory.
+    pub fn new(amount_mib: u64, deflate_on_oom: bool) -> std::io::Result<Self> {
         let control = Arc::new(BalloonControl {
-            target_pages: AtomicU32::new(0),
+            target_pages: AtomicU32::new(((amount_mib << 20) / PAGE_SIZE) as u32),
             actual_pages: AtomicU32::new(0),
             interrupt: Mutex::new(None),
             stats: Mutex::new(StatsState::default()),
             stats_updated: Condvar::new(),
             stats_request: EventFd::new(libc::EFD_NONBLOCK)?,
         });
-        Ok(Balloon { control, worker: None })
+        Ok(Balloon { control, deflate_on_oom, worker: None })
     }
 
     pub fn control(&self) -> Arc<BalloonControl> {
@@ -190,7 +211,8 @@ impl VirtioDevice for Balloon {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_STATS_VQ
+        let deflate_on_oom = if self.deflate_on_oom { VIRTIO_BALLOON_F_DEFLATE_ON_OOM } else { 0 };
+        VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_STATS_VQ | deflate_on_oom
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -258,7 +280,7 @@ mod tests {
         mem.write_slice(&pfns, GuestAddress(0x40000)).unwrap();
         let mock = MockSplitQueue::new(&mem, 16);
         mock.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x40000, 8, 0, 0))], 0).unwrap();
-        let balloon = Balloon::new().unwrap();
+        let balloon = Balloon::new(0, false).unwrap();
         let mut queues = Queues {
             inflate: mock.create_queue().unwrap(),
             deflate: MockSplitQueue::create(&mem, GuestAddress(0x10000), 16).create_queue().unwrap(),
@@ -278,7 +300,7 @@ mod tests {
 
     #[test]
     fn requests_without_a_driver_fail_at_once() {
-        let balloon = Balloon::new().unwrap();
+        let balloon = Balloon::new(0, false).unwrap();
         let control = balloon.control();
         assert!(control.resize(64, 256).unwrap_err().contains("no balloon driver"));
         let start = std::time::Instant::now();
@@ -288,7 +310,7 @@ mod tests {
 
     #[test]
     fn resize_clamps_and_raises_a_config_change() {
-        let balloon = Balloon::new().unwrap();
+        let balloon = Balloon::new(0, false).unwrap();
         let control = balloon.control();
         let interrupt = Arc::new(CountingInterrupt::default());
         *control.interrupt.lock().unwrap() = Some(interrupt.clone());

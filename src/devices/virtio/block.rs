@@ -3,7 +3,7 @@
 //! an error status and touches neither the image outside its bounds nor host memory.
 
 use std::io::{Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
@@ -63,10 +63,31 @@ impl BounceBuffer {
     }
 }
 
+/// The image behind a drive, which the host may swap while the guest runs (Firecracker's
+/// `PATCH /drives`): the guest is told through a config-change interrupt and sees the new size.
+pub struct DriveMedia {
+    disk: RwLock<Arc<DiskImage>>,
+    interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+}
+
+impl DriveMedia {
+    fn current(&self) -> Arc<DiskImage> {
+        self.disk.read().unwrap().clone()
+    }
+
+    /// Serves `disk` from the next request on; requests in flight finish on the old image.
+    pub fn replace(&self, disk: DiskImage) {
+        *self.disk.write().unwrap() = Arc::new(disk);
+        if let Some(interrupt) = &*self.interrupt.lock().unwrap() {
+            interrupt.signal_config_change();
+        }
+    }
+}
+
 pub struct Block {
-    disk: Arc<DiskImage>,
+    media: Arc<DriveMedia>,
+    read_only: bool,
     id: [u8; ID_BYTES],
-    config: Vec<u8>,
     worker: Option<Worker>,
 }
 
@@ -76,13 +97,18 @@ impl Block {
         let mut serial = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
-        let config = Self::config_space(&disk);
-        Block { disk: Arc::new(disk), id: serial, config, worker: None }
+        let read_only = disk.read_only();
+        let media = Arc::new(DriveMedia { disk: RwLock::new(Arc::new(disk)), interrupt: Mutex::new(None) });
+        Block { media, read_only, id: serial, worker: None }
+    }
+
+    pub fn media(&self) -> Arc<DriveMedia> {
+        self.media.clone()
     }
 
     /// A request handler over this disk, as the device's worker runs it.
     pub fn request_handler(&self) -> RequestHandler {
-        RequestHandler { disk: self.disk.clone(), id: self.id, buffer: BounceBuffer::new() }
+        RequestHandler { media: self.media.clone(), disk: self.media.current(), id: self.id, buffer: BounceBuffer::new() }
     }
 
     fn config_space(disk: &DiskImage) -> Vec<u8> {
@@ -116,7 +142,7 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let blk = feature(VIRTIO_BLK_F_SEG_MAX) | feature(VIRTIO_BLK_F_BLK_SIZE) | feature(VIRTIO_BLK_F_FLUSH);
-        if self.disk.read_only() {
+        if self.read_only {
             COMMON_FEATURES | blk | feature(VIRTIO_BLK_F_RO)
         } else {
             COMMON_FEATURES | blk | feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)
@@ -124,7 +150,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        read_config_bytes(&Self::config_space(&self.media.current()), offset, data);
     }
 
     fn activate(
@@ -136,6 +162,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         let [ActiveQueue { mut queue, kick }] = expect_queues(queues)?;
         let mut handler = self.request_handler();
+        *self.media.interrupt.lock().unwrap() = Some(interrupt.clone());
         self.worker = Some(Worker::spawn("virtio-blk".into(), vec![kick], move |_| {
             handler.process_queue(&mut queue, &mem, &*interrupt);
         })?);
@@ -148,6 +175,8 @@ impl VirtioDevice for Block {
 }
 
 pub struct RequestHandler {
+    media: Arc<DriveMedia>,
+    /// The media's image as of this batch of requests.
     disk: Arc<DiskImage>,
     id: [u8; ID_BYTES],
     buffer: BounceBuffer,
@@ -156,6 +185,7 @@ pub struct RequestHandler {
 impl RequestHandler {
     /// Completes every available request.
     pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
+        self.disk = self.media.current();
         serve_queue(queue, mem, interrupt, 0, |chain| self.handle(chain, mem));
     }
 

@@ -64,7 +64,7 @@ impl Worker {
         }
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
         let stop_clone = stop.try_clone()?;
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let thread = crate::thread::spawn(crate::thread::ThreadKind::Device, name, move || {
             let _stop = stop_clone;
             let watch = Watch { epoll: &epoll, fd: fd.map(|fd| (fd, fd_token)) };
             let mut ready = vec![EpollEvent::default(); events.len() + 2];

@@ -1,0 +1,168 @@
+//! The guest kernel command line, composed from a `VmConfig` in this one place: the policy's
+//! defaults, `root=`, `init=`, `ip=`, `console=`, the virtio-mmio devices, the user's parameters.
+
+use super::{CmdlinePolicy, ConsoleDevice, Transport, VmConfig};
+use crate::boot::cmdline::KernelCmdline;
+use crate::net::NetMode;
+use crate::rootfs;
+
+/// Firecracker's command line when `boot_args` is absent (its serial console is off).
+const FIRECRACKER_DEFAULT: &str = "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce";
+
+/// The guest's name for the `index`th virtio disk: vda, vdb, ..., vdz, vdaa, ...
+pub fn disk_name(index: usize) -> String {
+    let letter = |n: usize| char::from(b'a' + (n % 26) as u8);
+    match index {
+        0..=25 => format!("vd{}", letter(index)),
+        _ => format!("vd{}{}", letter(index / 26 - 1), letter(index)),
+    }
+}
+
+/// The command line for `config`; `mmio_devices` are the `virtio_mmio.device=` values of the
+/// virtio-mmio devices as placed.
+pub fn compose(config: &VmConfig, mmio_devices: &[String]) -> String {
+    let user = config.boot.params.as_deref().unwrap_or("");
+    let mut given = KernelCmdline::new(false);
+    given.push_user(user);
+    let mut cmdline = match config.boot.policy {
+        CmdlinePolicy::Kvmtool => kvmtool_defaults(config, &given),
+        CmdlinePolicy::Bare => KernelCmdline::new(false),
+        CmdlinePolicy::Firecracker => return firecracker(config, &given, mmio_devices),
+    };
+    for device in mmio_devices {
+        cmdline.push(format!("virtio_mmio.device={device}"));
+    }
+    cmdline.push_user(user);
+    cmdline.as_string()
+}
+
+fn kvmtool_defaults(config: &VmConfig, given: &KernelCmdline) -> KernelCmdline {
+    let mut cmdline = KernelCmdline::new(true);
+    if config.console == ConsoleDevice::Virtio {
+        cmdline.set_console("hvc0");
+    }
+    if let Some(root) = &config.root_share {
+        if !given.has_key("root") {
+            cmdline.push(rootfs::ROOT_PARAMS);
+        }
+        if root.lkvm_rootfs.is_some() && !given.has_key("init") {
+            cmdline.push(rootfs::INIT_PARAM);
+        }
+    } else if let Some(index) = config.drives.iter().position(|d| d.is_root_device) {
+        if !given.has_key("root") {
+            cmdline.push(format!("root=/dev/{} rw", disk_name(index)));
+        }
+    }
+    // The kernel configures a user-mode NIC itself; a tap is the user's to configure.
+    if config.nets.iter().any(|n| n.spec.mode == NetMode::User) && !given.has_key("ip") {
+        cmdline.push("ip=dhcp");
+    }
+    cmdline
+}
+
+fn firecracker(config: &VmConfig, given: &KernelCmdline, mmio_devices: &[String]) -> String {
+    let mut cmdline = KernelCmdline::new(false);
+    match &config.boot.params {
+        Some(params) => cmdline.push_user(params),
+        None if config.transport == Transport::Mmio => cmdline.push(format!("{FIRECRACKER_DEFAULT} pci=off")),
+        None => cmdline.push(FIRECRACKER_DEFAULT),
+    }
+    if let Some((index, drive)) = config.drives.iter().enumerate().find(|(_, d)| d.is_root_device) {
+        if !given.has_key("root") {
+            let device = match &drive.partuuid {
+                Some(uuid) => format!("PARTUUID={uuid}"),
+                None => format!("/dev/{}", disk_name(index)),
+            };
+            cmdline.push(format!("root={device} {}", if drive.spec.read_only { "ro" } else { "rw" }));
+        }
+    }
+    for device in mmio_devices {
+        cmdline.push(format!("virtio_mmio.device={device}"));
+    }
+    cmdline.as_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+    use crate::disk::DiskSpec;
+    use crate::net::NetSpec;
+    use crate::share::ShareSpec;
+
+    pub fn base(policy: CmdlinePolicy, params: Option<&str>) -> VmConfig {
+        VmConfig {
+            name: "t".into(),
+            kvm_device: "/dev/kvm".into(),
+            boot: BootConfig { kernel: "k".into(), initrd: None, params: params.map(str::to_string), policy },
+            machine: MachineConfig { vcpu_count: 1, mem_size_mib: 128, disabled_cpuid: vec![] },
+            drives: vec![],
+            shares: vec![],
+            root_share: None,
+            nets: vec![],
+            console: ConsoleDevice::Serial,
+            entropy: None,
+            balloon: None,
+            transport: Transport::Pci,
+        }
+    }
+
+    fn drive(id: &str, root: bool, read_only: bool) -> DriveConfig {
+        let spec = DiskSpec { path: format!("{id}.img").into(), read_only, direct: false };
+        DriveConfig { id: id.into(), spec, is_root_device: root, partuuid: None }
+    }
+
+    #[test]
+    fn disk_names_follow_linux() {
+        assert_eq!([disk_name(0), disk_name(1), disk_name(25), disk_name(26), disk_name(27)], ["vda", "vdb", "vdz", "vdaa", "vdab"]);
+    }
+
+    #[test]
+    fn kvmtool_root_disk_network_console_and_user_params_last() {
+        let mut config = base(CmdlinePolicy::Kvmtool, Some("quiet"));
+        config.drives = vec![drive("a", false, false), drive("b", true, false)];
+        config.nets = vec![NetConfig { id: "net0".into(), spec: NetSpec::default() }];
+        config.console = ConsoleDevice::Virtio;
+        let line = compose(&config, &["4K@0xd0000000:5".into()]);
+        assert!(line.starts_with("console=hvc0 reboot=k panic=1"), "{line}");
+        assert!(line.ends_with("root=/dev/vdb rw ip=dhcp virtio_mmio.device=4K@0xd0000000:5 quiet"), "{line}");
+        config.boot.params = Some("root=/dev/vda ip=off".into());
+        let own = compose(&config, &[]);
+        assert!(!own.contains("vdb") && !own.contains("dhcp"), "{own}");
+    }
+
+    #[test]
+    fn kvmtool_9p_root_and_lkvm_init() {
+        let mut config = base(CmdlinePolicy::Kvmtool, None);
+        config.shares = vec![ShareConfig { id: "9p0".into(), spec: ShareSpec::new("/tmp", "root").unwrap() }];
+        config.root_share = Some(RootShare { share_id: "9p0".into(), lkvm_rootfs: Some("/x".into()) });
+        let line = compose(&config, &[]);
+        assert!(line.contains(rootfs::ROOT_PARAMS) && line.contains(rootfs::INIT_PARAM), "{line}");
+        config.boot.params = Some("init=/bin/sh".into());
+        assert!(!compose(&config, &[]).contains(rootfs::INIT_PARAM));
+    }
+
+    #[test]
+    fn bare_is_only_devices_and_user() {
+        let config = base(CmdlinePolicy::Bare, Some("x=1"));
+        assert_eq!(compose(&config, &["4K@0x1000:5".into()]), "virtio_mmio.device=4K@0x1000:5 x=1");
+    }
+
+    #[test]
+    fn firecracker_boot_args_root_drive_and_default() {
+        let mut config = base(CmdlinePolicy::Firecracker, Some("console=ttyS0 reboot=k"));
+        config.drives = vec![drive("rootfs", true, true), drive("data", false, false)];
+        config.transport = Transport::Mmio;
+        assert_eq!(
+            compose(&config, &["4K@0x1000:5".into()]),
+            "console=ttyS0 reboot=k root=/dev/vda ro virtio_mmio.device=4K@0x1000:5"
+        );
+        config.drives[0].partuuid = Some("0eaa91a0-01".into());
+        assert!(compose(&config, &[]).ends_with("root=PARTUUID=0eaa91a0-01 ro"));
+        config.boot.params = None;
+        let default = compose(&config, &[]);
+        assert!(default.starts_with("reboot=k panic=1") && default.contains("pci=off"), "{default}");
+        config.transport = Transport::Pci;
+        assert!(!compose(&config, &[]).contains("pci=off"));
+    }
+}

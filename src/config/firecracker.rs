@@ -1,0 +1,475 @@
+//! Firecracker's configuration, as its API bodies and `--config-file` spell it (field names,
+//! required fields, unknown fields refused), and its translation to and from `VmConfig`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig, Transport,
+    VmConfig,
+};
+use crate::arch::x86_64::mptable::MAX_CPUS;
+use crate::disk::DiskSpec;
+use crate::net::{parse_mac, NetMode, NetSpec};
+
+/// Firecracker's vCPU limit; lkvm's MP table allows more, but this is the API's contract.
+pub const MAX_VCPUS: u8 = 32;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel_image_path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfiguration {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u64,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default = "no_huge_pages")]
+    pub huge_pages: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+}
+
+fn no_huge_pages() -> String {
+    "None".into()
+}
+
+impl Default for MachineConfiguration {
+    fn default() -> Self {
+        // Firecracker's defaults before any PUT /machine-config.
+        MachineConfiguration {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: no_huge_pages(),
+            cpu_template: None,
+        }
+    }
+}
+
+/// `PATCH /machine-config`: any subset of the fields.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigurationUpdate {
+    pub vcpu_count: Option<u8>,
+    pub mem_size_mib: Option<u64>,
+    pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
+    pub huge_pages: Option<String>,
+    pub cpu_template: Option<String>,
+}
+
+impl MachineConfiguration {
+    /// Applies a PATCH, keeping what it does not name.
+    pub fn update(&self, patch: MachineConfigurationUpdate) -> MachineConfiguration {
+        MachineConfiguration {
+            vcpu_count: patch.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: patch.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: patch.smt.unwrap_or(self.smt),
+            track_dirty_pages: patch.track_dirty_pages.unwrap_or(self.track_dirty_pages),
+            huge_pages: patch.huge_pages.unwrap_or_else(|| self.huge_pages.clone()),
+            cpu_template: patch.cpu_template.or_else(|| self.cpu_template.clone()),
+        }
+    }
+
+    /// What lkvm can honour; the rest is refused with the reason rather than ignored.
+    pub fn check(&self) -> Result<(), String> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS.min(MAX_CPUS) {
+            return Err(format!("vcpu_count must be 1 to {}", MAX_VCPUS.min(MAX_CPUS)));
+        }
+        if self.mem_size_mib == 0 {
+            return Err("mem_size_mib must be at least 1".into());
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err("with smt, vcpu_count must be 1 or even".into());
+        }
+        if self.huge_pages != "None" {
+            return Err(format!("huge_pages '{}' is not supported by lkvm (only None)", self.huge_pages));
+        }
+        if let Some(template) = self.cpu_template.as_deref().filter(|t| *t != "None") {
+            return Err(format!("cpu_template '{template}' is not supported by lkvm (only None)"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    pub drive_id: String,
+    pub is_root_device: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default = "unsafe_cache")]
+    pub cache_type: String,
+    #[serde(default = "sync_engine")]
+    pub io_engine: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+fn unsafe_cache() -> String {
+    "Unsafe".into()
+}
+
+fn sync_engine() -> String {
+    "Sync".into()
+}
+
+impl Drive {
+    pub fn check(&self) -> Result<(), String> {
+        check_id(&self.drive_id)?;
+        if self.socket.is_some() {
+            return Err("vhost-user drives (socket) are not supported by lkvm".into());
+        }
+        if self.path_on_host.is_none() {
+            return Err("path_on_host is required".into());
+        }
+        if !matches!(self.cache_type.as_str(), "Unsafe" | "Writeback") {
+            return Err(format!("cache_type '{}': use Unsafe or Writeback", self.cache_type));
+        }
+        if self.io_engine != "Sync" {
+            return Err(format!("io_engine '{}' is not supported by lkvm (only Sync)", self.io_engine));
+        }
+        if self.rate_limiter.is_some() {
+            return Err("rate limiters are not supported by lkvm yet".into());
+        }
+        Ok(())
+    }
+}
+
+/// `PATCH /drives/{id}`: a new backing file (rate limiters are not supported).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    pub drive_id: String,
+    pub path_on_host: Option<PathBuf>,
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+impl NetworkInterface {
+    fn spec(&self) -> Result<NetSpec, String> {
+        check_id(&self.iface_id)?;
+        if self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some() {
+            return Err("rate limiters are not supported by lkvm yet".into());
+        }
+        if self.mtu.is_some() {
+            return Err("mtu is not supported by lkvm".into());
+        }
+        if self.host_dev_name.is_empty() || self.host_dev_name.len() >= libc::IFNAMSIZ {
+            return Err("host_dev_name must be 1 to 15 characters".into());
+        }
+        let guest_mac = match &self.guest_mac {
+            Some(mac) => Some(parse_mac(mac).ok_or_else(|| format!("guest_mac '{mac}' is not a unicast MAC address"))?),
+            None => None,
+        };
+        Ok(NetSpec { mode: NetMode::Tap, tapif: Some(self.host_dev_name.clone()), guest_mac, ..NetSpec::default() })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    pub amount_mib: u64,
+    pub deflate_on_oom: bool,
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+impl Balloon {
+    pub fn check(&self) -> Result<(), String> {
+        if self.free_page_hinting || self.free_page_reporting {
+            return Err("free page hinting and reporting are not supported by lkvm".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    pub amount_mib: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub show_level: bool,
+    #[serde(default)]
+    pub show_log_origin: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub metrics_path: PathBuf,
+}
+
+/// The whole configuration: `--config-file` and `GET /vm/config`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullConfig {
+    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSource>,
+    #[serde(rename = "machine-config", default, skip_serializing_if = "Option::is_none")]
+    pub machine_config: Option<MachineConfiguration>,
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Entropy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// Accepted in the file's shape but refused with a reason until lkvm has the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default, skip_serializing_if = "Option::is_none")]
+    pub mmds_config: Option<serde_json::Value>,
+    #[serde(rename = "cpu-config", default, skip_serializing_if = "Option::is_none")]
+    pub cpu_config: Option<serde_json::Value>,
+}
+
+/// Ids become device names and file names: keep them short and plain, as Firecracker does.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let plain = id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if id.is_empty() || id.len() > 64 || !plain {
+        return Err(format!("id '{id}' must be 1 to 64 characters of letters, digits, '_' or '-'"));
+    }
+    Ok(())
+}
+
+impl FullConfig {
+    /// Adds or replaces drive `drive.drive_id`; the root device goes first (it is /dev/vda).
+    pub fn put_drive(&mut self, drive: Drive) -> Result<(), String> {
+        drive.check()?;
+        if drive.is_root_device && self.drives.iter().any(|d| d.is_root_device && d.drive_id != drive.drive_id) {
+            return Err("a root device is already configured".into());
+        }
+        self.drives.retain(|d| d.drive_id != drive.drive_id);
+        if drive.is_root_device {
+            self.drives.insert(0, drive);
+        } else {
+            self.drives.push(drive);
+        }
+        Ok(())
+    }
+
+    pub fn put_network_interface(&mut self, iface: NetworkInterface) -> Result<(), String> {
+        iface.spec()?;
+        let clash = self.network_interfaces.iter().find(|n| n.iface_id != iface.iface_id && (n.host_dev_name == iface.host_dev_name || (n.guest_mac.is_some() && n.guest_mac == iface.guest_mac)));
+        if let Some(other) = clash {
+            return Err(format!("interface '{}' already uses that tap device or MAC address", other.iface_id));
+        }
+        match self.network_interfaces.iter_mut().find(|n| n.iface_id == iface.iface_id) {
+            Some(existing) => *existing = iface,
+            None => self.network_interfaces.push(iface),
+        }
+        Ok(())
+    }
+
+    /// The VM this configuration describes, or why it cannot start.
+    pub fn to_vm_config(&self, name: &str, transport: Transport) -> Result<VmConfig, String> {
+        let boot = self.boot_source.as_ref().ok_or("no boot source: PUT /boot-source with kernel_image_path first")?;
+        if self.vsock.is_some() {
+            return Err("vsock is not supported by lkvm yet".into());
+        }
+        if self.mmds_config.is_some() || self.cpu_config.is_some() {
+            return Err("MMDS and CPU configuration are not supported by lkvm".into());
+        }
+        let machine = self.machine_config.clone().unwrap_or_default();
+        machine.check()?;
+        let mut drives = Vec::new();
+        for drive in &self.drives {
+            drive.check()?;
+            let path = drive.path_on_host.clone().unwrap_or_default();
+            let spec = DiskSpec { path, read_only: drive.is_read_only, direct: false };
+            let config = DriveConfig { id: drive.drive_id.clone(), spec, is_root_device: drive.is_root_device, partuuid: drive.partuuid.clone() };
+            if drive.is_root_device {
+                drives.insert(0, config);
+            } else {
+                drives.push(config);
+            }
+        }
+        let nets = self
+            .network_interfaces
+            .iter()
+            .map(|n| Ok(NetConfig { id: n.iface_id.clone(), spec: n.spec()? }))
+            .collect::<Result<Vec<_>, String>>()?;
+        let balloon = match &self.balloon {
+            Some(b) => {
+                b.check()?;
+                if b.amount_mib > machine.mem_size_mib {
+                    return Err(format!("balloon amount_mib {} is more than the guest's {} MiB", b.amount_mib, machine.mem_size_mib));
+                }
+                Some(BalloonConfig {
+                    id: "balloon".into(),
+                    amount_mib: b.amount_mib,
+                    deflate_on_oom: b.deflate_on_oom,
+                    stats_polling_interval_s: b.stats_polling_interval_s,
+                })
+            }
+            None => None,
+        };
+        if self.entropy.as_ref().is_some_and(|e| e.rate_limiter.is_some()) {
+            return Err("rate limiters are not supported by lkvm yet".into());
+        }
+        let config = VmConfig {
+            name: name.to_string(),
+            kvm_device: PathBuf::from("/dev/kvm"),
+            boot: BootConfig {
+                kernel: boot.kernel_image_path.clone(),
+                initrd: boot.initrd_path.clone(),
+                params: boot.boot_args.clone(),
+                policy: CmdlinePolicy::Firecracker,
+            },
+            machine: MachineConfig { vcpu_count: machine.vcpu_count, mem_size_mib: machine.mem_size_mib, disabled_cpuid: Vec::new() },
+            drives,
+            shares: Vec::new(),
+            root_share: None,
+            nets,
+            console: ConsoleDevice::Serial,
+            entropy: self.entropy.as_ref().map(|_| DeviceId { id: "entropy".into() }),
+            balloon,
+            transport,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The file-shaped view of a running VM's config: what was put, with the drives as they
+    /// are now (after PATCH /drives) and the balloon's current target.
+    pub fn with_running(&self, running: &VmConfig) -> FullConfig {
+        let mut full = self.clone();
+        for drive in &mut full.drives {
+            if let Some(now) = running.drives.iter().find(|d| d.id == drive.drive_id) {
+                drive.path_on_host = Some(now.spec.path.clone());
+            }
+        }
+        if let (Some(balloon), Some(now)) = (&mut full.balloon, &running.balloon) {
+            balloon.amount_mib = now.amount_mib;
+        }
+        full.machine_config.get_or_insert_with(MachineConfiguration::default);
+        full
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"{
+        "boot-source": {"kernel_image_path": "vmlinux", "boot_args": "console=ttyS0 reboot=k"},
+        "drives": [
+            {"drive_id": "data", "path_on_host": "data.img", "is_root_device": false, "is_read_only": true},
+            {"drive_id": "rootfs", "path_on_host": "rootfs.ext4", "is_root_device": true, "is_read_only": false}
+        ],
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}],
+        "balloon": {"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1},
+        "entropy": {}
+    }"#;
+
+    #[test]
+    fn config_file_becomes_a_vm_config() {
+        let full: FullConfig = serde_json::from_str(FILE).unwrap();
+        let config = full.to_vm_config("fc", Transport::Mmio).unwrap();
+        assert_eq!(config.machine.vcpu_count, 2);
+        assert_eq!(config.machine.mem_size_mib, 256);
+        assert_eq!(config.drives[0].id, "rootfs", "the root drive is vda");
+        assert!(config.drives[1].spec.read_only);
+        assert_eq!(config.nets[0].spec.tapif.as_deref(), Some("tap0"));
+        assert_eq!(config.nets[0].spec.guest_mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!(config.balloon.as_ref().unwrap().amount_mib, 16);
+        assert!(config.entropy.is_some());
+        let line = crate::config::cmdline::compose(&config, &[]);
+        assert_eq!(line, "console=ttyS0 reboot=k root=/dev/vda rw");
+        // GET /vm/config gives back the same shape.
+        let back: FullConfig = serde_json::from_value(serde_json::to_value(full.with_running(&config)).unwrap()).unwrap();
+        assert_eq!(back.drives.len(), 2);
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let err = |json: &str| serde_json::from_str::<FullConfig>(json).unwrap_err().to_string();
+        assert!(err(r#"{"boot-source": {"kernel_image_path": "k", "bogus": 1}}"#).contains("unknown field"));
+        assert!(err(r#"{"drives": [{"drive_id": "a"}]}"#).contains("is_root_device"));
+        let no_boot = FullConfig::default().to_vm_config("x", Transport::Pci).unwrap_err();
+        assert!(no_boot.contains("boot source"), "{no_boot}");
+        let mut full: FullConfig = serde_json::from_str(FILE).unwrap();
+        full.machine_config.as_mut().unwrap().vcpu_count = 0;
+        assert!(full.to_vm_config("x", Transport::Pci).unwrap_err().contains("vcpu_count"));
+        let mut full: FullConfig = serde_json::from_str(FILE).unwrap();
+        full.machine_config.as_mut().unwrap().cpu_template = Some("T2".into());
+        assert!(full.to_vm_config("x", Transport::Pci).unwrap_err().contains("cpu_template"));
+        let mut full: FullConfig = serde_json::from_str(FILE).unwrap();
+        let second_root = Drive { drive_id: "other".into(), ..full.drives[1].clone() };
+        assert!(full.put_drive(second_root).unwrap_err().contains("root device"));
+        assert!(check_id("../x").is_err() && check_id("").is_err() && check_id("rootfs_1-a").is_ok());
+        let bad_mac = NetworkInterface { iface_id: "e".into(), host_dev_name: "tap1".into(), guest_mac: Some("01:00:00:00:00:00".into()), mtu: None, rx_rate_limiter: None, tx_rate_limiter: None };
+        assert!(full.put_network_interface(bad_mac).unwrap_err().contains("MAC"));
+    }
+
+    #[test]
+    fn machine_config_patch_keeps_the_rest() {
+        let base = MachineConfiguration { vcpu_count: 2, mem_size_mib: 256, ..Default::default() };
+        let patched = base.update(serde_json::from_str(r#"{"mem_size_mib": 512}"#).unwrap());
+        assert_eq!((patched.vcpu_count, patched.mem_size_mib), (2, 512));
+        assert!(serde_json::from_str::<MachineConfigurationUpdate>(r#"{"vcpus": 1}"#).is_err());
+    }
+}

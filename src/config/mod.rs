@@ -1,0 +1,155 @@
+//! The VM configuration every frontend produces (kvmtool CLI, Firecracker CLI, API, config
+//! file): plain, serialisable data with an id on every device. `Vm::build` consumes it; the
+//! kernel command line is composed from it in one place (`cmdline`).
+
+pub mod cmdline;
+pub mod firecracker;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::disk::DiskSpec;
+use crate::net::NetSpec;
+use crate::share::ShareSpec;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Pci,
+    Mmio,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleDevice {
+    Serial,
+    Virtio,
+}
+
+/// Whose conventions the generated kernel command line follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CmdlinePolicy {
+    /// kvmtool's generated defaults, then what the devices need, then the user's `-p`.
+    Kvmtool,
+    /// Only the user's parameters (and what the devices need): `--nodefaults`.
+    Bare,
+    /// Firecracker's: `boot_args` (or its default), then `root=` for the root drive.
+    Firecracker,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The user's kernel parameters (`-p`, `boot_args`); `None` for Firecracker means its default.
+    pub params: Option<String>,
+    pub policy: CmdlinePolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u64,
+    /// CPUID features hidden from the guest, by their /proc/cpuinfo names.
+    pub disabled_cpuid: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveConfig {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: DiskSpec,
+    /// The guest's root filesystem: `root=` names it unless the user named another.
+    pub is_root_device: bool,
+    /// Firecracker's `partuuid`: the root is that partition of this drive.
+    pub partuuid: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareConfig {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: ShareSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: NetSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonConfig {
+    pub id: String,
+    /// Initial target: how much memory the guest is asked to give back.
+    pub amount_mib: u64,
+    pub deflate_on_oom: bool,
+    pub stats_polling_interval_s: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceId {
+    pub id: String,
+}
+
+/// A 9p directory booted as the root filesystem (`-d DIR`, or lkvm's own rootfs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootShare {
+    /// The share (in `shares`) holding the root.
+    pub share_id: String,
+    /// An `lkvm setup` directory: lkvm populates it before booting and its init is lkvm's.
+    pub lkvm_rootfs: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub name: String,
+    pub kvm_device: PathBuf,
+    pub boot: BootConfig,
+    pub machine: MachineConfig,
+    /// In the guest's order: vda, vdb, ...
+    pub drives: Vec<DriveConfig>,
+    pub shares: Vec<ShareConfig>,
+    pub root_share: Option<RootShare>,
+    pub nets: Vec<NetConfig>,
+    pub console: ConsoleDevice,
+    pub entropy: Option<DeviceId>,
+    pub balloon: Option<BalloonConfig>,
+    pub transport: Transport,
+}
+
+impl VmConfig {
+    /// The `lkvm setup` directory this VM boots, which must be populated first.
+    pub fn lkvm_rootfs(&self) -> Option<&PathBuf> {
+        self.root_share.as_ref().and_then(|r| r.lkvm_rootfs.as_ref())
+    }
+
+    /// Every device id in the config, for uniqueness checks.
+    pub fn device_ids(&self) -> impl Iterator<Item = &str> {
+        let drives = self.drives.iter().map(|d| d.id.as_str());
+        let shares = self.shares.iter().map(|s| s.id.as_str());
+        let nets = self.nets.iter().map(|n| n.id.as_str());
+        let rest = self.entropy.iter().map(|e| e.id.as_str()).chain(self.balloon.iter().map(|b| b.id.as_str()));
+        drives.chain(shares).chain(nets).chain(rest)
+    }
+
+    /// Checks what no frontend may get wrong: unique ids, at most one root drive.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for id in self.device_ids() {
+            if !seen.insert(id) {
+                return Err(format!("device id '{id}' is used twice"));
+            }
+        }
+        if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
+            return Err("only one drive can be the root device".into());
+        }
+        if self.machine.vcpu_count == 0 {
+            return Err("a guest needs at least one vCPU".into());
+        }
+        Ok(())
+    }
+}

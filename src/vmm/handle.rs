@@ -1,0 +1,144 @@
+//! `VmHandle`: what other threads (control socket, API) may do to a built VM, and its devices
+//! by id.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use super::device_manager::{DeviceEntry, Registry};
+use super::exit::VmExit;
+use super::vcpu::VcpuControl;
+use crate::config::VmConfig;
+use crate::control::{Controller, RunState};
+use crate::devices::virtio::balloon::BalloonControl;
+use crate::disk::{DiskImage, DiskSpec};
+
+pub struct VmHandle {
+    pub(super) vcpus: Arc<VcpuControl>,
+    events: Mutex<Sender<VmExit>>,
+    registry: Registry,
+    /// The configuration as it is now (drive swaps included), for `GET /vm/config`.
+    config: Mutex<VmConfig>,
+    started: AtomicBool,
+}
+
+impl VmHandle {
+    pub(super) fn new(config: VmConfig, vcpus: Arc<VcpuControl>, events: Sender<VmExit>, registry: Registry) -> Self {
+        VmHandle { vcpus, events: Mutex::new(events), registry, config: Mutex::new(config), started: AtomicBool::new(false) }
+    }
+
+    pub(super) fn exit_sender(&self) -> Sender<VmExit> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub(super) fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    /// Ends the VM: `Vm::wait` returns `reason`.
+    pub fn end(&self, reason: VmExit) {
+        let _ = self.events.lock().unwrap().send(reason);
+    }
+
+    pub fn config(&self) -> VmConfig {
+        self.config.lock().unwrap().clone()
+    }
+
+    pub fn paused(&self) -> bool {
+        self.vcpus.paused()
+    }
+
+    fn balloon_device(&self) -> Result<&BalloonControl, String> {
+        self.registry
+            .values()
+            .find_map(|d| match d {
+                DeviceEntry::Balloon(b) => Some(&**b),
+                _ => None,
+            })
+            .ok_or_else(|| "the guest has no balloon device".to_string())
+    }
+
+    /// Sets the balloon's target (MiB the guest should give back).
+    pub fn set_balloon_target(&self, mib: u64) -> Result<(), String> {
+        let guest_mib = self.config.lock().unwrap().machine.mem_size_mib;
+        self.balloon_device()?.set_target_mib(mib, guest_mib)?;
+        if let Some(balloon) = &mut self.config.lock().unwrap().balloon {
+            balloon.amount_mib = mib;
+        }
+        Ok(())
+    }
+
+    /// The balloon's (target, actual) in MiB.
+    pub fn balloon_state(&self) -> Result<(u64, u64), String> {
+        let balloon = self.balloon_device()?;
+        Ok((balloon.target_mib(), balloon.actual_mib()))
+    }
+
+    /// Points drive `id` at another image; the guest sees the new contents and size.
+    pub fn update_drive(&self, id: &str, path: &Path) -> Result<(), String> {
+        let Some(DeviceEntry::Drive(media)) = self.registry.get(id) else {
+            return Err(format!("no drive with id '{id}'"));
+        };
+        let mut config = self.config.lock().unwrap();
+        let drive = config.drives.iter_mut().find(|d| d.id == id).ok_or_else(|| format!("no drive with id '{id}'"))?;
+        let spec = DiskSpec { path: path.to_path_buf(), ..drive.spec.clone() };
+        let disk = DiskImage::open(&spec).map_err(|e| e.to_string())?;
+        media.replace(disk);
+        drive.spec = spec;
+        Ok(())
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+        match self.registry.get(super::device_manager::KEYBOARD_ID) {
+            Some(DeviceEntry::Keyboard(i8042)) => i8042.lock().unwrap().trigger_ctrl_alt_del(),
+            _ => Err("the guest has no keyboard controller".into()),
+        }
+    }
+}
+
+impl Controller for VmHandle {
+    fn state(&self) -> RunState {
+        if self.vcpus.paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+    fn stop(&self) {
+        self.end(VmExit::Stopped);
+    }
+    fn pause(&self) -> Result<(), String> {
+        if !self.started.load(Ordering::Acquire) {
+            return Err("the guest is not running yet".into());
+        }
+        self.vcpus.pause()
+    }
+    fn resume(&self) -> Result<(), String> {
+        self.vcpus.resume()
+    }
+    fn registers(&self) -> Result<Vec<String>, String> {
+        self.vcpus.registers()
+    }
+    fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
+        let balloon = self.balloon_device().map_err(|e| format!("{e} (run it with --balloon)"))?;
+        let guest_mib = self.config.lock().unwrap().machine.mem_size_mib;
+        let target = balloon.resize(delta_mib, guest_mib)?;
+        Ok((target, balloon.actual_mib()))
+    }
+    fn stats(&self) -> Result<BTreeMap<String, u64>, String> {
+        self.balloon_device().map_err(|e| format!("{e} (run it with --balloon)"))?.stats()
+    }
+    fn nmi(&self, cpu: u32) -> Result<(), String> {
+        self.vcpus.inject_nmi(cpu as usize)
+    }
+    fn sysrq(&self, key: char) -> Result<(), String> {
+        let key = u8::try_from(key).ok().filter(u8::is_ascii_graphic).ok_or("sysrq keys are ASCII characters")?;
+        match self.registry.get(super::device_manager::COM1_ID) {
+            Some(DeviceEntry::Serial(com1)) => com1.lock().unwrap().send_sysrq(key),
+            _ => Err("the guest has no serial console".into()),
+        }
+    }
+}
