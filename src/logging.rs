@@ -51,9 +51,11 @@ impl Write for Sink {
     }
 }
 
-/// Starts logging to stderr at `level` (warning when the name is unknown).
-pub fn init(level: &str) {
-    set_level(parse_level(level).unwrap_or(2));
+pub const INFO: u8 = 3;
+
+/// Starts logging to stderr at level `rank` (see `parse_level`).
+pub fn init(rank: u8) {
+    set_level(rank);
     let to_terminal = FILE.lock().unwrap().is_none() && io::IsTerminal::is_terminal(&io::stderr());
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(|| Sink)

@@ -17,7 +17,7 @@ const EXIT_SETUP_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
-    logging::init(&args.loglevel);
+    logging::init(logging::parse_level(&args.loglevel).unwrap_or(2));
     let config = match prepare(args) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
@@ -64,7 +64,7 @@ fn exit_status(exit: &VmExit) -> ExitCode {
 
 /// Boots the 9p root filesystem with the command for its init; exits with the command's status.
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
-    logging::init(&args.run.loglevel);
+    logging::init(logging::parse_level(&args.run.loglevel).unwrap_or(2));
     if args.run.initrd.is_some() || args.run.nodefaults {
         return fail("lkvm sandbox runs the command from lkvm's 9p root filesystem: drop -i and --nodefaults");
     }
@@ -103,21 +103,46 @@ fn done(result: Result<(), String>) -> ExitCode {
     result.map_or_else(|msg| fail(&msg), |()| ExitCode::SUCCESS)
 }
 
-fn main() -> ExitCode {
-    let started = Instant::now();
-    let cli = match cli::Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
+/// Parses the command line as `C`, or exits with one line saying what is wrong.
+fn parse<C: Parser>(program: &str) -> Result<C, ExitCode> {
+    C::try_parse().map_err(|e| {
+        if e.use_stderr() {
             // One line: clap's first line names the problem; the usage text is a --help away.
             let rendered = e.render().to_string();
             let first = rendered.lines().next().unwrap_or("invalid command line");
-            eprintln!("lkvm: {} (see lkvm --help)", first.trim_start_matches("error: "));
-            return ExitCode::from(EXIT_USAGE);
-        }
-        Err(e) => {
+            eprintln!("{program}: {} (see {program} --help)", first.trim_start_matches("error: "));
+            ExitCode::from(EXIT_USAGE)
+        } else {
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            ExitCode::SUCCESS
         }
+    })
+}
+
+fn firecracker(args: cli::firecracker::FirecrackerArgs, started: Instant) -> ExitCode {
+    if args.version {
+        println!("Firecracker v{} (lkvm {})", lkvm::api::FIRECRACKER_API_VERSION, env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    match cli::firecracker::run(args, started) {
+        Ok(exit) => exit_status(&exit),
+        Err(msg) => fail(&msg),
+    }
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    // A link named `firecracker` to this binary is a drop-in for Firecracker.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|name| name == "firecracker") {
+        return match parse::<cli::FirecrackerCli>("firecracker") {
+            Ok(cli) => firecracker(cli.args, started),
+            Err(code) => code,
+        };
+    }
+    let cli = match parse::<cli::Cli>("lkvm") {
+        Ok(cli) => cli,
+        Err(code) => return code,
     };
     match cli.command {
         Command::Run(args) => run(args, started),
@@ -153,6 +178,7 @@ fn main() -> ExitCode {
                 println!("  {key:20} {value}");
             }
         })),
+        Command::Firecracker(args) => firecracker(args, started),
         Command::Version => {
             println!("lkvm {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -1,1 +1,124 @@
+//! Firecracker's REST API over a UNIX socket: configuration before the guest starts, then
+//! actions on the running VM. Requests are served one at a time on the API thread; starting
+//! the VM is asked of the VMM thread, which owns it.
+
 pub mod http;
+mod metrics;
+mod routes;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::firecracker::FullConfig;
+use crate::config::{Transport, VmConfig};
+use crate::thread::{self, ThreadKind};
+use crate::vmm::VmHandle;
+pub use metrics::Metrics;
+
+/// The Firecracker API version whose paths, fields and errors lkvm follows.
+pub const FIRECRACKER_API_VERSION: &str = "1.10.0";
+
+/// Checks an instance id as Firecracker does.
+pub fn config_id(id: &str) -> Result<(), String> {
+    let plain = id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if id.is_empty() || id.len() > 64 || !plain {
+        return Err(format!("--id '{id}': use 1 to 64 letters, digits or '-'"));
+    }
+    Ok(())
+}
+
+/// What the API asks of the VMM thread.
+pub enum VmmRequest {
+    /// Build and start this VM; answer with its handle or why it could not start.
+    Start(Box<VmConfig>, Sender<Result<Arc<VmHandle>, String>>),
+}
+
+enum Phase {
+    Configuring,
+    Running(Arc<VmHandle>),
+}
+
+/// The API's view of one lkvm process: the configuration being put together, then the VM.
+pub struct Api {
+    /// Firecracker's `--id`, reported by `GET /`.
+    id: String,
+    /// The VM's name (control socket).
+    name: String,
+    transport: Transport,
+    state: Mutex<(FullConfig, Phase)>,
+    vmm: Mutex<Sender<VmmRequest>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Api {
+    pub fn new(id: &str, name: &str, transport: Transport, vmm: Sender<VmmRequest>, started: Instant) -> Arc<Api> {
+        Arc::new(Api {
+            id: id.to_string(),
+            name: name.to_string(),
+            transport,
+            state: Mutex::new((FullConfig::default(), Phase::Configuring)),
+            vmm: Mutex::new(vmm),
+            metrics: Arc::new(Metrics::new(started)),
+        })
+    }
+
+    /// An API for a VM that is already running (`lkvm run --api-sock`).
+    pub fn for_running(id: &str, transport: Transport, config: FullConfig, handle: Arc<VmHandle>) -> Arc<Api> {
+        let (vmm, _) = mpsc::channel();
+        let api = Api::new(id, id, transport, vmm, Instant::now());
+        *api.state.lock().unwrap() = (config, Phase::Running(handle));
+        api
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Applies a `--config-file` and returns the VM it describes (the caller starts it).
+    pub fn load_config_file(&self, full: FullConfig) -> Result<VmConfig, String> {
+        let vm_config = full.to_vm_config(&self.name, self.transport)?;
+        routes::apply_logger_and_metrics(self, &full)?;
+        self.state.lock().unwrap().0 = full;
+        Ok(vm_config)
+    }
+
+    /// Records that the VMM thread started the VM.
+    pub fn set_running(&self, handle: Arc<VmHandle>) {
+        self.state.lock().unwrap().1 = Phase::Running(handle);
+    }
+}
+
+/// The listening API socket; the file is removed when lkvm ends.
+pub struct ApiSocket {
+    path: PathBuf,
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens on `path` and serves `api` on the API thread.
+pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, String> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("API socket {}: another process is listening on it", path.display()));
+        }
+        // Left by a process that died.
+        std::fs::remove_file(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
+    thread::spawn(ThreadKind::Api, "fc_api".into(), move || {
+        for mut stream in listener.incoming().flatten() {
+            if let Err(e) = http::serve_connection(&mut stream, max_body, |request| routes::handle(&api, request)) {
+                tracing::debug!("API connection: {e}");
+            }
+        }
+    })
+    .map_err(|e| format!("API thread: {e}"))?;
+    Ok(ApiSocket { path: path.to_path_buf() })
+}

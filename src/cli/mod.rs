@@ -1,6 +1,7 @@
 //! Command line: kvmtool's subcommands and options, one file per subcommand.
 
 pub mod control;
+pub mod firecracker;
 pub mod run;
 
 use clap::{Parser, Subcommand};
@@ -10,6 +11,14 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The command line when this binary is invoked as `firecracker`.
+#[derive(Parser, Debug)]
+#[command(name = "firecracker", disable_version_flag = true, about = "lkvm speaking Firecracker's command line and API")]
+pub struct FirecrackerCli {
+    #[command(flatten)]
+    pub args: firecracker::FirecrackerArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -37,6 +46,8 @@ pub enum Command {
     Balloon(control::BalloonArgs),
     /// Guest statistics
     Stat(control::StatArgs),
+    /// Behave as Firecracker: its command line and REST API (also when invoked as `firecracker`)
+    Firecracker(firecracker::FirecrackerArgs),
     /// Print the version
     Version,
 }

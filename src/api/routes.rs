@@ -1,0 +1,380 @@
+//! One handler per Firecracker endpoint. Pre-boot requests change the configuration; after
+//! InstanceStart they get a 400, as do malformed or unknown bodies; nothing here panics on what
+//! a client sends.
+
+use std::sync::mpsc;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::http::{Method, Request, Response};
+use super::{Api, Metrics, Phase, VmmRequest, FIRECRACKER_API_VERSION};
+use crate::config::firecracker::{
+    check_id, Balloon, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger, MachineConfiguration,
+    MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
+};
+use crate::control::Controller;
+use crate::logging;
+
+type Reply = Result<Response, String>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Action {
+    action_type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmState {
+    state: String,
+}
+
+fn body<T: DeserializeOwned>(request: &Request) -> Result<T, String> {
+    if request.body.is_empty() {
+        return Err("the request needs a JSON body".into());
+    }
+    serde_json::from_slice(&request.body).map_err(|e| format!("bad JSON body: {e}"))
+}
+
+/// Answers one request; every failure is a 400 with a fault_message.
+pub fn handle(api: &Api, request: Request) -> Response {
+    Metrics::count(&api.metrics.requests);
+    let reply = route(api, &request);
+    reply.unwrap_or_else(|message| {
+        Metrics::count(&api.metrics.failed_requests);
+        tracing::info!("API {:?} {}: {message}", request.method, request.path);
+        Response::fault(400, &message)
+    })
+}
+
+fn route(api: &Api, request: &Request) -> Reply {
+    let path = request.path.trim_end_matches('/');
+    let (resource, id) = match path.strip_prefix('/').unwrap_or(path).split_once('/') {
+        Some((resource, id)) if matches!(resource, "drives" | "network-interfaces") => (resource, Some(id)),
+        _ => (path.strip_prefix('/').unwrap_or(path), None),
+    };
+    match (&request.method, resource, id) {
+        (Method::Get, "", None) => Ok(instance_info(api)),
+        (Method::Get, "version", None) => Ok(Response::json(200, &json!({ "firecracker_version": FIRECRACKER_API_VERSION }))),
+        (Method::Get, "vm/config", None) => Ok(Response::json(200, &full_config(api))),
+        (Method::Get, "machine-config", None) => Ok(Response::json(200, &full_config(api).machine_config)),
+        (Method::Put, "machine-config", None) => {
+            let machine: MachineConfiguration = body(request)?;
+            machine.check()?;
+            configure(api, |c| Ok(c.machine_config = Some(machine)))
+        }
+        (Method::Patch, "machine-config", None) => {
+            let patch: MachineConfigurationUpdate = body(request)?;
+            configure(api, |c| {
+                let machine = c.machine_config.clone().unwrap_or_default().update(patch);
+                machine.check()?;
+                c.machine_config = Some(machine);
+                Ok(())
+            })
+        }
+        (Method::Put, "boot-source", None) => {
+            let boot: BootSource = body(request)?;
+            configure(api, |c| Ok(c.boot_source = Some(boot)))
+        }
+        (Method::Put, "drives", Some(id)) => {
+            let drive: Drive = body(request)?;
+            same_id(id, &drive.drive_id)?;
+            configure(api, |c| c.put_drive(drive))
+        }
+        (Method::Patch, "drives", Some(id)) => update_drive(api, id, body(request)?),
+        (Method::Put, "network-interfaces", Some(id)) => {
+            let iface: NetworkInterface = body(request)?;
+            same_id(id, &iface.iface_id)?;
+            configure(api, |c| c.put_network_interface(iface))
+        }
+        (Method::Patch, "network-interfaces", Some(_)) => Err("network rate limiters are not supported by lkvm yet".into()),
+        (Method::Put, "balloon", None) => {
+            let balloon: Balloon = body(request)?;
+            balloon.check()?;
+            configure(api, |c| Ok(c.balloon = Some(balloon)))
+        }
+        (Method::Patch, "balloon", None) => update_balloon(api, body(request)?),
+        (Method::Get, "balloon", None) => {
+            let full = full_config(api);
+            let balloon = full.balloon.ok_or("no balloon device is configured")?;
+            Ok(Response::json(200, &balloon))
+        }
+        (Method::Get, "balloon/statistics", None) => balloon_statistics(api),
+        (Method::Put, "entropy", None) => {
+            let entropy: Entropy = body(request)?;
+            configure(api, |c| Ok(c.entropy = Some(entropy)))
+        }
+        (Method::Put, "logger", None) => {
+            let logger: Logger = body(request)?;
+            let full = FullConfig { logger: Some(logger.clone()), ..FullConfig::default() };
+            configure(api, |c| {
+                apply_logger_and_metrics(api, &full)?;
+                c.logger = Some(logger);
+                Ok(())
+            })
+        }
+        (Method::Put, "metrics", None) => {
+            let metrics: MetricsConfig = body(request)?;
+            let full = FullConfig { metrics: Some(metrics.clone()), ..FullConfig::default() };
+            configure(api, |c| {
+                apply_logger_and_metrics(api, &full)?;
+                c.metrics = Some(metrics);
+                Ok(())
+            })
+        }
+        (Method::Put, "actions", None) => action(api, body(request)?),
+        (Method::Patch, "vm", None) => vm_state(api, body(request)?),
+        (Method::Put, "vsock", None) => Err("vsock is not supported by lkvm yet".into()),
+        (Method::Put, "snapshot/create" | "snapshot/load", None) => Err("snapshots are not supported by lkvm yet".into()),
+        (Method::Put | Method::Patch | Method::Get, "mmds" | "mmds/config", None) => Err("MMDS is not supported by lkvm".into()),
+        (Method::Put, "cpu-config" | "serial", None) => Err(format!("/{resource} is not supported by lkvm")),
+        (method, _, _) => Err(format!("Invalid request method and/or path: {method:?} {}", request.path)),
+    }
+}
+
+fn same_id(path_id: &str, body_id: &str) -> Result<(), String> {
+    check_id(path_id)?;
+    if path_id != body_id {
+        return Err(format!("the id in the path ('{path_id}') and in the body ('{body_id}') differ"));
+    }
+    Ok(())
+}
+
+fn instance_info(api: &Api) -> Response {
+    let state = match &api.state.lock().unwrap().1 {
+        Phase::Configuring => "Not started",
+        Phase::Running(vm) if vm.paused() => "Paused",
+        Phase::Running(_) => "Running",
+    };
+    Response::json(
+        200,
+        &json!({ "id": api.id, "state": state, "vmm_version": env!("CARGO_PKG_VERSION"), "app_name": "lkvm" }),
+    )
+}
+
+fn full_config(api: &Api) -> FullConfig {
+    let state = api.state.lock().unwrap();
+    match &state.1 {
+        Phase::Configuring => state.0.clone(),
+        Phase::Running(vm) => state.0.with_running(&vm.config()),
+    }
+}
+
+/// Changes the configuration, which only exists before InstanceStart.
+fn configure(api: &Api, change: impl FnOnce(&mut FullConfig) -> Result<(), String>) -> Reply {
+    let mut state = api.state.lock().unwrap();
+    if let Phase::Running(_) = state.1 {
+        return Err("this configuration can only be changed before the microVM starts (InstanceStart)".into());
+    }
+    change(&mut state.0)?;
+    Ok(Response::no_content())
+}
+
+/// The running VM, for requests that only make sense once it started.
+fn running(api: &Api) -> Result<std::sync::Arc<crate::vmm::VmHandle>, String> {
+    match &api.state.lock().unwrap().1 {
+        Phase::Running(vm) => Ok(vm.clone()),
+        Phase::Configuring => Err("the microVM is not running yet (InstanceStart first)".into()),
+    }
+}
+
+/// Applies the logger and metrics parts of a configuration at once.
+pub fn apply_logger_and_metrics(api: &Api, full: &FullConfig) -> Result<(), String> {
+    if let Some(logger) = &full.logger {
+        let level = match logger.level.as_deref() {
+            Some(name) => Some(logging::parse_level(name).ok_or_else(|| format!("unknown log level '{name}'"))?),
+            None => None,
+        };
+        if let Some(path) = &logger.log_path {
+            logging::set_file(path).map_err(|e| format!("log file {}: {e}", path.display()))?;
+        }
+        if let Some(level) = level {
+            logging::set_level(level);
+        }
+    }
+    if let Some(metrics) = &full.metrics {
+        api.metrics.open(&metrics.metrics_path)?;
+    }
+    Ok(())
+}
+
+fn update_drive(api: &Api, id: &str, update: DriveUpdate) -> Reply {
+    same_id(id, &update.drive_id)?;
+    if update.rate_limiter.is_some() {
+        return Err("rate limiters are not supported by lkvm yet".into());
+    }
+    let vm = running(api)?;
+    let path = update.path_on_host.ok_or("nothing to update: give path_on_host")?;
+    vm.update_drive(id, &path)?;
+    Metrics::count(&api.metrics.drive_updates);
+    Ok(Response::no_content())
+}
+
+fn update_balloon(api: &Api, update: BalloonUpdate) -> Reply {
+    let mut state = api.state.lock().unwrap();
+    let (config, phase) = &mut *state;
+    let balloon = config.balloon.as_mut().ok_or("no balloon device is configured")?;
+    match phase {
+        Phase::Running(vm) => vm.set_balloon_target(update.amount_mib)?,
+        Phase::Configuring => balloon.amount_mib = update.amount_mib,
+    }
+    Ok(Response::no_content())
+}
+
+fn balloon_statistics(api: &Api) -> Reply {
+    let vm = running(api)?;
+    let interval = full_config(api).balloon.map(|b| b.stats_polling_interval_s);
+    match interval {
+        None => return Err("no balloon device is configured".into()),
+        Some(0) => return Err("balloon statistics are not enabled (stats_polling_interval_s is 0)".into()),
+        Some(_) => {}
+    }
+    let (target_mib, actual_mib) = vm.balloon_state()?;
+    let mut stats = json!({
+        "target_pages": target_mib * 256,
+        "actual_pages": actual_mib * 256,
+        "target_mib": target_mib,
+        "actual_mib": actual_mib,
+    });
+    for (name, value) in vm.stats()? {
+        stats[name] = json!(value);
+    }
+    Ok(Response::json(200, &stats))
+}
+
+fn action(api: &Api, action: Action) -> Reply {
+    match action.action_type.as_str() {
+        "InstanceStart" => start(api),
+        "SendCtrlAltDel" => {
+            running(api)?.send_ctrl_alt_del()?;
+            Ok(Response::no_content())
+        }
+        "FlushMetrics" => {
+            api.metrics.flush()?;
+            Ok(Response::no_content())
+        }
+        other => Err(format!("unknown action_type '{other}' (InstanceStart, SendCtrlAltDel or FlushMetrics)")),
+    }
+}
+
+/// Asks the VMM thread to build and start the VM; the API thread waits for its answer.
+fn start(api: &Api) -> Reply {
+    let mut state = api.state.lock().unwrap();
+    if let Phase::Running(_) = state.1 {
+        return Err("the microVM is already running".into());
+    }
+    let config = state.0.to_vm_config(&api.name, api.transport)?;
+    let (reply, answer) = mpsc::channel();
+    api.vmm.lock().unwrap().send(VmmRequest::Start(Box::new(config), reply)).map_err(|_| "the VMM thread is gone")?;
+    let vm = answer.recv().map_err(|_| "the VMM thread did not answer".to_string())??;
+    api.metrics.set_vm(vm.clone());
+    state.1 = Phase::Running(vm);
+    Ok(Response::no_content())
+}
+
+fn vm_state(api: &Api, state: VmState) -> Reply {
+    let vm = running(api)?;
+    match state.state.as_str() {
+        "Paused" => {
+            if !vm.paused() {
+                vm.pause()?;
+            }
+            Metrics::count(&api.metrics.pause_count);
+        }
+        "Resumed" => {
+            if vm.paused() {
+                vm.resume()?;
+            }
+            Metrics::count(&api.metrics.resume_count);
+        }
+        other => return Err(format!("unknown state '{other}' (Paused or Resumed)")),
+    }
+    Ok(Response::no_content())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Transport;
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    fn request(method: Method, path: &str, body: &str) -> Request {
+        Request { method, path: path.into(), body: body.as_bytes().to_vec(), keep_alive: true }
+    }
+
+    fn call(api: &Api, method: Method, path: &str, body: &str) -> (u16, String) {
+        let response = handle(api, request(method, path, body));
+        (response.status, String::from_utf8(response.body.unwrap_or_default()).unwrap())
+    }
+
+    fn api() -> (std::sync::Arc<Api>, mpsc::Receiver<VmmRequest>) {
+        let (tx, rx) = mpsc::channel();
+        (Api::new("test-id", "test", Transport::Mmio, tx, Instant::now()), rx)
+    }
+
+    #[test]
+    fn pre_boot_configuration_is_kept_and_reported() {
+        let (api, _vmm) = api();
+        assert_eq!(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "quiet"}"#).0, 204);
+        assert_eq!(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).0, 204);
+        assert_eq!(call(&api, Method::Patch, "/machine-config", r#"{"mem_size_mib": 512}"#).0, 204);
+        let drive = r#"{"drive_id": "rootfs", "path_on_host": "/r.img", "is_root_device": true, "is_read_only": false}"#;
+        assert_eq!(call(&api, Method::Put, "/drives/rootfs", drive).0, 204);
+        let (status, body) = call(&api, Method::Get, "/vm/config", "");
+        assert_eq!(status, 200);
+        let config: FullConfig = serde_json::from_str(&body).unwrap();
+        assert_eq!(config.machine_config.unwrap().mem_size_mib, 512);
+        assert_eq!(config.drives[0].drive_id, "rootfs");
+        let (status, info) = call(&api, Method::Get, "/", "");
+        assert!(status == 200 && info.contains("Not started") && info.contains("test-id"), "{info}");
+    }
+
+    #[test]
+    fn bad_requests_get_400_with_a_fault_message() {
+        let (api, vmm) = api();
+        let fault = |(status, body): (u16, String)| {
+            assert_eq!(status, 400, "{body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["fault_message"].as_str().unwrap().to_string()
+        };
+        assert!(fault(call(&api, Method::Put, "/boot-source", "{")).contains("bad JSON"));
+        assert!(fault(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "x": 1}"#)).contains("unknown field"));
+        assert!(fault(call(&api, Method::Put, "/boot-source", "")).contains("JSON body"));
+        assert!(fault(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 1}"#)).contains("vcpu_count"));
+        let drive = r#"{"drive_id": "b", "path_on_host": "/r.img", "is_root_device": false}"#;
+        assert!(fault(call(&api, Method::Put, "/drives/a", drive)).contains("differ"));
+        assert!(fault(call(&api, Method::Put, "/drives/..", drive)).contains("id"));
+        assert!(fault(call(&api, Method::Put, "/nonsense", "{}")).contains("Invalid request"));
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "Explode"}"#)).contains("unknown action_type"));
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("boot source"));
+        assert!(fault(call(&api, Method::Patch, "/vm", r#"{"state": "Paused"}"#)).contains("not running"));
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)).contains("not running"));
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)).contains("metrics"));
+        assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#)).contains("vsock"));
+        // A VMM that cannot start the VM: InstanceStart fails cleanly and the API stays usable.
+        drop(vmm);
+        assert_eq!(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k"}"#).0, 204);
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("VMM"));
+        assert!(call(&api, Method::Get, "/", "").1.contains("Not started"));
+        assert_eq!(api.metrics.failed_requests.load(Ordering::Relaxed), 14);
+    }
+
+    #[test]
+    fn instance_start_hands_the_config_to_the_vmm_thread() {
+        let (api, vmm) = api();
+        call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#);
+        let vmm = std::thread::spawn(move || match vmm.recv().unwrap() {
+            VmmRequest::Start(config, reply) => {
+                let _ = reply.send(Err("no KVM in this test".into()));
+                config
+            }
+        });
+        let (status, body) = call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#);
+        assert!(status == 400 && body.contains("no KVM in this test"), "{body}");
+        let config = vmm.join().unwrap();
+        assert_eq!(config.boot.kernel, std::path::PathBuf::from("/k"));
+        assert_eq!(config.transport, Transport::Mmio);
+    }
+}

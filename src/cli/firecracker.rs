@@ -1,0 +1,145 @@
+//! Firecracker's command line (`lkvm firecracker ...`, or this binary invoked as `firecracker`):
+//! the API socket, a config file, logging and metrics; the guest console on stdin/stdout.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+
+use crate::api::{self, Api, VmmRequest};
+use crate::config::firecracker::FullConfig;
+use crate::config::{Transport, VmConfig};
+use crate::control;
+use crate::logging;
+use crate::vmm::exit::VmExit;
+use crate::vmm::Vm;
+
+/// Firecracker's default instance id.
+const DEFAULT_ID: &str = "anonymous-instance";
+
+#[derive(Args, Debug, Default)]
+pub struct FirecrackerArgs {
+    /// Path of the API's UNIX socket
+    #[arg(long, value_name = "PATH", default_value = "/run/firecracker.socket")]
+    pub api_sock: PathBuf,
+    /// Instance id: letters, digits and '-', at most 64
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Boot the VM this Firecracker JSON configuration describes, without InstanceStart
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Serve no API (needs --config-file)
+    #[arg(long)]
+    pub no_api: bool,
+    /// Write the log to this file (or FIFO) instead of stderr
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Log level: Error, Warning, Info, Debug, Trace, Off
+    #[arg(long, value_name = "LEVEL", default_value = "Warning")]
+    pub level: String,
+    /// Accepted for compatibility (lkvm always shows the level)
+    #[arg(long)]
+    pub show_level: bool,
+    /// Accepted for compatibility
+    #[arg(long)]
+    pub show_log_origin: bool,
+    /// Append metrics (JSON lines) to this file
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// Log the time from start to the guest's boot-timer write (port 0x440 in lkvm)
+    #[arg(long)]
+    pub boot_timer: bool,
+    /// Virtio devices on PCI (without it, virtio-mmio, as in Firecracker)
+    #[arg(long)]
+    pub enable_pci: bool,
+    /// Largest API request body, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = api::http::DEFAULT_MAX_BODY)]
+    pub http_api_max_payload_size: usize,
+    /// No seccomp filters (lkvm has none yet: accepted)
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Print the version and the Firecracker API version lkvm follows
+    #[arg(long)]
+    pub version: bool,
+    /// Accepted for compatibility with tools that pass Firecracker's timing flags
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+    #[arg(long, value_name = "US", hide = true)]
+    pub start_time_cpu_us: Option<u64>,
+    #[arg(long, value_name = "US", hide = true)]
+    pub parent_cpu_time_us: Option<u64>,
+}
+
+/// Runs Firecracker-style: serves the API and/or boots the config file, until the guest ends.
+pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
+    let mut level = logging::parse_level(&args.level)
+        .ok_or_else(|| format!("--level {}: use Error, Warning, Info, Debug, Trace or Off", args.level))?;
+    if args.boot_timer {
+        level = level.max(logging::INFO); // the boot timer reports at info level
+    }
+    logging::init(level);
+    if let Some(path) = &args.log_path {
+        logging::set_file(path).map_err(|e| format!("--log-path {}: {e}", path.display()))?;
+    }
+    if args.no_api && args.config_file.is_none() {
+        return Err("--no-api needs --config-file: without either there is no way to configure the VM".into());
+    }
+    let id = args.id.clone().unwrap_or_else(|| DEFAULT_ID.to_string());
+    api::config_id(&id)?;
+    // Several instances may share Firecracker's default id; the control socket needs a unique name.
+    let name = if args.id.is_some() { id.clone() } else { format!("fc-{}", std::process::id()) };
+    let transport = if args.enable_pci { Transport::Pci } else { Transport::Mmio };
+    let (vmm, requests) = mpsc::channel();
+    let api = Api::new(&id, &name, transport, vmm, started);
+    if let Some(path) = &args.metrics_path {
+        api.metrics().open(path)?;
+    }
+    let file_config = match &args.config_file {
+        Some(path) => Some(api.load_config_file(read_config_file(path)?)?),
+        None => None,
+    };
+    let _socket = match args.no_api {
+        true => None,
+        false => Some(api::serve(&args.api_sock, api.clone(), args.http_api_max_payload_size)?),
+    };
+    let (vm, _control) = match file_config {
+        Some(config) => {
+            let (vm, control) = start(config, started)?;
+            api.set_running(vm.handle());
+            api.metrics().set_vm(vm.handle());
+            (vm, control)
+        }
+        None => loop {
+            let Ok(VmmRequest::Start(config, reply)) = requests.recv() else {
+                return Err("the API thread ended".into());
+            };
+            match start(*config, started) {
+                Ok((vm, control)) => {
+                    let _ = reply.send(Ok(vm.handle()));
+                    break (vm, control);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        },
+    };
+    Ok(vm.wait())
+}
+
+fn read_config_file(path: &PathBuf) -> Result<FullConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("--config-file {}: {e}", path.display()))
+}
+
+/// Builds and starts the VM on this (the VMM) thread, reachable by the control socket too.
+fn start(config: VmConfig, started: Instant) -> Result<(Vm, control::Server), String> {
+    let name = config.name.clone();
+    let mut vm = Vm::build(config, started).map_err(|e| e.to_string())?;
+    let handle: Arc<dyn control::Controller> = vm.handle();
+    let control = control::Server::start(&name, handle)?;
+    vm.start().map_err(|e| e.to_string())?;
+    Ok((vm, control))
+}
