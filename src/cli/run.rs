@@ -179,7 +179,7 @@ impl RunArgs {
                 _ if spec.path.is_dir() => spec.path.clone(),
                 Some(named) if !spec.path.exists() && !arg.contains('/') && named.is_dir() => named,
                 _ => {
-                    let id = format!("disk{}", drives.len());
+                    let id = format!("lkvm-disk{}", drives.len());
                     drives.push(DriveConfig { id, spec, is_root_device: false, partuuid: None });
                     continue;
                 }

@@ -28,6 +28,13 @@
 //!   to create a file.
 //! - `lkvm.p9bench=TAG:FILES`: mount 9p share TAG; time reading its file `big` (1 MiB reads),
 //!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory.
+//! - `lkvm.swap=DEV:LEN:SECONDS`: print `swap_ready` with DEV's size, then `LKVM-TICK n` lines
+//!   (every 200 ms, so the host can see a pause) until DEV's size changes (the host swapped its
+//!   image) or SECONDS pass; print the new size and the checksum of its first LEN bytes (read
+//!   with O_DIRECT: the old image's blocks may be in the page cache).
+//! - `lkvm.cad=SECONDS`: print the keyboard the kernel found and `cad_ready`, wait until the
+//!   i8042 raises keyboard interrupts (the host's Ctrl+Alt+Del) and print their count; then
+//!   reboot, as an init that handles Ctrl+Alt+Del does (this kernel has no VT to do it).
 //! - `lkvm.netstats=IF`: IF's receive queue count and packet counts and byte counts so far
 //!   (`rxq:rx_packets:rx_bytes:tx_packets:tx_bytes`; put it after the traffic checks), its
 //!   negotiated virtio features and its MAC address.
@@ -507,6 +514,69 @@ fn ping(ip: &str) {
     result("ping", &outcome);
 }
 
+fn block_size_bytes(dev: &str) -> u64 {
+    let sectors = fs::read_to_string(format!("/sys/block/{dev}/size")).unwrap_or_default();
+    sectors.trim().parse::<u64>().unwrap_or(0) * 512
+}
+
+#[repr(C, align(4096))]
+struct AlignedPage([u8; 4096]);
+
+/// Checksum of the first `len` bytes of `dev` read with O_DIRECT (len a multiple of 4096).
+fn direct_checksum(dev: &str, len: usize) -> std::io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(format!("/dev/{dev}"))?;
+    let mut page = Box::new(AlignedPage([0; 4096]));
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        std::io::Read::read_exact(&mut file, &mut page.0)?;
+        data.extend_from_slice(&page.0);
+    }
+    data.truncate(len);
+    Ok(fnv1a(&data))
+}
+
+fn swap_wait(arg: &str) {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let [dev, len, seconds] = parts[..] else { return result("swap", "bad-arg") };
+    let before = block_size_bytes(dev);
+    result("swap_ready", &before.to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds.parse().unwrap_or(120));
+    let mut tick = 0u64;
+    while block_size_bytes(dev) == before && std::time::Instant::now() < deadline {
+        println!("LKVM-TICK {tick}");
+        tick += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    result("swap_size", &block_size_bytes(dev).to_string());
+    match direct_checksum(dev, len.parse().unwrap_or(0)) {
+        Ok(sum) => result("swap_read", &format!("{sum:016x}")),
+        Err(e) => result("swap_read", &format!("err:{e}")),
+    }
+}
+
+fn keyboard_interrupts() -> u64 {
+    let interrupts = fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    let Some(line) = interrupts.lines().find(|l| l.contains("i8042")) else { return 0 };
+    // "  1:   3   0   IO-APIC   1-edge   i8042": the per-CPU counts follow the IRQ number.
+    line.split_whitespace().skip(1).map_while(|w| w.parse::<u64>().ok()).sum()
+}
+
+fn cad_wait(seconds: &str) {
+    let devices = fs::read_to_string("/proc/bus/input/devices").unwrap_or_default();
+    let keyboard = devices.lines().find_map(|l| l.strip_prefix("N: Name=")).unwrap_or("none");
+    result("keyboard", keyboard.trim_matches('"'));
+    let before = keyboard_interrupts();
+    result("cad_ready", &before.to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds.parse().unwrap_or(120));
+    while keyboard_interrupts() == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The four bytes of Ctrl, Alt, Del arrive one interrupt each; give the rest a moment.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    result("cad_irqs", &(keyboard_interrupts() - before).to_string());
+}
+
 fn serial_check(name: &str) {
     let serial = fs::read_to_string(format!("/sys/block/{name}/serial"));
     result(&format!("serial:{name}"), serial.as_deref().map_or("none", str::trim));
@@ -530,6 +600,8 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.9p=", share_check),
     ("lkvm.netstats=", net_stats),
     ("lkvm.p9bench=", p9_bench),
+    ("lkvm.swap=", swap_wait),
+    ("lkvm.cad=", cad_wait),
 ];
 
 fn main() {

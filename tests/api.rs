@@ -1,0 +1,308 @@
+//! Firecracker's interface end to end, driven with a real HTTP client (curl) over the API's
+//! UNIX socket: errors and pause/resume on a tiny payload guest, then one Linux boot configured
+//! and driven entirely through the API.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `firecracker`: a link to lkvm under Firecracker's name, as tools start it.
+fn firecracker_link(dir: &Path) -> PathBuf {
+    let link = dir.join("firecracker");
+    if !link.exists() {
+        std::os::unix::fs::symlink(lkvm(), &link).unwrap();
+    }
+    link
+}
+
+/// One request with curl; returns the status code and the body.
+fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let url = format!("http://localhost{path}");
+    let mut args = vec!["-s", "--max-time", "30", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}"];
+    if let Some(body) = body {
+        args.extend(["-H", "Content-Type: application/json", "--data-binary", body]);
+    }
+    args.push(&url);
+    let out = Command::new("curl").args(&args).output().expect("curl (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn fault(reply: (u16, String), status: u16) -> String {
+    assert_eq!(reply.0, status, "{}", reply.1);
+    let value: serde_json::Value = serde_json::from_str(&reply.1).unwrap_or_else(|_| panic!("not JSON: {}", reply.1));
+    value["fault_message"].as_str().unwrap_or_else(|| panic!("no fault_message: {}", reply.1)).to_string()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Prints 'x' on COM1 forever, with a delay loop between characters.
+fn ticker() -> Vec<u8> {
+    vec![0xba, 0xf8, 0x03, 0xb0, b'x', 0xee, 0xb9, 0xff, 0xff, 0xe2, 0xfe, 0xeb, 0xf6]
+}
+
+struct Process {
+    child: Child,
+    output: Arc<AtomicUsize>,
+}
+
+fn spawn_counting(program: &Path, args: &[&str], home: &Path) -> Process {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let output = Arc::new(AtomicUsize::new(0));
+    let (mut stdout, counter) = (child.stdout.take().unwrap(), output.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+            counter.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    Process { child, output }
+}
+
+fn lkvm_ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(lkvm()).args(args).env("HOME", home).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn command_line_errors_are_one_clear_line() {
+    let dir = temp_dir();
+    let fc = firecracker_link(&dir);
+    let run = |args: &[&str]| Command::new(&fc).args(args).env("HOME", &dir).output().unwrap();
+    let bogus = run(&["--bogus"]);
+    let err = String::from_utf8_lossy(&bogus.stderr);
+    assert_eq!(bogus.status.code(), Some(2), "{err}");
+    assert!(err.contains("--bogus") && err.lines().count() == 1, "{err}");
+    let no_api = run(&["--no-api"]);
+    assert_eq!(no_api.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_api.stderr).contains("--no-api needs --config-file"));
+    let bad_json = write_file(&dir, "bad.json", b"{\"boot-source\": ");
+    let out = run(&["--no-api", "--config-file", bad_json.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("bad.json") && err.lines().count() == 1, "{err}");
+    let unknown = write_file(&dir, "unknown.json", br#"{"boot-source": {"kernel_image_path": "/k"}, "gpus": []}"#);
+    let err = String::from_utf8_lossy(&run(&["--no-api", "--config-file", unknown.to_str().unwrap()]).stderr).into_owned();
+    assert!(err.contains("unknown field `gpus`"), "{err}");
+    let missing = write_file(&dir, "missing.json", br#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#);
+    let err = String::from_utf8_lossy(&run(&["--no-api", "--config-file", missing.to_str().unwrap()]).stderr).into_owned();
+    assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    let version = run(&["--version"]);
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("Firecracker v"));
+}
+
+#[test]
+fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
+    if !kvm_available("api_errors_pause_resume_and_stop_on_a_payload_guest") {
+        return;
+    }
+    let dir = temp_dir();
+    let sock = dir.join("fc.sock");
+    let kernel = write_file(&dir, "ticker.bin", &ticker());
+    let mut fc = spawn_counting(&firecracker_link(&dir), &["--api-sock", sock.to_str().unwrap(), "--id", "fc-payload"], &dir);
+    wait_for("the API socket", Duration::from_secs(10), || sock.exists());
+
+    let (status, info) = curl(&sock, "GET", "/", None);
+    assert!(status == 200 && info.contains("\"state\":\"Not started\"") && info.contains("fc-payload"), "{info}");
+    assert!(curl(&sock, "GET", "/version", None).1.contains("firecracker_version"));
+    // Wrong order, bad bodies, unknown paths and fields: 4xx with a reason, nothing started.
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("boot source"));
+    assert!(fault(curl(&sock, "PUT", "/boot-source", Some("{\"kernel_image_path\": ")), 400).contains("JSON"));
+    assert!(fault(curl(&sock, "PUT", "/boot-source", Some(r#"{"kernel": "/k"}"#)), 400).contains("unknown field"));
+    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1}"#)), 400).contains("mem_size_mib"));
+    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 99, "mem_size_mib": 32}"#)), 400).contains("vcpu_count"));
+    assert!(fault(curl(&sock, "GET", "/no/such/thing", None), 400).contains("Invalid request"));
+    assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), 400).contains("not running"));
+    let big = format!("{{\"kernel_image_path\": \"{}\"}}", "x".repeat(60_000));
+    let (status, _) = curl(&sock, "PUT", "/boot-source", Some(&big));
+    assert!((400..500).contains(&status), "oversized body: {status}");
+    let drive = r#"{"drive_id": "d", "path_on_host": "/nonexistent/disk.img", "is_root_device": false}"#;
+    assert_eq!(curl(&sock, "PUT", "/drives/d", Some(drive)).0, 204);
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(r#"{"kernel_image_path": "/nonexistent/kernel"}"#)).0, 204);
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("/nonexistent/disk.img"));
+    // The process survives a failed start; fix the config and start.
+    let empty = write_file(&dir, "empty.img", &vec![0u8; 65536]);
+    let drive = format!(r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#, empty.display());
+    assert_eq!(curl(&sock, "PUT", "/drives/d", Some(&drive)).0, 204);
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("/nonexistent/kernel"));
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    assert_eq!(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#)).0, 204);
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    wait_for("guest output", Duration::from_secs(20), || fc.output.load(Ordering::SeqCst) > 0);
+
+    // Started: pre-boot requests and a second start are refused, the VM is unaffected.
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("already running"));
+    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)), 400).contains("before the microVM starts"));
+    assert!(fault(curl(&sock, "PUT", "/boot-source", Some(&boot)), 400).contains("before the microVM starts"));
+    assert!(fault(curl(&sock, "PATCH", "/drives/nope", Some(r#"{"drive_id": "nope", "path_on_host": "/x"}"#)), 400).contains("no drive"));
+    let missing = r#"{"drive_id": "d", "path_on_host": "/nonexistent/new.img"}"#;
+    assert!(fault(curl(&sock, "PATCH", "/drives/d", Some(missing)), 400).contains("/nonexistent/new.img"));
+    let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    assert_eq!(config["drives"][0]["path_on_host"], empty.to_str().unwrap(), "a failed swap keeps the old image");
+
+    // Pause stops the guest's output, resume continues it.
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    assert!(curl(&sock, "GET", "/", None).1.contains("\"state\":\"Paused\""));
+    let paused_at = fc.output.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(fc.output.load(Ordering::SeqCst), paused_at, "the guest printed while paused");
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    wait_for("output after resume", Duration::from_secs(20), || fc.output.load(Ordering::SeqCst) > paused_at);
+    assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Sleeping"}"#)), 400).contains("unknown state"));
+
+    // The control socket sees the API-started VM too.
+    let (code, list, _) = lkvm_ctl(&dir, &["list"]);
+    assert!(code == 0 && list.contains("fc-payload") && list.contains("running"), "{list}");
+    assert_eq!(lkvm_ctl(&dir, &["stop", "-n", "fc-payload"]).0, 0);
+    let status = fc.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists(), "the API socket is removed when lkvm ends");
+}
+
+/// One Linux boot configured and driven through the API: what the guest sees (vCPUs, memory,
+/// drives, cmdline), pause/resume, a drive swap the guest notices, the balloon through the API
+/// and the control socket, NMI and SysRq, metrics and the log file, and SendCtrlAltDel ending
+/// it.
+#[test]
+fn api_boots_linux_and_drives_it() {
+    if !kvm_available("api_boots_linux_and_drives_it") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    let guest = guest();
+    let dir = temp_dir();
+    let sock = dir.join("fc.sock");
+    let data = pattern(1 << 20, 1);
+    let data_img = write_file(&dir, "data.img", &data);
+    let old_media = write_file(&dir, "old.img", &pattern(1 << 20, 2));
+    let new_data = pattern(2 << 20, 3);
+    let new_media = write_file(&dir, "new.img", &new_data);
+    let (metrics, log) = (dir.join("metrics.json"), dir.join("lkvm.log"));
+
+    let fc = firecracker_link(&dir);
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = lines.clone();
+    let home = dir.clone();
+    let runner = std::thread::spawn(move || {
+        let env = [("HOME", home.to_str().unwrap().to_string())];
+        let args = ["--api-sock", &sock_arg, "--id", "fc-linux", "--enable-pci"];
+        run_command_env(fc.to_str().unwrap(), &args, &env, boot_timeout(), move |line| seen.lock().unwrap().push(line.to_string()))
+    });
+    wait_for("the API socket", Duration::from_secs(10), || sock.exists());
+    let boot_args = format!(
+        "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd {HOST_GUEST_PARAMS} \
+         lkvm.read=/dev/vda:1048576 lkvm.balloon=300:32 lkvm.swap=vdb:1048576:600 lkvm.cad=600"
+    );
+    let put = |path: &str, body: String| {
+        let reply = curl(&sock, "PUT", path, Some(&body));
+        assert_eq!(reply.0, 204, "PUT {path}: {}", reply.1);
+    };
+    put("/boot-source", serde_json::json!({"kernel_image_path": guest.vmlinux, "initrd_path": guest.initramfs, "boot_args": boot_args}).to_string());
+    put("/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#.into());
+    put("/drives/data", serde_json::json!({"drive_id": "data", "path_on_host": data_img, "is_root_device": false, "is_read_only": true}).to_string());
+    put("/drives/media", serde_json::json!({"drive_id": "media", "path_on_host": old_media, "is_root_device": false, "is_read_only": true}).to_string());
+    put("/balloon", r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#.into());
+    put("/entropy", "{}".into());
+    put("/metrics", serde_json::json!({"metrics_path": metrics}).to_string());
+    put("/logger", serde_json::json!({"log_path": log, "level": "Info"}).to_string());
+    put("/actions", r#"{"action_type": "InstanceStart"}"#.into());
+
+    let has = |key: &str| lines.lock().unwrap().iter().any(|l| l.contains(&format!("LKVM-RESULT {key}=")));
+    let ticks = || lines.lock().unwrap().iter().filter(|l| l.starts_with("LKVM-TICK")).count();
+    let phase = boot_timeout();
+
+    // Balloon: through the API (statistics, target) and the control socket (stat), plus NMI
+    // and SysRq on the API-started VM.
+    wait_for("balloon_ready", phase, || has("balloon_ready"));
+    let pid: u32 = lkvm_ctl(&dir, &["list"]).1.lines().find(|l| l.contains("fc-linux")).and_then(|l| l.split_whitespace().next()?.parse().ok()).expect("listed");
+    let rss_before = rss_kib(pid);
+    let (status, stats) = curl(&sock, "GET", "/balloon/statistics", None);
+    assert!(status == 200 && stats.contains("total_memory") && stats.contains("\"target_mib\":0"), "{stats}");
+    assert_eq!(curl(&sock, "PATCH", "/balloon", Some(r#"{"amount_mib": 32}"#)).0, 204);
+    assert!(fault(curl(&sock, "PATCH", "/balloon", Some(r#"{"amount_mib": 9999}"#)), 400).contains("larger than"));
+    let stat = lkvm_ctl(&dir, &["stat", "-n", "fc-linux", "-m"]);
+    assert!(stat.0 == 0 && stat.1.contains("free_memory"), "{}", stat.2);
+    assert_eq!(lkvm_ctl(&dir, &["debug", "-n", "fc-linux", "-m", "0"]).0, 0);
+    assert_eq!(lkvm_ctl(&dir, &["debug", "-n", "fc-linux", "-s", "h"]).0, 0);
+    wait_for("memtotal_after_kb", phase, || has("memtotal_after_kb"));
+    let rss_after = rss_kib(pid);
+
+    // Pause stops the guest (no ticks), resume continues; then the drive swap.
+    wait_for("swap_ready", phase, || has("swap_ready"));
+    wait_for("ticks", phase, || ticks() > 0);
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    let paused_ticks = ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ticks(), paused_ticks, "the guest ran while paused");
+    assert!(curl(&sock, "GET", "/", None).1.contains("Paused"));
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    wait_for("ticks after resume", phase, || ticks() > paused_ticks);
+    let swap = serde_json::json!({"drive_id": "media", "path_on_host": new_media}).to_string();
+    assert_eq!(curl(&sock, "PATCH", "/drives/media", Some(&swap)).0, 204);
+
+    wait_for("cad_ready", phase, || has("cad_ready"));
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)).0, 204);
+    let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
+    assert_eq!(config["drives"][1]["path_on_host"], new_media.to_str().unwrap());
+    assert_eq!(config["balloon"]["amount_mib"], 32);
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
+
+    let out = runner.join().unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("LKVM-DONE"), "{}", out.describe());
+    assert_eq!(out.result("cpus").as_deref(), Some("2"));
+    let mem_kb: u64 = out.result("memtotal_kb").unwrap().parse().unwrap();
+    assert!(mem_kb <= 256 * 1024 && mem_kb >= 256 * 1024 * 8 / 10, "MemTotal {mem_kb} kB for 256 MiB");
+    let cmdline = out.result("cmdline").unwrap();
+    assert!(cmdline.starts_with("console=ttyS0 reboot=k") && !cmdline.contains("root="), "{cmdline}");
+    assert_eq!(out.result("read:/dev/vda"), Some(format!("{:016x}", fnv1a(&data))), "{}", out.describe());
+    // The guest saw the swapped drive's size and contents.
+    assert_eq!(out.result("swap_ready").as_deref(), Some("1048576"));
+    assert_eq!(out.result("swap_size").as_deref(), Some("2097152"), "{}", out.describe());
+    assert_eq!(out.result("swap_read"), Some(format!("{:016x}", fnv1a(&new_data[..1 << 20]))));
+    // Ctrl+Alt+Del reached the guest's keyboard driver as interrupts, and it rebooted.
+    assert!(out.result("keyboard").unwrap().contains("AT"), "{}", out.describe());
+    let cad_irqs: u32 = out.result("cad_irqs").unwrap().parse().unwrap();
+    assert!(cad_irqs >= 1, "{}", out.describe());
+    // Balloon: the guest gave back what the API asked, and lkvm's memory shrank.
+    let before: u64 = out.result("balloon_ready").unwrap().parse().unwrap();
+    let after: u64 = out.result("memtotal_after_kb").unwrap().parse().unwrap();
+    assert!(before - after >= 30 * 1024, "MemTotal {before} -> {after} kB after a 32 MiB balloon");
+    assert!(rss_before.saturating_sub(rss_after) >= 16 * 1024, "lkvm RSS {rss_before} -> {rss_after} KiB");
+    assert!(out.stdout.contains("NMI received"), "{}", out.describe());
+    assert!(out.stdout.contains("sysrq: HELP"), "{}", out.describe());
+    // Metrics and the log went to their files.
+    let metrics = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["api_server"]["requests"].as_u64().unwrap() > 10 && last["vmm"]["pause_count"] == 1, "{metrics}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("boot marker 1 (value 0x7b)"), "{log}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
