@@ -213,14 +213,14 @@ fn api_boots_linux_and_drives_it() {
     wait_for("the API socket", Duration::from_secs(10), || sock.exists());
     let boot_args = format!(
         "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd {HOST_GUEST_PARAMS} \
-         lkvm.read=/dev/vda:1048576 lkvm.balloon=300:32 lkvm.swap=vdb:1048576:600 lkvm.cad=600"
+         lkvm.read=/dev/vda:1048576 lkvm.balloon=600:16 lkvm.read=/dev/vdb:1048576 lkvm.swap=vdb:1048576:600 lkvm.cad=600"
     );
     let put = |path: &str, body: String| {
         let reply = curl(&sock, "PUT", path, Some(&body));
         assert_eq!(reply.0, 204, "PUT {path}: {}", reply.1);
     };
     put("/boot-source", serde_json::json!({"kernel_image_path": guest.vmlinux, "initrd_path": guest.initramfs, "boot_args": boot_args}).to_string());
-    put("/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#.into());
+    put("/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 128}"#.into());
     put("/drives/data", serde_json::json!({"drive_id": "data", "path_on_host": data_img, "is_root_device": false, "is_read_only": true}).to_string());
     put("/drives/media", serde_json::json!({"drive_id": "media", "path_on_host": old_media, "is_root_device": false, "is_read_only": true}).to_string());
     put("/balloon", r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#.into());
@@ -232,41 +232,50 @@ fn api_boots_linux_and_drives_it() {
     let has = |key: &str| lines.lock().unwrap().iter().any(|l| l.contains(&format!("LKVM-RESULT {key}=")));
     let ticks = || lines.lock().unwrap().iter().filter(|l| l.starts_with("LKVM-TICK")).count();
     let phase = boot_timeout();
+    // Waits for the guest, and says what happened if lkvm ended first.
+    let wait_for = |what: &str, timeout: Duration, mut condition: Box<dyn FnMut() -> bool + '_>| {
+        wait_for(what, timeout, || {
+            if !condition() && runner.is_finished() {
+                panic!("lkvm ended before {what}:\n{}", lines.lock().unwrap().join("\n"));
+            }
+            condition()
+        })
+    };
 
     // Balloon: through the API (statistics, target) and the control socket (stat), plus NMI
     // and SysRq on the API-started VM.
-    wait_for("balloon_ready", phase, || has("balloon_ready"));
+    wait_for("balloon_ready", phase, Box::new(|| has("balloon_ready")));
     let pid: u32 = lkvm_ctl(&dir, &["list"]).1.lines().find(|l| l.contains("fc-linux")).and_then(|l| l.split_whitespace().next()?.parse().ok()).expect("listed");
     let rss_before = rss_kib(pid);
     let (status, stats) = curl(&sock, "GET", "/balloon/statistics", None);
     assert!(status == 200 && stats.contains("total_memory") && stats.contains("\"target_mib\":0"), "{stats}");
-    assert_eq!(curl(&sock, "PATCH", "/balloon", Some(r#"{"amount_mib": 32}"#)).0, 204);
+    assert_eq!(curl(&sock, "PATCH", "/balloon", Some(r#"{"amount_mib": 16}"#)).0, 204);
     assert!(fault(curl(&sock, "PATCH", "/balloon", Some(r#"{"amount_mib": 9999}"#)), 400).contains("larger than"));
     let stat = lkvm_ctl(&dir, &["stat", "-n", "fc-linux", "-m"]);
     assert!(stat.0 == 0 && stat.1.contains("free_memory"), "{}", stat.2);
     assert_eq!(lkvm_ctl(&dir, &["debug", "-n", "fc-linux", "-m", "0"]).0, 0);
     assert_eq!(lkvm_ctl(&dir, &["debug", "-n", "fc-linux", "-s", "h"]).0, 0);
-    wait_for("memtotal_after_kb", phase, || has("memtotal_after_kb"));
+    wait_for("memtotal_after_kb", phase, Box::new(|| has("memtotal_after_kb")));
     let rss_after = rss_kib(pid);
 
     // Pause stops the guest (no ticks), resume continues; then the drive swap.
-    wait_for("swap_ready", phase, || has("swap_ready"));
-    wait_for("ticks", phase, || ticks() > 0);
+    wait_for("swap_ready", phase, Box::new(|| has("swap_ready")));
+    wait_for("ticks", phase, Box::new(|| ticks() > 0));
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     let paused_ticks = ticks();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(ticks(), paused_ticks, "the guest ran while paused");
     assert!(curl(&sock, "GET", "/", None).1.contains("Paused"));
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
-    wait_for("ticks after resume", phase, || ticks() > paused_ticks);
+    wait_for("ticks after resume", phase, Box::new(|| ticks() > paused_ticks));
     let swap = serde_json::json!({"drive_id": "media", "path_on_host": new_media}).to_string();
     assert_eq!(curl(&sock, "PATCH", "/drives/media", Some(&swap)).0, 204);
 
-    wait_for("cad_ready", phase, || has("cad_ready"));
+    wait_for("cad_ready", phase, Box::new(|| has("cad_ready")));
     assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)).0, 204);
     let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
     assert_eq!(config["drives"][1]["path_on_host"], new_media.to_str().unwrap());
-    assert_eq!(config["balloon"]["amount_mib"], 32);
+    assert_eq!(config["balloon"]["amount_mib"], 16);
     assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
 
     let out = runner.join().unwrap();
@@ -274,12 +283,13 @@ fn api_boots_linux_and_drives_it() {
     assert!(out.stdout.contains("LKVM-DONE"), "{}", out.describe());
     assert_eq!(out.result("cpus").as_deref(), Some("2"));
     let mem_kb: u64 = out.result("memtotal_kb").unwrap().parse().unwrap();
-    assert!(mem_kb <= 256 * 1024 && mem_kb >= 256 * 1024 * 8 / 10, "MemTotal {mem_kb} kB for 256 MiB");
+    assert!(mem_kb <= 128 * 1024 && mem_kb >= 128 * 1024 * 8 / 10, "MemTotal {mem_kb} kB for 128 MiB");
     let cmdline = out.result("cmdline").unwrap();
     assert!(cmdline.starts_with("console=ttyS0 reboot=k") && !cmdline.contains("root="), "{cmdline}");
     assert_eq!(out.result("read:/dev/vda"), Some(format!("{:016x}", fnv1a(&data))), "{}", out.describe());
     // The guest saw the swapped drive's size and contents.
     assert_eq!(out.result("swap_ready").as_deref(), Some("1048576"));
+    assert_eq!(out.result("read:/dev/vdb"), Some(format!("{:016x}", fnv1a(&pattern(1 << 20, 2)))), "before the swap");
     assert_eq!(out.result("swap_size").as_deref(), Some("2097152"), "{}", out.describe());
     assert_eq!(out.result("swap_read"), Some(format!("{:016x}", fnv1a(&new_data[..1 << 20]))));
     // Ctrl+Alt+Del reached the guest's keyboard driver as interrupts, and it rebooted.
@@ -289,8 +299,8 @@ fn api_boots_linux_and_drives_it() {
     // Balloon: the guest gave back what the API asked, and lkvm's memory shrank.
     let before: u64 = out.result("balloon_ready").unwrap().parse().unwrap();
     let after: u64 = out.result("memtotal_after_kb").unwrap().parse().unwrap();
-    assert!(before - after >= 30 * 1024, "MemTotal {before} -> {after} kB after a 32 MiB balloon");
-    assert!(rss_before.saturating_sub(rss_after) >= 16 * 1024, "lkvm RSS {rss_before} -> {rss_after} KiB");
+    assert!(before - after >= 15 * 1024, "MemTotal {before} -> {after} kB after a 16 MiB balloon");
+    assert!(rss_before.saturating_sub(rss_after) >= 8 * 1024, "lkvm RSS {rss_before} -> {rss_after} KiB");
     assert!(out.stdout.contains("NMI received"), "{}", out.describe());
     assert!(out.stdout.contains("sysrq: HELP"), "{}", out.describe());
     // Metrics and the log went to their files.

@@ -73,6 +73,11 @@ impl Api {
         api
     }
 
+    /// Answers one API request (the API thread's work; also what the fuzz target drives).
+    pub fn handle(&self, request: http::Request) -> http::Response {
+        routes::handle(self, request)
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }
@@ -114,7 +119,7 @@ pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, S
     let listener = UnixListener::bind(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
     thread::spawn(ThreadKind::Api, "fc_api".into(), move || {
         for mut stream in listener.incoming().flatten() {
-            if let Err(e) = http::serve_connection(&mut stream, max_body, |request| routes::handle(&api, request)) {
+            if let Err(e) = http::serve_connection(&mut stream, max_body, |request| api.handle(request)) {
                 tracing::debug!("API connection: {e}");
             }
         }

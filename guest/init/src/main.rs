@@ -15,8 +15,8 @@
 //! - `lkvm.ping=IP`: one ICMP echo request, wait for the reply.
 //! - `lkvm.netbench=IP:SINKPORT:SOURCEPORT:ECHOPORT:MIB`: TCP throughput to a sink and from a
 //!   source on the host (MIB MiB each way), and UDP echo round-trip time (median of 200).
-//! - `lkvm.balloon=SECONDS:MIB`: touch most free memory and free it again (so the host backs
-//!   it), print `balloon_ready`, wait up to SECONDS for MemTotal to shrink by MIB (the host
+//! - `lkvm.balloon=SECONDS:MIB`: touch 2*MIB MiB of memory and free it again (so the host
+//!   backs it), print `balloon_ready`, wait up to SECONDS for MemTotal to shrink by MIB (the host
 //!   inflating the balloon), print the new MemTotal, and stay up 8 s more for the host to look.
 //! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
 //!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
@@ -30,8 +30,8 @@
 //!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory.
 //! - `lkvm.swap=DEV:LEN:SECONDS`: print `swap_ready` with DEV's size, then `LKVM-TICK n` lines
 //!   (every 200 ms, so the host can see a pause) until DEV's size changes (the host swapped its
-//!   image) or SECONDS pass; print the new size and the checksum of its first LEN bytes (read
-//!   with O_DIRECT: the old image's blocks may be in the page cache).
+//!   image) or SECONDS pass; print the new size and the checksum of its first LEN bytes, read
+//!   after dropping DEV's cached blocks.
 //! - `lkvm.cad=SECONDS`: print the keyboard the kernel found and `cad_ready`, wait until the
 //!   i8042 raises keyboard interrupts (the host's Ctrl+Alt+Del) and print their count; then
 //!   reboot, as an init that handles Ctrl+Alt+Del does (this kernel has no VT to do it).
@@ -444,7 +444,10 @@ fn net_bench(arg: &str) {
 
 fn balloon_wait(arg: &str) {
     let kb = |field: &str| meminfo(field).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let touch = kb("MemFree:") * 1024 * 8 / 10;
+    let (seconds, mib) = arg.split_once(':').unwrap_or((arg, "1"));
+    // Twice the balloon: enough for the host to back what the guest will give back, no more
+    // (each first touch is a page fault, which is slow where guest kernel code is emulated).
+    let touch = (mib.parse::<u64>().unwrap_or(1) << 21).min(kb("MemFree:") * 1024 * 8 / 10);
     // SAFETY: an anonymous private mapping, written and unmapped here only.
     unsafe {
         let p = libc::mmap(std::ptr::null_mut(), touch as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
@@ -453,7 +456,6 @@ fn balloon_wait(arg: &str) {
             libc::munmap(p, touch as usize);
         }
     }
-    let (seconds, mib) = arg.split_once(':').unwrap_or((arg, "1"));
     let shrink_kb = mib.parse::<u64>().unwrap_or(1) * 1024;
     let before = kb("MemTotal:");
     result("balloon_ready", &before.to_string());
@@ -519,20 +521,18 @@ fn block_size_bytes(dev: &str) -> u64 {
     sectors.trim().parse::<u64>().unwrap_or(0) * 512
 }
 
-#[repr(C, align(4096))]
-struct AlignedPage([u8; 4096]);
-
-/// Checksum of the first `len` bytes of `dev` read with O_DIRECT (len a multiple of 4096).
-fn direct_checksum(dev: &str, len: usize) -> std::io::Result<u64> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(format!("/dev/{dev}"))?;
-    let mut page = Box::new(AlignedPage([0; 4096]));
-    let mut data = Vec::with_capacity(len);
-    while data.len() < len {
-        std::io::Read::read_exact(&mut file, &mut page.0)?;
-        data.extend_from_slice(&page.0);
+/// Checksum of the first `len` bytes of `dev` after dropping its cached blocks (BLKFLSBUF):
+/// the old image's blocks may be cached.
+fn fresh_checksum(dev: &str, len: usize) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    let mut file = fs::File::open(format!("/dev/{dev}"))?;
+    // SAFETY: BLKFLSBUF takes no argument and acts on our own descriptor.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKFLSBUF, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    data.truncate(len);
+    let mut data = vec![0u8; len];
+    std::io::Read::read_exact(&mut file, &mut data)?;
     Ok(fnv1a(&data))
 }
 
@@ -549,7 +549,7 @@ fn swap_wait(arg: &str) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     result("swap_size", &block_size_bytes(dev).to_string());
-    match direct_checksum(dev, len.parse().unwrap_or(0)) {
+    match fresh_checksum(dev, len.parse().unwrap_or(0)) {
         Ok(sum) => result("swap_read", &format!("{sum:016x}")),
         Err(e) => result("swap_read", &format!("err:{e}")),
     }

@@ -320,6 +320,7 @@ pub(crate) mod tests {
     struct Harness {
         mem: GuestMemoryMmap,
         handler: RequestHandler,
+        block: Block,
         path: std::path::PathBuf,
     }
 
@@ -335,7 +336,7 @@ pub(crate) mod tests {
         let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only, direct }).unwrap();
         let block = Block::new(disk, "serial-0123456789abcdefXYZ");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        Harness { mem, handler: block.request_handler(), path }
+        Harness { mem, handler: block.request_handler(), block, path }
     }
 
     impl Drop for Harness {
@@ -390,6 +391,27 @@ pub(crate) mod tests {
         let mut data = vec![0u8; 1024];
         h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert!(data[..512].iter().all(|b| *b == 3) && data[512..].iter().all(|b| *b == 4));
+    }
+
+    #[test]
+    fn swapped_media_serves_the_new_image_and_size() {
+        let mut h = harness(true);
+        let bigger = h.path.with_extension("new");
+        std::fs::write(&bigger, vec![0xab; 2 * DISK_SECTORS as usize * 512]).unwrap();
+        let interrupt = Arc::new(CountingInterrupt::default());
+        *h.block.media.interrupt.lock().unwrap() = Some(interrupt.clone());
+        let media = h.block.media();
+        media.replace(DiskImage::open(&DiskSpec { path: bigger.clone(), read_only: true, direct: false }).unwrap());
+        std::fs::remove_file(&bigger).unwrap();
+        assert_eq!(interrupt.0.load(Ordering::SeqCst), 1, "the driver is told the config changed");
+        let mut capacity = [0u8; 8];
+        h.block.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 2 * DISK_SECTORS);
+        assert_eq!(h.simple(VIRTIO_BLK_T_IN, 3, 4096, true).0, VIRTIO_BLK_S_OK as u8);
+        let mut data = vec![0u8; 4096];
+        h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert!(data.iter().all(|b| *b == 0xab), "reads come from the new image");
+        assert_eq!(h.simple(VIRTIO_BLK_T_IN, DISK_SECTORS + 8, 512, true).0, VIRTIO_BLK_S_OK as u8, "and reach its end");
     }
 
     #[test]
