@@ -5,7 +5,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use lkvm::cli::{self, control as ctl, Command};
+use lkvm::api::{self, Api};
+use lkvm::config::firecracker::FullConfig;
 use lkvm::config::VmConfig;
+use std::path::Path;
 use lkvm::control::{self, Command as Request};
 use lkvm::vmm::exit::VmExit;
 use lkvm::vmm::Vm;
@@ -18,11 +21,12 @@ const EXIT_USAGE: u8 = 2;
 
 fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
     logging::init(logging::parse_level(&args.loglevel).unwrap_or(2));
+    let api_sock = args.api_sock.clone();
     let config = match prepare(args) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    boot(config, started)
+    boot_with_api(config, started, api_sock.as_deref())
 }
 
 /// Validates the options and creates or refreshes the `lkvm setup` root directory booted.
@@ -34,9 +38,15 @@ fn prepare(args: cli::run::RunArgs) -> Result<VmConfig, String> {
     Ok(config)
 }
 
-/// Builds and runs the VM, reachable through the control socket, until it ends.
 fn boot(config: VmConfig, started: Instant) -> ExitCode {
+    boot_with_api(config, started, None)
+}
+
+/// Builds and runs the VM, reachable through the control socket (and Firecracker's API on
+/// `api_sock`), until it ends.
+fn boot_with_api(config: VmConfig, started: Instant, api_sock: Option<&Path>) -> ExitCode {
     let name = config.name.clone();
+    let (transport, described) = (config.transport, FullConfig::describe(&config));
     let mut vm = match Vm::build(config, started) {
         Ok(vm) => vm,
         Err(e) => return fail(&e.to_string()),
@@ -44,6 +54,16 @@ fn boot(config: VmConfig, started: Instant) -> ExitCode {
     let _control_socket = match control::Server::start(&name, vm.handle()) {
         Ok(server) => server,
         Err(msg) => return fail(&msg),
+    };
+    let _api_socket = match api_sock {
+        Some(path) => {
+            let api = Api::for_running(&name, transport, described, vm.handle());
+            match api::serve(path, api, api::http::DEFAULT_MAX_BODY) {
+                Ok(socket) => Some(socket),
+                Err(msg) => return fail(&msg),
+            }
+        }
+        None => None,
     };
     if let Err(e) = vm.start() {
         return fail(&e.to_string());

@@ -316,3 +316,32 @@ fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
 }
+
+/// `lkvm run --api-sock`: a VM the kvmtool command line started, driven through the API too.
+#[test]
+fn lkvm_run_serves_the_api_for_its_vm() {
+    if !kvm_available("lkvm_run_serves_the_api_for_its_vm") {
+        return;
+    }
+    let dir = temp_dir();
+    let sock = dir.join("run.sock");
+    let kernel = write_file(&dir, "ticker.bin", &ticker());
+    let disk = write_file(&dir, "disk.img", &vec![0u8; 65536]);
+    let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "32", "-c", "1", "-n", "mode=none", "-d", disk.to_str().unwrap(), "--name", "kvmtool-api", "--api-sock", sock.to_str().unwrap()];
+    let mut vm = spawn_counting(Path::new(lkvm()), &args, &dir);
+    wait_for("guest output", Duration::from_secs(20), || vm.output.load(Ordering::SeqCst) > 0);
+    assert!(curl(&sock, "GET", "/", None).1.contains("\"state\":\"Running\""));
+    let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
+    assert_eq!(config["boot-source"]["kernel_image_path"], kernel.to_str().unwrap());
+    assert_eq!(config["drives"][0]["drive_id"], "lkvm-disk0");
+    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#)), 400).contains("before the microVM starts"));
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    assert!(lkvm_ctl(&dir, &["list"]).1.contains("paused"));
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    let bigger = write_file(&dir, "bigger.img", &vec![0u8; 131072]);
+    let swap = format!(r#"{{"drive_id": "lkvm-disk0", "path_on_host": "{}"}}"#, bigger.display());
+    assert_eq!(curl(&sock, "PATCH", "/drives/lkvm-disk0", Some(&swap)).0, 204);
+    assert_eq!(lkvm_ctl(&dir, &["stop", "-n", "kvmtool-api"]).0, 0);
+    assert_eq!(vm.child.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists());
+}

@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
+use crate::config::firecracker::FullConfig;
 use crate::config::{
     BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig, RootShare,
     ShareConfig, Transport, VmConfig,
@@ -80,6 +81,12 @@ pub struct RunArgs {
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
     pub loglevel: String,
+    /// Also serve Firecracker's API for this VM on a UNIX socket
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// The VM as a Firecracker JSON config file describes it (instead of -k, -d, -m, ...)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "nodefaults", "console", "disable_cpuid"])]
+    pub config_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +151,15 @@ pub fn default_mem(cpus: u32, host_ram: u64) -> u64 {
 impl RunArgs {
     /// Validates the options and builds the VM configuration, or says in one line what is wrong.
     pub fn into_config(self) -> Result<VmConfig, String> {
+        if let Some(path) = &self.config_file {
+            let name = self.name.unwrap_or_else(|| format!("guest-{}", std::process::id()));
+            let transport = if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci };
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+            let full: FullConfig = serde_json::from_str(&text).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+            let mut config = full.to_vm_config(&name, transport)?;
+            config.kvm_device = self.kvm_device;
+            return Ok(config);
+        }
         let cpus = self.cpus.unwrap_or_else(|| host_cpus().min(u32::from(MAX_CPUS)));
         if cpus == 0 {
             return Err("-c 0: a guest needs at least one vCPU".into());

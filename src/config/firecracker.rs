@@ -392,6 +392,62 @@ impl FullConfig {
         Ok(config)
     }
 
+    /// A VM config in the file's shape, for a VM another frontend configured (`lkvm run
+    /// --api-sock`); what the file cannot say (9p shares, user-mode networking) is left out.
+    pub fn describe(config: &VmConfig) -> FullConfig {
+        let drives = config
+            .drives
+            .iter()
+            .map(|d| Drive {
+                drive_id: d.id.clone(),
+                is_root_device: d.is_root_device,
+                path_on_host: Some(d.spec.path.clone()),
+                is_read_only: d.spec.read_only,
+                partuuid: d.partuuid.clone(),
+                cache_type: unsafe_cache(),
+                io_engine: sync_engine(),
+                rate_limiter: None,
+                socket: None,
+            })
+            .collect();
+        let network_interfaces = config
+            .nets
+            .iter()
+            .filter(|n| n.spec.mode == NetMode::Tap)
+            .map(|n| NetworkInterface {
+                iface_id: n.id.clone(),
+                host_dev_name: n.spec.tapif.clone().unwrap_or_default(),
+                guest_mac: n.spec.guest_mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                mtu: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .collect();
+        FullConfig {
+            boot_source: Some(BootSource {
+                kernel_image_path: config.boot.kernel.clone(),
+                boot_args: config.boot.params.clone(),
+                initrd_path: config.boot.initrd.clone(),
+            }),
+            machine_config: Some(MachineConfiguration {
+                vcpu_count: config.machine.vcpu_count,
+                mem_size_mib: config.machine.mem_size_mib,
+                ..MachineConfiguration::default()
+            }),
+            drives,
+            network_interfaces,
+            balloon: config.balloon.as_ref().map(|b| Balloon {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_polling_interval_s: b.stats_polling_interval_s,
+                free_page_hinting: false,
+                free_page_reporting: false,
+            }),
+            entropy: config.entropy.as_ref().map(|_| Entropy::default()),
+            ..FullConfig::default()
+        }
+    }
+
     /// The file-shaped view of a running VM's config: what was put, with the drives as they
     /// are now (after PATCH /drives) and the balloon's current target.
     pub fn with_running(&self, running: &VmConfig) -> FullConfig {
