@@ -15,7 +15,8 @@ static LEVEL: AtomicU8 = AtomicU8::new(2);
 static FILE: Mutex<Option<File>> = Mutex::new(None);
 
 /// Levels by rank; 0 logs nothing.
-const LEVELS: [Option<Level>; 6] = [None, Some(Level::ERROR), Some(Level::WARN), Some(Level::INFO), Some(Level::DEBUG), Some(Level::TRACE)];
+const LEVELS: [Option<Level>; 6] =
+    [None, Some(Level::ERROR), Some(Level::WARN), Some(Level::INFO), Some(Level::DEBUG), Some(Level::TRACE)];
 
 /// Parses kvmtool's and Firecracker's level names (any case).
 pub fn parse_level(name: &str) -> Option<u8> {

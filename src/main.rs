@@ -4,15 +4,15 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use lkvm::cli::{self, control as ctl, Command};
 use lkvm::api::{self, Api};
+use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::VmConfig;
-use std::path::Path;
 use lkvm::control::{self, Command as Request};
 use lkvm::vmm::exit::VmExit;
 use lkvm::vmm::Vm;
 use lkvm::{logging, rootfs};
+use std::path::Path;
 
 /// Exit status for bad input, a VM that could not be built, or a control request that failed.
 const EXIT_SETUP_FAILED: u8 = 1;
@@ -95,7 +95,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Err(msg) => return fail(&msg),
     };
     let Some(root) = config.lkvm_rootfs().cloned() else {
-        return fail("lkvm sandbox needs lkvm's 9p root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest");
+        return fail(
+            "lkvm sandbox needs lkvm's 9p root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",
+        );
     };
     let raw_output = !std::io::IsTerminal::is_terminal(&std::io::stdout());
     let job = match rootfs::SandboxJob::create(&root, &args.command, raw_output) {
@@ -167,7 +169,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args, started),
         Command::Sandbox(args) => sandbox(args, started),
-        Command::Setup { name } => done(rootfs::create(&name).map(|root| println!("{}: ready; boot it with lkvm run -d {name}", root.display()))),
+        Command::Setup { name } => done(
+            rootfs::create(&name).map(|root| println!("{}: ready; boot it with lkvm run -d {name}", root.display())),
+        ),
         Command::List => done(ctl::list()),
         Command::Stop(target) => done(ctl::act(&target, Request::Stop, |_, _| {})),
         Command::Pause(target) => done(ctl::act(&target, Request::Pause, |name, _| println!("{name}: paused"))),

@@ -24,7 +24,8 @@ fn firecracker_link(dir: &Path) -> PathBuf {
 /// One request with curl; returns the status code and the body.
 fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     let url = format!("http://localhost{path}");
-    let mut args = vec!["-s", "--max-time", "30", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}"];
+    let mut args =
+        vec!["-s", "--max-time", "30", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}"];
     if let Some(body) = body {
         args.extend(["-H", "Content-Type: application/json", "--data-binary", body]);
     }
@@ -81,7 +82,11 @@ fn spawn_counting(program: &Path, args: &[&str], home: &Path) -> Process {
 
 fn lkvm_ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(lkvm()).args(args).env("HOME", home).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -101,10 +106,13 @@ fn command_line_errors_are_one_clear_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && err.contains("bad.json") && err.lines().count() == 1, "{err}");
     let unknown = write_file(&dir, "unknown.json", br#"{"boot-source": {"kernel_image_path": "/k"}, "gpus": []}"#);
-    let err = String::from_utf8_lossy(&run(&["--no-api", "--config-file", unknown.to_str().unwrap()]).stderr).into_owned();
+    let err =
+        String::from_utf8_lossy(&run(&["--no-api", "--config-file", unknown.to_str().unwrap()]).stderr).into_owned();
     assert!(err.contains("unknown field `gpus`"), "{err}");
-    let missing = write_file(&dir, "missing.json", br#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#);
-    let err = String::from_utf8_lossy(&run(&["--no-api", "--config-file", missing.to_str().unwrap()]).stderr).into_owned();
+    let missing =
+        write_file(&dir, "missing.json", br#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#);
+    let err =
+        String::from_utf8_lossy(&run(&["--no-api", "--config-file", missing.to_str().unwrap()]).stderr).into_owned();
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
     let version = run(&["--version"]);
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("Firecracker v"));
@@ -118,18 +126,22 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let dir = temp_dir();
     let sock = dir.join("fc.sock");
     let kernel = write_file(&dir, "ticker.bin", &ticker());
-    let mut fc = spawn_counting(&firecracker_link(&dir), &["--api-sock", sock.to_str().unwrap(), "--id", "fc-payload"], &dir);
+    let mut fc =
+        spawn_counting(&firecracker_link(&dir), &["--api-sock", sock.to_str().unwrap(), "--id", "fc-payload"], &dir);
     wait_for("the API socket", Duration::from_secs(10), || sock.exists());
 
     let (status, info) = curl(&sock, "GET", "/", None);
     assert!(status == 200 && info.contains("\"state\":\"Not started\"") && info.contains("fc-payload"), "{info}");
     assert!(curl(&sock, "GET", "/version", None).1.contains("firecracker_version"));
     // Wrong order, bad bodies, unknown paths and fields: 4xx with a reason, nothing started.
-    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("boot source"));
+    assert!(
+        fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("boot source")
+    );
     assert!(fault(curl(&sock, "PUT", "/boot-source", Some("{\"kernel_image_path\": ")), 400).contains("JSON"));
     assert!(fault(curl(&sock, "PUT", "/boot-source", Some(r#"{"kernel": "/k"}"#)), 400).contains("unknown field"));
     assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1}"#)), 400).contains("mem_size_mib"));
-    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 99, "mem_size_mib": 32}"#)), 400).contains("vcpu_count"));
+    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 99, "mem_size_mib": 32}"#)), 400)
+        .contains("vcpu_count"));
     assert!(fault(curl(&sock, "GET", "/no/such/thing", None), 400).contains("Invalid request"));
     assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), 400).contains("not running"));
     let big = format!("{{\"kernel_image_path\": \"{}\"}}", "x".repeat(60_000));
@@ -138,12 +150,14 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let drive = r#"{"drive_id": "d", "path_on_host": "/nonexistent/disk.img", "is_root_device": false}"#;
     assert_eq!(curl(&sock, "PUT", "/drives/d", Some(drive)).0, 204);
     assert_eq!(curl(&sock, "PUT", "/boot-source", Some(r#"{"kernel_image_path": "/nonexistent/kernel"}"#)).0, 204);
-    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("/nonexistent/disk.img"));
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400)
+        .contains("/nonexistent/disk.img"));
     // The process survives a failed start; fix the config and start.
     let empty = write_file(&dir, "empty.img", &vec![0u8; 65536]);
     let drive = format!(r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#, empty.display());
     assert_eq!(curl(&sock, "PUT", "/drives/d", Some(&drive)).0, 204);
-    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("/nonexistent/kernel"));
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400)
+        .contains("/nonexistent/kernel"));
     let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
     assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
     assert_eq!(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#)).0, 204);
@@ -151,10 +165,13 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     wait_for("guest output", Duration::from_secs(20), || fc.output.load(Ordering::SeqCst) > 0);
 
     // Started: pre-boot requests and a second start are refused, the VM is unaffected.
-    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("already running"));
-    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)), 400).contains("before the microVM starts"));
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400)
+        .contains("already running"));
+    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)), 400)
+        .contains("before the microVM starts"));
     assert!(fault(curl(&sock, "PUT", "/boot-source", Some(&boot)), 400).contains("before the microVM starts"));
-    assert!(fault(curl(&sock, "PATCH", "/drives/nope", Some(r#"{"drive_id": "nope", "path_on_host": "/x"}"#)), 400).contains("no drive"));
+    assert!(fault(curl(&sock, "PATCH", "/drives/nope", Some(r#"{"drive_id": "nope", "path_on_host": "/x"}"#)), 400)
+        .contains("no drive"));
     let missing = r#"{"drive_id": "d", "path_on_host": "/nonexistent/new.img"}"#;
     assert!(fault(curl(&sock, "PATCH", "/drives/d", Some(missing)), 400).contains("/nonexistent/new.img"));
     let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
@@ -208,7 +225,9 @@ fn api_boots_linux_and_drives_it() {
     let runner = std::thread::spawn(move || {
         let env = [("HOME", home.to_str().unwrap().to_string())];
         let args = ["--api-sock", &sock_arg, "--id", "fc-linux", "--enable-pci"];
-        run_command_env(fc.to_str().unwrap(), &args, &env, boot_timeout(), move |line| seen.lock().unwrap().push(line.to_string()))
+        run_command_env(fc.to_str().unwrap(), &args, &env, boot_timeout(), move |line| {
+            seen.lock().unwrap().push(line.to_string())
+        })
     });
     wait_for("the API socket", Duration::from_secs(10), || sock.exists());
     let boot_args = format!(
@@ -219,7 +238,11 @@ fn api_boots_linux_and_drives_it() {
         let reply = curl(&sock, "PUT", path, Some(&body));
         assert_eq!(reply.0, 204, "PUT {path}: {}", reply.1);
     };
-    put("/boot-source", serde_json::json!({"kernel_image_path": guest.vmlinux, "initrd_path": guest.initramfs, "boot_args": boot_args}).to_string());
+    put(
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": guest.vmlinux, "initrd_path": guest.initramfs, "boot_args": boot_args})
+            .to_string(),
+    );
     put("/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 128}"#.into());
     put("/drives/data", serde_json::json!({"drive_id": "data", "path_on_host": data_img, "is_root_device": false, "is_read_only": true}).to_string());
     put("/drives/media", serde_json::json!({"drive_id": "media", "path_on_host": old_media, "is_root_device": false, "is_read_only": true}).to_string());
@@ -245,7 +268,12 @@ fn api_boots_linux_and_drives_it() {
     // Balloon: through the API (statistics, target) and the control socket (stat), plus NMI
     // and SysRq on the API-started VM.
     wait_for("balloon_ready", phase, Box::new(|| has("balloon_ready")));
-    let pid: u32 = lkvm_ctl(&dir, &["list"]).1.lines().find(|l| l.contains("fc-linux")).and_then(|l| l.split_whitespace().next()?.parse().ok()).expect("listed");
+    let pid: u32 = lkvm_ctl(&dir, &["list"])
+        .1
+        .lines()
+        .find(|l| l.contains("fc-linux"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("listed");
     let rss_before = rss_kib(pid);
     let (status, stats) = curl(&sock, "GET", "/balloon/statistics", None);
     assert!(status == 200 && stats.contains("total_memory") && stats.contains("\"target_mib\":0"), "{stats}");
@@ -314,7 +342,11 @@ fn api_boots_linux_and_drives_it() {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `lkvm run --api-sock`: a VM the kvmtool command line started, driven through the API too.
@@ -327,14 +359,31 @@ fn lkvm_run_serves_the_api_for_its_vm() {
     let sock = dir.join("run.sock");
     let kernel = write_file(&dir, "ticker.bin", &ticker());
     let disk = write_file(&dir, "disk.img", &vec![0u8; 65536]);
-    let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "32", "-c", "1", "-n", "mode=none", "-d", disk.to_str().unwrap(), "--name", "kvmtool-api", "--api-sock", sock.to_str().unwrap()];
+    let args = [
+        "run",
+        "-k",
+        kernel.to_str().unwrap(),
+        "-m",
+        "32",
+        "-c",
+        "1",
+        "-n",
+        "mode=none",
+        "-d",
+        disk.to_str().unwrap(),
+        "--name",
+        "kvmtool-api",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ];
     let mut vm = spawn_counting(Path::new(lkvm()), &args, &dir);
     wait_for("guest output", Duration::from_secs(20), || vm.output.load(Ordering::SeqCst) > 0);
     assert!(curl(&sock, "GET", "/", None).1.contains("\"state\":\"Running\""));
     let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
     assert_eq!(config["boot-source"]["kernel_image_path"], kernel.to_str().unwrap());
     assert_eq!(config["drives"][0]["drive_id"], "lkvm-disk0");
-    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#)), 400).contains("before the microVM starts"));
+    assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#)), 400)
+        .contains("before the microVM starts"));
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     assert!(lkvm_ctl(&dir, &["list"]).1.contains("paused"));
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);

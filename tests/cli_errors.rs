@@ -57,7 +57,11 @@ fn missing_initrd() {
         return;
     }
     let dir = temp_dir();
-    let out = run_lkvm(&["run", "-k", &guest_or_flat(&dir), "-i", "/nonexistent/initrd", "-m", "64", "-c", "1"], None, TIMEOUT);
+    let out = run_lkvm(
+        &["run", "-k", &guest_or_flat(&dir), "-i", "/nonexistent/initrd", "-m", "64", "-c", "1"],
+        None,
+        TIMEOUT,
+    );
     assert_one_line_error(&out, "initrd /nonexistent/initrd");
 }
 
@@ -80,7 +84,11 @@ fn initrd_that_does_not_fit() {
     let dir = temp_dir();
     let big = dir.join("big.cpio");
     std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
-    let out = run_lkvm(&["run", "-k", vmlinux.to_str().unwrap(), "-i", big.to_str().unwrap(), "-m", "32", "-c", "1"], None, TIMEOUT);
+    let out = run_lkvm(
+        &["run", "-k", vmlinux.to_str().unwrap(), "-i", big.to_str().unwrap(), "-m", "32", "-c", "1"],
+        None,
+        TIMEOUT,
+    );
     assert_one_line_error(&out, "does not fit in guest memory");
 }
 
@@ -105,7 +113,8 @@ fn more_vcpus_than_allowed() {
 
 #[test]
 fn kvm_device_missing() {
-    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "--dev", "/nonexistent/kvm"], None, TIMEOUT);
+    let out =
+        run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "--dev", "/nonexistent/kvm"], None, TIMEOUT);
     assert_one_line_error(&out, "/nonexistent/kvm: not found");
 }
 
@@ -148,7 +157,8 @@ fn disk_that_is_read_only_on_the_host() {
         eprintln!("!!! SKIPPED disk_that_is_read_only_on_the_host: cannot make a file read-only here !!!");
         return;
     }
-    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "-d", image.to_str().unwrap()], None, TIMEOUT);
+    let out =
+        run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "-d", image.to_str().unwrap()], None, TIMEOUT);
     if immutable {
         let _ = std::process::Command::new("chattr").arg("-i").arg(&image).status();
     }
@@ -170,7 +180,11 @@ fn tap_without_permission() {
         eprintln!("!!! SKIPPED tap_without_permission: running as root, which may open any tap !!!");
         return;
     }
-    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "-n", "mode=tap,tapif=lkvmtest0"], None, TIMEOUT);
+    let out = run_lkvm(
+        &["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "-n", "mode=tap,tapif=lkvmtest0"],
+        None,
+        TIMEOUT,
+    );
     assert_one_line_error(&out, "CAP_NET_ADMIN");
 }
 

@@ -66,7 +66,11 @@ fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
 
 fn ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(lkvm()).args(args).env("HOME", home).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn exits_zero(guest: &mut Guest) {

@@ -41,7 +41,10 @@ fn bzimage_boots_from_a_firecracker_config_file() {
     assert!(mem_kb <= 96 * MIB && mem_kb >= 96 * MIB * 8 / 10, "MemTotal {mem_kb} kB for 96 MiB");
     let cmdline = out.result("cmdline").unwrap();
     assert!(cmdline.starts_with("console=ttyS0 reboot=k panic=1 pci=off"), "{cmdline}");
-    assert!(cmdline.contains("root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"), "{cmdline}");
+    assert!(
+        cmdline.contains("root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"),
+        "{cmdline}"
+    );
     assert_eq!(out.result("read:/dev/vda"), Some(format!("{:016x}", fnv1a(&root))), "{}", out.describe());
     assert_eq!(out.result("serial:vda").as_deref(), Some("rootfs"));
     let distinct: u32 = out.result("hwrng").and_then(|v| v.split_once(':')?.1.parse().ok()).expect("hwrng");
@@ -69,15 +72,39 @@ fn disks_boot(transport: &str, console: &str) {
     }
     std::fs::write(shared.join("torename"), b"rename me").unwrap();
     std::fs::write(shared.join("todelete"), b"delete me").unwrap();
-    let (share_arg, share_ro_arg) = (format!("{},hostdir", shared.display()), format!("{},hostro,ro", shared_ro.display()));
+    let (share_arg, share_ro_arg) =
+        (format!("{},hostdir", shared.display()), format!("{},hostro,ro", shared_ro.display()));
     let params = format!(
         "{HOST_GUEST_PARAMS} lkvm.read=/dev/vda:1048576 lkvm.write=/dev/vdb:65536:9 \
          lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64 lkvm.9p=hostdir:hostro"
     );
     let args = [
-        "run", "-k", guest.vmlinux.to_str().unwrap(), "-i", guest.initramfs.to_str().unwrap(), "-c", "1", "-m", "128",
-        "--virtio-transport", transport, "--console", console, "--rng", "-d", &vda, "-d", &vdb, "-d", &vdc_ro,
-        "--9p", &share_arg, "--9p", &share_ro_arg, "-p", &params,
+        "run",
+        "-k",
+        guest.vmlinux.to_str().unwrap(),
+        "-i",
+        guest.initramfs.to_str().unwrap(),
+        "-c",
+        "1",
+        "-m",
+        "128",
+        "--virtio-transport",
+        transport,
+        "--console",
+        console,
+        "--rng",
+        "-d",
+        &vda,
+        "-d",
+        &vdb,
+        "-d",
+        &vdc_ro,
+        "--9p",
+        &share_arg,
+        "--9p",
+        &share_ro_arg,
+        "-p",
+        &params,
     ];
     let out = run_lkvm(&args, None, boot_timeout());
     assert_eq!(out.code, Some(0), "{}", out.describe());
@@ -113,7 +140,8 @@ fn disks_boot(transport: &str, console: &str) {
     assert!(refused.contains("Read-only file system"), "read-only share accepted a write: {refused}");
     assert_eq!(std::fs::read_dir(&shared_ro).unwrap().count(), 1, "the read-only share changed");
 
-    let (n, distinct) = out.result("hwrng").and_then(|v| v.split_once(':').map(|(a, b)| (a.to_string(), b.to_string()))).unwrap();
+    let (n, distinct) =
+        out.result("hwrng").and_then(|v| v.split_once(':').map(|(a, b)| (a.to_string(), b.to_string()))).unwrap();
     assert_eq!(n, "64");
     assert!(distinct.parse::<u32>().unwrap() > 16, "64 random bytes with {distinct} distinct values");
 

@@ -82,8 +82,19 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
     );
     let net = format!("mode=user,hostfwd=tcp:{forward_port}:8000");
     let args = [
-        "run", "-k", guest.vmlinux.to_str().unwrap(), "-i", guest.initramfs.to_str().unwrap(), "-c", "1", "-m", "128",
-        "-n", &net, "-p", &params,
+        "run",
+        "-k",
+        guest.vmlinux.to_str().unwrap(),
+        "-i",
+        guest.initramfs.to_str().unwrap(),
+        "-c",
+        "1",
+        "-m",
+        "128",
+        "-n",
+        &net,
+        "-p",
+        &params,
     ];
     // When the guest listens, a host client connects through the forward.
     let (fwd_tx, fwd_rx) = channel();
@@ -109,7 +120,8 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
     assert_eq!(out.result("udp").as_deref(), Some("ok"), "{}", out.describe());
     assert_eq!(out.result("serve").as_deref(), Some("ok"), "{}", out.describe());
     assert_eq!(out.result("ping").as_deref(), Some("ok"), "ICMP echo to the host address: {}", out.describe());
-    let forwarded = fwd_rx.recv_timeout(Duration::from_secs(10)).expect("host client ran").expect("host client connected");
+    let forwarded =
+        fwd_rx.recv_timeout(Duration::from_secs(10)).expect("host client ran").expect("host client connected");
     assert_eq!(forwarded, pattern(65536, 4), "bytes through the port forward");
 }
 
@@ -153,7 +165,8 @@ fn tap_networking_in_a_private_namespace() {
     let guest = guest();
     let body = pattern(BODY_LEN, 12);
     // Servers inside the namespace, on every address, so they are up before the tap exists.
-    let (http, sink) = in_netns(&ns, || (TcpListener::bind("0.0.0.0:0").unwrap(), TcpListener::bind("0.0.0.0:0").unwrap()));
+    let (http, sink) =
+        in_netns(&ns, || (TcpListener::bind("0.0.0.0:0").unwrap(), TcpListener::bind("0.0.0.0:0").unwrap()));
     let (http_port, sink_port) = (http.local_addr().unwrap().port(), sink.local_addr().unwrap().port());
     http_server(http, body.clone());
     let received = sink_server(sink);
@@ -164,10 +177,25 @@ fn tap_networking_in_a_private_namespace() {
          lkvm.send=10.33.0.1:{sink_port}:{SENT}:5 lkvm.netstats=eth0 lkvm.netstats=eth1"
     );
     let args = [
-        "netns", "exec", &ns, lkvm(), "run", "-k", guest.vmlinux.to_str().unwrap(), "-i",
-        guest.initramfs.to_str().unwrap(), "-c", "2", "-m", "128", "-n", "mode=tap,tapif=lkvmtap0,host_ip=10.33.0.1,mq=2",
-        "-n", "mode=user",
-        "-p", &params,
+        "netns",
+        "exec",
+        &ns,
+        lkvm(),
+        "run",
+        "-k",
+        guest.vmlinux.to_str().unwrap(),
+        "-i",
+        guest.initramfs.to_str().unwrap(),
+        "-c",
+        "2",
+        "-m",
+        "128",
+        "-n",
+        "mode=tap,tapif=lkvmtap0,host_ip=10.33.0.1,mq=2",
+        "-n",
+        "mode=user",
+        "-p",
+        &params,
     ];
     let out = run_command("ip", &args, None, boot_timeout(), |_| {});
     assert_eq!(out.code, Some(0), "{}", out.describe());
@@ -181,7 +209,9 @@ fn tap_networking_in_a_private_namespace() {
     // ways in fewer frames than MSS-sized segments would need (TSO through the tap's virtio-net
     // header; the guest counts a segmentation-offload frame once).
     let features = out.result("netfeatures:eth0").unwrap();
-    for (bit, name) in [(0, "CSUM"), (7, "GUEST_TSO4"), (11, "HOST_TSO4"), (15, "MRG_RXBUF"), (17, "CTRL_VQ"), (22, "MQ")] {
+    for (bit, name) in
+        [(0, "CSUM"), (7, "GUEST_TSO4"), (11, "HOST_TSO4"), (15, "MRG_RXBUF"), (17, "CTRL_VQ"), (22, "MQ")]
+    {
         assert_eq!(features.as_bytes().get(bit), Some(&b'1'), "{name} not negotiated: {features}");
     }
     // rxq:rx_packets:rx_bytes:tx_packets:tx_bytes after the fetch, then after the send.

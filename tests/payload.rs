@@ -74,7 +74,7 @@ fn console_input_reaches_the_guest_with_ctrl_a_escaped() {
     }
     // Poll COM1's line status until a byte arrives, echo it as "<byte>!", then spin.
     let code = [
-        vec![0xba, 0xfd, 0x03], // mov dx, 0x3fd (LSR)
+        vec![0xba, 0xfd, 0x03],             // mov dx, 0x3fd (LSR)
         vec![0xec, 0xa8, 0x01, 0x74, 0xfb], // in al, dx; test al, 1; jz -5
         vec![0xba, 0xf8, 0x03, 0xec, 0xee], // mov dx, 0x3f8; in al, dx; out dx, al
         x86::print("!\n"),

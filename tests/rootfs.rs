@@ -94,7 +94,8 @@ fn a_directory_boots_as_the_9p_root_filesystem() {
     write_file(&root, "written", &[0u8; 4096]);
     let params = format!("{HOST_GUEST_PARAMS} lkvm.write=/written:4096:6");
     let vmlinux = guest().vmlinux.to_str().unwrap();
-    let args = ["run", "-k", vmlinux, "-d", root.to_str().unwrap(), "-m", "128", "-c", "1", "-n", "mode=none", "-p", &params];
+    let args =
+        ["run", "-k", vmlinux, "-d", root.to_str().unwrap(), "-m", "128", "-c", "1", "-n", "mode=none", "-p", &params];
     let out = run_lkvm(&args, None, boot_timeout());
 
     assert_eq!(out.code, Some(0), "{}", out.describe());

@@ -54,7 +54,13 @@ impl Metrics {
         if file.is_some() {
             return Err("metrics are already configured".into());
         }
-        *file = Some(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("metrics file {}: {e}", path.display()))?);
+        *file = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("metrics file {}: {e}", path.display()))?,
+        );
         let metrics = Arc::downgrade(self);
         thread::spawn(ThreadKind::Metrics, "metrics".into(), move || loop {
             std::thread::sleep(FLUSH_PERIOD);

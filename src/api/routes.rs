@@ -11,8 +11,8 @@ use serde_json::json;
 use super::http::{Method, Request, Response};
 use super::{Api, Metrics, Phase, VmmRequest, FIRECRACKER_API_VERSION};
 use crate::config::firecracker::{
-    check_id, Balloon, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger, MachineConfiguration,
-    MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
+    check_id, Balloon, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger,
+    MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
 };
 use crate::control::Controller;
 use crate::logging;
@@ -57,7 +57,9 @@ fn route(api: &Api, request: &Request) -> Reply {
     };
     match (&request.method, resource, id) {
         (Method::Get, "", None) => Ok(instance_info(api)),
-        (Method::Get, "version", None) => Ok(Response::json(200, &json!({ "firecracker_version": FIRECRACKER_API_VERSION }))),
+        (Method::Get, "version", None) => {
+            Ok(Response::json(200, &json!({ "firecracker_version": FIRECRACKER_API_VERSION })))
+        }
         (Method::Get, "vm/config", None) => Ok(Response::json(200, &full_config(api))),
         (Method::Get, "machine-config", None) => Ok(Response::json(200, &full_config(api).machine_config)),
         (Method::Put, "machine-config", None) => {
@@ -89,7 +91,9 @@ fn route(api: &Api, request: &Request) -> Reply {
             same_id(id, &iface.iface_id)?;
             configure(api, |c| c.put_network_interface(iface))
         }
-        (Method::Patch, "network-interfaces", Some(_)) => Err("network rate limiters are not supported by lkvm yet".into()),
+        (Method::Patch, "network-interfaces", Some(_)) => {
+            Err("network rate limiters are not supported by lkvm yet".into())
+        }
         (Method::Put, "balloon", None) => {
             let balloon: Balloon = body(request)?;
             balloon.check()?;
@@ -127,8 +131,12 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Put, "actions", None) => action(api, body(request)?),
         (Method::Patch, "vm", None) => vm_state(api, body(request)?),
         (Method::Put, "vsock", None) => Err("vsock is not supported by lkvm yet".into()),
-        (Method::Put, "snapshot/create" | "snapshot/load", None) => Err("snapshots are not supported by lkvm yet".into()),
-        (Method::Put | Method::Patch | Method::Get, "mmds" | "mmds/config", None) => Err("MMDS is not supported by lkvm".into()),
+        (Method::Put, "snapshot/create" | "snapshot/load", None) => {
+            Err("snapshots are not supported by lkvm yet".into())
+        }
+        (Method::Put | Method::Patch | Method::Get, "mmds" | "mmds/config", None) => {
+            Err("MMDS is not supported by lkvm".into())
+        }
         (Method::Put, "cpu-config" | "serial", None) => Err(format!("/{resource} is not supported by lkvm")),
         (method, _, _) => Err(format!("Invalid request method and/or path: {method:?} {}", request.path)),
     }
@@ -318,10 +326,14 @@ mod tests {
     #[test]
     fn pre_boot_configuration_is_kept_and_reported() {
         let (api, _vmm) = api();
-        assert_eq!(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "quiet"}"#).0, 204);
+        assert_eq!(
+            call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "quiet"}"#).0,
+            204
+        );
         assert_eq!(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).0, 204);
         assert_eq!(call(&api, Method::Patch, "/machine-config", r#"{"mem_size_mib": 512}"#).0, 204);
-        let drive = r#"{"drive_id": "rootfs", "path_on_host": "/r.img", "is_root_device": true, "is_read_only": false}"#;
+        let drive =
+            r#"{"drive_id": "rootfs", "path_on_host": "/r.img", "is_root_device": true, "is_read_only": false}"#;
         assert_eq!(call(&api, Method::Put, "/drives/rootfs", drive).0, 204);
         let (status, body) = call(&api, Method::Get, "/vm/config", "");
         assert_eq!(status, 200);
@@ -340,17 +352,25 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&body).unwrap()["fault_message"].as_str().unwrap().to_string()
         };
         assert!(fault(call(&api, Method::Put, "/boot-source", "{")).contains("bad JSON"));
-        assert!(fault(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "x": 1}"#)).contains("unknown field"));
+        assert!(fault(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "x": 1}"#))
+            .contains("unknown field"));
         assert!(fault(call(&api, Method::Put, "/boot-source", "")).contains("JSON body"));
-        assert!(fault(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 1}"#)).contains("vcpu_count"));
+        assert!(fault(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 1}"#))
+            .contains("vcpu_count"));
         let drive = r#"{"drive_id": "b", "path_on_host": "/r.img", "is_root_device": false}"#;
         assert!(fault(call(&api, Method::Put, "/drives/a", drive)).contains("differ"));
         assert!(fault(call(&api, Method::Put, "/drives/..", drive)).contains("id"));
         assert!(fault(call(&api, Method::Put, "/nonsense", "{}")).contains("Invalid request"));
-        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "Explode"}"#)).contains("unknown action_type"));
-        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("boot source"));
+        assert!(
+            fault(call(&api, Method::Put, "/actions", r#"{"action_type": "Explode"}"#)).contains("unknown action_type")
+        );
+        assert!(
+            fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("boot source")
+        );
         assert!(fault(call(&api, Method::Patch, "/vm", r#"{"state": "Paused"}"#)).contains("not running"));
-        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)).contains("not running"));
+        assert!(
+            fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)).contains("not running")
+        );
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)).contains("metrics"));
         assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#)).contains("vsock"));
         // A VMM that cannot start the VM: InstanceStart fails cleanly and the API stays usable.

@@ -52,10 +52,7 @@ impl KernelCmdline {
 
     /// Whether any parameter so far sets `key` (as `key` or `key=...`).
     pub fn has_key(&self, key: &str) -> bool {
-        self.params
-            .iter()
-            .flat_map(|p| p.split_whitespace())
-            .any(|word| word.split('=').next() == Some(key))
+        self.params.iter().flat_map(|p| p.split_whitespace()).any(|word| word.split('=').next() == Some(key))
     }
 
     pub fn as_string(&self) -> String {

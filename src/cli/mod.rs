@@ -15,7 +15,11 @@ pub struct Cli {
 
 /// The command line when this binary is invoked as `firecracker`.
 #[derive(Parser, Debug)]
-#[command(name = "firecracker", disable_version_flag = true, about = "lkvm speaking Firecracker's command line and API")]
+#[command(
+    name = "firecracker",
+    disable_version_flag = true,
+    about = "lkvm speaking Firecracker's command line and API"
+)]
 pub struct FirecrackerCli {
     #[command(flatten)]
     pub args: firecracker::FirecrackerArgs,
@@ -29,9 +33,7 @@ pub enum Command {
     /// `lkvm sandbox [run options] -- cmd args...`
     Sandbox(run::SandboxArgs),
     /// Create ~/.lkvm/NAME, a root directory for `lkvm run -d NAME` and `lkvm sandbox -d NAME`
-    Setup {
-        name: String,
-    },
+    Setup { name: String },
     /// List running guests (and `lkvm setup` directories)
     List,
     /// Stop a guest

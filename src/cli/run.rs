@@ -8,8 +8,8 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::config::firecracker::FullConfig;
 use crate::config::{
-    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig, RootShare,
-    ShareConfig, Transport, VmConfig,
+    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig,
+    RootShare, ShareConfig, Transport, VmConfig,
 };
 use crate::disk::DiskSpec;
 use crate::net::{NetMode, NetSpec};
@@ -155,7 +155,8 @@ impl RunArgs {
             let name = self.name.unwrap_or_else(|| format!("guest-{}", std::process::id()));
             let transport = if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci };
             let text = std::fs::read_to_string(path).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
-            let full: FullConfig = serde_json::from_str(&text).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+            let full: FullConfig =
+                serde_json::from_str(&text).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
             let mut config = full.to_vm_config(&name, transport)?;
             config.kvm_device = self.kvm_device;
             return Ok(config);
@@ -243,7 +244,11 @@ impl RunArgs {
                 params: self.params,
                 policy: if self.nodefaults { CmdlinePolicy::Bare } else { CmdlinePolicy::Kvmtool },
             },
-            machine: MachineConfig { vcpu_count: cpus as u8, mem_size_mib: mem_size / MIB, disabled_cpuid: self.disable_cpuid },
+            machine: MachineConfig {
+                vcpu_count: cpus as u8,
+                mem_size_mib: mem_size / MIB,
+                disabled_cpuid: self.disable_cpuid,
+            },
             drives,
             shares,
             root_share,
@@ -307,7 +312,9 @@ mod tests {
 
     #[test]
     fn kvmtool_style_options() {
-        let args = parse(&["-k", "bzImage", "-i", "initrd.cpio", "-p", "quiet", "-m", "128", "-c", "2", "--name", "t1"]).unwrap();
+        let args =
+            parse(&["-k", "bzImage", "-i", "initrd.cpio", "-p", "quiet", "-m", "128", "-c", "2", "--name", "t1"])
+                .unwrap();
         assert_eq!(args.kernel.as_deref(), Some(Path::new("bzImage")));
         assert_eq!(args.mem, Some(128 * MIB));
         assert_eq!((args.cpus, args.name.as_deref()), (Some(2), Some("t1")));
@@ -332,18 +339,28 @@ mod tests {
         assert!(cmdline.starts_with("console=ttyS0") && cmdline.ends_with("quiet"));
         // No disk and no initrd: kvmtool's default guest, ~/.lkvm/default over 9p.
         assert!(cmdline.contains(rootfs::ROOT_PARAMS) && cmdline.contains("init=/virt/init"), "{cmdline}");
-        let tags: Vec<_> = config.shares.iter().map(|s| (s.spec.tag.as_str(), s.spec.path.clone(), s.spec.read_only)).collect();
+        let tags: Vec<_> =
+            config.shares.iter().map(|s| (s.spec.tag.as_str(), s.spec.path.clone(), s.spec.read_only)).collect();
         assert_eq!(tags, [("hostfs", PathBuf::from("/"), true), ("root", rootfs::path("default"), false)]);
         assert_eq!(config.lkvm_rootfs(), Some(&rootfs::path("default")));
         let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config().unwrap();
-        assert!(!cmdline::compose(&initrd, &[]).contains("root=") && initrd.shares.is_empty() && initrd.lkvm_rootfs().is_none());
+        assert!(
+            !cmdline::compose(&initrd, &[]).contains("root=")
+                && initrd.shares.is_empty()
+                && initrd.lkvm_rootfs().is_none()
+        );
         let bare = RunArgs { cpus: Some(1), nodefaults: true, params: Some("x=1".into()), ..base() };
         assert_eq!(cmdline::compose(&bare.into_config().unwrap(), &[]), "x=1");
     }
 
     #[test]
     fn a_disk_brings_root_unless_the_user_chose_one() {
-        let base = || RunArgs { kernel: Some("k".into()), cpus: Some(1), disks: vec!["a.img".into(), "b.img,ro".into()], ..Default::default() };
+        let base = || RunArgs {
+            kernel: Some("k".into()),
+            cpus: Some(1),
+            disks: vec!["a.img".into(), "b.img,ro".into()],
+            ..Default::default()
+        };
         let config = base().into_config().unwrap();
         assert_eq!(config.drives.len(), 2);
         assert!(config.drives[1].spec.read_only && config.drives[0].is_root_device);
@@ -369,14 +386,28 @@ mod tests {
     #[test]
     fn a_directory_is_a_9p_root() {
         let dir = std::env::temp_dir();
-        let base = RunArgs { kernel: Some("k".into()), cpus: Some(1), disks: vec![format!("{},ro", dir.display()), "a.img".into()], ..Default::default() };
+        let base = RunArgs {
+            kernel: Some("k".into()),
+            cpus: Some(1),
+            disks: vec![format!("{},ro", dir.display()), "a.img".into()],
+            ..Default::default()
+        };
         let config = base.into_config().unwrap();
         assert_eq!(config.drives.len(), 1, "the image stays a disk");
-        assert_eq!((config.shares.len(), config.shares[0].spec.tag.as_str(), config.shares[0].spec.read_only), (1, "root", true));
+        assert_eq!(
+            (config.shares.len(), config.shares[0].spec.tag.as_str(), config.shares[0].spec.read_only),
+            (1, "root", true)
+        );
         let cmdline = cmdline::compose(&config, &[]);
         assert!(cmdline.contains(rootfs::ROOT_PARAMS) && !cmdline.contains("/dev/vda"), "{cmdline}");
         assert!(!cmdline.contains("init=") && config.lkvm_rootfs().is_none(), "not an lkvm rootfs: its own init");
-        let shared = RunArgs { kernel: Some("k".into()), cpus: Some(1), initrd: Some("i".into()), shares: vec!["/tmp,tmp".into()], ..Default::default() };
+        let shared = RunArgs {
+            kernel: Some("k".into()),
+            cpus: Some(1),
+            initrd: Some("i".into()),
+            shares: vec!["/tmp,tmp".into()],
+            ..Default::default()
+        };
         let spec = ShareSpec { path: "/tmp".into(), tag: "tmp".into(), read_only: false };
         assert_eq!(shared.into_config().unwrap().shares, [ShareConfig { id: "9p0".into(), spec }]);
     }
@@ -391,6 +422,9 @@ mod tests {
     fn kernel_search_reports_what_it_tried() {
         let err = find_default_kernel(&[PathBuf::from("/nonexistent/bzImage")]).unwrap_err();
         assert!(err.contains("/nonexistent/bzImage"));
-        assert_eq!(find_default_kernel(&[PathBuf::from("/nonexistent"), PathBuf::from("/proc/self/status")]).unwrap(), PathBuf::from("/proc/self/status"));
+        assert_eq!(
+            find_default_kernel(&[PathBuf::from("/nonexistent"), PathBuf::from("/proc/self/status")]).unwrap(),
+            PathBuf::from("/proc/self/status")
+        );
     }
 }

@@ -7,7 +7,8 @@ use crate::net::NetMode;
 use crate::rootfs;
 
 /// Firecracker's command line when `boot_args` is absent (its serial console is off).
-const FIRECRACKER_DEFAULT: &str = "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce";
+const FIRECRACKER_DEFAULT: &str =
+    "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce";
 
 /// The guest's name for the `index`th virtio disk: vda, vdb, ..., vdz, vdaa, ...
 pub fn disk_name(index: usize) -> String {
@@ -114,7 +115,10 @@ mod tests {
 
     #[test]
     fn disk_names_follow_linux() {
-        assert_eq!([disk_name(0), disk_name(1), disk_name(25), disk_name(26), disk_name(27)], ["vda", "vdb", "vdz", "vdaa", "vdab"]);
+        assert_eq!(
+            [disk_name(0), disk_name(1), disk_name(25), disk_name(26), disk_name(27)],
+            ["vda", "vdb", "vdz", "vdaa", "vdab"]
+        );
     }
 
     #[test]

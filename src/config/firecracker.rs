@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig, Transport,
-    VmConfig,
+    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig,
+    Transport, VmConfig,
 };
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::disk::DiskSpec;
@@ -312,7 +312,10 @@ impl FullConfig {
 
     pub fn put_network_interface(&mut self, iface: NetworkInterface) -> Result<(), String> {
         iface.spec()?;
-        let clash = self.network_interfaces.iter().find(|n| n.iface_id != iface.iface_id && (n.host_dev_name == iface.host_dev_name || (n.guest_mac.is_some() && n.guest_mac == iface.guest_mac)));
+        let clash = self.network_interfaces.iter().find(|n| {
+            n.iface_id != iface.iface_id
+                && (n.host_dev_name == iface.host_dev_name || (n.guest_mac.is_some() && n.guest_mac == iface.guest_mac))
+        });
         if let Some(other) = clash {
             return Err(format!("interface '{}' already uses that tap device or MAC address", other.iface_id));
         }
@@ -339,7 +342,12 @@ impl FullConfig {
             drive.check()?;
             let path = drive.path_on_host.clone().unwrap_or_default();
             let spec = DiskSpec { path, read_only: drive.is_read_only, direct: false };
-            let config = DriveConfig { id: drive.drive_id.clone(), spec, is_root_device: drive.is_root_device, partuuid: drive.partuuid.clone() };
+            let config = DriveConfig {
+                id: drive.drive_id.clone(),
+                spec,
+                is_root_device: drive.is_root_device,
+                partuuid: drive.partuuid.clone(),
+            };
             if drive.is_root_device {
                 drives.insert(0, config);
             } else {
@@ -355,7 +363,10 @@ impl FullConfig {
             Some(b) => {
                 b.check()?;
                 if b.amount_mib > machine.mem_size_mib {
-                    return Err(format!("balloon amount_mib {} is more than the guest's {} MiB", b.amount_mib, machine.mem_size_mib));
+                    return Err(format!(
+                        "balloon amount_mib {} is more than the guest's {} MiB",
+                        b.amount_mib, machine.mem_size_mib
+                    ));
                 }
                 Some(BalloonConfig {
                     id: "balloon".into(),
@@ -378,7 +389,11 @@ impl FullConfig {
                 params: boot.boot_args.clone(),
                 policy: CmdlinePolicy::Firecracker,
             },
-            machine: MachineConfig { vcpu_count: machine.vcpu_count, mem_size_mib: machine.mem_size_mib, disabled_cpuid: Vec::new() },
+            machine: MachineConfig {
+                vcpu_count: machine.vcpu_count,
+                mem_size_mib: machine.mem_size_mib,
+                disabled_cpuid: Vec::new(),
+            },
             drives,
             shares: Vec::new(),
             root_share: None,
@@ -496,7 +511,8 @@ mod tests {
         let line = crate::config::cmdline::compose(&config, &[]);
         assert_eq!(line, "console=ttyS0 reboot=k root=/dev/vda rw");
         // GET /vm/config gives back the same shape.
-        let back: FullConfig = serde_json::from_value(serde_json::to_value(full.with_running(&config)).unwrap()).unwrap();
+        let back: FullConfig =
+            serde_json::from_value(serde_json::to_value(full.with_running(&config)).unwrap()).unwrap();
         assert_eq!(back.drives.len(), 2);
     }
 
@@ -517,7 +533,14 @@ mod tests {
         let second_root = Drive { drive_id: "other".into(), ..full.drives[1].clone() };
         assert!(full.put_drive(second_root).unwrap_err().contains("root device"));
         assert!(check_id("../x").is_err() && check_id("").is_err() && check_id("rootfs_1-a").is_ok());
-        let bad_mac = NetworkInterface { iface_id: "e".into(), host_dev_name: "tap1".into(), guest_mac: Some("01:00:00:00:00:00".into()), mtu: None, rx_rate_limiter: None, tx_rate_limiter: None };
+        let bad_mac = NetworkInterface {
+            iface_id: "e".into(),
+            host_dev_name: "tap1".into(),
+            guest_mac: Some("01:00:00:00:00:00".into()),
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
         assert!(full.put_network_interface(bad_mac).unwrap_err().contains("MAC"));
     }
 

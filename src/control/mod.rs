@@ -114,9 +114,9 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
             // commands may not parse here.
             let version = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["version"].as_u64());
             return match version {
-                Some(v) if v != u64::from(PROTOCOL_VERSION) => {
-                    Response::error(format!("protocol version {v} is not supported (this lkvm speaks {PROTOCOL_VERSION})"))
-                }
+                Some(v) if v != u64::from(PROTOCOL_VERSION) => Response::error(format!(
+                    "protocol version {v} is not supported (this lkvm speaks {PROTOCOL_VERSION})"
+                )),
                 _ => Response::error(format!("malformed request: {e}")),
             };
         }
@@ -237,7 +237,11 @@ impl Server {
     pub fn start(name: &str, controller: Arc<dyn Controller>) -> Result<Server, String> {
         check_name(name)?;
         let dir = lkvm_dir();
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = socket_path(name);
         if path.exists() {
             if UnixStream::connect(&path).is_ok() {
@@ -247,14 +251,15 @@ impl Server {
         }
         let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         // Only the owner may control the guest.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let name = name.to_string();
         crate::thread::spawn(crate::thread::ThreadKind::Control, "control".into(), move || {
             for stream in listener.incoming().flatten() {
                 serve(stream, &name, &*controller);
             }
         })
-            .map_err(|e| format!("control thread: {e}"))?;
+        .map_err(|e| format!("control thread: {e}"))?;
         Ok(Server { path })
     }
 }
@@ -322,7 +327,11 @@ mod tests {
             Err("no balloon driver".into())
         }
         fn nmi(&self, cpu: u32) -> Result<(), String> {
-            if cpu == 0 { Ok(()) } else { Err("no vCPU".into()) }
+            if cpu == 0 {
+                Ok(())
+            } else {
+                Err("no vCPU".into())
+            }
         }
         fn sysrq(&self, _key: char) -> Result<(), String> {
             Ok(())
@@ -354,7 +363,10 @@ mod tests {
         let balloon = handle(r#"{"version":1,"command":"balloon","mib":64}"#, "g", &fake);
         assert_eq!(balloon.balloon_target_mib, Some(64));
         assert!(handle(r#"{"version":1,"command":"balloon"}"#, "g", &fake).error.unwrap().contains("needs"));
-        assert_eq!(handle(r#"{"version":1,"command":"stats"}"#, "g", &fake).error.as_deref(), Some("no balloon driver"));
+        assert_eq!(
+            handle(r#"{"version":1,"command":"stats"}"#, "g", &fake).error.as_deref(),
+            Some("no balloon driver")
+        );
         assert!(handle(r#"{"version":1,"command":"stop"}"#, "g", &fake).ok);
         assert!(*fake.stopped.lock().unwrap());
     }

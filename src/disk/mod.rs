@@ -69,7 +69,10 @@ impl DiskImage {
         })?;
         let size = file_size(&file).map_err(|e| fail(e.to_string()))?;
         if size % SECTOR_SIZE != 0 {
-            tracing::warn!("disk {}: size {size} is not a multiple of 512; the tail is not visible", spec.path.display());
+            tracing::warn!(
+                "disk {}: size {size} is not a multiple of 512; the tail is not visible",
+                spec.path.display()
+            );
         }
         Ok(DiskImage { file, size, read_only: spec.read_only })
     }
@@ -137,7 +140,10 @@ mod tests {
 
     #[test]
     fn parses_disk_options() {
-        assert_eq!(DiskSpec::parse("a.img").unwrap(), DiskSpec { path: "a.img".into(), read_only: false, direct: false });
+        assert_eq!(
+            DiskSpec::parse("a.img").unwrap(),
+            DiskSpec { path: "a.img".into(), read_only: false, direct: false }
+        );
         let spec = DiskSpec::parse("/x/b.img,ro,direct").unwrap();
         assert!(spec.read_only && spec.direct);
         assert!(DiskSpec::parse("a.img,rw2").unwrap_err().contains("unknown disk option 'rw2'"));

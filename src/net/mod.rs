@@ -94,7 +94,8 @@ impl Default for NetSpec {
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let bytes: Vec<u8> = s.split(':').map(|b| u8::from_str_radix(b, 16).ok().filter(|_| b.len() == 2)).collect::<Option<_>>()?;
+    let bytes: Vec<u8> =
+        s.split(':').map(|b| u8::from_str_radix(b, 16).ok().filter(|_| b.len() == 2)).collect::<Option<_>>()?;
     let mac: [u8; 6] = bytes.try_into().ok()?;
     // A multicast address cannot be a NIC's own.
     (mac[0] & 1 == 0).then_some(mac)
@@ -128,13 +129,16 @@ impl NetSpec {
                     }
                 }
                 "tapif" => spec.tapif = Some(value.to_string()),
-                "guest_mac" => spec.guest_mac = Some(parse_mac(value).ok_or_else(|| bad(&format!("bad MAC address '{value}'")))?),
+                "guest_mac" => {
+                    spec.guest_mac = Some(parse_mac(value).ok_or_else(|| bad(&format!("bad MAC address '{value}'")))?)
+                }
                 "host_ip" => spec.host_ip = value.parse().map_err(|_| bad(&format!("bad IPv4 address '{value}'")))?,
                 "guest_ip" => spec.guest_ip = value.parse().map_err(|_| bad(&format!("bad IPv4 address '{value}'")))?,
                 "script" => spec.script = Some(PathBuf::from(value)),
-                "hostfwd" => spec
-                    .forwards
-                    .push(parse_forward(value).ok_or_else(|| bad(&format!("bad forward '{value}' (tcp:HOSTPORT:GUESTPORT)")))?),
+                "hostfwd" => spec.forwards.push(
+                    parse_forward(value)
+                        .ok_or_else(|| bad(&format!("bad forward '{value}' (tcp:HOSTPORT:GUESTPORT)")))?,
+                ),
                 "mq" => {
                     spec.queue_pairs = value
                         .parse()
@@ -166,7 +170,8 @@ mod tests {
     #[test]
     fn parses_kvmtool_style_network_options() {
         assert_eq!(NetSpec::parse("mode=user").unwrap(), NetSpec::default());
-        let tap = NetSpec::parse("mode=tap,tapif=tap0,guest_mac=02:00:00:00:00:01,host_ip=10.0.0.1,script=/bin/true").unwrap();
+        let tap = NetSpec::parse("mode=tap,tapif=tap0,guest_mac=02:00:00:00:00:01,host_ip=10.0.0.1,script=/bin/true")
+            .unwrap();
         assert_eq!(tap.mode, NetMode::Tap);
         assert_eq!(tap.tapif.as_deref(), Some("tap0"));
         assert_eq!(tap.guest_mac, Some([2, 0, 0, 0, 0, 1]));

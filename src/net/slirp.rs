@@ -170,7 +170,9 @@ extern "C" fn notify(_: *mut c_void) {}
 
 extern "C" fn add_poll(fd: c_int, events: c_int, opaque: *mut c_void) -> c_int {
     let mut poll_events = 0;
-    for (slirp, poll) in [(SLIRP_POLL_IN, libc::POLLIN), (SLIRP_POLL_OUT, libc::POLLOUT), (SLIRP_POLL_PRI, libc::POLLPRI)] {
+    for (slirp, poll) in
+        [(SLIRP_POLL_IN, libc::POLLIN), (SLIRP_POLL_OUT, libc::POLLOUT), (SLIRP_POLL_PRI, libc::POLLPRI)]
+    {
         if events & slirp != 0 {
             poll_events |= poll;
         }
@@ -241,8 +243,9 @@ impl Slirp {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("user-mode network: {e}"))?;
         let stop_fd = stop.try_clone().map_err(|e| format!("user-mode network: {e}"))?;
         let (spec, (ready_tx, ready_rx)) = (spec.clone(), std::sync::mpsc::channel());
-        let thread = crate::thread::spawn(ThreadKind::NetBackend, "slirp".into(), move || run(spec, theirs, stop_fd, ready_tx))
-            .map_err(|e| format!("user-mode network: {e}"))?;
+        let thread =
+            crate::thread::spawn(ThreadKind::NetBackend, "slirp".into(), move || run(spec, theirs, stop_fd, ready_tx))
+                .map_err(|e| format!("user-mode network: {e}"))?;
         ready_rx.recv().unwrap_or_else(|_| Err("user-mode network thread died".into()))?;
         Ok(Slirp { socket: ours, stop, thread: Some(thread) })
     }
@@ -285,7 +288,8 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
         disable_dns: false,
         disable_dhcp: false,
     };
-    let mut state = State { to_guest: to_guest.as_raw_fd(), pollfds: Vec::new(), timers: Vec::new(), start: Instant::now() };
+    let mut state =
+        State { to_guest: to_guest.as_raw_fd(), pollfds: Vec::new(), timers: Vec::new(), start: Instant::now() };
     let opaque = (&mut state as *mut State).cast::<c_void>();
     // SAFETY: config and callbacks are valid for the call; `state` outlives the instance,
     // which is cleaned up before this function returns.
@@ -331,7 +335,8 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
             }
         }
         // SAFETY: pollfds is a valid array of its length.
-        let rc = unsafe { libc::poll(state.pollfds.as_mut_ptr(), state.pollfds.len() as libc::nfds_t, timeout_ms as c_int) };
+        let rc =
+            unsafe { libc::poll(state.pollfds.as_mut_ptr(), state.pollfds.len() as libc::nfds_t, timeout_ms as c_int) };
         // SAFETY: as above; get_revents reads state.pollfds.
         unsafe { slirp_pollfds_poll(slirp, c_int::from(rc < 0), get_revents, opaque) };
         if state.pollfds[1].revents != 0 {
@@ -340,7 +345,9 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
         if state.pollfds[0].revents & libc::POLLIN != 0 {
             loop {
                 // SAFETY: receive into our buffer.
-                let n = unsafe { libc::recv(to_guest.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
+                let n = unsafe {
+                    libc::recv(to_guest.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len(), libc::MSG_DONTWAIT)
+                };
                 if n <= 0 {
                     break;
                 }
@@ -373,7 +380,8 @@ impl NetBackend for Slirp {
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         loop {
             // SAFETY: sending from a valid buffer.
-            let n = unsafe { libc::send(self.socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
+            let n =
+                unsafe { libc::send(self.socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
             if n >= 0 {
                 return Ok(());
             }
@@ -393,7 +401,12 @@ impl NetBackend for Slirp {
         loop {
             // SAFETY: receiving into a valid buffer; MSG_TRUNC reports the real length.
             let n = unsafe {
-                libc::recv(self.socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
             };
             if n < 0 {
                 let err = io::Error::last_os_error();

@@ -127,12 +127,16 @@ impl Tap {
             req.ifr_ifru.ifru_flags = flags;
             tap_ioctl(&file, TUNSETIFF, &mut req as *mut libc::ifreq).map_err(|e| fail("attaching", e))?;
             let header_len = HEADER_LEN as libc::c_int;
-            tap_ioctl(&file, TUNSETVNETHDRSZ, &header_len as *const libc::c_int).map_err(|e| fail("setting the vnet header size", e))?;
+            tap_ioctl(&file, TUNSETVNETHDRSZ, &header_len as *const libc::c_int)
+                .map_err(|e| fail("setting the vnet header size", e))?;
             queues.push(Tap { file, name: name.clone() });
         }
         match &spec.script {
             Some(script) => {
-                let status = Command::new(script).arg(&name).status().map_err(|e| fail(&format!("running {}", script.display()), e))?;
+                let status = Command::new(script)
+                    .arg(&name)
+                    .status()
+                    .map_err(|e| fail(&format!("running {}", script.display()), e))?;
                 if !status.success() {
                     return Err(format!("tap {name}: {} {name} failed ({status})", script.display()));
                 }

@@ -59,7 +59,8 @@ pub fn populate(root: &Path) -> io::Result<()> {
     for dir in DIRS {
         ensure_dir(&root.join(dir))?;
     }
-    let tmp = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(root.join("tmp"))?;
+    let tmp =
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(root.join("tmp"))?;
     tmp.set_permissions(fs::Permissions::from_mode(0o1777))?;
     for name in HOST_LINKS {
         let link = root.join(name);
@@ -81,14 +82,20 @@ pub fn populate(root: &Path) -> io::Result<()> {
     // lkvm processes starting together do not write into each other's copy.
     let staged = root.join(format!("virt/.init.{}", std::process::id()));
     let _ = fs::remove_file(&staged);
-    fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&staged).and_then(|mut f| io::Write::write_all(&mut f, INIT))?;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(&staged)
+        .and_then(|mut f| io::Write::write_all(&mut f, INIT))?;
     fs::rename(staged, init) // replaces a symlink there, never follows it
 }
 
 /// Whether `path` is a regular file holding this lkvm's init (not followed if a symlink, not
 /// waited on if a FIFO: guests write here).
 fn is_current_init(path: &Path) -> bool {
-    let Ok(file) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) else {
+    let Ok(file) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)
+    else {
         return false;
     };
     if !file.metadata().is_ok_and(|m| m.is_file() && m.len() == INIT.len() as u64) {
@@ -110,7 +117,11 @@ fn ensure_dir(path: &Path) -> io::Result<()> {
 
 /// Creates `path` with `contents`; O_EXCL means a symlink there is not followed.
 fn write_new(path: &Path, contents: &[u8]) -> io::Result<()> {
-    fs::OpenOptions::new().write(true).create_new(true).open(path).and_then(|mut f| io::Write::write_all(&mut f, contents))
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .and_then(|mut f| io::Write::write_all(&mut f, contents))
 }
 
 fn write_if_missing(path: &Path, contents: &[u8]) -> io::Result<()> {
@@ -145,7 +156,10 @@ impl SandboxJob {
         }
         write_new(&job.dir.join("argv"), &encoded)?;
         let cwd = std::env::current_dir()?;
-        write_new(&job.dir.join("cwd"), Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd)).as_os_str().as_encoded_bytes())?;
+        write_new(
+            &job.dir.join("cwd"),
+            Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd)).as_os_str().as_encoded_bytes(),
+        )?;
         if raw_output {
             write_new(&job.dir.join("raw"), b"")?;
         }

@@ -273,7 +273,18 @@ impl Share {
         let kind = *message.get(4).ok_or(Stop::Truncated)?;
         let writes = matches!(
             kind,
-            TLCREATE | TSYMLINK | TMKNOD | TRENAME | TSETATTR | TXATTRCREATE | TLINK | TMKDIR | TRENAMEAT | TUNLINKAT | TWRITE | TREMOVE
+            TLCREATE
+                | TSYMLINK
+                | TMKNOD
+                | TRENAME
+                | TSETATTR
+                | TXATTRCREATE
+                | TLINK
+                | TMKDIR
+                | TRENAMEAT
+                | TUNLINKAT
+                | TWRITE
+                | TREMOVE
         );
         if writes && self.read_only {
             return Err(Stop::Refused(libc::EROFS));

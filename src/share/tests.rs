@@ -419,6 +419,14 @@ fn share_options() {
     assert!(ShareSpec::parse("/tmp").unwrap_err().contains("needs a mount tag"));
     assert!(ShareSpec::parse("/tmp,").unwrap_err().contains("1 to 255"));
     assert!(ShareSpec::parse("/tmp,t,rw").unwrap_err().contains("unknown option 'rw'"));
-    assert!(Share::open(&ShareSpec::new("/nonexistent", "t").unwrap()).err().unwrap().to_string().contains("No such file"));
-    assert!(Share::open(&ShareSpec::new("/etc/hostname", "t").unwrap()).err().unwrap().to_string().contains("not a directory"));
+    assert!(Share::open(&ShareSpec::new("/nonexistent", "t").unwrap())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("No such file"));
+    assert!(Share::open(&ShareSpec::new("/etc/hostname", "t").unwrap())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("not a directory"));
 }

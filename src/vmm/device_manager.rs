@@ -21,22 +21,22 @@ use crate::arch::x86_64::memory::ram_regions;
 use crate::config::{ConsoleDevice, Transport, VmConfig};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
+use crate::devices::pci::msix::{MsiRouting, MsixState, Vector};
+use crate::devices::pci::{self, PciRoot};
 use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::{Block, DriveMedia};
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::p9::P9;
-use crate::devices::virtio::rng::Rng;
-use crate::devices::pci::msix::{MsiRouting, MsixState, Vector};
-use crate::devices::pci::{self, PciRoot};
-use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::VirtioDevice;
 use crate::disk::DiskImage;
-use crate::share::Share;
 use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
 use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
+use crate::share::Share;
 
 /// Registry ids of the legacy devices the VMM reaches by id.
 pub const COM1_ID: &str = "com1";
@@ -122,7 +122,9 @@ pub fn create_devices(
         let spec = &net.spec;
         let backends: Vec<Box<dyn NetBackend>> = match spec.mode {
             NetMode::User => vec![Box::new(Slirp::start(spec).map_err(Error::Network)?)],
-            NetMode::Tap => Tap::open(spec, index).map_err(Error::Network)?.into_iter().map(|t| Box::new(t) as _).collect(),
+            NetMode::Tap => {
+                Tap::open(spec, index).map_err(Error::Network)?.into_iter().map(|t| Box::new(t) as _).collect()
+            }
             NetMode::None => continue,
         };
         let mut mac = spec.guest_mac.unwrap_or(DEFAULT_GUEST_MAC);
@@ -144,7 +146,8 @@ pub fn create_devices(
         registry.insert(entropy.id.clone(), DeviceEntry::Plain);
     }
     if let Some(config) = &config.balloon {
-        let balloon = Balloon::new(config.amount_mib, config.deflate_on_oom).map_err(|e| Error::Host("virtio balloon", e))?;
+        let balloon =
+            Balloon::new(config.amount_mib, config.deflate_on_oom).map_err(|e| Error::Host("virtio balloon", e))?;
         registry.insert(config.id.clone(), DeviceEntry::Balloon(balloon.control()));
         virtio.push(Box::new(balloon));
     }

@@ -15,11 +15,28 @@ pub enum VmExit {
     UserQuit,
     /// `lkvm stop` asked it to end.
     Stopped,
-    InternalError { cpu: u8, suberror: u32, rip: u64, code: Vec<u8> },
-    TripleFault { cpu: u8, rip: u64 },
-    FailEntry { cpu: u8, reason: u64 },
-    Unhandled { cpu: u8, exit: String },
-    RunFailed { cpu: u8, error: String },
+    InternalError {
+        cpu: u8,
+        suberror: u32,
+        rip: u64,
+        code: Vec<u8>,
+    },
+    TripleFault {
+        cpu: u8,
+        rip: u64,
+    },
+    FailEntry {
+        cpu: u8,
+        reason: u64,
+    },
+    Unhandled {
+        cpu: u8,
+        exit: String,
+    },
+    RunFailed {
+        cpu: u8,
+        error: String,
+    },
 }
 
 impl VmExit {

@@ -26,7 +26,13 @@ pub struct VmHandle {
 
 impl VmHandle {
     pub(super) fn new(config: VmConfig, vcpus: Arc<VcpuControl>, events: Sender<VmExit>, registry: Registry) -> Self {
-        VmHandle { vcpus, events: Mutex::new(events), registry, config: Mutex::new(config), started: AtomicBool::new(false) }
+        VmHandle {
+            vcpus,
+            events: Mutex::new(events),
+            registry,
+            config: Mutex::new(config),
+            started: AtomicBool::new(false),
+        }
     }
 
     pub(super) fn exit_sender(&self) -> Sender<VmExit> {

@@ -73,7 +73,8 @@ mod tests {
         let routes = legacy_routes();
         assert_eq!(routes.len(), 24 + 15);
         // SAFETY: irqchip is the member set for these entries.
-        let pins: Vec<(u32, u32, u32)> = routes.iter().map(|r| unsafe { (r.gsi, r.u.irqchip.irqchip, r.u.irqchip.pin) }).collect();
+        let pins: Vec<(u32, u32, u32)> =
+            routes.iter().map(|r| unsafe { (r.gsi, r.u.irqchip.irqchip, r.u.irqchip.pin) }).collect();
         assert!(pins.contains(&(4, KVM_IRQCHIP_IOAPIC, 4)));
         assert!(pins.contains(&(4, KVM_IRQCHIP_PIC_MASTER, 4)));
         assert!(pins.contains(&(12, KVM_IRQCHIP_PIC_SLAVE, 4)));

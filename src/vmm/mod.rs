@@ -3,18 +3,18 @@
 //! reaches its devices from other threads (control socket, API).
 
 mod device_manager;
+pub mod exit;
 mod handle;
 mod irq_routing;
-pub mod exit;
 pub mod vcpu;
 
 use std::io;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use std::os::unix::thread::JoinHandleExt;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -157,7 +157,9 @@ impl Vm {
         let disabled_cpuid = machine
             .disabled_cpuid
             .iter()
-            .map(|name| cpuid::find_feature(name).ok_or_else(|| Error::Config(format!("unknown CPUID feature '{name}'"))))
+            .map(|name| {
+                cpuid::find_feature(name).ok_or_else(|| Error::Config(format!("unknown CPUID feature '{name}'")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         // Input files first: a bad disk or initrd must fail before anything else happens.
         if let Some(initrd) = &config.boot.initrd {
@@ -203,7 +205,15 @@ impl Vm {
         }
         let control = Arc::new(VcpuControl::new(usize::from(machine.vcpu_count)));
         let handle = Arc::new(VmHandle::new(config, control, events, devices.registry));
-        Ok(Vm { handle, vcpus, threads: Vec::new(), exits, console_input: Some(devices.console_input), _mem: mem, _vm: vm })
+        Ok(Vm {
+            handle,
+            vcpus,
+            threads: Vec::new(),
+            exits,
+            console_input: Some(devices.console_input),
+            _mem: mem,
+            _vm: vm,
+        })
     }
 
     pub fn handle(&self) -> Arc<VmHandle> {
@@ -212,11 +222,13 @@ impl Vm {
 
     /// Runs the guest: one thread per vCPU, and the terminal feeding the console.
     pub fn start(&mut self) -> Result<(), Error> {
-        vcpu::register_kick_handler().map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
+        vcpu::register_kick_handler()
+            .map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
         for vcpu in self.vcpus.drain(..) {
             let (control, events) = (self.handle.vcpus.clone(), self.handle.exit_sender());
-            let thread = threads::spawn(ThreadKind::Vcpu, format!("vcpu{}", vcpu.index), move || vcpu.run(&control, &events))
-                .map_err(|e| Error::Host("spawn vCPU thread", e))?;
+            let thread =
+                threads::spawn(ThreadKind::Vcpu, format!("vcpu{}", vcpu.index), move || vcpu.run(&control, &events))
+                    .map_err(|e| Error::Host("spawn vCPU thread", e))?;
             self.threads.push(thread);
         }
         self.handle.vcpus.set_threads(self.threads.iter().map(|t| t.as_pthread_t()).collect());

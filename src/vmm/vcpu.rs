@@ -288,8 +288,23 @@ impl Vcpu {
         format!(
             "vCPU {}: rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} \
              rbp={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} code: {}",
-            self.index, r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, s.cs.selector, s.cr0,
-            s.cr3, s.cr4, s.efer, code.join(" ")
+            self.index,
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            s.cs.selector,
+            s.cr0,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            code.join(" ")
         )
     }
 
@@ -329,9 +344,8 @@ impl Vcpu {
         } else {
             linear
         };
-        let code = (0..CODE_BYTES as u64)
-            .map_while(|i| self.mem.read_obj::<u8>(GuestAddress(physical + i)).ok())
-            .collect();
+        let code =
+            (0..CODE_BYTES as u64).map_while(|i| self.mem.read_obj::<u8>(GuestAddress(physical + i)).ok()).collect();
         (regs.rip, code)
     }
 }

@@ -254,7 +254,12 @@ pub fn guest() -> &'static Guest {
         let status = Command::new(root.join("guest/build.sh")).status().expect("run guest/build.sh");
         assert!(status.success(), "guest/build.sh failed: see its output above");
         let out = root.join("guest/out");
-        Guest { vmlinux: out.join("vmlinux"), bzimage: out.join("bzImage"), initramfs: out.join("initramfs.cpio"), init: out.join("init") }
+        Guest {
+            vmlinux: out.join("vmlinux"),
+            bzimage: out.join("bzImage"),
+            initramfs: out.join("initramfs.cpio"),
+            init: out.join("init"),
+        }
     })
 }
 

@@ -122,7 +122,10 @@ mod tests {
                     offset += 20;
                 }
                 ENTRY_IOAPIC => {
-                    ioapic = Some((table[offset + 1], u32::from_le_bytes(table[offset + 4..offset + 8].try_into().unwrap())));
+                    ioapic = Some((
+                        table[offset + 1],
+                        u32::from_le_bytes(table[offset + 4..offset + 8].try_into().unwrap()),
+                    ));
                     offset += 8;
                 }
                 ENTRY_IO_INTERRUPT => {

@@ -199,9 +199,7 @@ impl<R: Trigger, I: Trigger> I8042<R, I> {
             CMD_READ_OUTPUT_PORT => self.respond(self.output_port),
             CMD_WRITE_OUTPUT_PORT => self.controller_arg = Some(ControllerArg::OutputPort),
             CMD_WRITE_KBD_OUTPUT => self.controller_arg = Some(ControllerArg::KbdOutput),
-            CMD_WRITE_AUX_OUTPUT | CMD_WRITE_AUX => {
-                self.controller_arg = Some(ControllerArg::AuxByte)
-            }
+            CMD_WRITE_AUX_OUTPUT | CMD_WRITE_AUX => self.controller_arg = Some(ControllerArg::AuxByte),
             CMD_PULSE_FIRST..=u8::MAX => {
                 if cmd & OUTPUT_PORT_RESET == 0 {
                     self.reset_cpu();
@@ -245,12 +243,8 @@ impl<R: Trigger, I: Trigger> I8042<R, I> {
         }
         match byte {
             KBD_ECHO => self.send(KBD_ECHO),
-            KBD_RESET => [KBD_ACK, KBD_RESET_PASSED]
-                .iter()
-                .for_each(|&b| self.send(b)),
-            KBD_IDENTIFY => [KBD_ACK, KBD_ID[0], KBD_ID[1]]
-                .iter()
-                .for_each(|&b| self.send(b)),
+            KBD_RESET => [KBD_ACK, KBD_RESET_PASSED].iter().for_each(|&b| self.send(b)),
+            KBD_IDENTIFY => [KBD_ACK, KBD_ID[0], KBD_ID[1]].iter().for_each(|&b| self.send(b)),
             KBD_SET_LEDS | KBD_SCANCODE_SET | KBD_TYPEMATIC => {
                 self.kbd_arg = Some(byte);
                 self.send(KBD_ACK);
@@ -379,11 +373,7 @@ mod tests {
         assert_eq!(status(&mut dev), STATUS_KBD_UNLOCKED | STATUS_SYSTEM);
         assert_eq!(command(&mut dev, CMD_SELF_TEST), SELF_TEST_PASSED);
         let ctr = command(&mut dev, CMD_READ_CTR);
-        assert_eq!(
-            ctr,
-            CTR_KBD_INT | CTR_SYSTEM,
-            "interrupt on, no translation"
-        );
+        assert_eq!(ctr, CTR_KBD_INT | CTR_SYSTEM, "interrupt on, no translation");
         // Linux first disables the keyboard and its interrupt, then enables both.
         for ctr in [(ctr | CTR_KBD_DISABLE) & !CTR_KBD_INT, ctr] {
             dev.write_port(COMMAND, CMD_WRITE_CTR);
@@ -393,18 +383,12 @@ mod tests {
         }
         assert_eq!(command(&mut dev, CMD_KBD_TEST), KBD_TEST_PASSED);
         let aux = command(&mut dev, CMD_AUX_TEST);
-        assert!(
-            ![0x00, 0xfa, 0xff].contains(&aux),
-            "Linux would assume an aux port: {aux:#x}"
-        );
+        assert!(![0x00, 0xfa, 0xff].contains(&aux), "Linux would assume an aux port: {aux:#x}");
         dev.write_port(COMMAND, CMD_KBD_DISABLE);
         assert_ne!(command(&mut dev, CMD_READ_CTR) & CTR_KBD_DISABLE, 0);
         dev.write_port(COMMAND, CMD_KBD_ENABLE);
         assert_eq!(command(&mut dev, CMD_READ_CTR) & CTR_KBD_DISABLE, 0);
-        assert_eq!(
-            command(&mut dev, CMD_READ_OUTPUT_PORT) & OUTPUT_PORT_RESET,
-            OUTPUT_PORT_RESET
-        );
+        assert_eq!(command(&mut dev, CMD_READ_OUTPUT_PORT) & OUTPUT_PORT_RESET, OUTPUT_PORT_RESET);
         assert_eq!(status(&mut dev) & STATUS_OUTPUT_FULL, 0);
         assert_eq!(reset.get(), 0);
     }
@@ -430,15 +414,8 @@ mod tests {
         assert_eq!(read_all(&mut dev), [0x5a]);
         dev.write_port(COMMAND, CMD_WRITE_AUX);
         dev.write_port(DATA, KBD_RESET);
-        assert!(
-            read_all(&mut dev).is_empty(),
-            "an aux byte reached the keyboard"
-        );
-        assert_eq!(
-            dev.read_port(DATA),
-            0x5a,
-            "an empty data port repeats its last byte"
-        );
+        assert!(read_all(&mut dev).is_empty(), "an aux byte reached the keyboard");
+        assert_eq!(dev.read_port(DATA), 0x5a, "an empty data port repeats its last byte");
     }
 
     #[test]
@@ -449,11 +426,7 @@ mod tests {
         assert_eq!(irq.get(), 1);
         let mut keys = Vec::new();
         for raised in 1..=4 {
-            assert_eq!(
-                irq.get(),
-                raised,
-                "one interrupt per byte reaching the output buffer"
-            );
+            assert_eq!(irq.get(), raised, "one interrupt per byte reaching the output buffer");
             keys.push(read(&mut dev));
         }
         assert_eq!(keys, [0x14, 0x11, 0xe0, 0x71]);
@@ -480,10 +453,7 @@ mod tests {
             dev.write_port(DATA, KBD_RESET);
             dev.write_port(COMMAND, CMD_SELF_TEST);
         }
-        assert_eq!(
-            read_all(&mut dev),
-            CTRL_ALT_DEL.repeat(QUEUE_LEN / CTRL_ALT_DEL.len())
-        );
+        assert_eq!(read_all(&mut dev), CTRL_ALT_DEL.repeat(QUEUE_LEN / CTRL_ALT_DEL.len()));
         assert_eq!(status(&mut dev) & STATUS_OUTPUT_FULL, 0);
     }
 
@@ -494,11 +464,7 @@ mod tests {
         dev.write_port(COMMAND, 0xff);
         dev.write_port(COMMAND, CMD_WRITE_OUTPUT_PORT);
         dev.write_port(DATA, 0xdf);
-        assert_eq!(
-            reset.get(),
-            0,
-            "resend, pulse nothing and enable A20 are no resets"
-        );
+        assert_eq!(reset.get(), 0, "resend, pulse nothing and enable A20 are no resets");
         dev.write_port(COMMAND, 0xfe);
         assert_eq!(reset.get(), 1);
         dev.write_port(COMMAND, 0xf0);
@@ -518,11 +484,7 @@ mod tests {
         assert_eq!(irq.get(), 0);
         dev.write_port(COMMAND, CMD_WRITE_CTR);
         dev.write_port(DATA, INITIAL_CTR);
-        assert_eq!(
-            irq.get(),
-            1,
-            "enabling the interrupt signals the waiting byte"
-        );
+        assert_eq!(irq.get(), 1, "enabling the interrupt signals the waiting byte");
     }
 
     #[test]

@@ -110,7 +110,10 @@ impl PciConfig {
                 let requested = value & !(bar.size - 1);
                 // All-ones is the sizing probe; reading back gives !(size - 1).
                 if value != 0xffff_ffff && requested != bar.addr && bar.addr != !(bar.size - 1) {
-                    tracing::warn!("guest moved PCI BAR {} to {requested:#x}; lkvm keeps BARs where it put them", reg - REG_BAR0);
+                    tracing::warn!(
+                        "guest moved PCI BAR {} to {requested:#x}; lkvm keeps BARs where it put them",
+                        reg - REG_BAR0
+                    );
                 }
                 bar.addr = requested;
             }
@@ -125,7 +128,14 @@ mod tests {
     use super::*;
 
     fn config() -> PciConfig {
-        PciConfig::new(PciIds { vendor: 0x1af4, device: 0x1042, class: 0x018000, revision: 1, subsystem_vendor: 0x1af4, subsystem: 0x40 })
+        PciConfig::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: 0x018000,
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        })
     }
 
     #[test]

@@ -29,8 +29,16 @@ pub const PAGE_SIZE: u64 = 4096;
 const STAT_ENTRY: usize = 10;
 const STATS_TIMEOUT: Duration = Duration::from_secs(3);
 const STAT_NAMES: [&str; 10] = [
-    "swap_in", "swap_out", "major_faults", "minor_faults", "free_memory", "total_memory", "available_memory",
-    "disk_caches", "hugetlb_allocations", "hugetlb_failures",
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
 ];
 
 #[derive(Default)]
@@ -152,7 +160,9 @@ impl Queues {
                 if let Ok(slice) = mem.get_slice(addr, PAGE_SIZE as usize) {
                     // SAFETY: a page of guest RAM, which the guest gave up; the mapping stays
                     // valid and reads back as zeros.
-                    unsafe { libc::madvise(slice.ptr_guard_mut().as_ptr().cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+                    unsafe {
+                        libc::madvise(slice.ptr_guard_mut().as_ptr().cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED)
+                    };
                 }
             }
             0
@@ -203,7 +213,7 @@ impl Queues {
 
 impl VirtioDevice for Balloon {
     fn device_type(&self) -> u32 {
-        DEVICE_ID_BALLOON
+        VIRTIO_ID_BALLOON
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -108,7 +108,12 @@ impl Block {
 
     /// A request handler over this disk, as the device's worker runs it.
     pub fn request_handler(&self) -> RequestHandler {
-        RequestHandler { media: self.media.clone(), disk: self.media.current(), id: self.id, buffer: BounceBuffer::new() }
+        RequestHandler {
+            media: self.media.clone(),
+            disk: self.media.current(),
+            id: self.id,
+            buffer: BounceBuffer::new(),
+        }
     }
 
     fn config_space(disk: &DiskImage) -> Vec<u8> {
@@ -133,7 +138,7 @@ fn feature(bit: u32) -> u64 {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        DEVICE_ID_BLOCK
+        VIRTIO_ID_BLOCK
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -330,7 +335,8 @@ pub(crate) mod tests {
 
     fn harness_with(read_only: bool, direct: bool) -> Harness {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!("lkvm-blk-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let path =
+            std::env::temp_dir().join(format!("lkvm-blk-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
         let image: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(&path, image).unwrap();
         let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only, direct }).unwrap();
@@ -411,7 +417,11 @@ pub(crate) mod tests {
         let mut data = vec![0u8; 4096];
         h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert!(data.iter().all(|b| *b == 0xab), "reads come from the new image");
-        assert_eq!(h.simple(VIRTIO_BLK_T_IN, DISK_SECTORS + 8, 512, true).0, VIRTIO_BLK_S_OK as u8, "and reach its end");
+        assert_eq!(
+            h.simple(VIRTIO_BLK_T_IN, DISK_SECTORS + 8, 512, true).0,
+            VIRTIO_BLK_S_OK as u8,
+            "and reach its end"
+        );
     }
 
     #[test]
@@ -473,7 +483,9 @@ pub(crate) mod tests {
         assert!(image[8 * 512..16 * 512].iter().all(|b| *b == 0));
         assert!(image[20 * 512..21 * 512].iter().all(|b| *b == 0));
         assert!(image[21 * 512..22 * 512].iter().all(|b| *b == 21));
-        h.mem.write_obj(DiscardSegment { sector: DISK_SECTORS - 1, num_sectors: 2, flags: 0 }, GuestAddress(DATA)).unwrap();
+        h.mem
+            .write_obj(DiscardSegment { sector: DISK_SECTORS - 1, num_sectors: 2, flags: 0 }, GuestAddress(DATA))
+            .unwrap();
         assert_eq!(h.simple(VIRTIO_BLK_T_DISCARD, 0, 16, false).0, VIRTIO_BLK_S_IOERR as u8);
     }
 
@@ -497,7 +509,8 @@ pub(crate) mod tests {
         assert_eq!(h.submit(&[desc(HEADER, 16, 0, 0)]).1, 0);
         // Data buffer outside guest memory.
         h.header(VIRTIO_BLK_T_IN, 0);
-        let (status, _) = h.submit(&[desc(HEADER, 16, NEXT, 1), desc(0xffff_0000, 512, NEXT | WRITE, 2), desc(STATUS, 1, WRITE, 0)]);
+        let (status, _) =
+            h.submit(&[desc(HEADER, 16, NEXT, 1), desc(0xffff_0000, 512, NEXT | WRITE, 2), desc(STATUS, 1, WRITE, 0)]);
         assert_ne!(status, VIRTIO_BLK_S_OK as u8);
     }
 
@@ -525,13 +538,19 @@ pub(crate) mod tests {
     #[test]
     fn features_and_config_follow_the_image() {
         let rw = harness(false);
-        let block = Block::new(DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: false, direct: false }).unwrap(), "x");
+        let block = Block::new(
+            DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: false, direct: false }).unwrap(),
+            "x",
+        );
         assert_eq!(block.features() & feature(VIRTIO_BLK_F_RO), 0);
         assert_ne!(block.features() & feature(VIRTIO_BLK_F_DISCARD), 0);
         let mut capacity = [0u8; 8];
         block.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
-        let ro = Block::new(DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: true, direct: false }).unwrap(), "x");
+        let ro = Block::new(
+            DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: true, direct: false }).unwrap(),
+            "x",
+        );
         assert_ne!(ro.features() & feature(VIRTIO_BLK_F_RO), 0);
         assert_eq!(ro.features() & (feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)), 0);
         let mut beyond = [0xffu8; 4];

@@ -41,16 +41,19 @@ impl Inbox {
     }
 }
 
+type Output = Arc<Mutex<Box<dyn Write + Send>>>;
+
 pub struct Console {
     inbox: Arc<Inbox>,
-    output: Option<Box<dyn Write + Send>>,
+    /// Shared with the worker, so a console the driver resets and sets up again keeps it.
+    output: Output,
     worker: Option<Worker>,
 }
 
 impl Console {
     pub fn new(output: Box<dyn Write + Send>) -> std::io::Result<Self> {
         let inbox = Arc::new(Inbox { bytes: Mutex::new(VecDeque::new()), ready: EventFd::new(libc::EFD_NONBLOCK)? });
-        Ok(Console { inbox, output: Some(output), worker: None })
+        Ok(Console { inbox, output: Arc::new(Mutex::new(output)), worker: None })
     }
 
     pub fn inbox(&self) -> Arc<Inbox> {
@@ -63,17 +66,18 @@ struct Port {
     tx: Queue,
     mem: GuestMemoryMmap,
     inbox: Arc<Inbox>,
-    output: Box<dyn Write + Send>,
+    output: Output,
     interrupt: Arc<dyn Interrupt>,
 }
 
 impl Port {
     fn transmit(&mut self) {
-        let (mem, output) = (&self.mem, &mut self.output);
+        let (mem, output) = (&self.mem, &self.output);
         serve_queue(&mut self.tx, mem, &*self.interrupt, TX_QUEUE as u16, |chain| {
             if let Ok(mut reader) = chain.reader(mem) {
                 let mut chunk = vec![0u8; reader.available_bytes().min(MAX_OUTPUT_CHUNK)];
                 if reader.read_exact(&mut chunk).is_ok() {
+                    let mut output = output.lock().unwrap();
                     let _ = output.write_all(&chunk);
                     let _ = output.flush();
                 }
@@ -123,7 +127,7 @@ impl Port {
 
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
-        DEVICE_ID_CONSOLE
+        VIRTIO_ID_CONSOLE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -142,17 +146,15 @@ impl VirtioDevice for Console {
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
         let [rx, tx] = expect_queues(queues)?;
-        // The terminal is handed over once; a re-activated console keeps writing to it.
-        let output = self.output.take().unwrap_or_else(|| Box::new(std::io::stdout()));
+        let output = self.output.clone();
         let ready = self.inbox.ready.try_clone()?;
         let mut port = Port { rx: rx.queue, tx: tx.queue, mem, inbox: self.inbox.clone(), output, interrupt };
-        self.worker = Some(Worker::spawn("virtio-console".into(), vec![rx.kick, tx.kick, ready], move |event| {
-            match event {
+        self.worker =
+            Some(Worker::spawn("virtio-console".into(), vec![rx.kick, tx.kick, ready], move |event| match event {
                 TX_QUEUE => port.transmit(),
                 RX_QUEUE | INPUT_READY => port.receive(),
                 _ => {}
-            }
-        })?);
+            })?);
         Ok(())
     }
 
@@ -200,7 +202,7 @@ mod tests {
             tx: tx_mock.create_queue().unwrap(),
             mem: mem.clone(),
             inbox: console.inbox(),
-            output: Box::new(out.clone()),
+            output: Arc::new(Mutex::new(Box::new(out.clone()))),
             interrupt: Arc::new(CountingInterrupt::default()),
         };
         port.transmit();

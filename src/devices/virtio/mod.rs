@@ -25,12 +25,9 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRT
 /// What every lkvm device offers: virtio 1.x, indirect descriptors, event-index suppression.
 pub const COMMON_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
 
-pub const DEVICE_ID_NET: u32 = 1;
-pub const DEVICE_ID_BLOCK: u32 = 2;
-pub const DEVICE_ID_CONSOLE: u32 = 3;
-pub const DEVICE_ID_RNG: u32 = 4;
-pub const DEVICE_ID_BALLOON: u32 = 5;
-pub const DEVICE_ID_9P: u32 = 9;
+pub use virtio_bindings::virtio_ids::{
+    VIRTIO_ID_9P, VIRTIO_ID_BALLOON, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG,
+};
 
 /// How a device tells the driver that it used buffers or changed its config space.
 pub trait Interrupt: Send + Sync {

@@ -283,7 +283,13 @@ impl NetPort {
 
 /// Answers control-queue commands: only the number of queue pairs in use, which attaches
 /// and detaches the backends' queues so that no frame goes to a pair the guest does not serve.
-pub fn process_control_queue(queue: &mut Queue, index: u16, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt, backends: &[SharedBackend]) {
+pub fn process_control_queue(
+    queue: &mut Queue,
+    index: u16,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn Interrupt,
+    backends: &[SharedBackend],
+) {
     serve_queue(queue, mem, interrupt, index, |chain| {
         let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else { return 0 };
         let mut command = [0u8; 4];
@@ -309,7 +315,7 @@ pub fn process_control_queue(queue: &mut Queue, index: u16, mem: &GuestMemoryMma
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
-        DEVICE_ID_NET
+        VIRTIO_ID_NET
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -357,9 +363,19 @@ impl VirtioDevice for Net {
         for (pair, backend) in self.backends.iter().take(pairs).enumerate() {
             let (rx, tx) = (queues.next().expect("counted"), queues.next().expect("counted"));
             let fd = std::os::fd::AsRawFd::as_raw_fd(&**backend.lock().unwrap());
-            let mut port = NetPort::new(rx.queue, tx.queue, pair as u16, mem.clone(), backend.clone(), interrupt.clone(), acked_features);
+            let mut port = NetPort::new(
+                rx.queue,
+                tx.queue,
+                pair as u16,
+                mem.clone(),
+                backend.clone(),
+                interrupt.clone(),
+                acked_features,
+            );
             let name = format!("virtio-net-q{pair}");
-            workers.push(Worker::spawn_with_fd(name, vec![rx.kick, tx.kick], fd, move |event, watch| port.handle(event, watch))?);
+            workers.push(Worker::spawn_with_fd(name, vec![rx.kick, tx.kick], fd, move |event, watch| {
+                port.handle(event, watch)
+            })?);
         }
         if let Some(ActiveQueue { mut queue, kick }) = queues.next() {
             let index = (2 * pairs) as u16;
@@ -445,7 +461,8 @@ mod tests {
 
     /// `count` receive buffers of `len` bytes each, at 0x10000, 0x20000, ...
     fn rx_buffers(mock: &MockSplitQueue<GuestMemoryMmap>, count: u16, len: u32, first: u16) {
-        let descs: Vec<_> = (0..count).map(|i| desc(0x10000 * u64::from(first + i + 1), len, VRING_DESC_F_WRITE, 0)).collect();
+        let descs: Vec<_> =
+            (0..count).map(|i| desc(0x10000 * u64::from(first + i + 1), len, VRING_DESC_F_WRITE, 0)).collect();
         mock.add_desc_chains(&descs, first).unwrap();
     }
 
@@ -465,12 +482,21 @@ mod tests {
             mock.add_desc_chains(&[desc(0x40000, (HEADER_LEN + MAX_FRAME + 1) as u32, 0, 0)], 3).unwrap();
             let (shared, wire) = backend(vnet);
             let interrupt = Arc::new(CountingInterrupt::default());
-            let mut port = NetPort::new(Queue::new(16).unwrap(), mock.create_queue().unwrap(), 0, mem.clone(), shared, interrupt, 0);
+            let mut port = NetPort::new(
+                Queue::new(16).unwrap(),
+                mock.create_queue().unwrap(),
+                0,
+                mem.clone(),
+                shared,
+                interrupt,
+                0,
+            );
             port.transmit();
             assert_eq!(mock.used().idx().load(), 3, "every buffer is returned");
             let sent = &wire.lock().unwrap().from_guest;
             assert_eq!(sent.len(), 1);
-            let expected = if vnet { [&header[..], b"an ethernet frame"].concat() } else { b"an ethernet frame".to_vec() };
+            let expected =
+                if vnet { [&header[..], b"an ethernet frame"].concat() } else { b"an ethernet frame".to_vec() };
             assert_eq!(sent[0], expected);
         }
     }
@@ -485,7 +511,8 @@ mod tests {
         wire.lock().unwrap().to_guest.extend([frame.clone(), b"second".to_vec()]);
         let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
+        let mut port =
+            NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
         // The second frame finds one buffer left: enough for it.
         assert!(port.receive());
         let used = mock.used();
@@ -509,7 +536,8 @@ mod tests {
         wire.lock().unwrap().to_guest.extend([vec![7u8; 3000], vec![8u8; 100]]);
         let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
+        let mut port =
+            NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
         assert!(!port.receive(), "no room: stop watching the backend");
         assert_eq!(mock.used().idx().load(), 0, "the lone buffer is held for the frame");
         // Every offered buffer was taken, so with EVENT_IDX the driver's next buffer notifies.

@@ -54,7 +54,7 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn I
 
 impl VirtioDevice for P9 {
     fn device_type(&self) -> u32 {
-        DEVICE_ID_9P
+        VIRTIO_ID_9P
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -38,9 +38,9 @@ const ISR_CONFIG: u8 = 2;
 /// PCI class code for each virtio device type, as Linux lists them.
 fn class_of(device_type: u32) -> u32 {
     match device_type {
-        1 => 0x02_00_00,             // network controller
-        2 | 9 => 0x01_80_00,         // mass storage
-        3 => 0x07_80_00,             // communication
+        1 => 0x02_00_00,     // network controller
+        2 | 9 => 0x01_80_00, // mass storage
+        3 => 0x07_80_00,     // communication
         _ => 0xff_00_00,
     }
 }
@@ -91,7 +91,12 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 
 impl VirtioPciTransport {
     /// `bar` is BAR 0's guest address; `msix` has one vector per queue plus one for config.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, bar: u32, msix: SharedMsix) -> std::io::Result<Self> {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        bar: u32,
+        msix: SharedMsix,
+    ) -> std::io::Result<Self> {
         let device_type = device.device_type();
         let mut config = PciConfig::new(PciIds {
             vendor: VIRTIO_VENDOR,
@@ -110,7 +115,13 @@ impl VirtioPciTransport {
         msix_cap.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes()); // BIR 0
         msix_cap.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes());
         let msix_cap = config.add_capability(&msix_cap);
-        Ok(VirtioPciTransport { state: TransportState::new(device, mem)?, config, msix, msix_cap, isr: Arc::new(AtomicU8::new(0)) })
+        Ok(VirtioPciTransport {
+            state: TransportState::new(device, mem)?,
+            config,
+            msix,
+            msix_cap,
+            isr: Arc::new(AtomicU8::new(0)),
+        })
     }
 
     pub fn kicks(&self) -> &[EventFd] {
@@ -168,7 +179,11 @@ impl VirtioPciTransport {
 
     fn write_common(&mut self, offset: u64, value: u64) {
         let set = |field: &mut u64, high: bool| {
-            *field = if high { (*field & 0xffff_ffff) | (value << 32) } else { (*field & !0xffff_ffff) | (value & 0xffff_ffff) }
+            *field = if high {
+                (*field & 0xffff_ffff) | (value << 32)
+            } else {
+                (*field & !0xffff_ffff) | (value & 0xffff_ffff)
+            }
         };
         match offset {
             0x00 => self.state.device_features_select = value as u32,
@@ -221,10 +236,10 @@ impl BusDevice for VirtioPciTransport {
                 data[..n].copy_from_slice(&bytes[..n]);
             }
             ISR_OFFSET => data[0] = self.isr.swap(0, Ordering::SeqCst),
-            DEVICE_CONFIG_OFFSET..NOTIFY_OFFSET => {
-                self.state.device.read_config(offset - DEVICE_CONFIG_OFFSET, data)
+            DEVICE_CONFIG_OFFSET..NOTIFY_OFFSET => self.state.device.read_config(offset - DEVICE_CONFIG_OFFSET, data),
+            MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET => {
+                self.msix.lock().unwrap().read_table(offset - MSIX_TABLE_OFFSET, data)
             }
-            MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET => self.msix.lock().unwrap().read_table(offset - MSIX_TABLE_OFFSET, data),
             MSIX_PBA_OFFSET..BAR_SIZE => self.msix.lock().unwrap().read_pba(offset - MSIX_PBA_OFFSET, data),
             _ => {}
         }
@@ -279,7 +294,6 @@ pub fn vector_count(device: &dyn VirtioDevice) -> usize {
     device.queue_max_sizes().len() + 1
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,7 +309,8 @@ mod tests {
 
     fn transport() -> VirtioPciTransport {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vectors = (0..2).map(|i| Vector { gsi: 24 + i, irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap() }).collect();
+        let vectors =
+            (0..2).map(|i| Vector { gsi: 24 + i, irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap() }).collect();
         let msix = MsixState::new(vectors, Arc::new(NoRouting));
         VirtioPciTransport::new(Box::new(Rng::default()), mem, 0xe000_0000, msix).unwrap()
     }
@@ -319,7 +334,13 @@ mod tests {
         }
         assert_eq!(
             found,
-            vec![(CFG_TYPE_COMMON, 0), (CFG_TYPE_ISR, 0x1000), (CFG_TYPE_DEVICE, 0x2000), (CFG_TYPE_NOTIFY, 0x3000), (CAP_MSIX, 0)]
+            vec![
+                (CFG_TYPE_COMMON, 0),
+                (CFG_TYPE_ISR, 0x1000),
+                (CFG_TYPE_DEVICE, 0x2000),
+                (CFG_TYPE_NOTIFY, 0x3000),
+                (CAP_MSIX, 0)
+            ]
         );
     }
 

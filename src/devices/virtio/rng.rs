@@ -48,7 +48,7 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn I
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
-        DEVICE_ID_RNG
+        VIRTIO_ID_RNG
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
