@@ -129,6 +129,8 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let mut fc =
         spawn_counting(&firecracker_link(&dir), &["--api-sock", sock.to_str().unwrap(), "--id", "fc-payload"], &dir);
     wait_for("the API socket", Duration::from_secs(10), || sock.exists());
+    // A client that connects and says nothing does not hold up the others.
+    let idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
 
     let (status, info) = curl(&sock, "GET", "/", None);
     assert!(status == 200 && info.contains("\"state\":\"Not started\"") && info.contains("fc-payload"), "{info}");
@@ -192,6 +194,7 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let (code, list, _) = lkvm_ctl(&dir, &["list"]);
     assert!(code == 0 && list.contains("fc-payload") && list.contains("running"), "{list}");
     assert_eq!(lkvm_ctl(&dir, &["stop", "-n", "fc-payload"]).0, 0);
+    drop(idle);
     let status = fc.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(!sock.exists(), "the API socket is removed when lkvm ends");

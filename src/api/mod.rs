@@ -8,6 +8,7 @@ mod routes;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,6 +18,9 @@ use crate::config::{Transport, VmConfig};
 use crate::thread::{self, ThreadKind};
 use crate::vmm::VmHandle;
 pub use metrics::Metrics;
+
+/// API connections served at once.
+const MAX_CONNECTIONS: usize = 16;
 
 /// The Firecracker API version whose paths, fields and errors lkvm follows.
 pub const FIRECRACKER_API_VERSION: &str = "1.10.0";
@@ -117,10 +121,26 @@ pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, S
         std::fs::remove_file(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
+    let open = Arc::new(AtomicUsize::new(0));
     thread::spawn(ThreadKind::Api, "fc_api".into(), move || {
         for mut stream in listener.incoming().flatten() {
-            if let Err(e) = http::serve_connection(&mut stream, max_body, |request| api.handle(request)) {
-                tracing::debug!("API connection: {e}");
+            // A client that keeps its connection open must not block the others; a bounded
+            // number are served at once.
+            if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::AcqRel);
+                let _ = http::Response::fault(503, "too many open API connections").write_to(&mut stream);
+                continue;
+            }
+            let (api, done) = (api.clone(), open.clone());
+            let served = thread::spawn(ThreadKind::Api, "fc_api_conn".into(), move || {
+                if let Err(e) = http::serve_connection(&mut stream, max_body, |request| api.handle(request)) {
+                    tracing::debug!("API connection: {e}");
+                }
+                done.fetch_sub(1, Ordering::AcqRel);
+            });
+            if let Err(e) = served {
+                open.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!("API connection thread: {e}");
             }
         }
     })
