@@ -11,6 +11,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -79,31 +80,44 @@ struct SlirpCb {
     timer_new_opaque: Option<extern "C" fn(c_int, *mut c_void, *mut c_void) -> *mut c_void>,
 }
 
-#[link(name = "slirp")]
-extern "C" {
-    fn slirp_new(cfg: *const SlirpConfig, callbacks: *const SlirpCb, opaque: *mut c_void) -> *mut c_void;
-    fn slirp_cleanup(slirp: *mut c_void);
-    fn slirp_input(slirp: *mut c_void, pkt: *const u8, len: c_int);
-    fn slirp_pollfds_fill(
-        slirp: *mut c_void,
-        timeout: *mut u32,
-        add_poll: extern "C" fn(c_int, c_int, *mut c_void) -> c_int,
-        opaque: *mut c_void,
-    );
-    fn slirp_pollfds_poll(
-        slirp: *mut c_void,
-        select_error: c_int,
-        get_revents: extern "C" fn(c_int, *mut c_void) -> c_int,
-        opaque: *mut c_void,
-    );
-    fn slirp_add_hostfwd(
-        slirp: *mut c_void,
-        is_udp: c_int,
-        host_addr: libc::in_addr,
-        host_port: c_int,
-        guest_addr: libc::in_addr,
-        guest_port: c_int,
-    ) -> c_int;
+type AddPoll = extern "C" fn(c_int, c_int, *mut c_void) -> c_int;
+type GetRevents = extern "C" fn(c_int, *mut c_void) -> c_int;
+
+/// libslirp's entry points, loaded when the first user-mode NIC starts: a VM without one never
+/// maps libslirp and GLib, which measurably slows every process start.
+struct LibSlirp {
+    new: unsafe extern "C" fn(*const SlirpConfig, *const SlirpCb, *mut c_void) -> *mut c_void,
+    cleanup: unsafe extern "C" fn(*mut c_void),
+    input: unsafe extern "C" fn(*mut c_void, *const u8, c_int),
+    pollfds_fill: unsafe extern "C" fn(*mut c_void, *mut u32, AddPoll, *mut c_void),
+    pollfds_poll: unsafe extern "C" fn(*mut c_void, c_int, GetRevents, *mut c_void),
+    add_hostfwd: unsafe extern "C" fn(*mut c_void, c_int, libc::in_addr, c_int, libc::in_addr, c_int) -> c_int,
+    /// Keeps the functions above mapped.
+    _library: libloading::Library,
+}
+
+fn libslirp() -> Result<&'static LibSlirp, String> {
+    static LIBSLIRP: OnceLock<Result<LibSlirp, String>> = OnceLock::new();
+    LIBSLIRP.get_or_init(load_libslirp).as_ref().map_err(Clone::clone)
+}
+
+fn load_libslirp() -> Result<LibSlirp, String> {
+    let missing =
+        |e: libloading::Error| format!("user-mode networking needs libslirp (apt-get install libslirp0): {e}");
+    // SAFETY: loading libslirp runs only its (GLib's) initialisers; each symbol is given the
+    // type libslirp 4's header declares for it.
+    unsafe {
+        let library = libloading::Library::new("libslirp.so.0").map_err(missing)?;
+        Ok(LibSlirp {
+            new: *library.get(b"slirp_new\0").map_err(missing)?,
+            cleanup: *library.get(b"slirp_cleanup\0").map_err(missing)?,
+            input: *library.get(b"slirp_input\0").map_err(missing)?,
+            pollfds_fill: *library.get(b"slirp_pollfds_fill\0").map_err(missing)?,
+            pollfds_poll: *library.get(b"slirp_pollfds_poll\0").map_err(missing)?,
+            add_hostfwd: *library.get(b"slirp_add_hostfwd\0").map_err(missing)?,
+            _library: library,
+        })
+    }
 }
 
 struct Timer {
@@ -242,10 +256,12 @@ impl Slirp {
         set_nonblocking(theirs.as_raw_fd());
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("user-mode network: {e}"))?;
         let stop_fd = stop.try_clone().map_err(|e| format!("user-mode network: {e}"))?;
+        let lib = libslirp()?;
         let (spec, (ready_tx, ready_rx)) = (spec.clone(), std::sync::mpsc::channel());
-        let thread =
-            crate::thread::spawn(ThreadKind::NetBackend, "slirp".into(), move || run(spec, theirs, stop_fd, ready_tx))
-                .map_err(|e| format!("user-mode network: {e}"))?;
+        let thread = crate::thread::spawn(ThreadKind::NetBackend, "slirp".into(), move || {
+            run(lib, spec, theirs, stop_fd, ready_tx)
+        })
+        .map_err(|e| format!("user-mode network: {e}"))?;
         ready_rx.recv().unwrap_or_else(|_| Err("user-mode network thread died".into()))?;
         Ok(Slirp { socket: ours, stop, thread: Some(thread) })
     }
@@ -253,7 +269,13 @@ impl Slirp {
 
 /// The slirp thread: builds the network, then polls slirp's sockets and the frames from the
 /// guest until told to stop.
-fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::Sender<Result<(), String>>) {
+fn run(
+    lib: &LibSlirp,
+    spec: NetSpec,
+    to_guest: OwnedFd,
+    stop: EventFd,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
     let network = Ipv4Addr::from(u32::from(spec.host_ip) & u32::from(NETMASK));
     let dns = Ipv4Addr::from(u32::from(network) | u32::from(DNS_HOST_PART));
     // SAFETY: in6_addr is plain data; zero is the unspecified address (IPv6 is off).
@@ -293,7 +315,7 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
     let opaque = (&mut state as *mut State).cast::<c_void>();
     // SAFETY: config and callbacks are valid for the call; `state` outlives the instance,
     // which is cleaned up before this function returns.
-    let slirp = unsafe { slirp_new(&config, &CALLBACKS, opaque) };
+    let slirp = unsafe { (lib.new)(&config, &CALLBACKS, opaque) };
     if slirp.is_null() {
         let _ = ready.send(Err("user-mode network: libslirp could not start".into()));
         return;
@@ -301,7 +323,7 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
     for fwd in &spec.forwards {
         // SAFETY: a live slirp instance; plain values.
         let rc = unsafe {
-            slirp_add_hostfwd(
+            (lib.add_hostfwd)(
                 slirp,
                 c_int::from(fwd.protocol == Protocol::Udp),
                 in_addr(Ipv4Addr::UNSPECIFIED),
@@ -312,7 +334,7 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
         };
         if rc < 0 {
             // SAFETY: the instance is not used after this.
-            unsafe { slirp_cleanup(slirp) };
+            unsafe { (lib.cleanup)(slirp) };
             let _ = ready.send(Err(format!("hostfwd: host port {} is not available", fwd.host_port)));
             return;
         }
@@ -326,7 +348,7 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
         state.pollfds.push(libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         let mut timeout_ms: u32 = 1000;
         // SAFETY: a live instance; add_poll appends to state.pollfds through `opaque`.
-        unsafe { slirp_pollfds_fill(slirp, &mut timeout_ms, add_poll, opaque) };
+        unsafe { (lib.pollfds_fill)(slirp, &mut timeout_ms, add_poll, opaque) };
         let now_ms = state.start.elapsed().as_millis() as i64;
         for timer in &state.timers {
             // SAFETY: live timers registered through timer_new.
@@ -338,7 +360,7 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
         let rc =
             unsafe { libc::poll(state.pollfds.as_mut_ptr(), state.pollfds.len() as libc::nfds_t, timeout_ms as c_int) };
         // SAFETY: as above; get_revents reads state.pollfds.
-        unsafe { slirp_pollfds_poll(slirp, c_int::from(rc < 0), get_revents, opaque) };
+        unsafe { (lib.pollfds_poll)(slirp, c_int::from(rc < 0), get_revents, opaque) };
         if state.pollfds[1].revents != 0 {
             break;
         }
@@ -352,7 +374,7 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
                     break;
                 }
                 // SAFETY: a live instance and n valid bytes.
-                unsafe { slirp_input(slirp, frame.as_ptr(), n as c_int) };
+                unsafe { (lib.input)(slirp, frame.as_ptr(), n as c_int) };
             }
         }
         let now_ms = state.start.elapsed().as_millis() as i64;
@@ -373,7 +395,7 @@ fn run(spec: NetSpec, to_guest: OwnedFd, stop: EventFd, ready: std::sync::mpsc::
         }
     }
     // SAFETY: the instance is live and not used after this; slirp frees its timers here.
-    unsafe { slirp_cleanup(slirp) };
+    unsafe { (lib.cleanup)(slirp) };
 }
 
 impl NetBackend for Slirp {
