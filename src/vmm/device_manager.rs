@@ -31,6 +31,7 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::worker::Lifecycle;
 use crate::devices::virtio::VirtioDevice;
 use crate::disk::DiskImage;
 use crate::net::slirp::Slirp;
@@ -67,11 +68,15 @@ pub enum DeviceEntry {
 
 pub type Registry = BTreeMap<String, DeviceEntry>;
 
+/// The virtio devices on their transports, which the VMM pauses and resumes with the vCPUs.
+pub type VirtioDevices = Vec<Arc<Mutex<dyn Lifecycle>>>;
+
 pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub console_input: ConsoleInput,
     pub registry: Registry,
+    pub virtio: VirtioDevices,
     /// `virtio_mmio.device=` values for the kernel command line.
     pub mmio_cmdline: Vec<String>,
 }
@@ -160,11 +165,12 @@ pub fn create_devices(
         let mut pci = PciRoot::default();
         let routing = Arc::new(KvmMsiRouting::new(vm.clone()));
         let mut next_gsi = FIRST_MSI_GSI;
+        let mut transports = VirtioDevices::new();
         for device in virtio {
-            add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
+            transports.push(add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?);
         }
         pio.insert(Arc::new(Mutex::new(pci)), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
-        return Ok(Devices { pio, mmio, console_input, registry, mmio_cmdline });
+        return Ok(Devices { pio, mmio, console_input, registry, virtio: transports, mmio_cmdline });
     }
     if virtio.len() > VIRTIO_MMIO_GSIS.len() {
         return Err(Error::DeviceSpace(
@@ -172,10 +178,13 @@ pub fn create_devices(
             format!("virtio-mmio has {} interrupt lines", VIRTIO_MMIO_GSIS.len()),
         ));
     }
+    let mut transports = VirtioDevices::new();
     for (device, gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
-        mmio_cmdline.push(add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio)?);
+        let (transport, cmdline) = add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio)?;
+        transports.push(transport);
+        mmio_cmdline.push(cmdline);
     }
-    Ok(Devices { pio, mmio, console_input, registry, mmio_cmdline })
+    Ok(Devices { pio, mmio, console_input, registry, virtio: transports, mmio_cmdline })
 }
 
 /// A naturally aligned window of `size` bytes in the MMIO hole.
@@ -193,7 +202,7 @@ fn add_virtio_pci(
     space: &mut AddressAllocator,
     bus: &mut Bus,
     pci: &mut PciRoot,
-) -> Result<(), Error> {
+) -> Result<Arc<Mutex<dyn Lifecycle>>, Error> {
     let what = format!("virtio-pci device type {}", device.device_type());
     let bar = allocate(space, virtio_pci::BAR_SIZE, &what)?;
     let mut vectors = Vec::new();
@@ -214,8 +223,8 @@ fn add_virtio_pci(
     }
     let transport = Arc::new(Mutex::new(transport));
     bus.insert(transport.clone(), bar.start(), virtio_pci::BAR_SIZE)?;
-    pci.add(transport).ok_or_else(|| Error::DeviceSpace(what, "PCI bus 0 is full".into()))?;
-    Ok(())
+    pci.add(transport.clone()).ok_or_else(|| Error::DeviceSpace(what, "PCI bus 0 is full".into()))?;
+    Ok(transport)
 }
 
 fn add_virtio_mmio(
@@ -225,7 +234,7 @@ fn add_virtio_mmio(
     gsi: u32,
     space: &mut AddressAllocator,
     bus: &mut Bus,
-) -> Result<String, Error> {
+) -> Result<(Arc<Mutex<dyn Lifecycle>>, String), Error> {
     let what = format!("virtio-mmio device type {}", device.device_type());
     let range = allocate(space, mmio::WINDOW_SIZE, &what)?;
     let irq = eventfd()?;
@@ -235,8 +244,9 @@ fn add_virtio_mmio(
     for (queue, kick) in transport.kicks().iter().enumerate() {
         vm.register_ioevent(kick, &notify, queue as u32).map_err(kvm_err("register virtio ioeventfd"))?;
     }
-    bus.insert(Arc::new(Mutex::new(transport)), range.start(), mmio::WINDOW_SIZE)?;
-    Ok(format!("4K@{:#x}:{gsi}", range.start()))
+    let transport = Arc::new(Mutex::new(transport));
+    bus.insert(transport.clone(), range.start(), mmio::WINDOW_SIZE)?;
+    Ok((transport, format!("4K@{:#x}:{gsi}", range.start())))
 }
 
 fn add_legacy_devices(

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use super::device_manager::{DeviceEntry, Registry};
+use super::device_manager::{DeviceEntry, Registry, VirtioDevices};
 use super::exit::VmExit;
 use super::vcpu::VcpuControl;
 use crate::config::VmConfig;
@@ -19,17 +19,25 @@ pub struct VmHandle {
     pub(super) vcpus: Arc<VcpuControl>,
     events: Mutex<Sender<VmExit>>,
     registry: Registry,
+    virtio: VirtioDevices,
     /// The configuration as it is now (drive swaps included), for `GET /vm/config`.
     config: Mutex<VmConfig>,
     started: AtomicBool,
 }
 
 impl VmHandle {
-    pub(super) fn new(config: VmConfig, vcpus: Arc<VcpuControl>, events: Sender<VmExit>, registry: Registry) -> Self {
+    pub(super) fn new(
+        config: VmConfig,
+        vcpus: Arc<VcpuControl>,
+        events: Sender<VmExit>,
+        registry: Registry,
+        virtio: VirtioDevices,
+    ) -> Self {
         VmHandle {
             vcpus,
             events: Mutex::new(events),
             registry,
+            virtio,
             config: Mutex::new(config),
             started: AtomicBool::new(false),
         }
@@ -120,9 +128,20 @@ impl Controller for VmHandle {
         if !self.started.load(Ordering::Acquire) {
             return Err("the guest is not running yet".into());
         }
-        self.vcpus.pause()
+        // vCPUs first: with them parked, no device is being set up or reset under its lock.
+        self.vcpus.pause()?;
+        for device in &self.virtio {
+            device.lock().unwrap().pause();
+        }
+        Ok(())
     }
     fn resume(&self) -> Result<(), String> {
+        if !self.vcpus.paused() {
+            return Err("the guest is not paused".into());
+        }
+        for device in &self.virtio {
+            device.lock().unwrap().resume().map_err(|e| format!("resuming a device: {e}"))?;
+        }
         self.vcpus.resume()
     }
     fn registers(&self) -> Result<Vec<String>, String> {

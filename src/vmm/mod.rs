@@ -204,7 +204,7 @@ impl Vm {
             vcpus.push(Vcpu { index, fd, pio: pio.clone(), mmio: mmio.clone(), mem: mem.clone() });
         }
         let control = Arc::new(VcpuControl::new(usize::from(machine.vcpu_count)));
-        let handle = Arc::new(VmHandle::new(config, control, events, devices.registry));
+        let handle = Arc::new(VmHandle::new(config, control, events, devices.registry, devices.virtio));
         Ok(Vm {
             handle,
             vcpus,

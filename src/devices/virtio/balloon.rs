@@ -13,7 +13,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::Worker;
+use super::worker::{Lifecycle, Worker};
 use super::*;
 
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
@@ -115,7 +115,7 @@ impl BalloonControl {
 pub struct Balloon {
     control: Arc<BalloonControl>,
     deflate_on_oom: bool,
-    worker: Option<Worker>,
+    worker: Option<Worker<Queues>>,
 }
 
 impl Balloon {
@@ -248,7 +248,7 @@ impl VirtioDevice for Balloon {
         let [inflate, deflate, stats] = expect_queues(queues)?;
         *self.control.interrupt.lock().unwrap() = Some(interrupt.clone());
         let request = self.control.stats_request.try_clone()?;
-        let mut queues = Queues {
+        let queues = Queues {
             inflate: inflate.queue,
             deflate: deflate.queue,
             stats: stats.queue,
@@ -257,7 +257,7 @@ impl VirtioDevice for Balloon {
             control: self.control.clone(),
         };
         let events = vec![inflate.kick, deflate.kick, stats.kick, request];
-        self.worker = Some(Worker::spawn("virtio-balloon".into(), events, move |event| match event {
+        self.worker = Some(Worker::spawn("virtio-balloon".into(), events, queues, |queues, event, _| match event {
             INFLATE => queues.inflate(),
             DEFLATE => queues.deflate(),
             STATS => queues.collect_stats(),
@@ -271,6 +271,10 @@ impl VirtioDevice for Balloon {
         self.worker = None;
         *self.control.interrupt.lock().unwrap() = None;
         *self.control.stats.lock().unwrap() = StatsState::default();
+    }
+
+    fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
+        self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
     }
 }
 

@@ -9,7 +9,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::worker::Worker;
+use super::worker::{Lifecycle, Worker};
 use super::*;
 use crate::disk::{DiskImage, SECTOR_SIZE};
 
@@ -84,11 +84,14 @@ impl DriveMedia {
     }
 }
 
+/// What the worker owns while it serves the request queue.
+type BlockQueue = (Queue, GuestMemoryMmap, Arc<dyn Interrupt>, RequestHandler);
+
 pub struct Block {
     media: Arc<DriveMedia>,
     read_only: bool,
     id: [u8; ID_BYTES],
-    worker: Option<Worker>,
+    worker: Option<Worker<BlockQueue>>,
 }
 
 impl Block {
@@ -165,17 +168,23 @@ impl VirtioDevice for Block {
         queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        let [ActiveQueue { mut queue, kick }] = expect_queues(queues)?;
-        let mut handler = self.request_handler();
+        let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
+        let handler = self.request_handler();
         *self.media.interrupt.lock().unwrap() = Some(interrupt.clone());
-        self.worker = Some(Worker::spawn("virtio-blk".into(), vec![kick], move |_| {
-            handler.process_queue(&mut queue, &mem, &*interrupt);
-        })?);
+        let state = (queue, mem, interrupt, handler);
+        self.worker =
+            Some(Worker::spawn("virtio-blk".into(), vec![kick], state, |(queue, mem, interrupt, handler), _, _| {
+                handler.process_queue(queue, mem, &**interrupt)
+            })?);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
+        self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
     }
 }
 

@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::Worker;
+use super::worker::{Lifecycle, Worker};
 use super::*;
 
 const QUEUE_SIZES: &[u16] = &[256, 256];
@@ -47,7 +47,7 @@ pub struct Console {
     inbox: Arc<Inbox>,
     /// Shared with the worker, so a console the driver resets and sets up again keeps it.
     output: Output,
-    worker: Option<Worker>,
+    worker: Option<Worker<Port>>,
 }
 
 impl Console {
@@ -148,18 +148,24 @@ impl VirtioDevice for Console {
         let [rx, tx] = expect_queues(queues)?;
         let output = self.output.clone();
         let ready = self.inbox.ready.try_clone()?;
-        let mut port = Port { rx: rx.queue, tx: tx.queue, mem, inbox: self.inbox.clone(), output, interrupt };
+        let port = Port { rx: rx.queue, tx: tx.queue, mem, inbox: self.inbox.clone(), output, interrupt };
         self.worker =
-            Some(Worker::spawn("virtio-console".into(), vec![rx.kick, tx.kick, ready], move |event| match event {
-                TX_QUEUE => port.transmit(),
-                RX_QUEUE | INPUT_READY => port.receive(),
-                _ => {}
+            Some(Worker::spawn("virtio-console".into(), vec![rx.kick, tx.kick, ready], port, |port, event, _| {
+                match event {
+                    TX_QUEUE => port.transmit(),
+                    RX_QUEUE | INPUT_READY => port.receive(),
+                    _ => {}
+                }
             })?);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
+        self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
     }
 }
 

@@ -140,6 +140,15 @@ impl BusDevice for MmioTransport {
     }
 }
 
+impl super::worker::Lifecycle for MmioTransport {
+    fn pause(&mut self) {
+        self.state.device.pause();
+    }
+    fn resume(&mut self) -> std::io::Result<()> {
+        self.state.device.resume()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,6 +70,17 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops serving queues; the driver may set the device up again.
     fn reset(&mut self);
+    /// The device's running workers, for pause and resume.
+    fn workers(&mut self) -> Vec<&mut dyn worker::Lifecycle>;
+    /// Stops serving queues until `resume`, keeping their state; notifications wait.
+    fn pause(&mut self) {
+        for worker in self.workers() {
+            worker.pause();
+        }
+    }
+    fn resume(&mut self) -> std::io::Result<()> {
+        self.workers().into_iter().try_for_each(|worker| worker.resume())
+    }
 }
 
 /// The `N` queues a device needs, or the error that the driver set up another number.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::worker::{Watch, Worker};
+use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
 use crate::net::NetBackend;
 
@@ -61,12 +61,16 @@ const VIRTIO_NET_ERR: u8 = 1;
 
 pub type SharedBackend = Arc<Mutex<Box<dyn NetBackend>>>;
 
+/// What the control queue's worker owns: the queue, its index, and the backends it steers.
+type ControlQueue = (Queue, u16, GuestMemoryMmap, Arc<dyn Interrupt>, Vec<SharedBackend>);
+
 pub struct Net {
     config: Vec<u8>,
     /// One backend per queue pair (tap queues); a single one otherwise.
     backends: Vec<SharedBackend>,
     queue_sizes: Vec<u16>,
-    workers: Vec<Worker>,
+    workers: Vec<Worker<NetPort>>,
+    control: Option<Worker<ControlQueue>>,
 }
 
 impl Net {
@@ -79,7 +83,7 @@ impl Net {
         let control_queue = usize::from(pairs > 1);
         let queue_sizes = vec![QUEUE_SIZE; 2 * backends.len() + control_queue];
         let backends = backends.into_iter().map(|b| Arc::new(Mutex::new(b))).collect();
-        Net { config, backends, queue_sizes, workers: Vec::new() }
+        Net { config, backends, queue_sizes, workers: Vec::new(), control: None }
     }
 
     fn vnet_header(&self) -> bool {
@@ -363,7 +367,7 @@ impl VirtioDevice for Net {
         for (pair, backend) in self.backends.iter().take(pairs).enumerate() {
             let (rx, tx) = (queues.next().expect("counted"), queues.next().expect("counted"));
             let fd = std::os::fd::AsRawFd::as_raw_fd(&**backend.lock().unwrap());
-            let mut port = NetPort::new(
+            let port = NetPort::new(
                 rx.queue,
                 tx.queue,
                 pair as u16,
@@ -373,18 +377,20 @@ impl VirtioDevice for Net {
                 acked_features,
             );
             let name = format!("virtio-net-q{pair}");
-            workers.push(Worker::spawn_with_fd(name, vec![rx.kick, tx.kick], fd, move |event, watch| {
+            workers.push(Worker::spawn_with_fd(name, vec![rx.kick, tx.kick], fd, port, |port, event, watch| {
                 port.handle(event, watch)
             })?);
         }
-        if let Some(ActiveQueue { mut queue, kick }) = queues.next() {
-            let index = (2 * pairs) as u16;
-            let backends = self.backends.clone();
-            let mem = mem.clone();
-            let interrupt = interrupt.clone();
-            workers.push(Worker::spawn("virtio-net-ctrl".into(), vec![kick], move |_| {
-                process_control_queue(&mut queue, index, &mem, &*interrupt, &backends)
-            })?);
+        if let Some(ActiveQueue { queue, kick }) = queues.next() {
+            let state = (queue, (2 * pairs) as u16, mem.clone(), interrupt.clone(), self.backends.clone());
+            self.control = Some(Worker::spawn(
+                "virtio-net-ctrl".into(),
+                vec![kick],
+                state,
+                |(queue, index, mem, interrupt, backends), _, _| {
+                    process_control_queue(queue, *index, mem, &**interrupt, backends)
+                },
+            )?);
         }
         self.workers = workers;
         Ok(())
@@ -392,6 +398,12 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.workers.clear();
+        self.control = None;
+    }
+
+    fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
+        let pairs = self.workers.iter_mut().map(|w| w as &mut dyn Lifecycle);
+        pairs.chain(self.control.iter_mut().map(|w| w as &mut dyn Lifecycle)).collect()
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::worker::Worker;
+use super::worker::{Lifecycle, Worker};
 use super::*;
 use crate::share::{Share, MAX_MESSAGE_SIZE};
 
@@ -21,7 +21,7 @@ pub struct P9 {
     config: Vec<u8>,
     /// Outlives the worker: a reset stops serving, the next Tversion starts a new session.
     share: Arc<Mutex<Share>>,
-    worker: Option<Worker>,
+    worker: Option<Worker<(Queue, GuestMemoryMmap, Arc<dyn Interrupt>, Arc<Mutex<Share>>)>>,
 }
 
 impl P9 {
@@ -76,15 +76,20 @@ impl VirtioDevice for P9 {
         queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        let [ActiveQueue { mut queue, kick }] = expect_queues(queues)?;
-        let share = self.share.clone();
-        self.worker = Some(Worker::spawn("virtio-9p".into(), vec![kick], move |_| {
-            process_queue(&mut queue, &mem, &*interrupt, &share)
-        })?);
+        let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
+        let state = (queue, mem, interrupt, self.share.clone());
+        self.worker =
+            Some(Worker::spawn("virtio-9p".into(), vec![kick], state, |(queue, mem, interrupt, share), _, _| {
+                process_queue(queue, mem, &**interrupt, share)
+            })?);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
+        self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
     }
 }

@@ -294,6 +294,15 @@ pub fn vector_count(device: &dyn VirtioDevice) -> usize {
     device.queue_max_sizes().len() + 1
 }
 
+impl super::worker::Lifecycle for VirtioPciTransport {
+    fn pause(&mut self) {
+        self.state.device.pause();
+    }
+    fn resume(&mut self) -> std::io::Result<()> {
+        self.state.device.resume()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

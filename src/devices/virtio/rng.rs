@@ -5,7 +5,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::worker::Worker;
+use super::worker::{Lifecycle, Worker};
 use super::*;
 
 const QUEUE_SIZES: &[u16] = &[256];
@@ -14,7 +14,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Default)]
 pub struct Rng {
-    worker: Option<Worker>,
+    worker: Option<Worker<(Queue, GuestMemoryMmap, Arc<dyn Interrupt>)>>,
 }
 
 fn fill_random(buf: &mut [u8]) -> bool {
@@ -66,15 +66,22 @@ impl VirtioDevice for Rng {
         queues: Vec<ActiveQueue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        let [ActiveQueue { mut queue, kick }] = expect_queues(queues)?;
-        self.worker = Some(Worker::spawn("virtio-rng".into(), vec![kick], move |_| {
-            process_queue(&mut queue, &mem, &*interrupt)
-        })?);
+        let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
+        self.worker = Some(Worker::spawn(
+            "virtio-rng".into(),
+            vec![kick],
+            (queue, mem, interrupt),
+            |(queue, mem, interrupt), _, _| process_queue(queue, mem, &**interrupt),
+        )?);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
+        self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
     }
 }
 

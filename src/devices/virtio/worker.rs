@@ -8,9 +8,31 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-pub struct Worker {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+/// A device's I/O thread. While it runs it owns the device's queue state `S`; pausing or
+/// stopping it hands the state back (so the device can resume, or be saved), and notifications
+/// that arrive meanwhile wait in their eventfds.
+pub struct Worker<S: Send + 'static> {
+    name: String,
+    fd: Option<RawFd>,
+    handle: Handler<S>,
+    run: Run<S>,
+}
+
+/// What a worker does with one event: `S` is its state, the index says which eventfd fired
+/// (or `events.len()` for the host descriptor).
+pub type Handler<S> = fn(&mut S, usize, &Watch);
+
+enum Run<S> {
+    Running {
+        stop: EventFd,
+        thread: JoinHandle<(S, Vec<EventFd>)>,
+    },
+    Parked {
+        state: S,
+        events: Vec<EventFd>,
+    },
+    /// The thread died (a panic): its state is lost.
+    Lost,
 }
 
 /// Lets a handler stop and resume watching the host descriptor (`spawn_with_fd`), say while
@@ -29,29 +51,53 @@ impl Watch<'_> {
     }
 }
 
-impl Worker {
-    /// Runs `handle(i)` on a new thread each time `events[i]` fires: the queues' notification
-    /// eventfds, and any of the device's own (say, host input ready).
-    pub fn spawn<F>(name: String, events: Vec<EventFd>, mut handle: F) -> io::Result<Worker>
-    where
-        F: FnMut(usize) + Send + 'static,
-    {
-        Self::start(name, events, None, move |i, _| handle(i))
+/// Pause and resume, whatever a worker's state type.
+pub trait Lifecycle: Send {
+    fn pause(&mut self);
+    fn resume(&mut self) -> io::Result<()>;
+}
+
+impl<S: Send + 'static> Worker<S> {
+    /// Runs `handle(state, i)` on a new thread each time `events[i]` fires: the queues'
+    /// notification eventfds, and any of the device's own (say, host input ready).
+    pub fn spawn(name: String, events: Vec<EventFd>, state: S, handle: Handler<S>) -> io::Result<Self> {
+        Self::spawn_with(name, events, None, state, handle)
     }
 
     /// Like `spawn`, plus a host descriptor (a socket or tap) reported as index
     /// `events.len()` while readable; the handler reads it itself.
-    pub fn spawn_with_fd<F>(name: String, events: Vec<EventFd>, fd: RawFd, handle: F) -> io::Result<Worker>
-    where
-        F: FnMut(usize, &Watch) + Send + 'static,
-    {
-        Self::start(name, events, Some(fd), handle)
+    pub fn spawn_with_fd(
+        name: String,
+        events: Vec<EventFd>,
+        fd: RawFd,
+        state: S,
+        handle: Handler<S>,
+    ) -> io::Result<Self> {
+        Self::spawn_with(name, events, Some(fd), state, handle)
     }
 
-    fn start<F>(name: String, events: Vec<EventFd>, fd: Option<RawFd>, mut handle: F) -> io::Result<Worker>
-    where
-        F: FnMut(usize, &Watch) + Send + 'static,
-    {
+    fn spawn_with(
+        name: String,
+        events: Vec<EventFd>,
+        fd: Option<RawFd>,
+        state: S,
+        handle: Handler<S>,
+    ) -> io::Result<Self> {
+        let mut worker = Worker { name, fd, handle, run: Run::Parked { state, events } };
+        worker.resume()?;
+        Ok(worker)
+    }
+
+    /// Stops the thread and hands back the state; `None` if the thread died.
+    pub fn stop(mut self) -> Option<S> {
+        self.pause();
+        match std::mem::replace(&mut self.run, Run::Lost) {
+            Run::Parked { state, .. } => Some(state),
+            _ => None,
+        }
+    }
+
+    fn start(&self, mut state: S, events: Vec<EventFd>) -> io::Result<Run<S>> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         let fd_token = events.len() as u64;
@@ -59,13 +105,12 @@ impl Worker {
         for (i, evt) in events.iter().enumerate() {
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
         }
-        if let Some(fd) = fd {
+        if let Some(fd) = self.fd {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd_token))?;
         }
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
-        let stop_clone = stop.try_clone()?;
-        let thread = crate::thread::spawn(crate::thread::ThreadKind::Device, name, move || {
-            let _stop = stop_clone;
+        let (fd, handle) = (self.fd, self.handle);
+        let thread = crate::thread::spawn(crate::thread::ThreadKind::Device, self.name.clone(), move || {
             let watch = Watch { epoll: &epoll, fd: fd.map(|fd| (fd, fd_token)) };
             let mut ready = vec![EpollEvent::default(); events.len() + 2];
             loop {
@@ -74,38 +119,55 @@ impl Worker {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         tracing::error!("device worker epoll: {e}");
-                        return;
+                        return (state, events);
                     }
                 };
                 for event in &ready[..n] {
                     let token = event.data();
                     if token == stop_token {
-                        return;
+                        return (state, events);
                     }
                     if let Some(evt) = events.get(token as usize) {
                         let _ = evt.read();
                     }
-                    handle(token as usize, &watch);
+                    handle(&mut state, token as usize, &watch);
                 }
             }
         })?;
-        Ok(Worker { stop, thread: Some(thread) })
+        Ok(Run::Running { stop, thread })
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+impl<S: Send + 'static> Lifecycle for Worker<S> {
+    /// Stops the thread, keeping its state and eventfds; a no-op unless running.
+    fn pause(&mut self) {
+        if let Run::Running { stop, thread } = std::mem::replace(&mut self.run, Run::Lost) {
+            let _ = stop.write(1);
+            if let Ok((state, events)) = thread.join() {
+                self.run = Run::Parked { state, events };
+            }
         }
+    }
+
+    /// Starts a new thread on the kept state; a no-op unless paused.
+    fn resume(&mut self) -> io::Result<()> {
+        if let Run::Parked { state, events } = std::mem::replace(&mut self.run, Run::Lost) {
+            self.run = self.start(state, events)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Send + 'static> Drop for Worker<S> {
+    fn drop(&mut self) {
+        self.pause();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::channel;
+    use std::sync::mpsc::{channel, Sender};
     use std::time::Duration;
 
     #[test]
@@ -113,7 +175,7 @@ mod tests {
         let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
         let second = kicks[1].try_clone().unwrap();
         let (tx, rx) = channel();
-        let worker = Worker::spawn("test".into(), kicks, move |q| tx.send(q).unwrap()).unwrap();
+        let worker = Worker::spawn("test".into(), kicks, tx, |tx, q, _| tx.send(q).unwrap()).unwrap();
         second.write(1).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         drop(worker);
@@ -121,11 +183,32 @@ mod tests {
     }
 
     #[test]
+    fn paused_workers_keep_state_and_notifications_for_resume() {
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let poke = kick.try_clone().unwrap();
+        let (tx, rx) = channel();
+        let count = |(tx, n): &mut (Sender<u32>, u32), _: usize, _: &Watch| {
+            *n += 1;
+            tx.send(*n).unwrap();
+        };
+        let mut worker = Worker::spawn("test".into(), vec![kick], (tx, 0), count).unwrap();
+        poke.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        worker.pause();
+        poke.write(1).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "a paused worker handled a notification");
+        worker.resume().unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 2, "state kept, notification not lost");
+        let (_, handled) = worker.stop().unwrap();
+        assert_eq!(handled, 2);
+    }
+
+    #[test]
     fn host_fd_is_reported_until_unwatched() {
         let host = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         host.write(1).unwrap(); // stays readable: the handler does not drain it
         let (tx, rx) = channel();
-        let _worker = Worker::spawn_with_fd("test".into(), vec![], host.as_raw_fd(), move |i, watch| {
+        let _worker = Worker::spawn_with_fd("test".into(), vec![], host.as_raw_fd(), tx, |tx, i, watch| {
             tx.send(i).unwrap();
             watch.host_fd(false);
         })
