@@ -5,8 +5,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,36 +48,6 @@ fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) 
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Prints 'x' on COM1 forever, with a delay loop between characters.
-fn ticker() -> Vec<u8> {
-    vec![0xba, 0xf8, 0x03, 0xb0, b'x', 0xee, 0xb9, 0xff, 0xff, 0xe2, 0xfe, 0xeb, 0xf6]
-}
-
-struct Process {
-    child: Child,
-    output: Arc<AtomicUsize>,
-}
-
-fn spawn_counting(program: &Path, args: &[&str], home: &Path) -> Process {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("HOME", home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let output = Arc::new(AtomicUsize::new(0));
-    let (mut stdout, counter) = (child.stdout.take().unwrap(), output.clone());
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
-            counter.fetch_add(n, Ordering::SeqCst);
-        }
-    });
-    Process { child, output }
 }
 
 fn lkvm_ctl(home: &Path, args: &[&str]) -> (i32, String, String) {

@@ -5,53 +5,16 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Prints 'x' on COM1 forever, with a delay loop between characters.
-fn ticker() -> Vec<u8> {
-    vec![
-        0xba, 0xf8, 0x03, // mov dx, 0x3f8
-        0xb0, b'x', // loop: mov al, 'x'
-        0xee, // out dx, al
-        0xb9, 0xff, 0xff, // mov cx, 0xffff
-        0xe2, 0xfe, // loop $
-        0xeb, 0xf6, // jmp loop
-    ]
-}
-
-struct Guest {
-    child: Child,
-    output: Arc<AtomicUsize>,
-}
-
-fn start(home: &Path, name: &str, kernel: &Path) -> Guest {
-    let mut child = Command::new(lkvm())
-        .args(["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "2", "-n", "mode=none", "--name", name])
-        .env("HOME", home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let output = Arc::new(AtomicUsize::new(0));
-    let (mut stdout, counter) = (child.stdout.take().unwrap(), output.clone());
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            counter.fetch_add(n, Ordering::SeqCst);
-        }
-    });
-    let guest = Guest { child, output };
+fn start(home: &Path, name: &str, kernel: &Path) -> CountingProcess {
+    let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "2", "-n", "mode=none", "--name", name];
+    let guest = spawn_counting(Path::new(lkvm()), &args, home);
     wait_for(|| guest.output.load(Ordering::SeqCst) > 0, "the guest to print");
     guest
 }
@@ -73,7 +36,7 @@ fn ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn exits_zero(guest: &mut Guest) {
+fn exits_zero(guest: &mut CountingProcess) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = guest.child.try_wait().unwrap() {

@@ -297,3 +297,42 @@ pub fn boot_timeout() -> Duration {
 pub fn run_interactive(args: &[&str], env: &[(&str, String)], prompt: &str, input: &str, timeout: Duration) -> Outcome {
     run_full(lkvm(), args, env, None, Some(Typing { prompt, input }), timeout, |_| {})
 }
+
+/// A program whose stdout bytes are counted as they arrive (a guest's progress).
+pub struct CountingProcess {
+    pub child: std::process::Child,
+    pub output: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Starts `program` with `args` and HOME=`home`, counting its stdout bytes.
+pub fn spawn_counting(program: &Path, args: &[&str], home: &Path) -> CountingProcess {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let output = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (mut stdout, counter) = (child.stdout.take().unwrap(), output.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            counter.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    CountingProcess { child, output }
+}
+
+/// A flat payload that prints 'x' on COM1 forever, with a delay loop between characters.
+pub fn ticker() -> Vec<u8> {
+    vec![
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'x', // loop: mov al, 'x'
+        0xee, // out dx, al
+        0xb9, 0xff, 0xff, // mov cx, 0xffff
+        0xe2, 0xfe, // loop $
+        0xeb, 0xf6, // jmp loop
+    ]
+}

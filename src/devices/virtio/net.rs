@@ -103,8 +103,10 @@ pub struct NetPort {
     /// Frames pass to and from the backend with their virtio-net header.
     vnet_header: bool,
     mergeable: bool,
-    /// A packet: virtio-net header, then the frame.
+    /// A received packet: virtio-net header, then the frame. It may wait here for guest
+    /// buffers, so transmit has its own.
     packet: Vec<u8>,
+    tx_packet: Vec<u8>,
     /// Length of a received packet still waiting for guest buffers.
     pending: Option<usize>,
     /// Buffers taken for the pending packet, and their total size.
@@ -148,6 +150,7 @@ impl NetPort {
             vnet_header,
             mergeable: features & VIRTIO_NET_F_MRG_RXBUF != 0,
             packet: vec![0; HEADER_LEN + MAX_FRAME],
+            tx_packet: vec![0; HEADER_LEN + MAX_FRAME],
             pending: None,
             held: Vec::new(),
             held_room: 0,
@@ -158,7 +161,7 @@ impl NetPort {
     /// Sends every frame the guest queued; malformed ones (shorter than the header, longer
     /// than a frame) are dropped.
     pub fn transmit(&mut self) {
-        let (mem, backend, packet, vnet_header) = (&self.mem, &self.backend, &mut self.packet, self.vnet_header);
+        let (mem, backend, packet, vnet_header) = (&self.mem, &self.backend, &mut self.tx_packet, self.vnet_header);
         serve_queue(&mut self.tx, mem, &*self.interrupt, self.tx_index, |chain| {
             let Ok(mut reader) = chain.reader(mem) else { return 0 };
             let len = reader.available_bytes();
@@ -211,7 +214,10 @@ impl NetPort {
         let held = std::mem::take(&mut self.held);
         self.held_room = 0;
         self.packet[NUM_BUFFERS_OFFSET..HEADER_LEN].copy_from_slice(&(held.len() as u16).to_le_bytes());
+        // All of the packet first, then its buffers back to back: the driver takes the first
+        // one's num_buffers as a promise that the rest are already in the used ring.
         let mut offset = 0;
+        let mut used = Vec::with_capacity(held.len());
         for buffer in held {
             let mut written = 0;
             for (addr, size) in buffer.regions {
@@ -225,7 +231,10 @@ impl NetPort {
                 offset += n;
                 written += n;
             }
-            if self.rx.add_used(&self.mem, buffer.head, written as u32).is_err() {
+            used.push((buffer.head, written as u32));
+        }
+        for (head, written) in used {
+            if self.rx.add_used(&self.mem, head, written).is_err() {
                 return Delivery::QueueBroken;
             }
         }
