@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -40,23 +40,6 @@ fn fault(reply: (u16, String), status: u16) -> String {
     assert_eq!(reply.0, status, "{}", reply.1);
     let value: serde_json::Value = serde_json::from_str(&reply.1).unwrap_or_else(|_| panic!("not JSON: {}", reply.1));
     value["fault_message"].as_str().unwrap_or_else(|| panic!("no fault_message: {}", reply.1)).to_string()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn lkvm_ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(lkvm()).args(args).env("HOME", home).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

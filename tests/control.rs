@@ -15,25 +15,8 @@ use common::*;
 fn start(home: &Path, name: &str, kernel: &Path) -> CountingProcess {
     let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "2", "-n", "mode=none", "--name", name];
     let guest = spawn_counting(Path::new(lkvm()), &args, home);
-    wait_for(|| guest.output.load(Ordering::SeqCst) > 0, "the guest to print");
+    wait_for("the guest to print", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > 0);
     guest
-}
-
-fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(lkvm()).args(args).env("HOME", home).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn exits_zero(guest: &mut CountingProcess) {
@@ -57,34 +40,34 @@ fn list_pause_resume_debug_and_stop() {
     let kernel = write_file(&home, "ticker.bin", &ticker());
     let mut guest = start(&home, "ticker", &kernel);
 
-    let (code, list, _) = ctl(&home, &["list"]);
+    let (code, list, _) = lkvm_ctl(&home, &["list"]);
     assert_eq!(code, 0);
     let line = list.lines().find(|l| l.contains("ticker")).unwrap_or_else(|| panic!("not listed: {list}"));
     assert!(line.contains("running") && line.contains(&guest.child.id().to_string()), "{line}");
 
-    assert_eq!(ctl(&home, &["pause", "-n", "ticker"]).0, 0);
+    assert_eq!(lkvm_ctl(&home, &["pause", "-n", "ticker"]).0, 0);
     let before = guest.output.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(guest.output.load(Ordering::SeqCst), before, "output went on while paused");
-    assert!(ctl(&home, &["list"]).1.lines().any(|l| l.contains("ticker") && l.contains("paused")));
-    let (code, _, err) = ctl(&home, &["pause", "-n", "ticker"]);
+    assert!(lkvm_ctl(&home, &["list"]).1.lines().any(|l| l.contains("ticker") && l.contains("paused")));
+    let (code, _, err) = lkvm_ctl(&home, &["pause", "-n", "ticker"]);
     assert!(code != 0 && err.contains("already paused"), "{err}");
 
-    let (code, dump, _) = ctl(&home, &["debug", "-n", "ticker", "-d"]);
+    let (code, dump, _) = lkvm_ctl(&home, &["debug", "-n", "ticker", "-d"]);
     assert_eq!(code, 0);
     // vCPU 0 runs the payload at 0x1000:xxxx; vCPU 1 never started (waits for a SIPI).
     let vcpu0 = dump.lines().find(|l| l.contains("vCPU 0:")).unwrap_or_else(|| panic!("{dump}"));
     assert!(vcpu0.contains("cs=0x1000") && vcpu0.contains("rip=0x"), "{vcpu0}");
     assert!(dump.contains("vCPU 1:"), "{dump}");
 
-    assert_eq!(ctl(&home, &["resume", "-n", "ticker"]).0, 0);
-    wait_for(|| guest.output.load(Ordering::SeqCst) > before, "output after resume");
+    assert_eq!(lkvm_ctl(&home, &["resume", "-n", "ticker"]).0, 0);
+    wait_for("output after resume", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > before);
 
-    let (code, _, err) = ctl(&home, &["debug", "-n", "ticker", "-m", "7"]);
+    let (code, _, err) = lkvm_ctl(&home, &["debug", "-n", "ticker", "-m", "7"]);
     assert!(code != 0 && err.contains("no vCPU 7"), "{err}");
-    let (code, _, err) = ctl(&home, &["stop", "-n", "nosuch"]);
+    let (code, _, err) = lkvm_ctl(&home, &["stop", "-n", "nosuch"]);
     assert!(code != 0 && err.contains("no such running guest"), "{err}");
-    assert_eq!(ctl(&home, &["stop", "-n", "ticker"]).0, 0);
+    assert_eq!(lkvm_ctl(&home, &["stop", "-n", "ticker"]).0, 0);
     exits_zero(&mut guest);
     assert!(!home.join(".lkvm/ticker.sock").exists(), "socket left behind");
 }
@@ -107,13 +90,13 @@ fn names_are_unique_and_stop_all_ends_every_guest() {
     assert_ne!(clash.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&clash.stderr).contains("already running"));
 
-    let (code, list, _) = ctl(&home, &["list"]);
+    let (code, list, _) = lkvm_ctl(&home, &["list"]);
     assert_eq!(code, 0);
     assert!(list.contains("one") && list.contains("two"), "{list}");
-    assert_eq!(ctl(&home, &["stop", "-a"]).0, 0);
+    assert_eq!(lkvm_ctl(&home, &["stop", "-a"]).0, 0);
     exits_zero(&mut first);
     exits_zero(&mut second);
-    assert!(!ctl(&home, &["list"]).1.contains("running"));
+    assert!(!lkvm_ctl(&home, &["list"]).1.contains("running"));
 }
 
 #[test]
@@ -125,9 +108,9 @@ fn stat_without_a_balloon_answers_at_once() {
     let kernel = write_file(&home, "ticker.bin", &ticker());
     let mut guest = start(&home, "plain", &kernel);
     let started = Instant::now();
-    let (code, _, err) = ctl(&home, &["stat", "-n", "plain", "-m"]);
+    let (code, _, err) = lkvm_ctl(&home, &["stat", "-n", "plain", "-m"]);
     assert!(code != 0 && err.contains("no balloon device"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3), "stat hung");
-    assert_eq!(ctl(&home, &["stop", "-n", "plain"]).0, 0);
+    assert_eq!(lkvm_ctl(&home, &["stop", "-n", "plain"]).0, 0);
     exits_zero(&mut guest);
 }

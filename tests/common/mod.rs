@@ -336,3 +336,19 @@ pub fn ticker() -> Vec<u8> {
         0xeb, 0xf6, // jmp loop
     ]
 }
+
+/// Polls `condition` every 20 ms; fails the test after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `lkvm args` with HOME=`home`: (exit code, stdout, stderr).
+pub fn lkvm_ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(lkvm()).args(args).env("HOME", home).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
