@@ -14,6 +14,7 @@ pub mod logging;
 pub mod net;
 pub mod rootfs;
 pub mod share;
+pub mod snapshot;
 pub mod term;
 pub mod thread;
 pub mod vmm;

@@ -84,7 +84,7 @@ fn firecracker(config: &VmConfig, given: &KernelCmdline, mmio_devices: &[String]
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::*;
     use crate::disk::DiskSpec;

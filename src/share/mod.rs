@@ -109,7 +109,27 @@ pub struct Share {
     read_only: bool,
     /// Each fid's path below the root, as far as the guest's messages tell.
     fid_paths: HashMap<u32, PathBuf>,
+    /// The open flags of each opened fid, and the session's msize: what a restored VM's
+    /// session is rebuilt from.
+    open_flags: HashMap<u32, u32>,
+    msize: Option<u32>,
 }
+
+/// A guest's 9P session, as a snapshot keeps it: its fids by path, not by host descriptor.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Session {
+    msize: u32,
+    /// fid, path below the share's root, open flags if opened.
+    fids: Vec<(u32, PathBuf, Option<u32>)>,
+}
+
+// Tlopen/Tlcreate flags a reopen must not repeat: create, exclusive, truncate.
+const P9_REOPEN_DROPPED: u32 = 0o100 | 0o200 | 0o1000;
+const NOFID: u32 = u32::MAX;
+/// A fid no Linux client uses (it counts up from 0), for rebuilding a session.
+const SCRATCH_FID: u32 = u32::MAX - 1;
+/// Names per Twalk (P9_MAXWELEM).
+const MAX_WALK_NAMES: usize = 16;
 
 impl Share {
     pub fn open(spec: &ShareSpec) -> Result<Share, OpenError> {
@@ -121,7 +141,91 @@ impl Share {
         }
         let config = p9::Config { root: root.clone().into(), msize: MAX_MESSAGE_SIZE, ..Default::default() };
         let server = p9::Server::with_config(config).map_err(|e| fail(format!("cannot start the 9p server: {e}")))?;
-        Ok(Share { server, root, read_only: spec.read_only, fid_paths: HashMap::new() })
+        Ok(Share {
+            server,
+            root,
+            read_only: spec.read_only,
+            fid_paths: HashMap::new(),
+            open_flags: HashMap::new(),
+            msize: None,
+        })
+    }
+
+    /// The guest's session, if it has one, for a snapshot.
+    pub fn session(&self) -> Option<Session> {
+        let mut fids: Vec<_> =
+            self.fid_paths.iter().map(|(fid, path)| (*fid, path.clone(), self.open_flags.get(fid).copied())).collect();
+        fids.sort();
+        self.msize.map(|msize| Session { msize, fids })
+    }
+
+    /// Rebuilds a saved session on this server: each fid walked to its path again and reopened
+    /// with its flags. A fid whose file is gone (deleted, or unlinked while open) stays unknown
+    /// to the server, and the guest gets errors on it; the others work as before.
+    pub fn resume_session(&mut self, session: &Session) -> usize {
+        let mut message = Vec::new();
+        message.extend_from_slice(&session.msize.to_le_bytes());
+        put_string(&mut message, b"9P2000.L");
+        self.replay(TVERSION, &message);
+        let mut lost = 0;
+        for (fid, path, flags) in &session.fids {
+            if !self.reopen(*fid, path, *flags) {
+                tracing::warn!("9p: {} could not be reopened after the restore", self.root.join(path).display());
+                lost += 1;
+            }
+        }
+        lost
+    }
+
+    fn reopen(&mut self, fid: u32, path: &Path, flags: Option<u32>) -> bool {
+        let mut attach = SCRATCH_FID.to_le_bytes().to_vec();
+        attach.extend_from_slice(&NOFID.to_le_bytes());
+        put_string(&mut attach, b"");
+        put_string(&mut attach, b"");
+        attach.extend_from_slice(&0u32.to_le_bytes());
+        if !self.replay(TATTACH, &attach) {
+            return false;
+        }
+        let names: Vec<&[u8]> = path.iter().map(|n| n.as_bytes()).collect();
+        let mut from = SCRATCH_FID;
+        let mut walked = true;
+        for chunk in names.chunks(MAX_WALK_NAMES).chain(names.is_empty().then_some(&[][..])) {
+            let mut walk = from.to_le_bytes().to_vec();
+            walk.extend_from_slice(&fid.to_le_bytes());
+            walk.extend_from_slice(&(chunk.len() as u16).to_le_bytes());
+            chunk.iter().for_each(|name| put_string(&mut walk, name));
+            walked &= self.replay(TWALK, &walk);
+            from = fid;
+        }
+        self.replay(TCLUNK, &SCRATCH_FID.to_le_bytes());
+        if !walked {
+            return false;
+        }
+        if let Some(flags) = flags {
+            let mut open = fid.to_le_bytes().to_vec();
+            open.extend_from_slice(&(flags & !P9_REOPEN_DROPPED).to_le_bytes());
+            if !self.replay(TLOPEN, &open) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends the server one message of lkvm's own and tells whether it succeeded; the guest's
+    /// fid tracking follows it as if the guest had sent it.
+    fn replay(&mut self, kind: u8, body: &[u8]) -> bool {
+        let mut message = ((7 + body.len()) as u32).to_le_bytes().to_vec();
+        message.extend_from_slice(&[kind, 0xff, 0xff]);
+        message.extend_from_slice(body);
+        let mut reply = Vec::new();
+        if self.server.handle_message(&mut &message[..], &mut reply).is_err() {
+            return false;
+        }
+        let answered = reply.get(4).is_some_and(|k| *k != RLERROR);
+        let walked = reply.get(7..9).map(|n| u16::from_le_bytes([n[0], n[1]]));
+        let complete = kind != TWALK || walked == Some(u16::from_le_bytes([body[8], body[9]]));
+        let _ = self.track_fids(&mut message, answered, walked);
+        answered && complete
     }
 
     /// Answers one T-message with one R-message. `request` may be edited (set-id bits cleared).
@@ -154,7 +258,15 @@ impl Share {
         let kind = *message.get(4).ok_or(Stop::Truncated)?;
         let mut fields = Fields { message, at: 7 };
         match kind {
-            TVERSION if answered => self.fid_paths.clear(),
+            TVERSION if answered => {
+                self.fid_paths.clear();
+                self.open_flags.clear();
+                self.msize = Some(fields.u32()?.min(MAX_MESSAGE_SIZE));
+            }
+            TLOPEN if answered => {
+                let (fid, flags) = (fields.u32()?, fields.u32()?);
+                self.open_flags.insert(fid, flags);
+            }
             TATTACH if answered => {
                 self.fid_paths.insert(fields.u32()?, PathBuf::new());
             }
@@ -178,6 +290,7 @@ impl Share {
                 if let Some(path) = self.fid_paths.get_mut(&fid) {
                     path.push(OsStr::from_bytes(&name));
                 }
+                self.open_flags.insert(fid, fields.u32()?);
             }
             TRENAMEAT if answered => {
                 let (old_dir, old_name) = (fields.u32()?, fields.name()?);
@@ -194,7 +307,9 @@ impl Share {
             }
             // Tremove would clunk too, but the server refuses it and keeps the fid.
             TCLUNK => {
-                self.fid_paths.remove(&fields.u32()?);
+                let fid = fields.u32()?;
+                self.fid_paths.remove(&fid);
+                self.open_flags.remove(&fid);
             }
             _ => {}
         }
@@ -369,6 +484,11 @@ fn open_dir_beneath(root: &Path, path: &Path) -> io::Result<File> {
         dir = open_at(dir.as_raw_fd(), component.as_os_str())?;
     }
     Ok(dir)
+}
+
+fn put_string(message: &mut Vec<u8>, s: &[u8]) {
+    message.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    message.extend_from_slice(s);
 }
 
 /// Writes one R-message: size, type, tag, body.

@@ -33,6 +33,7 @@ use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::worker::Lifecycle;
 use crate::devices::virtio::VirtioDevice;
+use crate::devices::Persist;
 use crate::disk::DiskImage;
 use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
@@ -42,6 +43,9 @@ use crate::share::Share;
 /// Registry ids of the legacy devices the VMM reaches by id.
 pub const COM1_ID: &str = "com1";
 pub const KEYBOARD_ID: &str = "i8042";
+/// Snapshot ids of the devices a config does not name; no config id contains the colon.
+const LEGACY: &str = "legacy:";
+const CONSOLE_ID: &str = "console";
 /// IRQ line of the i8042's keyboard port.
 const KEYBOARD_IRQ: u32 = 1;
 
@@ -71,12 +75,16 @@ pub type Registry = BTreeMap<String, DeviceEntry>;
 /// The virtio devices on their transports, which the VMM pauses and resumes with the vCPUs.
 pub type VirtioDevices = Vec<Arc<Mutex<dyn Lifecycle>>>;
 
+/// Every device with state a snapshot keeps, by id.
+pub type Persistent = BTreeMap<String, Arc<Mutex<dyn Persist>>>;
+
 pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub console_input: ConsoleInput,
     pub registry: Registry,
     pub virtio: VirtioDevices,
+    pub persistent: Persistent,
     /// `virtio_mmio.device=` values for the kernel command line.
     pub mmio_cmdline: Vec<String>,
 }
@@ -109,18 +117,19 @@ pub fn create_devices(
 ) -> Result<Devices, Error> {
     let mut pio = Bus::default();
     let mut registry = Registry::new();
-    let com1 = add_legacy_devices(vm, config, events, started, &mut pio, &mut registry)?;
+    let mut persistent = Persistent::new();
+    let com1 = add_legacy_devices(vm, config, events, started, &mut pio, &mut registry, &mut persistent)?;
     let mut console_input: ConsoleInput = Box::new(move |bytes: &[u8]| com1.lock().unwrap().receive(bytes));
 
     // The guest enumerates these in order: disks become vda, vdb, ...
-    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for (drive, disk) in config.drives.iter().zip(disks) {
         let block = Block::new(disk, &drive.id);
         registry.insert(drive.id.clone(), DeviceEntry::Drive(block.media()));
-        virtio.push(Box::new(block));
+        virtio.push((drive.id.clone(), Box::new(block)));
     }
     for (config, share) in config.shares.iter().zip(shares) {
-        virtio.push(Box::new(P9::new(share, &config.spec.tag)));
+        virtio.push((config.id.clone(), Box::new(P9::new(share, &config.spec.tag))));
         registry.insert(config.id.clone(), DeviceEntry::Plain);
     }
     for (index, net) in config.nets.iter().enumerate() {
@@ -136,25 +145,25 @@ pub fn create_devices(
         if spec.guest_mac.is_none() {
             mac[5] = mac[5].wrapping_add(index as u8);
         }
-        virtio.push(Box::new(Net::new(mac, backends)));
+        virtio.push((net.id.clone(), Box::new(Net::new(mac, backends))));
         registry.insert(net.id.clone(), DeviceEntry::Plain);
     }
     if config.console == ConsoleDevice::Virtio {
         let console = Console::new(Box::new(serial::Stdout)).map_err(|e| Error::Host("virtio console", e))?;
         let inbox = console.inbox();
         console_input = Box::new(move |bytes: &[u8]| inbox.push(bytes));
-        virtio.push(Box::new(console));
-        registry.insert("console".into(), DeviceEntry::Plain);
+        virtio.push((CONSOLE_ID.into(), Box::new(console)));
+        registry.insert(CONSOLE_ID.into(), DeviceEntry::Plain);
     }
     if let Some(entropy) = &config.entropy {
-        virtio.push(Box::new(Rng::default()));
+        virtio.push((entropy.id.clone(), Box::new(Rng::default())));
         registry.insert(entropy.id.clone(), DeviceEntry::Plain);
     }
     if let Some(config) = &config.balloon {
         let balloon =
             Balloon::new(config.amount_mib, config.deflate_on_oom).map_err(|e| Error::Host("virtio balloon", e))?;
         registry.insert(config.id.clone(), DeviceEntry::Balloon(balloon.control()));
-        virtio.push(Box::new(balloon));
+        virtio.push((config.id.clone(), Box::new(balloon)));
     }
 
     let mut mmio = Bus::default();
@@ -166,11 +175,15 @@ pub fn create_devices(
         let routing = Arc::new(KvmMsiRouting::new(vm.clone()));
         let mut next_gsi = FIRST_MSI_GSI;
         let mut transports = VirtioDevices::new();
-        for device in virtio {
-            transports.push(add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?);
+        for (id, device) in virtio {
+            let transport = add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
+            transports.push(transport.clone());
+            persistent.insert(id, transport);
         }
-        pio.insert(Arc::new(Mutex::new(pci)), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
-        return Ok(Devices { pio, mmio, console_input, registry, virtio: transports, mmio_cmdline });
+        let pci = Arc::new(Mutex::new(pci));
+        pio.insert(pci.clone(), u64::from(pci::CONFIG_PORT), pci::CONFIG_PORT_LEN)?;
+        persistent.insert(format!("{LEGACY}pci"), pci);
+        return Ok(Devices { pio, mmio, console_input, registry, virtio: transports, persistent, mmio_cmdline });
     }
     if virtio.len() > VIRTIO_MMIO_GSIS.len() {
         return Err(Error::DeviceSpace(
@@ -179,12 +192,13 @@ pub fn create_devices(
         ));
     }
     let mut transports = VirtioDevices::new();
-    for (device, gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
+    for ((id, device), gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
         let (transport, cmdline) = add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio)?;
-        transports.push(transport);
+        transports.push(transport.clone());
+        persistent.insert(id, transport);
         mmio_cmdline.push(cmdline);
     }
-    Ok(Devices { pio, mmio, console_input, registry, virtio: transports, mmio_cmdline })
+    Ok(Devices { pio, mmio, console_input, registry, virtio: transports, persistent, mmio_cmdline })
 }
 
 /// A naturally aligned window of `size` bytes in the MMIO hole.
@@ -202,7 +216,7 @@ fn add_virtio_pci(
     space: &mut AddressAllocator,
     bus: &mut Bus,
     pci: &mut PciRoot,
-) -> Result<Arc<Mutex<dyn Lifecycle>>, Error> {
+) -> Result<Arc<Mutex<VirtioPciTransport>>, Error> {
     let what = format!("virtio-pci device type {}", device.device_type());
     let bar = allocate(space, virtio_pci::BAR_SIZE, &what)?;
     let mut vectors = Vec::new();
@@ -234,7 +248,7 @@ fn add_virtio_mmio(
     gsi: u32,
     space: &mut AddressAllocator,
     bus: &mut Bus,
-) -> Result<(Arc<Mutex<dyn Lifecycle>>, String), Error> {
+) -> Result<(Arc<Mutex<MmioTransport>>, String), Error> {
     let what = format!("virtio-mmio device type {}", device.device_type());
     let range = allocate(space, mmio::WINDOW_SIZE, &what)?;
     let irq = eventfd()?;
@@ -256,6 +270,7 @@ fn add_legacy_devices(
     started: Instant,
     pio: &mut Bus,
     registry: &mut Registry,
+    persistent: &mut Persistent,
 ) -> Result<Arc<Mutex<serial::SerialPort>>, Error> {
     let mut console = None;
     for (i, (port, irq)) in serial::PORTS.iter().enumerate() {
@@ -264,6 +279,7 @@ fn add_legacy_devices(
         let out: Box<dyn io::Write + Send> = if i == 0 { Box::new(serial::Stdout) } else { Box::new(io::sink()) };
         let uart = Arc::new(Mutex::new(serial::SerialPort::new(irq_evt, out)));
         pio.insert(uart.clone(), u64::from(*port), serial::PORT_LEN)?;
+        persistent.insert(format!("{LEGACY}com{}", i + 1), uart.clone());
         console.get_or_insert(uart);
     }
     let reset = ExitTrigger { events: Mutex::new(events.clone()), reason: VmExit::Reset };
@@ -271,13 +287,16 @@ fn add_legacy_devices(
     vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ).map_err(kvm_err("register keyboard irqfd"))?;
     let keyboard = Arc::new(Mutex::new(i8042::I8042::new(reset, i8042::IrqLine(keyboard_irq))));
     pio.insert(keyboard.clone(), u64::from(i8042::BASE), i8042::LEN)?;
+    persistent.insert(format!("{LEGACY}{KEYBOARD_ID}"), keyboard.clone());
     registry.insert(KEYBOARD_ID.into(), DeviceEntry::Keyboard(keyboard));
     let (low, high) = match ram_regions(config.machine.mem_size_mib << 20).as_slice() {
         [(_, low), (_, high)] => (*low, *high),
         [(_, low)] => (*low, 0),
         _ => unreachable!("guest RAM is one or two regions"),
     };
-    pio.insert(Arc::new(Mutex::new(cmos::Cmos::new(low, high))), u64::from(cmos::BASE), cmos::LEN)?;
+    let cmos = Arc::new(Mutex::new(cmos::Cmos::new(low, high)));
+    pio.insert(cmos.clone(), u64::from(cmos::BASE), cmos::LEN)?;
+    persistent.insert(format!("{LEGACY}cmos"), cmos);
     let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
     pio.insert(stub.clone(), u64::from(stub::POST_PORT), 1)?;
     pio.insert(stub, u64::from(stub::SYSTEM_CONTROL_A), 1)?;
@@ -286,4 +305,17 @@ fn add_legacy_devices(
     let com1 = console.expect("COM1 exists");
     registry.insert(COM1_ID.into(), DeviceEntry::Serial(com1.clone()));
     Ok(com1)
+}
+
+/// Gives every device its saved state. The snapshot must name exactly the devices this config
+/// created: anything else means it was taken of another machine.
+pub fn restore_devices(persistent: &Persistent, saved: &BTreeMap<String, Vec<u8>>) -> Result<(), Error> {
+    if let Some(extra) = saved.keys().find(|id| !persistent.contains_key(*id)) {
+        return Err(Error::Restore(format!("the snapshot has a device '{extra}' its config does not create")));
+    }
+    for (id, device) in persistent {
+        let state = saved.get(id).ok_or_else(|| Error::Restore(format!("the snapshot has no state for device '{id}'")))?;
+        device.lock().unwrap().restore(state).map_err(|e| Error::Restore(format!("device '{id}': {e}")))?;
+    }
+    Ok(())
 }

@@ -7,40 +7,80 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use super::device_manager::{DeviceEntry, Registry, VirtioDevices};
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+use super::device_manager::{DeviceEntry, Persistent, Registry, VirtioDevices};
 use super::exit::VmExit;
 use super::vcpu::VcpuControl;
 use crate::config::VmConfig;
 use crate::control::{Controller, RunState};
 use crate::devices::virtio::balloon::BalloonControl;
 use crate::disk::{DiskImage, DiskSpec};
+use crate::snapshot::{self, VmState};
 
 pub struct VmHandle {
     pub(super) vcpus: Arc<VcpuControl>,
     events: Mutex<Sender<VmExit>>,
     registry: Registry,
     virtio: VirtioDevices,
+    persistent: Persistent,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
     /// The configuration as it is now (drive swaps included), for `GET /vm/config`.
     config: Mutex<VmConfig>,
     started: AtomicBool,
 }
 
+/// What the device manager built that the handle reaches.
+pub(super) struct Parts {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub registry: Registry,
+    pub virtio: VirtioDevices,
+    pub persistent: Persistent,
+}
+
+/// Sizes of what a snapshot wrote.
+pub struct SnapshotWritten {
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+}
+
 impl VmHandle {
-    pub(super) fn new(
-        config: VmConfig,
-        vcpus: Arc<VcpuControl>,
-        events: Sender<VmExit>,
-        registry: Registry,
-        virtio: VirtioDevices,
-    ) -> Self {
+    pub(super) fn new(config: VmConfig, vcpus: Arc<VcpuControl>, events: Sender<VmExit>, parts: Parts) -> Self {
         VmHandle {
             vcpus,
             events: Mutex::new(events),
-            registry,
-            virtio,
+            registry: parts.registry,
+            virtio: parts.virtio,
+            persistent: parts.persistent,
+            vm: parts.vm,
+            mem: parts.mem,
             config: Mutex::new(config),
             started: AtomicBool::new(false),
         }
+    }
+
+    pub(super) fn pause_devices(&self) {
+        for device in &self.virtio {
+            device.lock().unwrap().pause();
+        }
+    }
+
+    /// Writes a paused VM's state to `state_path` and its memory to `memory_path`.
+    pub fn snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotWritten, String> {
+        if !self.vcpus.paused() {
+            return Err("the guest must be paused for a snapshot".into());
+        }
+        let vcpus = self.vcpus.save()?;
+        let kvm = crate::arch::x86_64::state::save_vm(&self.vm)?;
+        let devices = self.persistent.iter().map(|(id, device)| (id.clone(), device.lock().unwrap().save())).collect();
+        let state = VmState { config: self.config(), vcpus, kvm, devices };
+        snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
+        let memory_bytes = snapshot::memory::save(&self.mem, memory_path).map_err(|e| e.to_string())?;
+        let state_bytes = std::fs::metadata(state_path).map_or(0, |m| m.len());
+        Ok(SnapshotWritten { state_bytes, memory_bytes })
     }
 
     pub(super) fn exit_sender(&self) -> Sender<VmExit> {
@@ -130,9 +170,7 @@ impl Controller for VmHandle {
         }
         // vCPUs first: with them parked, no device is being set up or reset under its lock.
         self.vcpus.pause()?;
-        for device in &self.virtio {
-            device.lock().unwrap().pause();
-        }
+        self.pause_devices();
         Ok(())
     }
     fn resume(&self) -> Result<(), String> {

@@ -10,7 +10,7 @@ pub mod vcpu;
 
 use std::io;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,11 +24,13 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::memory::ram_regions;
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs;
+use crate::arch::x86_64::state;
 use crate::boot::{self, BootSpec};
 use crate::config::{cmdline, VmConfig};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
 use crate::share::{self, Share};
+use crate::snapshot::{self, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
 use exit::VmExit;
@@ -70,6 +72,10 @@ pub enum Error {
     Network(String),
     #[error("no room for device {0}: {1}")]
     DeviceSpace(String, String),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -107,10 +113,8 @@ fn open_kvm(path: &PathBuf) -> Result<Kvm, Error> {
     Ok(kvm)
 }
 
-fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<(GuestAddress, usize)> =
-        ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?;
+/// Hands guest RAM to KVM, one slot per region.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mem_size: u64) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
@@ -126,7 +130,15 @@ fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, Error> {
         // (vCPU threads are joined before `mem` is dropped).
         unsafe { vm.set_user_memory_region(kvm_region) }.map_err(kvm_err("set memory region"))?;
     }
-    Ok(mem)
+    Ok(())
+}
+
+/// Where a VM's memory and CPU state come from.
+enum Origin<'a> {
+    /// Fresh memory, the kernel loaded into it, vCPUs at its entry point.
+    Boot,
+    /// A snapshot's state, and its memory file mapped copy-on-write.
+    Snapshot(&'a VmState, &'a Path),
 }
 
 /// A VM that exists before it runs: `build`, then `start`, then `wait` for its end.
@@ -145,6 +157,17 @@ impl Vm {
     /// Opens what the config names, creates the VM, its memory, devices and vCPUs and loads the
     /// kernel; no guest code runs yet. `started` is when lkvm started, for the boot marker.
     pub fn build(config: VmConfig, started: Instant) -> Result<Vm, Error> {
+        Self::assemble(config, started, Origin::Boot)
+    }
+
+    /// Rebuilds a snapshot's VM: its config's host resources opened again (the caller may have
+    /// pointed drives and taps elsewhere), memory mapped from `memory`, every vCPU and device
+    /// set to its saved state. No guest code runs yet.
+    pub fn restore(state: &VmState, memory: &Path, started: Instant) -> Result<Vm, Error> {
+        Self::assemble(state.config.clone(), started, Origin::Snapshot(state, memory))
+    }
+
+    fn assemble(config: VmConfig, started: Instant, origin: Origin) -> Result<Vm, Error> {
         config.validate().map_err(Error::Config)?;
         let machine = &config.machine;
         tracing::info!(
@@ -162,7 +185,7 @@ impl Vm {
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Input files first: a bad disk or initrd must fail before anything else happens.
-        if let Some(initrd) = &config.boot.initrd {
+        if let (Some(initrd), Origin::Boot) = (&config.boot.initrd, &origin) {
             std::fs::File::open(initrd).map_err(|e| boot::Error::Initrd(initrd.clone(), e.to_string()))?;
         }
         let disks = config.drives.iter().map(|d| DiskImage::open(&d.spec)).collect::<Result<Vec<_>, _>>()?;
@@ -178,42 +201,75 @@ impl Vm {
         vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(kvm_err("create PIT"))?;
-        let mem = create_memory(&vm, mem_size)?;
+        let ranges: Vec<(GuestAddress, usize)> =
+            ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
+        let mem = match origin {
+            Origin::Boot => GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?,
+            Origin::Snapshot(_, path) => snapshot::memory::map(path, &ranges)?,
+        };
+        register_memory(&vm, &mem, mem_size)?;
+        let msrs = Arc::new(state::msrs_to_save(
+            kvm.get_msr_index_list().map_err(kvm_err("get MSR index list"))?.as_slice(),
+        ));
+
+        // vCPUs exist, and a snapshot's are restored, before any device can raise an interrupt.
+        let mut vcpu_fds = Vec::with_capacity(usize::from(machine.vcpu_count));
+        for index in 0..machine.vcpu_count {
+            vcpu_fds.push(vm.create_vcpu(u64::from(index)).map_err(kvm_err("create vCPU"))?);
+        }
+        if let Origin::Snapshot(saved, _) = origin {
+            state::restore_vm(&vm, &saved.kvm).map_err(Error::Restore)?;
+            for (index, (fd, state)) in vcpu_fds.iter().zip(&saved.vcpus).enumerate() {
+                state::restore_vcpu(fd, state).map_err(|e| Error::Restore(format!("vCPU {index}: {e}")))?;
+            }
+        }
 
         let (events, exits) = channel();
         let devices = device_manager::create_devices(&vm, &mem, &config, disks, shares, &events, started)?;
-        let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);
-        let spec = BootSpec {
-            kernel: &config.boot.kernel,
-            initrd: config.boot.initrd.as_deref(),
-            cmdline: &cmdline,
-            mem_size,
-            cpus: machine.vcpu_count,
-        };
-        let entry = boot::load(&mem, &spec)?;
-
-        let pio = Arc::new(devices.pio);
-        let mmio = Arc::new(devices.mmio);
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
-        for index in 0..machine.vcpu_count {
-            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create vCPU"))?;
-            let cpuid = cpuid::for_vcpu(&supported, index, machine.vcpu_count, &disabled_cpuid);
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
-            regs::setup_vcpu(&fd, (index == 0).then_some(entry))?;
-            vcpus.push(Vcpu { index, fd, pio: pio.clone(), mmio: mmio.clone(), mem: mem.clone() });
+        match origin {
+            Origin::Boot => {
+                let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);
+                let spec = BootSpec {
+                    kernel: &config.boot.kernel,
+                    initrd: config.boot.initrd.as_deref(),
+                    cmdline: &cmdline,
+                    mem_size,
+                    cpus: machine.vcpu_count,
+                };
+                let entry = boot::load(&mem, &spec)?;
+                let supported =
+                    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+                for (index, fd) in (0..).zip(&vcpu_fds) {
+                    let cpuid = cpuid::for_vcpu(&supported, index, machine.vcpu_count, &disabled_cpuid);
+                    fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+                    regs::setup_vcpu(fd, (index == 0).then_some(entry))?;
+                }
+            }
+            Origin::Snapshot(saved, _) => device_manager::restore_devices(&devices.persistent, &saved.devices)?,
         }
+
+        let (pio, mmio) = (Arc::new(devices.pio), Arc::new(devices.mmio));
+        let vcpus = (0..)
+            .zip(vcpu_fds)
+            .map(|(index, fd)| Vcpu {
+                index,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                msrs: msrs.clone(),
+            })
+            .collect();
         let control = Arc::new(VcpuControl::new(usize::from(machine.vcpu_count)));
-        let handle = Arc::new(VmHandle::new(config, control, events, devices.registry, devices.virtio));
-        Ok(Vm {
-            handle,
-            vcpus,
-            threads: Vec::new(),
-            exits,
-            console_input: Some(devices.console_input),
-            _mem: mem,
-            _vm: vm,
-        })
+        let parts = handle::Parts {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            registry: devices.registry,
+            virtio: devices.virtio,
+            persistent: devices.persistent,
+        };
+        let handle = Arc::new(VmHandle::new(config, control, events, parts));
+        Ok(Vm { handle, vcpus, threads: Vec::new(), exits, console_input: Some(devices.console_input), _mem: mem, _vm: vm })
     }
 
     pub fn handle(&self) -> Arc<VmHandle> {
@@ -222,6 +278,23 @@ impl Vm {
 
     /// Runs the guest: one thread per vCPU, and the terminal feeding the console.
     pub fn start(&mut self) -> Result<(), Error> {
+        self.spawn_threads()?;
+        self.handle.mark_started();
+        Ok(())
+    }
+
+    /// Like `start`, but the vCPUs park before entering the guest and the devices wait: the VM
+    /// is paused until resumed (a snapshot loaded without resuming).
+    pub fn start_paused(&mut self) -> Result<(), Error> {
+        self.handle.vcpus.request_pause().map_err(Error::Restore)?;
+        self.handle.pause_devices();
+        self.spawn_threads()?;
+        self.handle.vcpus.wait_parked().map_err(Error::Restore)?;
+        self.handle.mark_started();
+        Ok(())
+    }
+
+    fn spawn_threads(&mut self) -> Result<(), Error> {
         vcpu::register_kick_handler()
             .map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
         for vcpu in self.vcpus.drain(..) {
@@ -235,7 +308,6 @@ impl Vm {
         if let Some(input) = self.console_input.take() {
             spawn_console_input(input, self.handle.clone())?;
         }
-        self.handle.mark_started();
         Ok(())
     }
 

@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::exit::VmExit;
+use crate::arch::x86_64::state::{self, VcpuState};
 use crate::devices::bus::Bus;
 
 /// The real-time signal (offset from SIGRTMIN) that kicks a vCPU out of KVM_RUN.
@@ -82,12 +83,26 @@ pub fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Result<(), Stop> {
 /// How long pause and register dumps wait for every vCPU to stop.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What parked vCPU threads are asked to do with their own vCPU.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Task {
+    /// Registers and code bytes, as one line.
+    Dump,
+    /// The full state, for a snapshot.
+    Save,
+}
+
+enum Report {
+    Dump(String),
+    Save(Result<Box<VcpuState>, String>),
+}
+
 #[derive(Default)]
 struct Parking {
     paused: bool,
     parked: usize,
-    /// Register dumps being collected from parked vCPUs, one slot each.
-    dumps: Option<Vec<Option<String>>>,
+    /// A task for the parked vCPUs and its reports, one slot each.
+    task: Option<(Task, Vec<Option<Report>>)>,
 }
 
 /// Stop, pause and register dumps, shared by the VMM, the control socket and the vCPU threads.
@@ -155,15 +170,23 @@ impl VcpuControl {
 
     /// Parks every vCPU; returns once all are parked.
     pub fn pause(&self) -> Result<(), String> {
-        {
-            let mut parking = self.parking.lock().unwrap();
-            if parking.paused {
-                return Err("the guest is already paused".into());
-            }
-            parking.paused = true;
-            self.pause.store(true, Ordering::Release);
-        }
+        self.request_pause()?;
         self.kick_all();
+        self.wait_parked()
+    }
+
+    /// Makes vCPUs park before they next enter the guest (or before they first do).
+    pub fn request_pause(&self) -> Result<(), String> {
+        let mut parking = self.parking.lock().unwrap();
+        if parking.paused {
+            return Err("the guest is already paused".into());
+        }
+        parking.paused = true;
+        self.pause.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn wait_parked(&self) -> Result<(), String> {
         let parking = self.parking.lock().unwrap();
         let (_parking, timeout) = self
             .changed
@@ -192,24 +215,44 @@ impl VcpuControl {
         if !was_paused {
             self.pause()?;
         }
+        let reports = self.run_task(Task::Dump);
+        if !was_paused {
+            self.resume()?;
+        }
+        Ok(reports?.into_iter().filter_map(|r| if let Report::Dump(d) = r { Some(d) } else { None }).collect())
+    }
+
+    /// Every vCPU's state, in vCPU order; the VM must be paused.
+    pub fn save(&self) -> Result<Vec<VcpuState>, String> {
+        if !self.paused() {
+            return Err("the guest is not paused".into());
+        }
+        self.run_task(Task::Save)?
+            .into_iter()
+            .enumerate()
+            .map(|(cpu, report)| match report {
+                Report::Save(state) => state.map(|s| *s).map_err(|e| format!("vCPU {cpu}: {e}")),
+                Report::Dump(_) => unreachable!("asked for a save"),
+            })
+            .collect()
+    }
+
+    /// Has each parked vCPU thread do `task` on its vCPU; returns their reports in vCPU order.
+    fn run_task(&self, task: Task) -> Result<Vec<Report>, String> {
         let mut parking = self.parking.lock().unwrap();
-        parking.dumps = Some(vec![None; self.count]);
+        parking.task = Some((task, (0..self.count).map(|_| None).collect()));
         self.changed.notify_all();
         let (mut parking, timeout) = self
             .changed
             .wait_timeout_while(parking, PARK_TIMEOUT, |p| {
-                p.dumps.as_ref().is_some_and(|d| d.iter().any(Option::is_none)) && !self.stop.load(Ordering::Acquire)
+                p.task.as_ref().is_some_and(|(_, r)| r.iter().any(Option::is_none)) && !self.stop.load(Ordering::Acquire)
             })
             .unwrap();
-        let dumps = parking.dumps.take().unwrap_or_default();
-        drop(parking);
-        if !was_paused {
-            self.resume()?;
-        }
-        if timeout.timed_out() {
+        let reports = parking.task.take().map(|(_, r)| r).unwrap_or_default();
+        if timeout.timed_out() || reports.iter().any(Option::is_none) {
             return Err("the vCPUs did not report within 5 s".into());
         }
-        Ok(dumps.into_iter().flatten().collect())
+        Ok(reports.into_iter().flatten().collect())
     }
 }
 
@@ -219,6 +262,8 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
+    /// The MSRs a snapshot saves.
+    pub msrs: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -259,18 +304,18 @@ impl Vcpu {
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
-    /// Waits while the VM is paused, answering register-dump requests meanwhile.
+    /// Waits while the VM is paused, doing the tasks asked of parked vCPUs meanwhile.
     fn park(&mut self, control: &VcpuControl) {
         let mut parking = control.parking.lock().unwrap();
         parking.parked += 1;
         control.changed.notify_all();
         while parking.paused && !control.stop.load(Ordering::Acquire) {
             let index = usize::from(self.index);
-            if parking.dumps.as_ref().is_some_and(|d| d[index].is_none()) {
-                let dump = self.dump();
-                if let Some(dumps) = parking.dumps.as_mut() {
-                    dumps[index] = Some(dump);
-                }
+            if let Some((task, reports)) = parking.task.as_mut().filter(|(_, r)| r[index].is_none()) {
+                reports[index] = Some(match task {
+                    Task::Dump => Report::Dump(self.dump()),
+                    Task::Save => Report::Save(state::save_vcpu(&self.fd, &self.msrs).map(Box::new)),
+                });
                 control.changed.notify_all();
             }
             parking = control.changed.wait(parking).unwrap();

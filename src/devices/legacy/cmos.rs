@@ -84,6 +84,25 @@ impl Cmos {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CmosState {
+    index: u8,
+    nvram: Vec<u8>,
+}
+
+impl crate::devices::Persist for Cmos {
+    fn save(&mut self) -> Vec<u8> {
+        crate::snapshot::encode(&CmosState { index: self.index, nvram: self.nvram.to_vec() })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let state: CmosState = crate::snapshot::decode(state)?;
+        self.nvram = state.nvram.try_into().map_err(|_| "CMOS NVRAM of the wrong size")?;
+        self.index = state.index & 0x7f;
+        Ok(())
+    }
+}
+
 /// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian.
 fn civil_from_days(days: i64) -> (u64, u64, u64) {
     let z = days + 719_468;

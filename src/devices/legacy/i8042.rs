@@ -90,7 +90,7 @@ impl Trigger for IrqLine {
 }
 
 /// What a controller command expects as its argument on the data port.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
 enum ControllerArg {
     Ctr,
     OutputPort,
@@ -111,6 +111,46 @@ pub struct I8042<R: Trigger, I: Trigger> {
     queue: VecDeque<u8>,
     /// What an empty data port reads as, like the hardware's output buffer keeping its byte.
     last_read: u8,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct I8042State {
+    ctr: u8,
+    output_port: u8,
+    last_write_was_command: bool,
+    controller_arg: Option<ControllerArg>,
+    kbd_arg: Option<u8>,
+    queue: Vec<u8>,
+    last_read: u8,
+}
+
+impl<R: Trigger + Send, I: Trigger + Send> crate::devices::Persist for I8042<R, I> {
+    fn save(&mut self) -> Vec<u8> {
+        crate::snapshot::encode(&I8042State {
+            ctr: self.ctr,
+            output_port: self.output_port,
+            last_write_was_command: self.last_write_was_command,
+            controller_arg: self.controller_arg,
+            kbd_arg: self.kbd_arg,
+            queue: self.queue.iter().copied().collect(),
+            last_read: self.last_read,
+        })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let state: I8042State = crate::snapshot::decode(state)?;
+        if state.queue.len() > QUEUE_LEN {
+            return Err("i8042 queue longer than the controller's".into());
+        }
+        self.ctr = state.ctr;
+        self.output_port = state.output_port;
+        self.last_write_was_command = state.last_write_was_command;
+        self.controller_arg = state.controller_arg;
+        self.kbd_arg = state.kbd_arg;
+        self.queue = state.queue.into();
+        self.last_read = state.last_read;
+        Ok(())
+    }
 }
 
 impl<R: Trigger, I: Trigger> I8042<R, I> {

@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -81,6 +81,59 @@ impl BusDevice for SerialPort {
         if let Err(e) = self.uart.write(offset as u8, data[0]) {
             tracing::warn!("serial output: {e:?}");
         }
+    }
+}
+
+/// vm-superio's `SerialState`, which has no serde support of its own.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SerialPortState {
+    registers: [u8; 9],
+    in_buffer: Vec<u8>,
+    break_pending: bool,
+}
+
+impl crate::devices::Persist for SerialPort {
+    fn save(&mut self) -> Vec<u8> {
+        let s = self.uart.state();
+        crate::snapshot::encode(&SerialPortState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+            break_pending: self.break_pending,
+        })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let saved: SerialPortState = crate::snapshot::decode(state)?;
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            saved.registers;
+        let state = SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: saved.in_buffer,
+        };
+        let irq = self.uart.interrupt_evt().0.try_clone().map_err(|e| format!("serial irq: {e}"))?;
+        let placeholder = Serial::new(IrqTrigger(irq.try_clone().map_err(|e| e.to_string())?), Box::new(io::sink()) as _);
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out).map_err(|e| format!("serial: {e:?}"))?;
+        self.break_pending = saved.break_pending;
+        Ok(())
     }
 }
 

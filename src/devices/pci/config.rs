@@ -13,7 +13,7 @@ const FIRST_CAP_OFFSET: usize = 0x40;
 /// Command bits a driver may change: I/O, memory, bus master, INTx disable.
 const COMMAND_WRITABLE: u32 = 0x0407;
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Bar {
     addr: u32,
     size: u32,
@@ -24,6 +24,12 @@ pub struct PciConfig {
     bars: [Bar; 6],
     next_cap: usize,
     last_cap: Option<usize>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct PciConfigSnapshot {
+    regs: Vec<u32>,
+    bars: Vec<Bar>,
 }
 
 pub struct PciIds {
@@ -79,6 +85,21 @@ impl PciConfig {
         let shift = (offset % 4) * 8;
         let reg = &mut self.regs[offset / 4];
         *reg = (*reg & !(0xff << shift)) | (u32::from(value) << shift);
+    }
+
+    /// The registers and BARs as the driver left them, for a snapshot.
+    pub fn save(&self) -> PciConfigSnapshot {
+        PciConfigSnapshot { regs: self.regs.to_vec(), bars: self.bars.to_vec() }
+    }
+
+    pub fn restore(&mut self, saved: PciConfigSnapshot) -> Result<(), String> {
+        let regs = saved.regs.try_into().map_err(|_| "PCI config space of the wrong size")?;
+        let bars: [Bar; 6] = saved.bars.try_into().map_err(|_| "PCI BAR count")?;
+        if bars.iter().zip(&self.bars).any(|(saved, ours)| saved.size != ours.size) {
+            return Err("PCI BAR sizes differ from this device's".into());
+        }
+        (self.regs, self.bars) = (regs, bars);
+        Ok(())
     }
 
     pub fn read(&self, reg: usize) -> u32 {

@@ -73,6 +73,18 @@ impl PciRoot {
     }
 }
 
+/// The bus remembers only CONFIG_ADDRESS; each device saves its own config space.
+impl crate::devices::Persist for PciRoot {
+    fn save(&mut self) -> Vec<u8> {
+        crate::snapshot::encode(&self.address)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        self.address = crate::snapshot::decode(state)?;
+        Ok(())
+    }
+}
+
 impl BusDevice for PciRoot {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {

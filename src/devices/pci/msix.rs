@@ -16,7 +16,7 @@ pub trait MsiRouting: Send + Sync {
     fn route(&self, gsi: u32, address: u64, data: u32);
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Entry {
     address_lo: u32,
     address_hi: u32,
@@ -37,6 +37,14 @@ pub struct MsixState {
     enabled: bool,
     function_masked: bool,
     routing: Arc<dyn MsiRouting>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MsixSnapshot {
+    entries: Vec<Entry>,
+    pending: Vec<bool>,
+    enabled: bool,
+    function_masked: bool,
 }
 
 pub type SharedMsix = Arc<Mutex<MsixState>>;
@@ -135,6 +143,32 @@ impl MsixState {
             self.routing.route(self.vectors[vector].gsi, address, entry.data);
             self.deliver_pending(vector);
         }
+    }
+
+    /// The table, pending bits and control, for a snapshot.
+    pub fn save(&self) -> MsixSnapshot {
+        MsixSnapshot {
+            entries: self.entries.clone(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Takes back a saved table and routes every vector as it was.
+    pub fn restore(&mut self, saved: MsixSnapshot) -> Result<(), String> {
+        if saved.entries.len() != self.entries.len() || saved.pending.len() != self.pending.len() {
+            return Err(format!("{} MSI-X vectors saved, the device has {}", saved.entries.len(), self.entries.len()));
+        }
+        (self.entries, self.pending) = (saved.entries, saved.pending);
+        (self.enabled, self.function_masked) = (saved.enabled, saved.function_masked);
+        for (entry, vector) in self.entries.iter().zip(&self.vectors) {
+            let address = (u64::from(entry.address_hi) << 32) | u64::from(entry.address_lo);
+            if address != 0 {
+                self.routing.route(vector.gsi, address, entry.data);
+            }
+        }
+        Ok(())
     }
 
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {

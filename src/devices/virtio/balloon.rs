@@ -276,6 +276,20 @@ impl VirtioDevice for Balloon {
     fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
         self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
     }
+
+    /// The target and the guest's `actual` (both in pages); the pages themselves are gone from
+    /// the memory file or restored as the guest left them.
+    fn save(&mut self) -> Vec<u8> {
+        let pages = |a: &AtomicU32| a.load(Ordering::SeqCst);
+        crate::snapshot::encode(&(pages(&self.control.target_pages), pages(&self.control.actual_pages)))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let (target, actual): (u32, u32) = crate::snapshot::decode(state)?;
+        self.control.target_pages.store(target, Ordering::SeqCst);
+        self.control.actual_pages.store(actual, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::TransportState;
+use super::transport::{TransportSnapshot, TransportState};
 use super::{Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
 
@@ -137,6 +137,29 @@ impl BusDevice for MmioTransport {
         } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MmioTransportSnapshot {
+    transport: TransportSnapshot,
+    interrupt_status: u32,
+}
+
+impl crate::devices::Persist for MmioTransport {
+    fn save(&mut self) -> Vec<u8> {
+        crate::snapshot::encode(&MmioTransportSnapshot {
+            transport: self.state.save(),
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+        })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let saved: MmioTransportSnapshot = crate::snapshot::decode(state)?;
+        self.interrupt.status.store(saved.interrupt_status, Ordering::SeqCst);
+        self.state.restore(saved.transport)?;
+        let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
+        self.state.resume_saved(interrupt)
     }
 }
 

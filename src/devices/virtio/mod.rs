@@ -81,6 +81,14 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self) -> std::io::Result<()> {
         self.workers().into_iter().try_for_each(|worker| worker.resume())
     }
+    /// The device's own state beyond its queues, for a snapshot (taken while paused).
+    fn save(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes back `save`'s state before the device is activated again.
+    fn restore(&mut self, _state: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The `N` queues a device needs, or the error that the driver set up another number.

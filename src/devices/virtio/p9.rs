@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::worker::{Lifecycle, Worker};
 use super::*;
-use crate::share::{Share, MAX_MESSAGE_SIZE};
+use crate::share::{Session, Share, MAX_MESSAGE_SIZE};
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// The device's config space carries the mount tag.
@@ -91,5 +91,18 @@ impl VirtioDevice for P9 {
 
     fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
         self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
+    }
+
+    /// The guest's fids by path: host descriptors do not survive into another process.
+    fn save(&mut self) -> Vec<u8> {
+        crate::snapshot::encode(&self.share.lock().unwrap().session())
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let session: Option<Session> = crate::snapshot::decode(state)?;
+        if let Some(session) = session {
+            self.share.lock().unwrap().resume_session(&session);
+        }
+        Ok(())
     }
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{TransportState, NO_VECTOR};
+use super::transport::{TransportSnapshot, TransportState, NO_VECTOR};
 use super::{Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
-use crate::devices::pci::config::{PciConfig, PciIds, CAP_MSIX, CAP_VENDOR};
-use crate::devices::pci::msix::SharedMsix;
+use crate::devices::pci::config::{PciConfig, PciConfigSnapshot, PciIds, CAP_MSIX, CAP_VENDOR};
+use crate::devices::pci::msix::{MsixSnapshot, SharedMsix};
+use crate::devices::Persist;
 use crate::devices::pci::PciDevice;
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -292,6 +293,35 @@ impl PciDevice for VirtioPciTransport {
 /// The MSI-X vectors a device needs: one per queue and one for config changes.
 pub fn vector_count(device: &dyn VirtioDevice) -> usize {
     device.queue_max_sizes().len() + 1
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PciTransportSnapshot {
+    transport: TransportSnapshot,
+    config: PciConfigSnapshot,
+    msix: MsixSnapshot,
+    isr: u8,
+}
+
+impl Persist for VirtioPciTransport {
+    fn save(&mut self) -> Vec<u8> {
+        crate::snapshot::encode(&PciTransportSnapshot {
+            transport: self.state.save(),
+            config: self.config.save(),
+            msix: self.msix.lock().unwrap().save(),
+            isr: self.isr.load(Ordering::SeqCst),
+        })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let saved: PciTransportSnapshot = crate::snapshot::decode(state)?;
+        self.config.restore(saved.config)?;
+        self.msix.lock().unwrap().restore(saved.msix)?;
+        self.isr.store(saved.isr, Ordering::SeqCst);
+        self.state.restore(saved.transport)?;
+        let interrupt = self.interrupt();
+        self.state.resume_saved(interrupt)
+    }
 }
 
 impl super::worker::Lifecycle for VirtioPciTransport {

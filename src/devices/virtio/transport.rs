@@ -19,7 +19,7 @@ pub const STATUS_NEEDS_RESET: u8 = 0x40;
 /// "No MSI-X vector" for config and queue vectors.
 pub const NO_VECTOR: u16 = 0xffff;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     pub max_size: u16,
     pub size: u16,
@@ -34,6 +34,20 @@ impl QueueConfig {
     fn new(max_size: u16) -> Self {
         QueueConfig { max_size, size: max_size, msix_vector: NO_VECTOR, ..Default::default() }
     }
+}
+
+/// The driver's side of the negotiation and queue setup, plus the device's own state.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    status: u8,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+    config_vector: u16,
+    config_generation: u32,
+    device: Vec<u8>,
 }
 
 pub struct TransportState {
@@ -131,7 +145,61 @@ impl TransportState {
         }
     }
 
+    pub fn save(&mut self) -> TransportSnapshot {
+        TransportSnapshot {
+            status: self.status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            queues: self.queues.clone(),
+            config_vector: self.config_vector,
+            config_generation: self.config_generation,
+            device: self.device.save(),
+        }
+    }
+
+    /// Takes back a saved negotiation; the caller then calls `resume_saved` with the interrupt
+    /// the restored registers describe.
+    pub fn restore(&mut self, saved: TransportSnapshot) -> Result<(), String> {
+        let type_ = self.device.device_type();
+        if saved.queues.len() != self.queues.len()
+            || saved.queues.iter().zip(&self.queues).any(|(s, ours)| s.max_size != ours.max_size)
+        {
+            return Err(format!("virtio device type {type_}: saved queues do not match the device's"));
+        }
+        self.device.restore(&saved.device).map_err(|e| format!("virtio device type {type_}: {e}"))?;
+        self.status = saved.status;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.driver_features = saved.driver_features;
+        self.queue_select = saved.queue_select;
+        self.queues = saved.queues;
+        self.config_vector = saved.config_vector;
+        self.config_generation = saved.config_generation;
+        Ok(())
+    }
+
+    /// Serves the queues again if the driver had the device running. Every buffer the device
+    /// had taken was also returned when it paused (no device holds a request across a pause,
+    /// and the balloon's held statistics buffer is simply taken again), so both ring
+    /// positions resume at the used index in guest memory. Each queue is kicked once for
+    /// notifications that were still waiting when the snapshot was taken.
+    pub fn resume_saved(&mut self, interrupt: Arc<dyn Interrupt>) -> Result<(), String> {
+        let running = STATUS_DRIVER_OK | STATUS_FEATURES_OK;
+        if self.status & running != running || self.status & STATUS_NEEDS_RESET != 0 {
+            return Ok(());
+        }
+        self.activate_queues(interrupt, true)?;
+        (0..self.kicks.len()).for_each(|q| self.notify(q as u32));
+        Ok(())
+    }
+
     fn activate(&mut self, interrupt: Arc<dyn Interrupt>) -> Result<(), String> {
+        self.activate_queues(interrupt, false)
+    }
+
+    fn activate_queues(&mut self, interrupt: Arc<dyn Interrupt>, resuming: bool) -> Result<(), String> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut active = Vec::new();
         for (i, config) in self.queues.iter().enumerate() {
@@ -147,6 +215,11 @@ impl TransportState {
             queue.set_ready(true);
             if !queue.is_valid(&self.mem) {
                 return Err(format!("queue {i} has an invalid size or rings outside guest memory"));
+            }
+            if resuming {
+                let used = queue.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire).map_err(|e| e.to_string())?;
+                queue.set_next_avail(used.0);
+                queue.set_next_used(used.0);
             }
             let kick = self.kicks[i].try_clone().map_err(|e| e.to_string())?;
             active.push(ActiveQueue { queue, kick });
