@@ -22,6 +22,13 @@ const EXIT_USAGE: u8 = 2;
 fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
     logging::init(logging::parse_level(&args.loglevel).unwrap_or(2));
     let api_sock = args.api_sock.clone();
+    if let Some(dir) = &args.restore {
+        let vm = args.restore_spec(dir).and_then(|spec| Vm::restore(&spec, started).map_err(|e| e.to_string()));
+        return match vm {
+            Ok(vm) => serve(vm, api_sock.as_deref()),
+            Err(msg) => fail(&msg),
+        };
+    }
     let config = match prepare(args) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
@@ -45,12 +52,16 @@ fn boot(config: VmConfig, started: Instant) -> ExitCode {
 /// Builds and runs the VM, reachable through the control socket (and Firecracker's API on
 /// `api_sock`), until it ends.
 fn boot_with_api(config: VmConfig, started: Instant, api_sock: Option<&Path>) -> ExitCode {
-    let name = config.name.clone();
-    let (transport, described) = (config.transport, FullConfig::describe(&config));
-    let mut vm = match Vm::build(config, started) {
-        Ok(vm) => vm,
-        Err(e) => return fail(&e.to_string()),
-    };
+    match Vm::build(config, started) {
+        Ok(vm) => serve(vm, api_sock),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Runs a built VM until it ends, reachable through the control socket and the API.
+fn serve(mut vm: Vm, api_sock: Option<&Path>) -> ExitCode {
+    let config = vm.handle().config();
+    let (name, transport, described) = (config.name.clone(), config.transport, FullConfig::describe(&config));
     let _control_socket = match control::Server::start(&name, vm.handle()) {
         Ok(server) => server,
         Err(msg) => return fail(&msg),
@@ -202,6 +213,7 @@ fn main() -> ExitCode {
                 println!("  {key:20} {value}");
             }
         })),
+        Command::Snapshot(args) => done(ctl::snapshot(&args)),
         Command::Firecracker(args) => firecracker(args, started),
         Command::Version => {
             println!("lkvm {}", env!("CARGO_PKG_VERSION"));

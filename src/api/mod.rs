@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::config::firecracker::FullConfig;
 use crate::config::{Transport, VmConfig};
 use crate::thread::{self, ThreadKind};
-use crate::vmm::VmHandle;
+use crate::vmm::{RestoreSpec, VmHandle};
 pub use metrics::Metrics;
 
 /// API connections served at once.
@@ -38,6 +38,8 @@ pub fn config_id(id: &str) -> Result<(), String> {
 pub enum VmmRequest {
     /// Build and start this VM; answer with its handle or why it could not start.
     Start(Box<VmConfig>, Sender<Result<Arc<VmHandle>, String>>),
+    /// Restore this snapshot, running or paused (`resume`); answer as for `Start`.
+    Restore { spec: Box<RestoreSpec>, resume: bool, reply: Sender<Result<Arc<VmHandle>, String>> },
 }
 
 enum Phase {

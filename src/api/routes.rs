@@ -12,10 +12,12 @@ use super::http::{Method, Request, Response};
 use super::{Api, Metrics, Phase, VmmRequest, FIRECRACKER_API_VERSION};
 use crate::config::firecracker::{
     check_id, Balloon, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger,
-    MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
+    MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface, SnapshotCreate,
+    SnapshotLoad,
 };
 use crate::control::Controller;
 use crate::logging;
+use crate::vmm::RestoreSpec;
 
 type Reply = Result<Response, String>;
 
@@ -131,9 +133,8 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Put, "actions", None) => action(api, body(request)?),
         (Method::Patch, "vm", None) => vm_state(api, body(request)?),
         (Method::Put, "vsock", None) => Err("vsock is not supported by lkvm yet".into()),
-        (Method::Put, "snapshot/create" | "snapshot/load", None) => {
-            Err("snapshots are not supported by lkvm yet".into())
-        }
+        (Method::Put, "snapshot/create", None) => create_snapshot(api, body(request)?),
+        (Method::Put, "snapshot/load", None) => load_snapshot(api, body(request)?),
         (Method::Put | Method::Patch | Method::Get, "mmds" | "mmds/config", None) => {
             Err("MMDS is not supported by lkvm".into())
         }
@@ -278,6 +279,49 @@ fn start(api: &Api) -> Reply {
     api.vmm.lock().unwrap().send(VmmRequest::Start(Box::new(config), reply)).map_err(|_| "the VMM thread is gone")?;
     let vm = answer.recv().map_err(|_| "the VMM thread did not answer".to_string())??;
     api.metrics.set_vm(vm.clone());
+    state.1 = Phase::Running(vm);
+    Ok(Response::no_content())
+}
+
+/// Firecracker's rule: only a paused VM is snapshotted, and the API says so rather than pausing.
+fn create_snapshot(api: &Api, request: SnapshotCreate) -> Reply {
+    let vm = running(api)?;
+    if let Some(kind) = request.snapshot_type.as_deref().filter(|k| *k != "Full") {
+        return Err(format!("snapshot_type '{kind}' is not supported by lkvm (Full)"));
+    }
+    if !vm.paused() {
+        return Err("the microVM must be paused (PATCH /vm {\"state\": \"Paused\"}) to create a snapshot".into());
+    }
+    let started = std::time::Instant::now();
+    let written = vm.write_snapshot(&request.snapshot_path, &request.mem_file_path)?;
+    tracing::info!(
+        "snapshot: {} bytes of state, {} MiB of memory in {} ms",
+        written.state_bytes,
+        written.memory_bytes >> 20,
+        started.elapsed().as_millis()
+    );
+    Ok(Response::no_content())
+}
+
+/// Restores a snapshot in this fresh process: allowed only before anything about the VM was
+/// configured, as in Firecracker.
+fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
+    let mut state = api.state.lock().unwrap();
+    if let Phase::Running(_) = state.1 {
+        return Err("a microVM is already running: load a snapshot in a fresh process".into());
+    }
+    if state.0.configures_vm() {
+        return Err("loading a snapshot is not allowed after the microVM was configured".into());
+    }
+    let memory = request.memory_file()?;
+    let overrides = request.network_overrides.iter().map(|o| (o.iface_id.clone(), o.host_dev_name.clone())).collect();
+    let spec = RestoreSpec { state: request.snapshot_path, memory, name: api.name.clone(), overrides };
+    let (reply, answer) = mpsc::channel();
+    let restore = VmmRequest::Restore { spec: Box::new(spec), resume: request.resume_vm, reply };
+    api.vmm.lock().unwrap().send(restore).map_err(|_| "the VMM thread is gone")?;
+    let vm = answer.recv().map_err(|_| "the VMM thread did not answer".to_string())??;
+    api.metrics.set_vm(vm.clone());
+    state.0 = FullConfig::describe(&vm.config());
     state.1 = Phase::Running(vm);
     Ok(Response::no_content())
 }

@@ -65,6 +65,50 @@ pub struct StatArgs {
     pub memory: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// Guest name
+    #[arg(short = 'n', long = "name")]
+    pub name: String,
+    /// Directory to write the snapshot into (files `state` and `memory`); created if missing
+    #[arg(value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+    /// End the guest after the snapshot instead of resuming it
+    #[arg(long)]
+    pub stop: bool,
+}
+
+/// `lkvm snapshot`: asks the guest to write itself into DIR; prints what was written.
+pub fn snapshot(args: &SnapshotArgs) -> Result<(), String> {
+    control::check_name(&args.name)?;
+    std::fs::create_dir_all(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
+    let dir = std::fs::canonicalize(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
+    let request =
+        control::Request { path: Some(dir.clone()), stop: args.stop, ..control::Request::new(Command::Snapshot) };
+    let response = match control::request_with(&control::socket_path(&args.name), request) {
+        Ok(response) => response,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            return Err(format!("{}: no such running guest", args.name))
+        }
+        Err(e) => return Err(format!("{}: {e}", args.name)),
+    };
+    match (response.ok, response.snapshot) {
+        (true, Some(r)) => {
+            println!(
+                "{}: snapshot in {} ({} KiB state, {} MiB memory, {} ms){}",
+                args.name,
+                dir.display(),
+                r.state_bytes >> 10,
+                r.memory_bytes >> 20,
+                r.millis,
+                if args.stop { "; guest stopped" } else { "" }
+            );
+            Ok(())
+        }
+        _ => Err(format!("{}: {}", args.name, response.error.unwrap_or_else(|| "no snapshot written".into()))),
+    }
+}
+
 impl BalloonChange {
     pub fn delta_mib(&self) -> i64 {
         i64::from(self.inflate.unwrap_or(0)) - i64::from(self.deflate.unwrap_or(0))
@@ -124,7 +168,7 @@ pub fn act_with(
     };
     let mut failures = Vec::new();
     for name in &names {
-        let request = control::Request { version: control::PROTOCOL_VERSION, command, mib, cpu, key };
+        let request = control::Request { mib, cpu, key, ..control::Request::new(command) };
         match control::request_with(&control::socket_path(name), request) {
             Ok(response) if response.ok => show(name, &response),
             Ok(response) => failures.push(format!("{name}: {}", response.error.unwrap_or_default())),

@@ -14,7 +14,7 @@ use crate::config::{Transport, VmConfig};
 use crate::control;
 use crate::logging;
 use crate::vmm::exit::VmExit;
-use crate::vmm::Vm;
+use crate::vmm::{RestoreSpec, Vm};
 
 /// Firecracker's default instance id.
 const DEFAULT_ID: &str = "anonymous-instance";
@@ -112,10 +112,12 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
             (vm, control)
         }
         None => loop {
-            let Ok(VmmRequest::Start(config, reply)) = requests.recv() else {
-                return Err("the API thread ended".into());
+            let (built, reply) = match requests.recv() {
+                Ok(VmmRequest::Start(config, reply)) => (start(*config, started), reply),
+                Ok(VmmRequest::Restore { spec, resume, reply }) => (restore(&spec, resume, started), reply),
+                Err(_) => return Err("the API thread ended".into()),
             };
-            match start(*config, started) {
+            match built {
                 Ok((vm, control)) => {
                     let _ = reply.send(Ok(vm.handle()));
                     break (vm, control);
@@ -141,5 +143,16 @@ fn start(config: VmConfig, started: Instant) -> Result<(Vm, control::Server), St
     let handle: Arc<dyn control::Controller> = vm.handle();
     let control = control::Server::start(&name, handle)?;
     vm.start().map_err(|e| e.to_string())?;
+    Ok((vm, control))
+}
+
+/// Restores a snapshot on this thread; it runs at once if `resume`, else stays paused.
+fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<(Vm, control::Server), String> {
+    let begun = Instant::now();
+    let mut vm = Vm::restore(spec, started).map_err(|e| e.to_string())?;
+    let handle: Arc<dyn control::Controller> = vm.handle();
+    let control = control::Server::start(&spec.name, handle)?;
+    if resume { vm.start() } else { vm.start_paused() }.map_err(|e| e.to_string())?;
+    tracing::info!("snapshot restored in {} us", begun.elapsed().as_micros());
     Ok((vm, control))
 }

@@ -48,6 +48,8 @@ pub enum Command {
     Balloon(control::BalloonArgs),
     /// Guest statistics
     Stat(control::StatArgs),
+    /// Snapshot a running guest into DIR (then `lkvm run --restore DIR`)
+    Snapshot(control::SnapshotArgs),
     /// Behave as Firecracker: its command line and REST API (also when invoked as `firecracker`)
     Firecracker(firecracker::FirecrackerArgs),
     /// Print the version

@@ -87,6 +87,13 @@ pub struct RunArgs {
     /// The VM as a Firecracker JSON config file describes it (instead of -k, -d, -m, ...)
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "nodefaults", "console", "disable_cpuid"])]
     pub config_file: Option<PathBuf>,
+    /// Restore the snapshot in DIR (from `lkvm snapshot`) instead of booting
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "nodefaults", "console", "disable_cpuid"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: use another drive image or tap for a device, by id (`lkvm-disk0=new.img`,
+    /// `net0=tap3`); repeatable
+    #[arg(long = "override", value_name = "ID=VALUE", requires = "restore")]
+    pub overrides: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +156,26 @@ pub fn default_mem(cpus: u32, host_ram: u64) -> u64 {
 }
 
 impl RunArgs {
+    /// The snapshot `--restore` names, the guest's name and the host resources it overrides.
+    pub fn restore_spec(&self, dir: &std::path::Path) -> Result<crate::vmm::RestoreSpec, String> {
+        let overrides = self
+            .overrides
+            .iter()
+            .map(|o| match o.split_once('=') {
+                Some((id, value)) if !id.is_empty() && !value.is_empty() => Ok((id.to_string(), value.to_string())),
+                _ => Err(format!("--override {o}: use ID=VALUE")),
+            })
+            .collect::<Result<_, _>>()?;
+        let name = self.name.clone().unwrap_or_else(|| format!("guest-{}", std::process::id()));
+        crate::control::check_name(&name)?;
+        Ok(crate::vmm::RestoreSpec {
+            state: dir.join(crate::snapshot::STATE_FILE),
+            memory: dir.join(crate::snapshot::MEMORY_FILE),
+            name,
+            overrides,
+        })
+    }
+
     /// Validates the options and builds the VM configuration, or says in one line what is wrong.
     pub fn into_config(self) -> Result<VmConfig, String> {
         if let Some(path) = &self.config_file {

@@ -159,6 +159,71 @@ impl Drive {
 /// `PATCH /drives/{id}`: a new backing file (rate limiters are not supported).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+    #[serde(default)]
+    pub snapshot_type: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: String,
+    pub backend_path: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    pub snapshot_path: PathBuf,
+    /// Deprecated in Firecracker in favour of `mem_backend`; still accepted.
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    pub vsock_override: Option<serde_json::Value>,
+}
+
+impl SnapshotLoad {
+    /// The memory file, once the request is checked against what lkvm supports.
+    pub fn memory_file(&self) -> Result<PathBuf, String> {
+        if self.enable_diff_snapshots || self.track_dirty_pages {
+            return Err("diff snapshots (dirty page tracking) are not supported by lkvm".into());
+        }
+        if self.vsock_override.is_some() {
+            return Err("vsock is not supported by lkvm yet: no vsock_override".into());
+        }
+        match (&self.mem_file_path, &self.mem_backend) {
+            (Some(path), None) => Ok(path.clone()),
+            (None, Some(backend)) if backend.backend_type == "File" => Ok(backend.backend_path.clone()),
+            (None, Some(backend)) if backend.backend_type == "Uffd" => {
+                Err("the Uffd memory backend is not supported by lkvm yet; use File".into())
+            }
+            (None, Some(backend)) => Err(format!("unknown backend_type '{}' (File or Uffd)", backend.backend_type)),
+            _ => Err("give exactly one of mem_backend and mem_file_path".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
     pub drive_id: String,
     pub path_on_host: Option<PathBuf>,
@@ -295,6 +360,12 @@ pub fn check_id(id: &str) -> Result<(), String> {
 }
 
 impl FullConfig {
+    /// Whether anything about the VM itself was configured (logger and metrics are not).
+    pub fn configures_vm(&self) -> bool {
+        let blank = FullConfig { logger: self.logger.clone(), metrics: self.metrics.clone(), ..FullConfig::default() };
+        *self != blank
+    }
+
     /// Adds or replaces drive `drive.drive_id`; the root device goes first (it is /dev/vda).
     pub fn put_drive(&mut self, drive: Drive) -> Result<(), String> {
         drive.check()?;

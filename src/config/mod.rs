@@ -136,6 +136,26 @@ impl VmConfig {
         drives.chain(shares).chain(nets).chain(rest)
     }
 
+    /// Points a restored VM's host resource elsewhere: drive `id` at the image `value`, or the
+    /// tap NIC `id` at the tap device `value`. The guest sees the same device.
+    pub fn override_host_resource(&mut self, id: &str, value: &str) -> Result<(), String> {
+        if value.is_empty() {
+            return Err(format!("override for '{id}': empty value"));
+        }
+        if let Some(drive) = self.drives.iter_mut().find(|d| d.id == id) {
+            drive.spec.path = value.into();
+            return Ok(());
+        }
+        match self.nets.iter_mut().find(|n| n.id == id) {
+            Some(net) if net.spec.mode == crate::net::NetMode::Tap => {
+                net.spec.tapif = Some(value.to_string());
+                Ok(())
+            }
+            Some(_) => Err(format!("network interface '{id}' is not a tap: nothing on the host to rename")),
+            None => Err(format!("the snapshot has no drive or network interface '{id}'")),
+        }
+    }
+
     /// Checks what no frontend may get wrong: unique ids, at most one root drive.
     pub fn validate(&self) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_MESSAGE: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +36,8 @@ pub enum Command {
     Nmi,
     /// Sends magic SysRq `key` through the serial console.
     Sysrq,
+    /// Writes a snapshot into directory `path`, then resumes the guest (or ends it, `stop`).
+    Snapshot,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +50,16 @@ pub struct Request {
     pub cpu: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<char>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stop: bool,
+}
+
+impl Request {
+    pub fn new(command: Command) -> Self {
+        Request { version: PROTOCOL_VERSION, command, mib: None, cpu: None, key: None, path: None, stop: false }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +92,16 @@ pub struct Response {
     /// Guest memory statistics from the balloon driver, in bytes or counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<std::collections::BTreeMap<String, u64>>,
+    /// What a snapshot wrote: state and memory file sizes in bytes, and how long it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReport>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+    pub millis: u64,
 }
 
 impl Response {
@@ -103,6 +126,9 @@ pub trait Controller: Send + Sync {
     fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String>;
     fn nmi(&self, cpu: u32) -> Result<(), String>;
     fn sysrq(&self, key: char) -> Result<(), String>;
+    /// Pauses (if running), writes a snapshot into `dir`, then resumes or, with `stop`, ends
+    /// the guest.
+    fn snapshot(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String>;
 }
 
 /// Answers one request line.
@@ -149,6 +175,12 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
             Some(key) => controller.sysrq(key).map(|_| Response::ok()),
             None => Err("sysrq needs \"key\"".to_string()),
         },
+        Command::Snapshot => match &request.path {
+            Some(dir) if dir.is_absolute() => controller
+                .snapshot(dir, request.stop)
+                .map(|report| Response { snapshot: Some(report), ..Response::ok() }),
+            _ => Err("snapshot needs an absolute \"path\"".to_string()),
+        },
         Command::Nmi => match request.cpu {
             Some(cpu) => controller.nmi(cpu).map(|_| Response::ok()),
             None => Err("nmi needs \"cpu\"".to_string()),
@@ -185,12 +217,14 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 /// Sends one request to the guest listening at `path` and returns its response.
 pub fn request(path: &Path, command: Command) -> io::Result<Response> {
-    request_with(path, Request { version: PROTOCOL_VERSION, command, mib: None, cpu: None, key: None })
+    request_with(path, Request::new(command))
 }
 
 pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
     let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
+    // Writing a snapshot takes as long as writing guest memory.
+    let timeout = if request.command == Command::Snapshot { SNAPSHOT_TIMEOUT } else { TIMEOUT };
+    stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     let mut line = serde_json::to_string(&request)?;
     line.push('\n');
@@ -198,7 +232,7 @@ pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
     let mut reply = String::new();
     BufReader::new(stream.take(MAX_MESSAGE)).read_line(&mut reply).map_err(|e| {
         if e.kind() == io::ErrorKind::WouldBlock {
-            io::Error::new(io::ErrorKind::TimedOut, "no answer within 5 s")
+            io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {} s", timeout.as_secs()))
         } else {
             e
         }
@@ -336,11 +370,14 @@ mod tests {
         fn sysrq(&self, _key: char) -> Result<(), String> {
             Ok(())
         }
+        fn snapshot(&self, _dir: &Path, _stop: bool) -> Result<SnapshotReport, String> {
+            Ok(SnapshotReport { state_bytes: 1, memory_bytes: 2, millis: 3 })
+        }
     }
 
     #[test]
     fn requests_round_trip_as_json_lines() {
-        let request = Request { version: 1, command: Command::Registers, mib: None, cpu: None, key: None };
+        let request = Request::new(Command::Registers);
         let text = serde_json::to_string(&request).unwrap();
         assert_eq!(text, r#"{"version":1,"command":"registers"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::state::{KvmVmState, VcpuState};
 use crate::config::VmConfig;
 
+/// The files of a snapshot directory (`lkvm snapshot`, `lkvm run --restore`).
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
 const MAGIC: &[u8; 8] = b"LKVMSNAP";
 /// Bumped whenever any saved structure changes: an older or newer lkvm's snapshot is refused.
 pub const FORMAT_VERSION: u32 = 1;

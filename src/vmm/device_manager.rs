@@ -314,7 +314,8 @@ pub fn restore_devices(persistent: &Persistent, saved: &BTreeMap<String, Vec<u8>
         return Err(Error::Restore(format!("the snapshot has a device '{extra}' its config does not create")));
     }
     for (id, device) in persistent {
-        let state = saved.get(id).ok_or_else(|| Error::Restore(format!("the snapshot has no state for device '{id}'")))?;
+        let state =
+            saved.get(id).ok_or_else(|| Error::Restore(format!("the snapshot has no state for device '{id}'")))?;
         device.lock().unwrap().restore(state).map_err(|e| Error::Restore(format!("device '{id}': {e}")))?;
     }
     Ok(())

@@ -14,10 +14,10 @@ use super::device_manager::{DeviceEntry, Persistent, Registry, VirtioDevices};
 use super::exit::VmExit;
 use super::vcpu::VcpuControl;
 use crate::config::VmConfig;
-use crate::control::{Controller, RunState};
+use crate::control::{Controller, RunState, SnapshotReport};
 use crate::devices::virtio::balloon::BalloonControl;
 use crate::disk::{DiskImage, DiskSpec};
-use crate::snapshot::{self, VmState};
+use crate::snapshot::{self, VmState, MEMORY_FILE, STATE_FILE};
 
 pub struct VmHandle {
     pub(super) vcpus: Arc<VcpuControl>,
@@ -69,7 +69,7 @@ impl VmHandle {
     }
 
     /// Writes a paused VM's state to `state_path` and its memory to `memory_path`.
-    pub fn snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotWritten, String> {
+    pub fn write_snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotWritten, String> {
         if !self.vcpus.paused() {
             return Err("the guest must be paused for a snapshot".into());
         }
@@ -196,6 +196,22 @@ impl Controller for VmHandle {
     }
     fn nmi(&self, cpu: u32) -> Result<(), String> {
         self.vcpus.inject_nmi(cpu as usize)
+    }
+    fn snapshot(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String> {
+        let started = std::time::Instant::now();
+        let was_paused = self.paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let written = self.write_snapshot(&dir.join(STATE_FILE), &dir.join(MEMORY_FILE));
+        if stop && written.is_ok() {
+            self.end(VmExit::Stopped);
+        } else if !was_paused {
+            self.resume()?;
+        }
+        let written = written?;
+        let millis = started.elapsed().as_millis() as u64;
+        Ok(SnapshotReport { state_bytes: written.state_bytes, memory_bytes: written.memory_bytes, millis })
     }
     fn sysrq(&self, key: char) -> Result<(), String> {
         let key = u8::try_from(key).ok().filter(u8::is_ascii_graphic).ok_or("sysrq keys are ASCII characters")?;

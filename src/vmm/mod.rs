@@ -34,6 +34,7 @@ use crate::snapshot::{self, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
 use exit::VmExit;
+pub use handle::SnapshotWritten;
 pub use handle::VmHandle;
 use vcpu::{Vcpu, VcpuControl};
 
@@ -141,6 +142,15 @@ enum Origin<'a> {
     Snapshot(&'a VmState, &'a Path),
 }
 
+/// A snapshot to restore, under which name, with which host resources replaced.
+pub struct RestoreSpec {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+    pub name: String,
+    /// (device id, new drive image path or tap name)
+    pub overrides: Vec<(String, String)>,
+}
+
 /// A VM that exists before it runs: `build`, then `start`, then `wait` for its end.
 pub struct Vm {
     handle: Arc<VmHandle>,
@@ -160,11 +170,16 @@ impl Vm {
         Self::assemble(config, started, Origin::Boot)
     }
 
-    /// Rebuilds a snapshot's VM: its config's host resources opened again (the caller may have
-    /// pointed drives and taps elsewhere), memory mapped from `memory`, every vCPU and device
+    /// Rebuilds a snapshot's VM: its config's host resources opened again (drives and taps
+    /// where `spec` points them), memory mapped from the memory file, every vCPU and device
     /// set to its saved state. No guest code runs yet.
-    pub fn restore(state: &VmState, memory: &Path, started: Instant) -> Result<Vm, Error> {
-        Self::assemble(state.config.clone(), started, Origin::Snapshot(state, memory))
+    pub fn restore(spec: &RestoreSpec, started: Instant) -> Result<Vm, Error> {
+        let mut state = snapshot::read_state(&spec.state)?;
+        state.config.name = spec.name.clone();
+        for (id, value) in &spec.overrides {
+            state.config.override_host_resource(id, value).map_err(Error::Config)?;
+        }
+        Self::assemble(state.config.clone(), started, Origin::Snapshot(&state, &spec.memory))
     }
 
     fn assemble(config: VmConfig, started: Instant, origin: Origin) -> Result<Vm, Error> {
@@ -204,13 +219,14 @@ impl Vm {
         let ranges: Vec<(GuestAddress, usize)> =
             ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
         let mem = match origin {
-            Origin::Boot => GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?,
+            Origin::Boot => {
+                GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?
+            }
             Origin::Snapshot(_, path) => snapshot::memory::map(path, &ranges)?,
         };
         register_memory(&vm, &mem, mem_size)?;
-        let msrs = Arc::new(state::msrs_to_save(
-            kvm.get_msr_index_list().map_err(kvm_err("get MSR index list"))?.as_slice(),
-        ));
+        let msrs =
+            Arc::new(state::msrs_to_save(kvm.get_msr_index_list().map_err(kvm_err("get MSR index list"))?.as_slice()));
 
         // vCPUs exist, and a snapshot's are restored, before any device can raise an interrupt.
         let mut vcpu_fds = Vec::with_capacity(usize::from(machine.vcpu_count));
@@ -269,7 +285,15 @@ impl Vm {
             persistent: devices.persistent,
         };
         let handle = Arc::new(VmHandle::new(config, control, events, parts));
-        Ok(Vm { handle, vcpus, threads: Vec::new(), exits, console_input: Some(devices.console_input), _mem: mem, _vm: vm })
+        Ok(Vm {
+            handle,
+            vcpus,
+            threads: Vec::new(),
+            exits,
+            console_input: Some(devices.console_input),
+            _mem: mem,
+            _vm: vm,
+        })
     }
 
     pub fn handle(&self) -> Arc<VmHandle> {

@@ -245,7 +245,8 @@ impl VcpuControl {
         let (mut parking, timeout) = self
             .changed
             .wait_timeout_while(parking, PARK_TIMEOUT, |p| {
-                p.task.as_ref().is_some_and(|(_, r)| r.iter().any(Option::is_none)) && !self.stop.load(Ordering::Acquire)
+                p.task.as_ref().is_some_and(|(_, r)| r.iter().any(Option::is_none))
+                    && !self.stop.load(Ordering::Acquire)
             })
             .unwrap();
         let reports = parking.task.take().map(|(_, r)| r).unwrap_or_default();

@@ -286,9 +286,9 @@ pub fn boot_lock() -> std::sync::MutexGuard<'static, ()> {
 
 /// Deadline for one Linux boot and its checks. A boot to init measured 16 s on a fast machine
 /// of this kind and about 2 minutes on a slow one, and a boot with many checks several times
-/// that; only a hang should reach this. `LKVM_TEST_boot_timeout()` (seconds) overrides it.
+/// that; only a hang should reach this. `LKVM_TEST_BOOT_TIMEOUT` (seconds) overrides it.
 pub fn boot_timeout() -> Duration {
-    let secs = std::env::var("LKVM_TEST_boot_timeout()").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
+    let secs = std::env::var("LKVM_TEST_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
     Duration::from_secs(secs)
 }
 

@@ -35,6 +35,8 @@
 //! - `lkvm.cad=SECONDS`: print the keyboard the kernel found and `cad_ready`, wait until the
 //!   i8042 raises keyboard interrupts (the host's Ctrl+Alt+Del) and print their count; then
 //!   reboot, as an init that handles Ctrl+Alt+Del does (this kernel has no VT to do it).
+//! - `lkvm.snapwork=SECONDS`: print `snap_ready` with a random token, then `LKVM-WORK n token`
+//!   every 200 ms until the console line `done` (or SECONDS); echo other lines as `echo`.
 //! - `lkvm.netstats=IF`: IF's receive queue count and packet counts and byte counts so far
 //!   (`rxq:rx_packets:rx_bytes:tx_packets:tx_bytes`; put it after the traffic checks), its
 //!   negotiated virtio features and its MAC address.
@@ -577,6 +579,36 @@ fn cad_wait(seconds: &str) {
     result("cad_irqs", &(keyboard_interrupts() - before).to_string());
 }
 
+/// State that lives only in this process's memory, for snapshot tests: a random token and a
+/// counter, printed every 200 ms; console lines are echoed back; the line `done` ends it.
+fn snap_work(seconds: &str) {
+    let mut token = [0u8; 8];
+    let _ = fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut token));
+    let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    result("snap_ready", &token);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            let line = line.trim().to_string();
+            if line == "done" {
+                let _ = done_tx.send(());
+                return;
+            }
+            if !line.is_empty() {
+                result("echo", &line);
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds.parse().unwrap_or(600));
+    let mut count = 0u64;
+    while std::time::Instant::now() < deadline && done.try_recv().is_err() {
+        println!("LKVM-WORK {count} {token}");
+        count += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    result("snap_work_count", &count.to_string());
+}
+
 fn serial_check(name: &str) {
     let serial = fs::read_to_string(format!("/sys/block/{name}/serial"));
     result(&format!("serial:{name}"), serial.as_deref().map_or("none", str::trim));
@@ -602,6 +634,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.p9bench=", p9_bench),
     ("lkvm.swap=", swap_wait),
     ("lkvm.cad=", cad_wait),
+    ("lkvm.snapwork=", snap_work),
 ];
 
 fn main() {

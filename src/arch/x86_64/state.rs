@@ -50,7 +50,8 @@ pub fn msrs_to_save(index_list: &[u32]) -> Vec<u32> {
 
 /// Reads `indices`, dropping the ones this vCPU cannot report (KVM stops at the first).
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
-    let mut wanted: Vec<kvm_msr_entry> = indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let mut wanted: Vec<kvm_msr_entry> =
+        indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
     let mut saved = Vec::with_capacity(wanted.len());
     while !wanted.is_empty() {
         let mut msrs = Msrs::from_entries(&wanted).map_err(|e| format!("MSR list: {e:?}"))?;

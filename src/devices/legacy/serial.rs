@@ -129,7 +129,8 @@ impl crate::devices::Persist for SerialPort {
             in_buffer: saved.in_buffer,
         };
         let irq = self.uart.interrupt_evt().0.try_clone().map_err(|e| format!("serial irq: {e}"))?;
-        let placeholder = Serial::new(IrqTrigger(irq.try_clone().map_err(|e| e.to_string())?), Box::new(io::sink()) as _);
+        let placeholder =
+            Serial::new(IrqTrigger(irq.try_clone().map_err(|e| e.to_string())?), Box::new(io::sink()) as _);
         let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
         self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out).map_err(|e| format!("serial: {e:?}"))?;
         self.break_pending = saved.break_pending;

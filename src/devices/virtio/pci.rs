@@ -12,8 +12,8 @@ use super::{Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
 use crate::devices::pci::config::{PciConfig, PciConfigSnapshot, PciIds, CAP_MSIX, CAP_VENDOR};
 use crate::devices::pci::msix::{MsixSnapshot, SharedMsix};
-use crate::devices::Persist;
 use crate::devices::pci::PciDevice;
+use crate::devices::Persist;
 
 pub const BAR_SIZE: u64 = 0x8000;
 const COMMON_OFFSET: u64 = 0x0000;

@@ -217,7 +217,8 @@ impl TransportState {
                 return Err(format!("queue {i} has an invalid size or rings outside guest memory"));
             }
             if resuming {
-                let used = queue.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire).map_err(|e| e.to_string())?;
+                let used =
+                    queue.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire).map_err(|e| e.to_string())?;
                 queue.set_next_avail(used.0);
                 queue.set_next_used(used.0);
             }
