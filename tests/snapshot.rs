@@ -1,0 +1,206 @@
+//! Snapshots of a real Linux guest with the kvmtool-style commands: `lkvm snapshot` of a running
+//! guest whose state lives in memory, then `lkvm run --restore` in new processes (two clones at
+//! once) that carry on from there; bad snapshots are refused with one clear line.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+/// A running lkvm whose console we type into and whose output we collect.
+struct Console {
+    child: Child,
+    input: ChildStdin,
+    output: Arc<Mutex<String>>,
+}
+
+impl Console {
+    fn start(home: &Path, args: &[&str]) -> Console {
+        let mut child = Command::new(lkvm())
+            .args(args)
+            .env("HOME", home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+        {
+            let sink = output.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut chunk) {
+                    sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+        }
+        Console { input: child.stdin.take().unwrap(), child, output }
+    }
+
+    fn text(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    fn type_line(&mut self, line: &str) {
+        self.input.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+
+    /// The `LKVM-WORK n token` lines so far, as (n, token).
+    fn work(&self) -> Vec<(u64, String)> {
+        self.text()
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.trim().strip_prefix("LKVM-WORK ")?.split_whitespace();
+                Some((words.next()?.parse().ok()?, words.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits until the output shows `what`; fails with the output if lkvm ends first.
+    fn wait_for(&mut self, what: &str, timeout: Duration, condition: impl Fn(&Console) -> bool) {
+        wait_for(what, timeout, || {
+            if !condition(self) && self.child.try_wait().unwrap().is_some() {
+                panic!("lkvm ended before {what}:\n{}", self.text());
+            }
+            condition(self)
+        });
+    }
+
+    fn finish(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("lkvm did not end:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(100)); // the readers drain the pipes
+        (self.child.wait().unwrap().code(), self.text())
+    }
+}
+
+fn restore_args(dir: &Path, name: &str) -> Vec<String> {
+    ["run", "--restore", dir.to_str().unwrap(), "--name", name].map(str::to_string).to_vec()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+fn restore_fails(home: &Path, args: &[&str]) -> String {
+    let (code, _, err) = lkvm_ctl(home, args);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    err
+}
+
+#[test]
+fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
+    if !kvm_available("a_snapshotted_linux_guest_carries_on_in_two_clones") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    let guest = guest();
+    let home = temp_dir();
+    let disk = write_file(&home, "disk.img", &vec![0u8; 1 << 20]);
+    let snap = home.join("snap");
+    let params = format!("{HOST_GUEST_PARAMS} lkvm.write=/dev/vda:65536:7 lkvm.snapwork=1200");
+    let boot = [
+        "run",
+        "-k",
+        guest.bzimage.to_str().unwrap(),
+        "-i",
+        guest.initramfs.to_str().unwrap(),
+        "-m",
+        "192",
+        "-c",
+        "1",
+        "--virtio-transport",
+        "mmio",
+        "--name",
+        "snap-orig",
+        "-d",
+        disk.to_str().unwrap(),
+        "-p",
+        &params,
+    ];
+    let mut original = Console::start(&home, &boot);
+    original.wait_for("the workload", boot_timeout(), |c| c.work().len() >= 3);
+    let token = original.work()[0].1.clone();
+
+    // Snapshot while it runs: it pauses, writes, and carries on.
+    let (code, out, err) = lkvm_ctl(&home, &["snapshot", "-n", "snap-orig", snap.to_str().unwrap()]);
+    assert!(code == 0 && out.contains("snapshot in"), "{out}{err}");
+    let last_before = original.work().last().unwrap().0;
+    original
+        .wait_for("work after the snapshot", Duration::from_secs(60), |c| c.work().last().unwrap().0 > last_before + 2);
+    // The disk write the guest synced before the snapshot is in the image.
+    let image = std::fs::read(&disk).unwrap();
+    assert_eq!(fnv1a(&image[..65536]), fnv1a(&pattern(65536, 7)), "the guest's write reached the image");
+    original.type_line("done");
+    let (code, text) = original.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{text}");
+
+    // Damaged snapshots are refused with one line, before anything runs.
+    let fails = |dir: &Path| restore_fails(&home, &strs(&restore_args(dir, "bad")));
+    assert!(fails(&home.join("nowhere")).contains("no such snapshot file"));
+    let bad = home.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let mut state = std::fs::read(snap.join("state")).unwrap();
+    let last = state.len() - 1;
+    state[last] ^= 0x55;
+    std::fs::write(bad.join("state"), &state).unwrap();
+    std::os::unix::fs::symlink(snap.join("memory"), bad.join("memory")).unwrap();
+    assert!(fails(&bad).contains("corrupt"));
+    std::fs::copy(snap.join("state"), bad.join("state")).unwrap();
+    std::fs::remove_file(bad.join("memory")).unwrap();
+    write_file(&bad, "memory", &[0u8; 4096]);
+    assert!(fails(&bad).contains("memory file"));
+    let mut with_machine_options = restore_args(&snap, "bad");
+    with_machine_options.extend(["-m".to_string(), "64".to_string()]);
+    let (code, _, err) = lkvm_ctl(&home, &strs(&with_machine_options));
+    assert_eq!(code, 2, "--restore takes no machine options: {err}");
+
+    // Two clones at once, each carrying on from the snapshot with the same token.
+    let mut a = Console::start(&home, &strs(&restore_args(&snap, "clone-a")));
+    let mut b = Console::start(&home, &strs(&restore_args(&snap, "clone-b")));
+    for clone in [&mut a, &mut b] {
+        clone.wait_for("restored work", Duration::from_secs(120), |c| c.work().len() >= 3);
+        let work = clone.work();
+        assert!(work.iter().all(|(_, t)| *t == token), "another guest's token: {work:?}");
+        assert!(
+            work[0].0 > 0 && work[0].0 <= last_before + 1,
+            "continued from the snapshot: {work:?} vs {last_before}"
+        );
+    }
+    // The clones are independent: console input reaches only the one typed into; pausing one
+    // stops only it.
+    a.type_line("hello-a");
+    a.wait_for("the echo", Duration::from_secs(60), |c| c.text().contains("LKVM-RESULT echo=hello-a"));
+    assert_eq!(lkvm_ctl(&home, &["pause", "-n", "clone-a"]).0, 0);
+    let (paused_a, running_b) = (a.work().len(), b.work().len());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(a.work().len(), paused_a, "a paused clone ran");
+    assert!(b.work().len() > running_b, "the other clone stopped too");
+    assert_eq!(lkvm_ctl(&home, &["resume", "-n", "clone-a"]).0, 0);
+    a.wait_for("work after resume", Duration::from_secs(60), |c| c.work().len() > paused_a);
+    assert!(!b.text().contains("hello-a"));
+    for mut clone in [a, b] {
+        clone.type_line("done");
+        let (code, text) = clone.finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "{text}");
+        assert!(text.contains("LKVM-DONE"), "{text}");
+    }
+    // Restoring reads the image; it does not write it.
+    assert_eq!(std::fs::read(&disk).unwrap(), image);
+    std::fs::remove_dir_all(home).unwrap();
+}
