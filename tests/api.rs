@@ -153,6 +153,87 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     assert!(!sock.exists(), "the API socket is removed when lkvm ends");
 }
 
+/// Firecracker's snapshot API on a payload guest: its rules and errors, and loads that carry on
+/// (two at once, one resumed, one left paused until told).
+#[test]
+fn api_snapshot_create_and_load_follow_firecrackers_rules() {
+    if !kvm_available("api_snapshot_create_and_load_follow_firecrackers_rules") {
+        return;
+    }
+    let dir = temp_dir();
+    let kernel = write_file(&dir, "ticker.bin", &ticker());
+    let fc = firecracker_link(&dir);
+    let start = |name: &str| {
+        let sock = dir.join(format!("{name}.sock"));
+        let process = spawn_counting(&fc, &["--api-sock", sock.to_str().unwrap(), "--id", name], &dir);
+        wait_for("the API socket", Duration::from_secs(10), || sock.exists());
+        (sock, process)
+    };
+    let (sock, mut original) = start("original");
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    assert_eq!(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)).0, 204);
+    let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": memory}).to_string();
+    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create)), 400).contains("not running"));
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    wait_for("guest output", Duration::from_secs(20), || original.output.load(Ordering::SeqCst) > 0);
+    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create)), 400).contains("must be paused"));
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    let diff = serde_json::json!({"snapshot_path": state, "mem_file_path": memory, "snapshot_type": "Diff"});
+    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&diff.to_string())), 400).contains("Diff"));
+    assert_eq!(curl(&sock, "PUT", "/snapshot/create", Some(&create)).0, 204);
+    assert_eq!(std::fs::metadata(&memory).unwrap().len(), 32 << 20);
+    assert_eq!(lkvm_ctl(&dir, &["stop", "-n", "original"]).0, 0);
+    assert_eq!(original.child.wait().unwrap().code(), Some(0));
+
+    let load = |resume: bool| {
+        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": memory}, "resume_vm": resume})
+            .to_string()
+    };
+    // Load only on a fresh process, and only what lkvm can load.
+    let (sock, mut refused) = start("refused");
+    assert_eq!(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)).0, 204);
+    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))), 400)
+        .contains("after the microVM was configured"));
+    refused.child.kill().unwrap();
+    let (sock, damaged) = start("damaged");
+    let uffd =
+        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x.sock"}});
+    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&uffd.to_string())), 400).contains("Uffd"));
+    let truncated = write_file(&dir, "truncated.state", &std::fs::read(&state).unwrap()[..100]);
+    let body = serde_json::json!({"snapshot_path": truncated, "mem_file_path": memory}).to_string();
+    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)), 400).contains("truncated"));
+    let short_memory = write_file(&dir, "short.mem", &[0u8; 4096]);
+    let body = serde_json::json!({"snapshot_path": state, "mem_file_path": short_memory}).to_string();
+    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)), 400).contains("memory file"));
+    // A failed load leaves the process able to load.
+    assert_eq!(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))).0, 204);
+    wait_for("the restored guest's output", Duration::from_secs(20), || damaged.output.load(Ordering::SeqCst) > 0);
+    assert!(curl(&sock, "GET", "/", None).1.contains("\"state\":\"Running\""));
+    let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
+    assert_eq!(config["machine-config"]["mem_size_mib"], 32);
+    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))), 400).contains("already running"));
+
+    // A second clone at the same time, loaded paused: silent until resumed.
+    let (paused_sock, paused) = start("paused");
+    assert_eq!(curl(&paused_sock, "PUT", "/snapshot/load", Some(&load(false))).0, 204);
+    assert!(curl(&paused_sock, "GET", "/", None).1.contains("\"state\":\"Paused\""));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(paused.output.load(Ordering::SeqCst), 0, "a clone loaded paused ran");
+    assert_eq!(curl(&paused_sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    wait_for("output after resume", Duration::from_secs(20), || paused.output.load(Ordering::SeqCst) > 0);
+    let running = damaged.output.load(Ordering::SeqCst);
+    wait_for("the first clone still running", Duration::from_secs(20), || {
+        damaged.output.load(Ordering::SeqCst) > running
+    });
+    for (name, mut clone) in [("damaged", damaged), ("paused", paused)] {
+        assert_eq!(lkvm_ctl(&dir, &["stop", "-n", name]).0, 0);
+        assert_eq!(clone.child.wait().unwrap().code(), Some(0));
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// One Linux boot configured and driven through the API: what the guest sees (vCPUs, memory,
 /// drives, cmdline), pause/resume, a drive swap the guest notices, the balloon through the API
 /// and the control socket, NMI and SysRq, metrics and the log file, and SendCtrlAltDel ending
@@ -270,6 +351,12 @@ fn drive_linux_through_the_api() {
     assert_eq!(curl(&sock, "PATCH", "/drives/media", Some(&swap)).0, 204);
 
     wait_for("cad_ready", phase, Box::new(|| has("cad_ready")));
+    // A snapshot here (PCI, 2 vCPUs, every device in use) is restored below, after this VM ends.
+    let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": memory}).to_string();
+    assert_eq!(curl(&sock, "PUT", "/snapshot/create", Some(&create)).0, 204);
+    assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
     assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)).0, 204);
     let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
     assert_eq!(config["drives"][1]["path_on_host"], new_media.to_str().unwrap());
@@ -304,10 +391,37 @@ fn drive_linux_through_the_api() {
     // Metrics and the log went to their files.
     let metrics = std::fs::read_to_string(&metrics).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-    assert!(last["api_server"]["requests"].as_u64().unwrap() > 10 && last["vmm"]["pause_count"] == 1, "{metrics}");
+    assert!(last["api_server"]["requests"].as_u64().unwrap() > 10 && last["vmm"]["pause_count"] == 2, "{metrics}");
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("boot marker 1 (value 0x7b)"), "{log}");
+    restore_the_snapshot_and_press_ctrl_alt_del(&dir, &state, &memory, &new_media);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Loads the Linux guest's snapshot in a fresh process: the guest carries on where it was
+/// (waiting for Ctrl+Alt+Del, with the swapped drive and the balloon target it had).
+fn restore_the_snapshot_and_press_ctrl_alt_del(dir: &Path, state: &Path, memory: &Path, media: &Path) {
+    let sock = dir.join("restored.sock");
+    let (fc, sock_arg, home) = (firecracker_link(dir), sock.to_str().unwrap().to_string(), dir.to_path_buf());
+    let runner = std::thread::spawn(move || {
+        let env = [("HOME", home.to_str().unwrap().to_string())];
+        let args = ["--api-sock", &sock_arg, "--id", "fc-restored"];
+        run_command_env(fc.to_str().unwrap(), &args, &env, boot_timeout(), |_| {})
+    });
+    wait_for("the API socket", Duration::from_secs(10), || sock.exists());
+    let load = serde_json::json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}).to_string();
+    assert_eq!(curl(&sock, "PUT", "/snapshot/load", Some(&load)).0, 204);
+    let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
+    assert_eq!(config["drives"][1]["path_on_host"], media.to_str().unwrap());
+    assert_eq!(config["balloon"]["amount_mib"], 16);
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    let (status, stats) = curl(&sock, "GET", "/balloon/statistics", None);
+    assert!(status == 200 && stats.contains("\"target_mib\":16"), "the balloon driver answers: {stats}");
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
+    let out = runner.join().unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let cad_irqs: u32 = out.result("cad_irqs").unwrap_or_default().parse().unwrap_or(0);
+    assert!(cad_irqs >= 1 && out.stdout.contains("LKVM-DONE"), "{}", out.describe());
 }
 
 fn rss_kib(pid: u32) -> u64 {

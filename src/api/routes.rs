@@ -426,6 +426,34 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_load_goes_to_the_vmm_thread_only_on_a_fresh_process() {
+        let (api, vmm) = api();
+        let load = r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"},
+            "resume_vm": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}]}"#;
+        let both = r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#;
+        assert!(call(&api, Method::Put, "/snapshot/load", both).1.contains("exactly one"));
+        let vmm = std::thread::spawn(move || match vmm.recv().unwrap() {
+            VmmRequest::Restore { spec, resume, reply } => {
+                let _ = reply.send(Err("no KVM in this test".into()));
+                (spec, resume)
+            }
+            VmmRequest::Start(..) => panic!("a load asked for a boot"),
+        });
+        let (status, body) = call(&api, Method::Put, "/snapshot/load", load);
+        assert!(status == 400 && body.contains("no KVM in this test"), "{body}");
+        let (spec, resume) = vmm.join().unwrap();
+        assert!(resume);
+        assert_eq!((spec.state.to_str(), spec.memory.to_str()), (Some("/s"), Some("/m")));
+        assert_eq!(spec.overrides, vec![("eth0".to_string(), "tap9".to_string())]);
+        assert_eq!(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 32}"#).0, 204);
+        let (status, body) = call(&api, Method::Put, "/snapshot/load", load);
+        assert!(status == 400 && body.contains("after the microVM was configured"), "{body}");
+        let (status, body) =
+            call(&api, Method::Put, "/snapshot/create", r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#);
+        assert!(status == 400 && body.contains("not running"), "{body}");
+    }
+
+    #[test]
     fn instance_start_hands_the_config_to_the_vmm_thread() {
         let (api, vmm) = api();
         call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#);
@@ -434,6 +462,7 @@ mod tests {
                 let _ = reply.send(Err("no KVM in this test".into()));
                 config
             }
+            VmmRequest::Restore { .. } => panic!("InstanceStart asked for a restore"),
         });
         let (status, body) = call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#);
         assert!(status == 400 && body.contains("no KVM in this test"), "{body}");

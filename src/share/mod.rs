@@ -162,19 +162,16 @@ impl Share {
     /// Rebuilds a saved session on this server: each fid walked to its path again and reopened
     /// with its flags. A fid whose file is gone (deleted, or unlinked while open) stays unknown
     /// to the server, and the guest gets errors on it; the others work as before.
-    pub fn resume_session(&mut self, session: &Session) -> usize {
+    pub fn resume_session(&mut self, session: &Session) {
         let mut message = Vec::new();
         message.extend_from_slice(&session.msize.to_le_bytes());
         put_string(&mut message, b"9P2000.L");
         self.replay(TVERSION, &message);
-        let mut lost = 0;
         for (fid, path, flags) in &session.fids {
             if !self.reopen(*fid, path, *flags) {
                 tracing::warn!("9p: {} could not be reopened after the restore", self.root.join(path).display());
-                lost += 1;
             }
         }
-        lost
     }
 
     fn reopen(&mut self, fid: u32, path: &Path, flags: Option<u32>) -> bool {

@@ -430,3 +430,35 @@ fn share_options() {
         .to_string()
         .contains("not a directory"));
 }
+
+#[test]
+fn a_saved_session_reopens_its_fids_by_path_on_a_new_server() {
+    let dir = TempDir::new("session");
+    let share = dir.share();
+    fs::create_dir_all(share.join("a/b")).unwrap();
+    fs::write(share.join("a/b/data"), b"0123456789").unwrap();
+    fs::write(share.join("gone"), b"x").unwrap();
+    let mut c = Client::attach(&share, false);
+    c.walk(ROOT, 1, &["a", "b", "data"]).unwrap();
+    c.lopen(1, P9_RDWR | P9_TRUNC).unwrap();
+    c.write(1, 0, b"written").unwrap();
+    c.walk(ROOT, 2, &["a"]).unwrap();
+    c.lcreate(2, "new", 0o644).unwrap();
+    c.write(2, 0, b"created").unwrap();
+    c.walk(ROOT, 3, &["gone"]).unwrap();
+    let session = c.share.session().expect("a session");
+    fs::remove_file(share.join("gone")).unwrap();
+    fs::write(share.join("a/b/data"), b"kept by the host").unwrap();
+
+    let spec = ShareSpec { path: share.clone(), tag: "t".into(), read_only: false };
+    let mut restored = Client { share: Share::open(&spec).unwrap() };
+    restored.share.resume_session(&session);
+    // Reopened with their flags but without O_TRUNC/O_CREAT again: the data is still there.
+    assert_eq!(restored.read(1, 0, 64), b"kept by the host");
+    assert_eq!(restored.read(2, 0, 64), b"created");
+    restored.write(1, 0, b"KEPT").unwrap();
+    assert_eq!(fs::read(share.join("a/b/data")).unwrap(), b"KEPT by the host", "reopened for writing");
+    // A fid whose file was deleted meanwhile is unknown to the new server.
+    assert_eq!(restored.call(TGETATTR, Msg::default().u32(3).u64(P9_GETATTR_BASIC)), Err(libc::EBADF as u32));
+    assert_eq!(fs::read(share.join("a/new")).unwrap(), b"created");
+}
