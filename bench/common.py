@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.path.join(ROOT, "guest", "out")
 LKVM = os.path.join(ROOT, "target", "release", "lkvm")
 MEM_MIB = 128
-HOST_PARAMS = "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 quiet"
+HOST_PARAMS = "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 clocksource=kvm-clock quiet"
 # lkvm's generated defaults, given to QEMU explicitly so both guests see the same command line.
 LKVM_DEFAULTS = "console=ttyS0 reboot=k panic=1 pci=conf1 i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1"
 

@@ -3,7 +3,7 @@
 each guest size, each VMM boots the test guest (its init runs a workload that prints a line
 every 200 ms), pauses it and snapshots it (create time, file sizes); then restores it in fresh
 processes, alternating between the VMMs: `PUT /snapshot/load` latency, and process start to the
-guest's next workload line (the guest running again).
+guest echoing a line typed on its console right after the load (the guest running again).
 
     bench/snapshot.py [--restores 10] [--sizes 128,1024] [--firecracker PATH]
 
@@ -36,7 +36,7 @@ class Vmm:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([binary, "--api-sock", self.sock, "--id", name], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([binary, "--api-sock", self.sock, "--id", name], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir)
         self.pending = b""
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -99,7 +99,10 @@ def restore(binary, workdir, snap):
     vm = Vmm(binary, workdir, "restored")
     load_ms = vm.api("PUT", "/snapshot/load", {"snapshot_path": snap["state"], "resume_vm": True,
                                                "mem_backend": {"backend_type": "File", "backend_path": snap["memory"]}})
-    running_ms = vm.wait_line(b"LKVM-WORK", 60) * 1000
+    # The guest answers console input at once, where its own output follows its timers.
+    vm.proc.stdin.write(b"ping\n")
+    vm.proc.stdin.flush()
+    running_ms = vm.wait_line(b"LKVM-RESULT echo=ping", 60) * 1000
     vm.end()
     return {"load_ms": load_ms, "running_ms": running_ms}
 

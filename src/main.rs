@@ -7,8 +7,10 @@ use clap::Parser;
 use lkvm::api::{self, Api};
 use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
-use lkvm::config::VmConfig;
-use lkvm::control::{self, Command as Request};
+use lkvm::config::{ConsoleDevice, VmConfig};
+use lkvm::control::{self, Command as Request, Controller};
+use lkvm::rootfs::warm::{self, WarmCache};
+use lkvm::snapshot;
 use lkvm::vmm::exit::VmExit;
 use lkvm::vmm::Vm;
 use lkvm::{logging, rootfs};
@@ -59,7 +61,12 @@ fn boot_with_api(config: VmConfig, started: Instant, api_sock: Option<&Path>) ->
 }
 
 /// Runs a built VM until it ends, reachable through the control socket and the API.
-fn serve(mut vm: Vm, api_sock: Option<&Path>) -> ExitCode {
+fn serve(vm: Vm, api_sock: Option<&Path>) -> ExitCode {
+    serve_with(vm, api_sock, |_| Ok(()))
+}
+
+/// Like `serve`, running `started` once the VM runs; if it fails, the VM is stopped.
+fn serve_with(mut vm: Vm, api_sock: Option<&Path>, started: impl FnOnce(&mut Vm) -> Result<(), String>) -> ExitCode {
     let config = vm.handle().config();
     let (name, transport, described) = (config.name.clone(), config.transport, FullConfig::describe(&config));
     let _control_socket = match control::Server::start(&name, vm.handle()) {
@@ -78,6 +85,11 @@ fn serve(mut vm: Vm, api_sock: Option<&Path>) -> ExitCode {
     };
     if let Err(e) = vm.start() {
         return fail(&e.to_string());
+    }
+    if let Err(e) = started(&mut vm) {
+        vm.handle().end(VmExit::Stopped);
+        vm.wait();
+        return fail(&e);
     }
     exit_status(&vm.wait())
 }
@@ -115,9 +127,13 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(job) => job,
         Err(e) => return fail(&format!("{}: {e}", root.display())),
     };
-    let params = config.boot.params.take().unwrap_or_default();
-    config.boot.params = Some(format!("{params} {}", job.param()));
-    let vm_status = boot(config, started);
+    let vm_status = if args.cold || config.console != ConsoleDevice::Serial {
+        let params = config.boot.params.take().unwrap_or_default();
+        config.boot.params = Some(format!("{params} {}", job.param()));
+        boot(config, started)
+    } else {
+        warm_sandbox(config, &root, &job, started)
+    };
     if vm_status != ExitCode::SUCCESS {
         return vm_status;
     }
@@ -125,6 +141,62 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Some(status) => ExitCode::from(status),
         None => fail("the guest ended before the command did: no exit status"),
     }
+}
+
+/// Runs a sandbox from the snapshot of a guest ready for a job, taking that snapshot first if
+/// the cache has none for this configuration.
+fn warm_sandbox(mut config: VmConfig, root: &Path, job: &rootfs::SandboxJob, started: Instant) -> ExitCode {
+    let cache = match WarmCache::for_config(&config) {
+        Ok(cache) => cache,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let hand_over = |vm: &mut Vm| {
+        vm.handle().type_on_console(format!("{}\n", job.id()).as_bytes())?;
+        vm.release_console_input().map_err(|e| e.to_string())
+    };
+    if cache.is_filled() {
+        match Vm::restore(&cache.restore_spec(&config.name), started) {
+            Ok(mut vm) => {
+                vm.hold_console_input();
+                return serve_with(vm, None, hand_over);
+            }
+            Err(e) => {
+                tracing::warn!("{}: {e}; booting instead", cache.dir().display());
+                cache.discard();
+            }
+        }
+    }
+    let nonce = std::process::id().to_string();
+    let ready = warm::ready_file(root, &nonce);
+    if let Err(e) = std::fs::write(&ready, b"") {
+        return fail(&format!("{}: {e}", ready.display()));
+    }
+    let params = config.boot.params.take().unwrap_or_default();
+    config.boot.params = Some(format!("{params} {}", warm::ready_param(&nonce)));
+    let mut vm = match Vm::build(config, started) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&e.to_string()),
+    };
+    vm.hold_console_input();
+    serve_with(vm, None, |vm| {
+        while ready.exists() {
+            if vm.has_ended() {
+                let _ = std::fs::remove_file(&ready);
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let handle = vm.handle();
+        handle.pause()?;
+        let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
+        let written = handle.write_snapshot(&staging.join(snapshot::STATE_FILE), &staging.join(snapshot::MEMORY_FILE));
+        match written.and_then(|_| cache.publish(&staging).map_err(|e| e.to_string())) {
+            Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),
+            Err(e) => tracing::warn!("no warm sandbox snapshot: {e}"),
+        }
+        handle.resume()?;
+        hand_over(vm)
+    })
 }
 
 fn fail(msg: &str) -> ExitCode {

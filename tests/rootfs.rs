@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::*;
 
 fn home_env(home: &std::path::Path) -> Vec<(&'static str, String)> {
-    vec![("HOME", home.to_str().unwrap().to_string())]
+    // The warm sandbox cache follows XDG_CACHE_HOME when it is set: keep it under HOME here.
+    vec![("HOME", home.to_str().unwrap().to_string()), ("XDG_CACHE_HOME", String::new())]
 }
 
 #[test]
@@ -76,6 +77,29 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     let rootfs = home.join(".lkvm/sbx");
     assert_eq!(std::fs::read_to_string(rootfs.join("root/made")).unwrap(), "made\n");
     assert_eq!(std::fs::read_dir(rootfs.join("virt/sandbox")).unwrap().count(), 0, "the job was cleaned up");
+
+    // The first sandbox left a snapshot of a guest ready for a job; the next one starts from it
+    // and still returns its command's output and status. --cold boots.
+    let cache = home.join(".cache/lkvm/sandbox");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "one warm snapshot");
+    let sandbox = |extra: &str, script: &str| {
+        let shell = format!(
+            "cd {} && exec {} sandbox {extra} -d sbx -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}'",
+            work.display(),
+            lkvm(),
+            guest().vmlinux.display()
+        );
+        run_command_env("/bin/sh", &["-c", &shell], &env, boot_timeout(), |_| {})
+    };
+    let warm = sandbox("--loglevel info", "cat data.txt; echo warm-$((2+3)) >&2; exit 5");
+    assert_eq!(warm.code, Some(5), "{}", warm.describe());
+    assert!(warm.stdout.contains("data-in-the-cwd") && warm.stdout.contains("warm-5"), "{}", warm.describe());
+    assert!(warm.stderr.contains("restored the snapshot"), "no boot: {}", warm.describe());
+    let cold = sandbox("--cold", "echo cold; exit 0");
+    assert_eq!(cold.code, Some(0), "{}", cold.describe());
+    assert!(cold.stdout.contains("cold"), "{}", cold.describe());
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "--cold neither uses nor adds snapshots");
+    assert_eq!(std::fs::read_dir(rootfs.join("virt/sandbox")).unwrap().count(), 0, "jobs cleaned up");
     std::fs::remove_dir_all(home).unwrap();
     std::fs::remove_dir_all(work).unwrap();
 }

@@ -53,13 +53,13 @@ impl Console {
         self.input.write_all(format!("{line}\n").as_bytes()).unwrap();
     }
 
-    /// The `LKVM-WORK n token` lines so far, as (n, token).
-    fn work(&self) -> Vec<(u64, String)> {
+    /// The `LKVM-WORK n token ms tsc` lines so far, as (n, token, ms since the workload began).
+    fn work(&self) -> Vec<(u64, String, u64)> {
         self.text()
             .lines()
             .filter_map(|l| {
                 let mut words = l.trim().strip_prefix("LKVM-WORK ")?.split_whitespace();
-                Some((words.next()?.parse().ok()?, words.next()?.to_string()))
+                Some((words.next()?.parse().ok()?, words.next()?.to_string(), words.next()?.parse().ok()?))
             })
             .collect()
     }
@@ -140,7 +140,7 @@ fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
     // Snapshot while it runs: it pauses, writes, and carries on.
     let (code, out, err) = lkvm_ctl(&home, &["snapshot", "-n", "snap-orig", snap.to_str().unwrap()]);
     assert!(code == 0 && out.contains("snapshot in"), "{out}{err}");
-    let last_before = original.work().last().unwrap().0;
+    let (last_before, _, last_before_ms) = original.work().last().unwrap().clone();
     original
         .wait_for("work after the snapshot", Duration::from_secs(60), |c| c.work().last().unwrap().0 > last_before + 2);
     // The disk write the guest synced before the snapshot is in the image.
@@ -170,17 +170,20 @@ fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
     let (code, _, err) = lkvm_ctl(&home, &strs(&with_machine_options));
     assert_eq!(code, 2, "--restore takes no machine options: {err}");
 
-    // Two clones at once, each carrying on from the snapshot with the same token.
+    // Two clones at once, each carrying on from the snapshot with the same token. The snapshot
+    // is a few seconds old at least, so a guest clock that jumped would show it.
+    std::thread::sleep(Duration::from_secs(5));
     let mut a = Console::start(&home, &strs(&restore_args(&snap, "clone-a")));
     let mut b = Console::start(&home, &strs(&restore_args(&snap, "clone-b")));
     for clone in [&mut a, &mut b] {
         clone.wait_for("restored work", Duration::from_secs(120), |c| c.work().len() >= 3);
         let work = clone.work();
-        assert!(work.iter().all(|(_, t)| *t == token), "another guest's token: {work:?}");
+        assert!(work.iter().all(|(_, t, _)| *t == token), "another guest's token: {work:?}");
         assert!(
             work[0].0 > 0 && work[0].0 <= last_before + 1,
             "continued from the snapshot: {work:?} vs {last_before}"
         );
+        assert!(work[0].2 <= last_before_ms + 2000, "the guest's clock jumped: {work:?} vs {last_before_ms} ms");
     }
     // The clones are independent: console input reaches only the one typed into; pausing one
     // stops only it.

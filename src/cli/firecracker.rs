@@ -148,11 +148,9 @@ fn start(config: VmConfig, started: Instant) -> Result<(Vm, control::Server), St
 
 /// Restores a snapshot on this thread; it runs at once if `resume`, else stays paused.
 fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<(Vm, control::Server), String> {
-    let begun = Instant::now();
     let mut vm = Vm::restore(spec, started).map_err(|e| e.to_string())?;
     let handle: Arc<dyn control::Controller> = vm.handle();
     let control = control::Server::start(&spec.name, handle)?;
     if resume { vm.start() } else { vm.start_paused() }.map_err(|e| e.to_string())?;
-    tracing::info!("snapshot restored in {} us", begun.elapsed().as_micros());
     Ok((vm, control))
 }

@@ -100,6 +100,9 @@ pub struct RunArgs {
 pub struct SandboxArgs {
     #[command(flatten)]
     pub run: RunArgs,
+    /// Boot the guest instead of restoring the cached snapshot of a ready one (see README)
+    #[arg(long)]
+    pub cold: bool,
     /// The command to run in the guest, and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -1,6 +1,8 @@
 //! kvmtool's zero-setup guest: `~/.lkvm/NAME/`, a root directory served over 9p whose /bin,
 //! /lib, /usr... point into /host (the host's / shared read-only), with our init as /virt/init.
 
+pub mod warm;
+
 use std::fs;
 use std::io;
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
@@ -164,6 +166,11 @@ impl SandboxJob {
             write_new(&job.dir.join("raw"), b"")?;
         }
         Ok(job)
+    }
+
+    /// The job's ID, which the guest's init looks up in /virt/sandbox.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The kernel parameter that tells init to run this job.

@@ -144,6 +144,15 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Types `text` on the guest's serial console, as if from the terminal.
+    pub fn type_on_console(&self, text: &[u8]) -> Result<(), String> {
+        match self.registry.get(super::device_manager::COM1_ID) {
+            Some(DeviceEntry::Serial(com1)) if com1.lock().unwrap().receive(text) == text.len() => Ok(()),
+            Some(DeviceEntry::Serial(_)) => Err("the guest's serial console has no room for the input".into()),
+            _ => Err("the guest has no serial console".into()),
+        }
+    }
+
     /// Presses Ctrl+Alt+Del on the guest's keyboard.
     pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
         match self.registry.get(super::device_manager::KEYBOARD_ID) {

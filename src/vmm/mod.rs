@@ -158,6 +158,10 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     exits: Receiver<VmExit>,
     console_input: Option<device_manager::ConsoleInput>,
+    /// The terminal reaches the console only once released (`hold_console_input`).
+    console_held: bool,
+    /// How the VM ended, if that was seen before `wait`.
+    ended: Option<VmExit>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
     _mem: GuestMemoryMmap,
     _vm: Arc<VmFd>,
@@ -179,7 +183,10 @@ impl Vm {
         for (id, value) in &spec.overrides {
             state.config.override_host_resource(id, value).map_err(Error::Config)?;
         }
-        Self::assemble(state.config.clone(), started, Origin::Snapshot(&state, &spec.memory))
+        let begun = Instant::now();
+        let vm = Self::assemble(state.config.clone(), started, Origin::Snapshot(&state, &spec.memory))?;
+        tracing::info!("restored the snapshot {} in {} us", spec.state.display(), begun.elapsed().as_micros());
+        Ok(vm)
     }
 
     fn assemble(config: VmConfig, started: Instant, origin: Origin) -> Result<Vm, Error> {
@@ -291,6 +298,8 @@ impl Vm {
             threads: Vec::new(),
             exits,
             console_input: Some(devices.console_input),
+            console_held: false,
+            ended: None,
             _mem: mem,
             _vm: vm,
         })
@@ -329,16 +338,37 @@ impl Vm {
             self.threads.push(thread);
         }
         self.handle.vcpus.set_threads(self.threads.iter().map(|t| t.as_pthread_t()).collect());
-        if let Some(input) = self.console_input.take() {
-            spawn_console_input(input, self.handle.clone())?;
+        if !self.console_held {
+            self.release_console_input()?;
         }
         Ok(())
     }
 
+    /// Keeps the terminal's input from the guest until `release_console_input`, so that what
+    /// lkvm types on the console first (a sandbox's job) comes first.
+    pub fn hold_console_input(&mut self) {
+        self.console_held = true;
+    }
+
+    pub fn release_console_input(&mut self) -> Result<(), Error> {
+        match self.console_input.take() {
+            Some(input) => spawn_console_input(input, self.handle.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the VM has ended (without waiting); `wait` then returns how.
+    pub fn has_ended(&mut self) -> bool {
+        if self.ended.is_none() {
+            self.ended = self.exits.try_recv().ok();
+        }
+        self.ended.is_some()
+    }
+
     /// Waits until the guest or the user ends the VM, then stops every vCPU.
-    pub fn wait(self) -> VmExit {
+    pub fn wait(mut self) -> VmExit {
         let _raw_terminal = term::RawMode::stdin();
-        let reason = self.exits.recv().unwrap_or(VmExit::Stopped);
+        let reason = self.ended.take().or_else(|| self.exits.recv().ok()).unwrap_or(VmExit::Stopped);
         self.handle.vcpus.stop();
         for thread in self.threads {
             let _ = thread.join();

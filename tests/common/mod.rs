@@ -274,9 +274,11 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Guest parameters this kind of host needs (see shared/GUEST.md): its nested KVM emulates
-/// guest kernel code and ignores CPUID, so features the emulator cannot run are hidden here.
+/// guest kernel code and ignores CPUID, so features the emulator cannot run are hidden here;
+/// and the guest's TSC reads the host's whatever offset KVM is given, so a restored guest's
+/// TSC jumps by the time it was away: kvm-clock, which KVM_SET_CLOCK restores, keeps time.
 pub const HOST_GUEST_PARAMS: &str =
-    "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 quiet";
+    "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 clocksource=kvm-clock quiet";
 
 /// Linux boots take about a minute here; one at a time, or they slow each other down.
 pub fn boot_lock() -> std::sync::MutexGuard<'static, ()> {

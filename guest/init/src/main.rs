@@ -600,9 +600,12 @@ fn snap_work(seconds: &str) {
         }
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds.parse().unwrap_or(600));
-    let mut count = 0u64;
+    let (mut count, started) = (0u64, std::time::Instant::now());
     while std::time::Instant::now() < deadline && done.try_recv().is_err() {
-        println!("LKVM-WORK {count} {token}");
+        // The guest's two clocks, so a test can see that a restore did not move them.
+        // SAFETY: rdtsc has no preconditions.
+        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        println!("LKVM-WORK {count} {token} {} {tsc}", started.elapsed().as_millis());
         count += 1;
         std::thread::sleep(std::time::Duration::from_millis(200));
     }

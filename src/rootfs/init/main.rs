@@ -9,6 +9,9 @@
 //! `lkvm.sandbox=ID` on the kernel command line the command lkvm left in /virt/sandbox/ID
 //! (`argv`: NUL-separated; `cwd`; `raw`: present when lkvm's output is not a terminal), whose
 //! exit status it writes to /virt/sandbox/ID/status. Then it syncs and reboots, which ends the VM.
+//! With `lkvm.sandbox=warm:NONCE` it first gets ready, removes /virt/sandbox/ready-NONCE and
+//! reads the job's ID as one line from the console (not echoed): lkvm snapshots the guest while
+//! it waits there, and each later sandbox restores that snapshot and types its own job's ID.
 
 use std::ffi::{c_char, c_int, c_ulong, c_void, CString};
 use std::os::unix::process::CommandExt;
@@ -39,6 +42,7 @@ const IFF_UP: i16 = 1;
 const AF_INET: c_int = 2;
 const SOCK_DGRAM: c_int = 2;
 const OPOST: u32 = 1;
+const ECHO: u32 = 0o10;
 const TCSANOW: c_int = 0;
 
 /// glibc's struct termios on x86_64.
@@ -102,9 +106,47 @@ fn raw_output() {
     }
 }
 
-fn sandbox_id() -> Option<String> {
+/// The value of `lkvm.sandbox=`, if this guest runs a sandbox job.
+fn sandbox_param() -> Option<String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
     cmdline.split_whitespace().find_map(|p| p.strip_prefix("lkvm.sandbox=")).map(str::to_string)
+}
+
+/// The job's ID: given on the command line, or typed by lkvm once the guest is ready.
+fn job_id(param: &str) -> Option<String> {
+    match param.strip_prefix("warm:") {
+        Some(nonce) => wait_for_job(nonce),
+        None => Some(param.to_string()),
+    }
+}
+
+/// Turns the console's echo off or on: a job ID typed by lkvm must not show in the output.
+fn set_echo(on: bool) {
+    // SAFETY: termios is plain data that tcgetattr fills before tcsetattr reads it.
+    unsafe {
+        let mut termios: Termios = std::mem::zeroed();
+        if tcgetattr(0, &mut termios) == 0 {
+            termios.lflag = if on { termios.lflag | ECHO } else { termios.lflag & !ECHO };
+            tcsetattr(0, TCSANOW, &termios);
+        }
+    }
+}
+
+/// Says it is ready (by removing the file lkvm made for that: one 9P request, which leaves no
+/// file open in the snapshot), then reads the job's ID from the console.
+fn wait_for_job(nonce: &str) -> Option<String> {
+    set_echo(false);
+    let ready = format!("/virt/sandbox/ready-{nonce}");
+    if let Err(e) = std::fs::remove_file(&ready) {
+        eprintln!("lkvm init: cannot signal readiness by removing {ready}: {e}");
+        return None;
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().read_line(&mut line);
+    set_echo(true);
+    read.ok()?;
+    let id = line.trim();
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then(|| id.to_string())
 }
 
 /// Runs `command` as the console's session leader (so Ctrl-C reaches it), reaps every
@@ -176,10 +218,13 @@ fn main() {
     std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     std::env::set_var("HOME", "/root");
     std::env::set_var("TERM", "linux");
-    match sandbox_id() {
-        Some(id) => {
-            sandbox(&id);
-        }
+    match sandbox_param() {
+        Some(param) => match job_id(&param) {
+            Some(id) => {
+                sandbox(&id);
+            }
+            None => eprintln!("lkvm init: no sandbox job was handed over"),
+        },
         None => {
             let mut shell = Command::new("/bin/sh");
             shell.current_dir("/root");
