@@ -210,14 +210,15 @@ impl Share {
         true
     }
 
-    /// Sends the server one message of lkvm's own and tells whether it succeeded; the guest's
-    /// fid tracking follows it as if the guest had sent it.
+    /// Sends the server one message rebuilt from a snapshot and tells whether it succeeded. It
+    /// is vetted as a guest's would be (a snapshot file could name `..`), and the fid tracking
+    /// follows it as if the guest had sent it.
     fn replay(&mut self, kind: u8, body: &[u8]) -> bool {
         let mut message = ((7 + body.len()) as u32).to_le_bytes().to_vec();
         message.extend_from_slice(&[kind, 0xff, 0xff]);
         message.extend_from_slice(body);
         let mut reply = Vec::new();
-        if self.server.handle_message(&mut &message[..], &mut reply).is_err() {
+        if self.vet(&mut message).is_err() || self.server.handle_message(&mut &message[..], &mut reply).is_err() {
             return false;
         }
         let answered = reply.get(4).is_some_and(|k| *k != RLERROR);

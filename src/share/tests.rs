@@ -458,6 +458,10 @@ fn a_saved_session_reopens_its_fids_by_path_on_a_new_server() {
     assert_eq!(restored.read(2, 0, 64), b"created");
     restored.write(1, 0, b"KEPT").unwrap();
     assert_eq!(fs::read(share.join("a/b/data")).unwrap(), b"KEPT by the host", "reopened for writing");
+    // A session naming a path out of the share (a crafted snapshot) gets no fid.
+    let outside = Session { msize: 65536, fids: vec![(9, PathBuf::from("../outside/secret"), Some(0))] };
+    restored.share.resume_session(&outside);
+    assert_eq!(restored.call(TGETATTR, Msg::default().u32(9).u64(P9_GETATTR_BASIC)), Err(libc::EBADF as u32));
     // A fid whose file was deleted meanwhile is unknown to the new server.
     assert_eq!(restored.call(TGETATTR, Msg::default().u32(3).u64(P9_GETATTR_BASIC)), Err(libc::EBADF as u32));
     assert_eq!(fs::read(share.join("a/new")).unwrap(), b"created");
