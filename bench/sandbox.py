@@ -19,7 +19,7 @@ from common import GUEST, HOST_PARAMS, LKVM  # noqa: E402
 
 
 def sandbox(home, extra, command):
-    args = [LKVM, "sandbox", *extra, "-d", "bench", "-k", os.path.join(GUEST, "vmlinux"), "-m", "256", "-c", "1",
+    args = [LKVM, "sandbox", *extra, "-d", "lkvm-sandbox-bench", "-k", os.path.join(GUEST, "vmlinux"), "-m", "256", "-c", "1",
             "-p", HOST_PARAMS, "--", *command]
     env = dict(os.environ, HOME=home, XDG_CACHE_HOME="")
     start = time.monotonic()
@@ -34,7 +34,7 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="lkvm-sandbox-bench-")
-    subprocess.run([LKVM, "setup", "bench"], env=dict(os.environ, HOME=home), check=True, capture_output=True)
+    subprocess.run([LKVM, "setup", "lkvm-sandbox-bench"], env=dict(os.environ, HOME=home), check=True, capture_output=True)
     fill = sandbox(home, [], ["true"])
     print(f"first warm run (boots, snapshots the ready guest, runs the job): {fill:.1f} s")
     print("| command | cold (s) | warm (s) | warm / cold |")
