@@ -86,15 +86,20 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     codec().deserialize(bytes).map_err(|e| format!("undecodable device state: {e}"))
 }
 
-/// Writes the state file (to a temporary name first, so a failed snapshot leaves no half file).
-pub fn write_state(path: &Path, state: &VmState) -> Result<(), Error> {
-    let payload = encode(state);
+/// A state file's bytes: the header (magic, version, length, checksum), then `payload`.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc64::crc64(0, &payload).to_le_bytes());
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(&crc64::crc64(0, payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// Writes the state file (to a temporary name first, so a failed snapshot leaves no half file).
+pub fn write_state(path: &Path, state: &VmState) -> Result<(), Error> {
+    let bytes = frame(&encode(state));
     let partial = path.with_extension("partial");
     let fail = |e| Error::Io(path.to_path_buf(), e);
     let mut file = File::create(&partial).map_err(fail)?;
