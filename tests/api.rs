@@ -198,9 +198,12 @@ fn api_snapshot_create_and_load_follow_firecrackers_rules() {
         .contains("after the microVM was configured"));
     refused.child.kill().unwrap();
     let (sock, damaged) = start("damaged");
-    let uffd =
-        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x.sock"}});
-    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&uffd.to_string())), 400).contains("Uffd"));
+    let uffd = |path: &Path| {
+        let backend = serde_json::json!({"backend_type": "Uffd", "backend_path": path});
+        serde_json::json!({"snapshot_path": state, "mem_backend": backend, "resume_vm": true}).to_string()
+    };
+    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&uffd(Path::new("/x.sock")))), 400)
+        .contains("no page-fault handler listening"));
     let truncated = write_file(&dir, "truncated.state", &std::fs::read(&state).unwrap()[..100]);
     let body = serde_json::json!({"snapshot_path": truncated, "mem_file_path": memory}).to_string();
     assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)), 400).contains("truncated"));
@@ -227,11 +230,85 @@ fn api_snapshot_create_and_load_follow_firecrackers_rules() {
     wait_for("the first clone still running", Duration::from_secs(20), || {
         damaged.output.load(Ordering::SeqCst) > running
     });
-    for (name, mut clone) in [("damaged", damaged), ("paused", paused)] {
+    // The Uffd backend: a page-fault handler (here, in this test) gets the userfaultfd and the
+    // layout, as Firecracker's handlers do, and fills each page the guest or KVM touches.
+    let handler_sock = dir.join("uffd.sock");
+    let handler = PageFaultHandler::start(&handler_sock, &memory);
+    let (uffd_sock, lazy) = start("lazy");
+    assert_eq!(curl(&uffd_sock, "PUT", "/snapshot/load", Some(&uffd(&handler_sock))).0, 204);
+    wait_for("the Uffd-restored guest's output", Duration::from_secs(20), || lazy.output.load(Ordering::SeqCst) > 0);
+    assert!(handler.pages_served() > 0);
+    for (name, mut clone) in [("damaged", damaged), ("paused", paused), ("lazy", lazy)] {
         assert_eq!(lkvm_ctl(&dir, &["stop", "-n", name]).0, 0);
         assert_eq!(clone.child.wait().unwrap().code(), Some(0));
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A page-fault handler speaking Firecracker's Uffd protocol: it accepts one VMM, takes the
+/// userfaultfd and the regions' layout (JSON) it sends, and copies each faulting page in from the
+/// snapshot's memory file.
+struct PageFaultHandler {
+    served: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PageFaultHandler {
+    fn start(socket: &Path, memory: &Path) -> PageFaultHandler {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        let memory = std::fs::read(memory).unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut layout = vec![0u8; 4096];
+            let (len, uffd) = stream.recv_with_fd(&mut layout).unwrap();
+            let uffd = uffd.expect("a userfaultfd");
+            let regions: Vec<serde_json::Value> = serde_json::from_slice(&layout[..len]).unwrap();
+            let region_of = |address: u64| {
+                regions.iter().find_map(|r| {
+                    let (base, size) = (r["base_host_virt_addr"].as_u64()?, r["size"].as_u64()?);
+                    (base..base + size).contains(&address).then(|| (base, r["offset"].as_u64().unwrap()))
+                })
+            };
+            loop {
+                let mut poll = libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one pollfd that lives across the call.
+                if unsafe { libc::poll(&mut poll, 1, -1) } < 0 || poll.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    return;
+                }
+                // struct uffd_msg: event (u8) at 0; for page faults, the address at 16.
+                let mut message = [0u8; 32];
+                // SAFETY: reads at most 32 bytes into the buffer.
+                let n = unsafe { libc::read(uffd.as_raw_fd(), message.as_mut_ptr().cast(), message.len()) };
+                if n <= 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
+                    return; // the VMM is gone
+                }
+                if n != 32 || u32::from(message[0]) != linux_raw_sys::general::UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let address = u64::from_le_bytes(message[16..24].try_into().unwrap()) & !4095;
+                let Some((base, offset)) = region_of(address) else { continue };
+                let source = &memory[(offset + address - base) as usize..][..4096];
+                let mut copy = linux_raw_sys::general::uffdio_copy {
+                    dst: address,
+                    src: source.as_ptr() as u64,
+                    len: 4096,
+                    mode: 0,
+                    copy: 0,
+                };
+                // SAFETY: UFFDIO_COPY of one page from our buffer into the registered range.
+                unsafe { libc::ioctl(uffd.as_raw_fd(), linux_raw_sys::ioctl::UFFDIO_COPY as _, &mut copy) };
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        PageFaultHandler { served }
+    }
+
+    fn pages_served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
 }
 
 /// One Linux boot configured and driven through the API: what the guest sees (vCPUs, memory,

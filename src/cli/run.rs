@@ -173,7 +173,7 @@ impl RunArgs {
         crate::control::check_name(&name)?;
         Ok(crate::vmm::RestoreSpec {
             state: dir.join(crate::snapshot::STATE_FILE),
-            memory: dir.join(crate::snapshot::MEMORY_FILE),
+            memory: crate::snapshot::MemoryBackend::File(dir.join(crate::snapshot::MEMORY_FILE)),
             name,
             overrides,
         })

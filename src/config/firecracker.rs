@@ -12,6 +12,7 @@ use super::{
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::disk::DiskSpec;
 use crate::net::{parse_mac, NetMode, NetSpec};
+use crate::snapshot::MemoryBackend;
 
 /// Firecracker's vCPU limit; lkvm's MP table allows more, but this is the API's contract.
 pub const MAX_VCPUS: u8 = 32;
@@ -202,8 +203,8 @@ pub struct SnapshotLoad {
 }
 
 impl SnapshotLoad {
-    /// The memory file, once the request is checked against what lkvm supports.
-    pub fn memory_file(&self) -> Result<PathBuf, String> {
+    /// Where the memory comes from, once the request is checked against what lkvm supports.
+    pub fn memory_backend(&self) -> Result<MemoryBackend, String> {
         if self.enable_diff_snapshots || self.track_dirty_pages {
             return Err("diff snapshots (dirty page tracking) are not supported by lkvm".into());
         }
@@ -211,10 +212,12 @@ impl SnapshotLoad {
             return Err("vsock is not supported by lkvm yet: no vsock_override".into());
         }
         match (&self.mem_file_path, &self.mem_backend) {
-            (Some(path), None) => Ok(path.clone()),
-            (None, Some(backend)) if backend.backend_type == "File" => Ok(backend.backend_path.clone()),
+            (Some(path), None) => Ok(MemoryBackend::File(path.clone())),
+            (None, Some(backend)) if backend.backend_type == "File" => {
+                Ok(MemoryBackend::File(backend.backend_path.clone()))
+            }
             (None, Some(backend)) if backend.backend_type == "Uffd" => {
-                Err("the Uffd memory backend is not supported by lkvm yet; use File".into())
+                Ok(MemoryBackend::Uffd(backend.backend_path.clone()))
             }
             (None, Some(backend)) => Err(format!("unknown backend_type '{}' (File or Uffd)", backend.backend_type)),
             _ => Err("give exactly one of mem_backend and mem_file_path".into()),

@@ -11,7 +11,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -265,7 +265,13 @@ pub fn running_guests() -> Vec<(String, Response)> {
 /// Listens for control requests for guest `name` until the process exits.
 pub struct Server {
     path: PathBuf,
+    /// Whether a request is being answered: a `stop` ends the VM before its answer is written,
+    /// and the process must not exit before that.
+    answering: Arc<(Mutex<bool>, Condvar)>,
 }
+
+/// How long a dropped server waits for the answer in progress.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 impl Server {
     pub fn start(name: &str, controller: Arc<dyn Controller>) -> Result<Server, String> {
@@ -288,13 +294,18 @@ impl Server {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let name = name.to_string();
+        let answering = Arc::new((Mutex::new(false), Condvar::new()));
+        let busy = answering.clone();
         crate::thread::spawn(crate::thread::ThreadKind::Control, "control".into(), move || {
             for stream in listener.incoming().flatten() {
+                *busy.0.lock().unwrap() = true;
                 serve(stream, &name, &*controller);
+                *busy.0.lock().unwrap() = false;
+                busy.1.notify_all();
             }
         })
         .map_err(|e| format!("control thread: {e}"))?;
-        Ok(Server { path })
+        Ok(Server { path, answering })
     }
 }
 
@@ -314,13 +325,14 @@ fn serve(stream: UnixStream, name: &str, controller: &dyn Controller) {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let (answering, done) = &*self.answering;
+        let _ = done.wait_timeout_while(answering.lock().unwrap(), ANSWER_GRACE, |busy| *busy);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     #[derive(Default)]
     struct Fake {

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::VmConfig;
-use crate::snapshot::{MEMORY_FILE, STATE_FILE};
+use crate::snapshot::{MemoryBackend, MEMORY_FILE, STATE_FILE};
 use crate::vmm::RestoreSpec;
 
 /// One cache entry: a directory holding a snapshot's state and memory files.
@@ -58,7 +58,7 @@ impl WarmCache {
     pub fn restore_spec(&self, name: &str) -> RestoreSpec {
         RestoreSpec {
             state: self.dir.join(STATE_FILE),
-            memory: self.dir.join(MEMORY_FILE),
+            memory: MemoryBackend::File(self.dir.join(MEMORY_FILE)),
             name: name.to_string(),
             overrides: Vec::new(),
         }

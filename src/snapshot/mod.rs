@@ -4,6 +4,7 @@
 //! one snapshot share the host's page cache.
 
 pub mod memory;
+pub mod uffd;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -69,6 +70,17 @@ pub enum Error {
     Corrupt(PathBuf, String),
     #[error("{path}: the memory file holds {found} bytes, the snapshot's guest has {expected}")]
     MemorySize { path: PathBuf, expected: u64, found: u64 },
+    #[error("{0}: Uffd memory backend: {1}")]
+    Uffd(PathBuf, String),
+}
+
+/// Where a restored guest's memory comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// The memory file, mapped copy-on-write.
+    File(PathBuf),
+    /// A page-fault handler listening on this UNIX socket (Firecracker's Uffd backend).
+    Uffd(PathBuf),
 }
 
 /// bincode with a size limit, so a hostile length field cannot make the decoder allocate.

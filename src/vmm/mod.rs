@@ -10,7 +10,7 @@ pub mod vcpu;
 
 use std::io;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,7 +30,7 @@ use crate::config::{cmdline, VmConfig};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
 use crate::share::{self, Share};
-use crate::snapshot::{self, VmState};
+use crate::snapshot::{self, MemoryBackend, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
 use exit::VmExit;
@@ -138,14 +138,14 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mem_size: u64) -> Result<()
 enum Origin<'a> {
     /// Fresh memory, the kernel loaded into it, vCPUs at its entry point.
     Boot,
-    /// A snapshot's state, and its memory file mapped copy-on-write.
-    Snapshot(&'a VmState, &'a Path),
+    /// A snapshot's state, and its memory from a file or a page-fault handler.
+    Snapshot(&'a VmState, &'a MemoryBackend),
 }
 
 /// A snapshot to restore, under which name, with which host resources replaced.
 pub struct RestoreSpec {
     pub state: PathBuf,
-    pub memory: PathBuf,
+    pub memory: MemoryBackend,
     pub name: String,
     /// (device id, new drive image path or tap name)
     pub overrides: Vec<(String, String)>,
@@ -162,6 +162,8 @@ pub struct Vm {
     console_held: bool,
     /// How the VM ended, if that was seen before `wait`.
     ended: Option<VmExit>,
+    /// The userfaultfd a page-fault handler fills guest memory through (Uffd restores).
+    _uffd: Option<std::os::fd::OwnedFd>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
     _mem: GuestMemoryMmap,
     _vm: Arc<VmFd>,
@@ -225,11 +227,15 @@ impl Vm {
             .map_err(kvm_err("create PIT"))?;
         let ranges: Vec<(GuestAddress, usize)> =
             ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
-        let mem = match origin {
+        let (mem, uffd) = match origin {
             Origin::Boot => {
-                GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?
+                (GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?, None)
             }
-            Origin::Snapshot(_, path) => snapshot::memory::map(path, &ranges)?,
+            Origin::Snapshot(_, MemoryBackend::File(path)) => (snapshot::memory::map(path, &ranges)?, None),
+            Origin::Snapshot(_, MemoryBackend::Uffd(handler)) => {
+                let (mem, uffd) = snapshot::uffd::map(handler, &ranges)?;
+                (mem, Some(uffd))
+            }
         };
         register_memory(&vm, &mem, mem_size)?;
         let msrs =
@@ -300,6 +306,7 @@ impl Vm {
             console_input: Some(devices.console_input),
             console_held: false,
             ended: None,
+            _uffd: uffd,
             _mem: mem,
             _vm: vm,
         })
