@@ -445,7 +445,7 @@ fn drive_linux_through_the_api() {
     assert!(out.stdout.contains("LKVM-DONE"), "{}", out.describe());
     assert_eq!(out.result("cpus").as_deref(), Some("2"));
     let mem_kb: u64 = out.result("memtotal_kb").unwrap().parse().unwrap();
-    assert!(mem_kb <= 128 * 1024 && mem_kb >= 128 * 1024 * 8 / 10, "MemTotal {mem_kb} kB for 128 MiB");
+    assert!((128 * 1024 * 8 / 10..=128 * 1024).contains(&mem_kb), "MemTotal {mem_kb} kB for 128 MiB");
     let cmdline = out.result("cmdline").unwrap();
     assert!(cmdline.starts_with("console=ttyS0 reboot=k") && !cmdline.contains("root="), "{cmdline}");
     assert_eq!(out.result("read:/dev/vda"), Some(format!("{:016x}", fnv1a(&data))), "{}", out.describe());

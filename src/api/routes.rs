@@ -67,7 +67,10 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Put, "machine-config", None) => {
             let machine: MachineConfiguration = body(request)?;
             machine.check()?;
-            configure(api, |c| Ok(c.machine_config = Some(machine)))
+            configure(api, |c| {
+                c.machine_config = Some(machine);
+                Ok(())
+            })
         }
         (Method::Patch, "machine-config", None) => {
             let patch: MachineConfigurationUpdate = body(request)?;
@@ -80,7 +83,10 @@ fn route(api: &Api, request: &Request) -> Reply {
         }
         (Method::Put, "boot-source", None) => {
             let boot: BootSource = body(request)?;
-            configure(api, |c| Ok(c.boot_source = Some(boot)))
+            configure(api, |c| {
+                c.boot_source = Some(boot);
+                Ok(())
+            })
         }
         (Method::Put, "drives", Some(id)) => {
             let drive: Drive = body(request)?;
@@ -99,7 +105,10 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Put, "balloon", None) => {
             let balloon: Balloon = body(request)?;
             balloon.check()?;
-            configure(api, |c| Ok(c.balloon = Some(balloon)))
+            configure(api, |c| {
+                c.balloon = Some(balloon);
+                Ok(())
+            })
         }
         (Method::Patch, "balloon", None) => update_balloon(api, body(request)?),
         (Method::Get, "balloon", None) => {
@@ -110,7 +119,10 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Get, "balloon/statistics", None) => balloon_statistics(api),
         (Method::Put, "entropy", None) => {
             let entropy: Entropy = body(request)?;
-            configure(api, |c| Ok(c.entropy = Some(entropy)))
+            configure(api, |c| {
+                c.entropy = Some(entropy);
+                Ok(())
+            })
         }
         (Method::Put, "logger", None) => {
             let logger: Logger = body(request)?;

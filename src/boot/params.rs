@@ -32,13 +32,13 @@ pub fn zero_page(
     initrd: Option<InitrdPlacement>,
     e820: &[E820Entry],
 ) -> boot_params {
-    let mut params = boot_params::default();
-    params.hdr = header.unwrap_or_else(|| setup_header {
+    let hdr = header.unwrap_or_else(|| setup_header {
         boot_flag: BOOT_FLAG_MAGIC,
         header: HDR_MAGIC,
         kernel_alignment: KERNEL_ALIGNMENT,
         ..Default::default()
     });
+    let mut params = boot_params { hdr, ..Default::default() };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_len as u32;

@@ -99,7 +99,7 @@ mod tests {
         let mut byte = [0u8; 1];
         bus.read(0x3fd, &mut byte);
         assert_eq!(byte, [5]);
-        bus.write(0x3f8, &[b'x']);
+        bus.write(0x3f8, b"x");
         assert_eq!(dev.lock().unwrap().writes, vec![(0, vec![b'x'])]);
     }
 

@@ -60,7 +60,7 @@ const P9_WRITING_FLAGS: u32 = 0o100 | 0o1000 | 0o2000;
 const P9_NONBLOCK: u32 = 0o4000;
 const P9_SETATTR_MODE: u32 = 1;
 const P9_GETATTR_BASIC: u64 = 0x7ff;
-const SET_ID_BITS: u32 = (libc::S_ISUID | libc::S_ISGID) as u32;
+const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 const QID_SYMLINK: u8 = 0x02;
 const QID_FILE: u8 = 0x00;
 

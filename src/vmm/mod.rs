@@ -10,7 +10,7 @@ pub mod vcpu;
 
 use std::io;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -85,7 +85,8 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
 
 /// Opens the KVM device and checks the capabilities this VMM relies on. Probing /dev/kvm
 /// (not host CPUID flags) is what tells whether KVM works, nested hosts included.
-fn open_kvm(path: &PathBuf) -> Result<Kvm, Error> {
+fn open_kvm(path: &Path) -> Result<Kvm, Error> {
+    let path = path.to_path_buf();
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::KvmDevice { path: path.clone(), reason: "invalid path".into() })?;
     let kvm = Kvm::new_with_path(&c_path).map_err(|e| {

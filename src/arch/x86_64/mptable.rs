@@ -28,7 +28,7 @@ pub const MAX_CPUS: u8 = 254;
 /// Builds the floating pointer structure followed by the configuration table, to be written at
 /// guest physical address `addr`.
 pub fn build(addr: u64, cpus: u8) -> Vec<u8> {
-    assert!(cpus >= 1 && cpus <= MAX_CPUS, "vCPU count checked by the caller");
+    assert!((1..=MAX_CPUS).contains(&cpus), "vCPU count checked by the caller");
     let table_addr = addr + 16;
     let ioapic_id = cpus;
 

@@ -52,7 +52,7 @@ impl PciConfig {
 
     /// A 32-bit, non-prefetchable memory BAR at `addr`; `size` is a power of two.
     pub fn add_memory_bar(&mut self, index: usize, addr: u32, size: u32) {
-        assert!(size.is_power_of_two() && addr % size == 0, "BAR placed by the device manager");
+        assert!(size.is_power_of_two() && addr.is_multiple_of(size), "BAR placed by the device manager");
         self.bars[index] = Bar { addr, size };
     }
 

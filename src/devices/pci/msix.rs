@@ -124,7 +124,7 @@ impl MsixState {
 
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
         // Drivers write whole 32-bit fields (or 64-bit pairs); anything else is ignored.
-        if offset % 4 != 0 || (data.len() != 4 && data.len() != 8) {
+        if !offset.is_multiple_of(4) || (data.len() != 4 && data.len() != 8) {
             return;
         }
         for (i, word) in data.chunks_exact(4).enumerate() {

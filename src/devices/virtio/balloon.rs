@@ -85,12 +85,12 @@ impl BalloonControl {
     }
 
     pub fn target_mib(&self) -> u64 {
-        u64::from(self.target_pages.load(Ordering::SeqCst)) * PAGE_SIZE >> 20
+        (u64::from(self.target_pages.load(Ordering::SeqCst)) * PAGE_SIZE) >> 20
     }
 
     /// Pages the guest says it has given back.
     pub fn actual_mib(&self) -> u64 {
-        u64::from(self.actual_pages.load(Ordering::SeqCst)) * PAGE_SIZE >> 20
+        (u64::from(self.actual_pages.load(Ordering::SeqCst)) * PAGE_SIZE) >> 20
     }
 
     /// Fresh memory statistics from the guest driver.

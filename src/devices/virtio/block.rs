@@ -276,7 +276,8 @@ impl RequestHandler {
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len as u64)?;
-        (len as u64 % SECTOR_SIZE == 0 && end <= self.disk.size() / SECTOR_SIZE * SECTOR_SIZE).then_some(offset)
+        ((len as u64).is_multiple_of(SECTOR_SIZE) && end <= self.disk.size() / SECTOR_SIZE * SECTOR_SIZE)
+            .then_some(offset)
     }
 
     fn discard_or_zero(&mut self, request_type: u32, reader: &mut virtio_queue::Reader) -> Option<()> {

@@ -21,8 +21,11 @@ pub struct P9 {
     config: Vec<u8>,
     /// Outlives the worker: a reset stops serving, the next Tversion starts a new session.
     share: Arc<Mutex<Share>>,
-    worker: Option<Worker<(Queue, GuestMemoryMmap, Arc<dyn Interrupt>, Arc<Mutex<Share>>)>>,
+    worker: Option<Worker<ShareQueue>>,
 }
+
+/// What the worker serves: the request queue, and the share the requests go to.
+type ShareQueue = (Queue, GuestMemoryMmap, Arc<dyn Interrupt>, Arc<Mutex<Share>>);
 
 impl P9 {
     pub fn new(share: Share, tag: &str) -> P9 {

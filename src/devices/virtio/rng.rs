@@ -14,8 +14,10 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Default)]
 pub struct Rng {
-    worker: Option<Worker<(Queue, GuestMemoryMmap, Arc<dyn Interrupt>)>>,
+    worker: Option<Worker<RequestQueue>>,
 }
+
+type RequestQueue = (Queue, GuestMemoryMmap, Arc<dyn Interrupt>);
 
 fn fill_random(buf: &mut [u8]) -> bool {
     let mut done = 0;
