@@ -10,7 +10,6 @@ use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
 use lkvm::control::{self, Command as Request, Controller};
 use lkvm::rootfs::warm::{self, WarmCache};
-use lkvm::snapshot;
 use lkvm::vmm::exit::VmExit;
 use lkvm::vmm::Vm;
 use lkvm::{logging, rootfs};
@@ -65,8 +64,8 @@ fn serve(vm: Vm, api_sock: Option<&Path>) -> ExitCode {
     serve_with(vm, api_sock, |_| Ok(()))
 }
 
-/// Like `serve`, running `started` once the VM runs; if it fails, the VM is stopped.
-fn serve_with(mut vm: Vm, api_sock: Option<&Path>, started: impl FnOnce(&mut Vm) -> Result<(), String>) -> ExitCode {
+/// Like `serve`, running `on_running` once the VM runs; if it fails, the VM is stopped.
+fn serve_with(mut vm: Vm, api_sock: Option<&Path>, on_running: impl FnOnce(&mut Vm) -> Result<(), String>) -> ExitCode {
     let config = vm.handle().config();
     let (name, transport, described) = (config.name.clone(), config.transport, FullConfig::describe(&config));
     let _control_socket = match control::Server::start(&name, vm.handle()) {
@@ -86,7 +85,7 @@ fn serve_with(mut vm: Vm, api_sock: Option<&Path>, started: impl FnOnce(&mut Vm)
     if let Err(e) = vm.start() {
         return fail(&e.to_string());
     }
-    if let Err(e) = started(&mut vm) {
+    if let Err(e) = on_running(&mut vm) {
         vm.handle().end(VmExit::Stopped);
         vm.wait();
         return fail(&e);
@@ -186,15 +185,16 @@ fn warm_sandbox(mut config: VmConfig, root: &Path, job: &rootfs::SandboxJob, sta
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let handle = vm.handle();
-        handle.pause()?;
         let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
-        let written = handle.write_snapshot(&staging.join(snapshot::STATE_FILE), &staging.join(snapshot::MEMORY_FILE));
+        // Pauses, writes and resumes, as `lkvm snapshot` does.
+        let written = vm.handle().snapshot(&staging, false);
         match written.and_then(|_| cache.publish(&staging).map_err(|e| e.to_string())) {
             Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),
             Err(e) => tracing::warn!("no warm sandbox snapshot: {e}"),
         }
-        handle.resume()?;
+        if vm.handle().paused() {
+            return Err("the guest could not be resumed after its snapshot".into());
+        }
         hand_over(vm)
     })
 }

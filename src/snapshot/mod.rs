@@ -109,14 +109,16 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Writes the state file (to a temporary name first, so a failed snapshot leaves no half file).
-pub fn write_state(path: &Path, state: &VmState) -> Result<(), Error> {
+/// Writes the state file (to a temporary name first, so a failed snapshot leaves no half file);
+/// returns its size.
+pub fn write_state(path: &Path, state: &VmState) -> Result<u64, Error> {
     let bytes = frame(&encode(state));
     let partial = path.with_extension("partial");
     let fail = |e| Error::Io(path.to_path_buf(), e);
     let mut file = File::create(&partial).map_err(fail)?;
     file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(fail)?;
-    std::fs::rename(&partial, path).map_err(fail)
+    std::fs::rename(&partial, path).map_err(fail)?;
+    Ok(bytes.len() as u64)
 }
 
 /// Reads and checks a state file: magic, version, length and checksum before decoding.

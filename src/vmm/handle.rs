@@ -41,12 +41,6 @@ pub(super) struct Parts {
     pub persistent: Persistent,
 }
 
-/// Sizes of what a snapshot wrote.
-pub struct SnapshotWritten {
-    pub state_bytes: u64,
-    pub memory_bytes: u64,
-}
-
 impl VmHandle {
     pub(super) fn new(config: VmConfig, vcpus: Arc<VcpuControl>, events: Sender<VmExit>, parts: Parts) -> Self {
         VmHandle {
@@ -69,7 +63,8 @@ impl VmHandle {
     }
 
     /// Writes a paused VM's state to `state_path` and its memory to `memory_path`.
-    pub fn write_snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotWritten, String> {
+    pub fn write_snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotReport, String> {
+        let started = std::time::Instant::now();
         if !self.vcpus.paused() {
             return Err("the guest must be paused for a snapshot".into());
         }
@@ -77,10 +72,9 @@ impl VmHandle {
         let kvm = crate::arch::x86_64::state::save_vm(&self.vm)?;
         let devices = self.persistent.iter().map(|(id, device)| (id.clone(), device.lock().unwrap().save())).collect();
         let state = VmState { config: self.config(), vcpus, kvm, devices };
-        snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
+        let state_bytes = snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
         let memory_bytes = snapshot::memory::save(&self.mem, memory_path).map_err(|e| e.to_string())?;
-        let state_bytes = std::fs::metadata(state_path).map_or(0, |m| m.len());
-        Ok(SnapshotWritten { state_bytes, memory_bytes })
+        Ok(SnapshotReport { state_bytes, memory_bytes, millis: started.elapsed().as_millis() as u64 })
     }
 
     pub(super) fn exit_sender(&self) -> Sender<VmExit> {
@@ -207,7 +201,6 @@ impl Controller for VmHandle {
         self.vcpus.inject_nmi(cpu as usize)
     }
     fn snapshot(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String> {
-        let started = std::time::Instant::now();
         let was_paused = self.paused();
         if !was_paused {
             self.pause()?;
@@ -218,9 +211,7 @@ impl Controller for VmHandle {
         } else if !was_paused {
             self.resume()?;
         }
-        let written = written?;
-        let millis = started.elapsed().as_millis() as u64;
-        Ok(SnapshotReport { state_bytes: written.state_bytes, memory_bytes: written.memory_bytes, millis })
+        written
     }
     fn sysrq(&self, key: char) -> Result<(), String> {
         let key = u8::try_from(key).ok().filter(u8::is_ascii_graphic).ok_or("sysrq keys are ASCII characters")?;

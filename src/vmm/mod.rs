@@ -34,7 +34,6 @@ use crate::snapshot::{self, MemoryBackend, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
 use exit::VmExit;
-pub use handle::SnapshotWritten;
 pub use handle::VmHandle;
 use vcpu::{Vcpu, VcpuControl};
 

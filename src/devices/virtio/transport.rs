@@ -138,7 +138,7 @@ impl TransportState {
         }
         self.status = status;
         if newly_set & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 {
-            if let Err(e) = self.activate(interrupt.clone()) {
+            if let Err(e) = self.activate(interrupt.clone(), false) {
                 tracing::warn!("virtio device type {}: {e}", self.device.device_type());
                 self.status |= STATUS_NEEDS_RESET;
             }
@@ -190,16 +190,13 @@ impl TransportState {
         if self.status & running != running || self.status & STATUS_NEEDS_RESET != 0 {
             return Ok(());
         }
-        self.activate_queues(interrupt, true)?;
+        self.activate(interrupt, true)?;
         (0..self.kicks.len()).for_each(|q| self.notify(q as u32));
         Ok(())
     }
 
-    fn activate(&mut self, interrupt: Arc<dyn Interrupt>) -> Result<(), String> {
-        self.activate_queues(interrupt, false)
-    }
-
-    fn activate_queues(&mut self, interrupt: Arc<dyn Interrupt>, resuming: bool) -> Result<(), String> {
+    /// Hands the ready queues to the device; `resuming` a snapshot, each at its used index.
+    fn activate(&mut self, interrupt: Arc<dyn Interrupt>, resuming: bool) -> Result<(), String> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut active = Vec::new();
         for (i, config) in self.queues.iter().enumerate() {
