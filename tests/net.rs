@@ -173,7 +173,8 @@ fn tap_networking_in_a_private_namespace() {
 
     let params = format!(
         "{HOST_GUEST_PARAMS} ip=10.33.0.2::10.33.0.1:255.255.255.0::eth0:off lkvm.ifaddr=eth0 lkvm.ping=10.33.0.1 \
-         lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.netstats=eth0 \
+         lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.fetch=10.33.0.1:{http_port}:/blob \
+         lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.netstats=eth0 \
          lkvm.send=10.33.0.1:{sink_port}:{SENT}:5 lkvm.netstats=eth0 lkvm.netstats=eth1"
     );
     let args = [
@@ -201,21 +202,25 @@ fn tap_networking_in_a_private_namespace() {
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert_eq!(out.result("ifaddr:eth0").as_deref(), Some("10.33.0.2"), "{}", out.describe());
     assert_eq!(out.result("ping").as_deref(), Some("ok"), "{}", out.describe());
-    // The body is fetched twice. On hosts that emulate guest kernel code a fetch over the tap has
-    // come back with its first bytes corrupted in about half the boots (at the commit before this
-    // check changed too; never over user-mode networking, whose frames the guest checksums
-    // itself, which the user-mode test asserts). Open question, see the README: reported loudly
-    // here, the lengths checked, the contents not asserted until it is understood.
+    // The body is fetched three times. With 2 vCPUs on hosts that emulate guest kernel code, the
+    // guest sometimes loses one 64-byte block of a received TCP stream before user space sees
+    // it: QEMU 7.2's guests on the same host lose the same blocks, and lkvm's writes into the
+    // guest's buffers read back right (see the README). Over a tap the guest trusts the host's
+    // checksums, so the loss is not retransmitted. Every fetch must come back whole in length,
+    // and at least one byte for byte; corrupted ones are reported.
     let expected = format!("{BODY_LEN}:{:016x}", fnv1a(&body));
+    let response_len = BODY_LEN + format!("HTTP/1.0 200 OK\r\nContent-Length: {BODY_LEN}\r\n\r\n").len();
+    let garbled_header = format!("err:no header end in {response_len} bytes");
     let fetches: Vec<&str> =
         out.stdout.lines().filter_map(|l| l.trim_end().strip_prefix("LKVM-RESULT fetch=")).collect();
-    assert_eq!(fetches.len(), 2, "{}", out.describe());
+    assert_eq!(fetches.len(), 3, "{}", out.describe());
     for fetch in &fetches {
-        assert!(fetch.starts_with(&format!("{BODY_LEN}:")), "{}", out.describe());
+        assert!(fetch.starts_with(&format!("{BODY_LEN}:")) || *fetch == garbled_header, "{}", out.describe());
         if *fetch != expected {
-            eprintln!("!!! OPEN QUESTION: tap fetch came back corrupted ({fetch}, expected {expected}) !!!");
+            eprintln!("!!! tap fetch lost bytes in the guest ({fetch}, expected {expected}) !!!");
         }
     }
+    assert!(fetches.contains(&expected.as_str()), "no fetch came back intact: {}", out.describe());
     assert_eq!(out.result("send").as_deref(), Some("ok"), "{}", out.describe());
     assert_eq!(received.recv_timeout(Duration::from_secs(10)).unwrap(), pattern(SENT, 5));
 
@@ -240,8 +245,8 @@ fn tap_networking_in_a_private_namespace() {
     const MSS: usize = 1448;
     let fetched = after_fetch[1];
     assert!(
-        fetched < 2 * BODY_LEN / MSS,
-        "host-to-guest: {fetched} frames for 2 x {BODY_LEN} bytes: {}",
+        fetched < 3 * BODY_LEN / MSS,
+        "host-to-guest: {fetched} frames for 3 x {BODY_LEN} bytes: {}",
         out.describe()
     );
     let sent = after_send[3] - after_fetch[3];

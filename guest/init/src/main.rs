@@ -325,7 +325,10 @@ fn fetch(arg: &str) {
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
         let mut response = Vec::new();
         std::io::Read::read_to_end(&mut s, &mut response)?;
-        let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other(format!("no header end in {} bytes", response.len())))?;
         Ok(response[split + 4..].to_vec())
     });
     match outcome {
