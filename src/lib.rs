@@ -18,3 +18,4 @@ pub mod snapshot;
 pub mod term;
 pub mod thread;
 pub mod vmm;
+pub mod vsock;

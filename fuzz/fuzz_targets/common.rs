@@ -18,6 +18,13 @@ impl Interrupt for NoInterrupt {
 pub fn setup(config: &[u8; 8], data: &[u8]) -> Option<(GuestMemoryMmap, Queue)> {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
     mem.write_slice(&data[..data.len().min(MEM_SIZE)], GuestAddress(0)).ok()?;
+    let queue = queue(config, &mem)?;
+    Some((mem, queue))
+}
+
+/// A queue in `mem` laid out as `config` says (see `setup`).
+#[allow(dead_code)] // not every target has two queues
+pub fn queue(config: &[u8; 8], mem: &GuestMemoryMmap) -> Option<Queue> {
     let size = 1u16 << (config[0] % 9); // 1..=256
     let addr = |b: u8| u64::from(b) * 256; // up to 64 KiB, so some rings overhang the end
     let mut queue = Queue::new(256).ok()?;
@@ -27,5 +34,5 @@ pub fn setup(config: &[u8; 8], data: &[u8]) -> Option<(GuestMemoryMmap, Queue)> 
     queue.set_used_ring_address(Some(addr(config[3]) as u32), Some(0));
     queue.set_event_idx(config[4] & 1 == 1);
     queue.set_ready(true);
-    queue.is_valid(&mem).then_some((mem, queue))
+    queue.is_valid(mem).then_some(queue)
 }

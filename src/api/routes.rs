@@ -13,7 +13,7 @@ use super::{Api, Metrics, Phase, VmmRequest, FIRECRACKER_API_VERSION};
 use crate::config::firecracker::{
     check_id, Balloon, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger,
     MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface, SnapshotCreate,
-    SnapshotLoad,
+    SnapshotLoad, Vsock, VSOCK_ID,
 };
 use crate::control::Controller;
 use crate::logging;
@@ -144,7 +144,13 @@ fn route(api: &Api, request: &Request) -> Reply {
         }
         (Method::Put, "actions", None) => action(api, body(request)?),
         (Method::Patch, "vm", None) => vm_state(api, body(request)?),
-        (Method::Put, "vsock", None) => Err("vsock is not supported by lkvm yet".into()),
+        (Method::Put, "vsock", None) => {
+            let vsock: Vsock = body(request)?;
+            configure(api, |c| {
+                c.vsock = Some(vsock);
+                Ok(())
+            })
+        }
         (Method::Put, "snapshot/create", None) => create_snapshot(api, body(request)?),
         (Method::Put, "snapshot/load", None) => load_snapshot(api, body(request)?),
         (Method::Put | Method::Patch | Method::Get, "mmds" | "mmds/config", None) => {
@@ -325,7 +331,11 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
         return Err("loading a snapshot is not allowed after the microVM was configured".into());
     }
     let memory = request.memory_backend()?;
-    let overrides = request.network_overrides.iter().map(|o| (o.iface_id.clone(), o.host_dev_name.clone())).collect();
+    let mut overrides: Vec<_> =
+        request.network_overrides.iter().map(|o| (o.iface_id.clone(), o.host_dev_name.clone())).collect();
+    if let Some(vsock) = &request.vsock_override {
+        overrides.push((VSOCK_ID.to_string(), vsock.uds_path.display().to_string()));
+    }
     let spec = RestoreSpec { state: request.snapshot_path, memory, name: api.name.clone(), overrides };
     let (reply, answer) = mpsc::channel();
     let restore = VmmRequest::Restore { spec: Box::new(spec), resume: request.resume_vm, reply };

@@ -6,11 +6,12 @@ use clap::Args;
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
-use crate::config::firecracker::FullConfig;
+use crate::config::firecracker::{FullConfig, VSOCK_ID};
 use crate::config::{
     BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig,
-    RootShare, ShareConfig, Transport, VmConfig,
+    RootShare, ShareConfig, Transport, VmConfig, VsockConfig,
 };
+use crate::control::lkvm_dir;
 use crate::disk::DiskSpec;
 use crate::net::{NetMode, NetSpec};
 use crate::rootfs;
@@ -74,6 +75,10 @@ pub struct RunArgs {
     /// Add a virtio-balloon device (lkvm balloon, lkvm stat)
     #[arg(long)]
     pub balloon: bool,
+    /// Add a virtio-vsock device with guest CID `CID` (3 or more). Host programs connect to
+    /// the UNIX socket `uds=PATH` (default ~/.lkvm/NAME.vsock) as to Firecracker's
+    #[arg(long, value_name = "CID[,uds=PATH]")]
+    pub vsock: Option<String>,
     /// Network: `mode=user|tap|none[,tapif=NAME][,guest_mac=MAC][,host_ip=IP][,guest_ip=IP]
     /// [,script=PATH][,hostfwd=tcp:HOSTPORT:GUESTPORT]`; repeatable. Default: one user-mode NIC
     #[arg(short = 'n', long = "network", value_name = "OPTIONS")]
@@ -85,10 +90,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// The VM as a Firecracker JSON config file describes it (instead of -k, -d, -m, ...)
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "nodefaults", "console", "disable_cpuid"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
     pub config_file: Option<PathBuf>,
     /// Restore the snapshot in DIR (from `lkvm snapshot`) instead of booting
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "nodefaults", "console", "disable_cpuid"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
     pub restore: Option<PathBuf>,
     /// With --restore: use another drive image or tap for a device, by id (`lkvm-disk0=new.img`,
     /// `net0=tap3`); repeatable
@@ -151,6 +156,22 @@ fn host_ram() -> u64 {
 
 fn host_cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// `--vsock CID[,uds=PATH]`. The default socket sits beside the control socket, not in
+/// ~/.lkvm/NAME, which a guest booted on that rootfs can write.
+fn parse_vsock(arg: &str, name: &str) -> Result<VsockConfig, String> {
+    let mut parts = arg.split(',');
+    let cid = parts.next().unwrap_or_default();
+    let guest_cid = cid.parse().map_err(|_| format!("--vsock {arg}: '{cid}' is not a CID (a number, 3 or more)"))?;
+    let mut uds_path = lkvm_dir().join(format!("{name}.vsock"));
+    for part in parts {
+        match part.split_once('=') {
+            Some(("uds", path)) if !path.is_empty() => uds_path = path.into(),
+            _ => return Err(format!("--vsock {arg}: unknown option '{part}' (uds=PATH)")),
+        }
+    }
+    Ok(VsockConfig { id: VSOCK_ID.into(), guest_cid, uds_path })
 }
 
 pub fn default_mem(cpus: u32, host_ram: u64) -> u64 {
@@ -265,8 +286,10 @@ impl RunArgs {
         nets.retain(|n| n.mode != NetMode::None);
         let nets = nets.into_iter().enumerate().map(|(i, spec)| NetConfig { id: format!("net{i}"), spec }).collect();
 
+        let name = self.name.unwrap_or_else(|| format!("guest-{}", std::process::id()));
+        let vsock = self.vsock.as_deref().map(|arg| parse_vsock(arg, &name)).transpose()?;
         let config = VmConfig {
-            name: self.name.unwrap_or_else(|| format!("guest-{}", std::process::id())),
+            name,
             kvm_device: self.kvm_device,
             boot: BootConfig {
                 kernel,
@@ -291,6 +314,7 @@ impl RunArgs {
                 deflate_on_oom: false,
                 stats_polling_interval_s: 1,
             }),
+            vsock,
             transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
         };
         config.validate()?;

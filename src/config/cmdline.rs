@@ -104,6 +104,7 @@ pub(crate) mod tests {
             console: ConsoleDevice::Serial,
             entropy: None,
             balloon: None,
+            vsock: None,
             transport: Transport::Pci,
         }
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig,
-    Transport, VmConfig,
+    Transport, VmConfig, VsockConfig,
 };
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::disk::DiskSpec;
@@ -199,7 +199,7 @@ pub struct SnapshotLoad {
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
     #[serde(default)]
-    pub vsock_override: Option<serde_json::Value>,
+    pub vsock_override: Option<VsockOverride>,
 }
 
 impl SnapshotLoad {
@@ -207,9 +207,6 @@ impl SnapshotLoad {
     pub fn memory_backend(&self) -> Result<MemoryBackend, String> {
         if self.enable_diff_snapshots || self.track_dirty_pages {
             return Err("diff snapshots (dirty page tracking) are not supported by lkvm".into());
-        }
-        if self.vsock_override.is_some() {
-            return Err("vsock is not supported by lkvm yet: no vsock_override".into());
         }
         match (&self.mem_file_path, &self.mem_backend) {
             (Some(path), None) => Ok(MemoryBackend::File(path.clone())),
@@ -296,6 +293,32 @@ pub struct BalloonUpdate {
     pub amount_mib: u64,
 }
 
+/// PUT /vsock and the file's "vsock": `vsock_id` is accepted and ignored, as in Firecracker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+/// The id of the vsock device in configs the API and the CLI produce (there is only one).
+pub const VSOCK_ID: &str = "vsock";
+
+impl Vsock {
+    pub fn to_config(&self) -> VsockConfig {
+        VsockConfig { id: VSOCK_ID.into(), guest_cid: self.guest_cid, uds_path: self.uds_path.clone() }
+    }
+}
+
+/// `vsock_override` of PUT /snapshot/load.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entropy {
@@ -344,9 +367,8 @@ pub struct FullConfig {
     pub logger: Option<Logger>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
-    /// Accepted in the file's shape but refused with a reason until lkvm has the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<Vsock>,
     #[serde(rename = "mmds-config", default, skip_serializing_if = "Option::is_none")]
     pub mmds_config: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default, skip_serializing_if = "Option::is_none")]
@@ -403,9 +425,6 @@ impl FullConfig {
     /// The VM this configuration describes, or why it cannot start.
     pub fn to_vm_config(&self, name: &str, transport: Transport) -> Result<VmConfig, String> {
         let boot = self.boot_source.as_ref().ok_or("no boot source: PUT /boot-source with kernel_image_path first")?;
-        if self.vsock.is_some() {
-            return Err("vsock is not supported by lkvm yet".into());
-        }
         if self.mmds_config.is_some() || self.cpu_config.is_some() {
             return Err("MMDS and CPU configuration are not supported by lkvm".into());
         }
@@ -455,6 +474,7 @@ impl FullConfig {
             return Err("rate limiters are not supported by lkvm yet".into());
         }
         let config = VmConfig {
+            vsock: self.vsock.as_ref().map(Vsock::to_config),
             name: name.to_string(),
             kvm_device: PathBuf::from("/dev/kvm"),
             boot: BootConfig {
@@ -533,6 +553,11 @@ impl FullConfig {
                 free_page_reporting: false,
             }),
             entropy: config.entropy.as_ref().map(|_| Entropy::default()),
+            vsock: config.vsock.as_ref().map(|v| Vsock {
+                vsock_id: None,
+                guest_cid: v.guest_cid,
+                uds_path: v.uds_path.clone(),
+            }),
             ..FullConfig::default()
         }
     }

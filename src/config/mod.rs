@@ -90,6 +90,14 @@ pub struct BalloonConfig {
     pub stats_polling_interval_s: u16,
 }
 
+/// virtio-vsock: the guest's CID, and the UNIX socket host programs connect to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    pub id: String,
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceId {
     pub id: String,
@@ -118,6 +126,7 @@ pub struct VmConfig {
     pub console: ConsoleDevice,
     pub entropy: Option<DeviceId>,
     pub balloon: Option<BalloonConfig>,
+    pub vsock: Option<VsockConfig>,
     pub transport: Transport,
 }
 
@@ -133,6 +142,7 @@ impl VmConfig {
         let shares = self.shares.iter().map(|s| s.id.as_str());
         let nets = self.nets.iter().map(|n| n.id.as_str());
         let rest = self.entropy.iter().map(|e| e.id.as_str()).chain(self.balloon.iter().map(|b| b.id.as_str()));
+        let rest = rest.chain(self.vsock.iter().map(|v| v.id.as_str()));
         drives.chain(shares).chain(nets).chain(rest)
     }
 
@@ -146,13 +156,17 @@ impl VmConfig {
             drive.spec.path = value.into();
             return Ok(());
         }
+        if let Some(vsock) = self.vsock.as_mut().filter(|v| v.id == id) {
+            vsock.uds_path = value.into();
+            return Ok(());
+        }
         match self.nets.iter_mut().find(|n| n.id == id) {
             Some(net) if net.spec.mode == crate::net::NetMode::Tap => {
                 net.spec.tapif = Some(value.to_string());
                 Ok(())
             }
             Some(_) => Err(format!("network interface '{id}' is not a tap: nothing on the host to rename")),
-            None => Err(format!("the snapshot has no drive or network interface '{id}'")),
+            None => Err(format!("the snapshot has no drive, network interface or vsock '{id}'")),
         }
     }
 
@@ -166,6 +180,12 @@ impl VmConfig {
         }
         if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
             return Err("only one drive can be the root device".into());
+        }
+        if let Some(vsock) = &self.vsock {
+            // 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
+            if !(3..u64::from(u32::MAX)).contains(&vsock.guest_cid) {
+                return Err(format!("vsock guest CID {} is reserved: use 3 to {}", vsock.guest_cid, u32::MAX - 1));
+            }
         }
         if self.machine.vcpu_count == 0 {
             return Err("a guest needs at least one vCPU".into());

@@ -31,6 +31,7 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::worker::Lifecycle;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Persist;
@@ -164,6 +165,13 @@ pub fn create_devices(
             Balloon::new(config.amount_mib, config.deflate_on_oom).map_err(|e| Error::Host("virtio balloon", e))?;
         registry.insert(config.id.clone(), DeviceEntry::Balloon(balloon.control()));
         virtio.push((config.id.clone(), Box::new(balloon)));
+    }
+
+    if let Some(config) = &config.vsock {
+        let vsock = Vsock::new(config.guest_cid, config.uds_path.clone())
+            .map_err(|e| Error::Vsock(config.uds_path.clone(), e))?;
+        virtio.push((config.id.clone(), Box::new(vsock)));
+        registry.insert(config.id.clone(), DeviceEntry::Plain);
     }
 
     let mut mmio = Bus::default();

@@ -70,6 +70,8 @@ pub enum Error {
     Share(#[from] share::OpenError),
     #[error("{0}")]
     Network(String),
+    #[error("vsock socket {path}: {error}", path = .0.display(), error = .1)]
+    Vsock(std::path::PathBuf, io::Error),
     #[error("no room for device {0}: {1}")]
     DeviceSpace(String, String),
     #[error(transparent)]
@@ -164,6 +166,8 @@ pub struct Vm {
     ended: Option<VmExit>,
     /// The userfaultfd a page-fault handler fills guest memory through (Uffd restores).
     _uffd: Option<std::os::fd::OwnedFd>,
+    /// Sockets the devices listen on for host programs, removed when the VM ends.
+    host_sockets: Vec<std::path::PathBuf>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
     _mem: GuestMemoryMmap,
     _vm: Arc<VmFd>,
@@ -297,6 +301,7 @@ impl Vm {
             virtio: devices.virtio,
             persistent: devices.persistent,
         };
+        let host_sockets = config.vsock.iter().map(|v| v.uds_path.clone()).collect();
         let handle = Arc::new(VmHandle::new(config, control, events, parts));
         Ok(Vm {
             handle,
@@ -307,6 +312,7 @@ impl Vm {
             console_held: false,
             ended: None,
             _uffd: uffd,
+            host_sockets,
             _mem: mem,
             _vm: vm,
         })
@@ -379,6 +385,9 @@ impl Vm {
         self.handle.vcpus.stop();
         for thread in self.threads {
             let _ = thread.join();
+        }
+        for path in &self.host_sockets {
+            let _ = std::fs::remove_file(path);
         }
         reason
     }

@@ -40,6 +40,12 @@
 //! - `lkvm.netstats=IF`: IF's receive queue count and packet counts and byte counts so far
 //!   (`rxq:rx_packets:rx_bytes:tx_packets:tx_bytes`; put it after the traffic checks), its
 //!   negotiated virtio features and its MAC address.
+//! - `lkvm.vsocklisten=PORT:COUNT:LEN`: listen on vsock PORT, print `vsock_listening`, serve
+//!   COUNT connections at once: read each to its end, answer `LEN HASH\n` of what came, then LEN
+//!   bytes of the pattern for seed 7, and close; print `vsockserved=OK/COUNT`.
+//! - `lkvm.vsockconnect=PORT:COUNT:LEN`: COUNT connections at once to the host (CID 2) PORT,
+//!   each sending LEN bytes of the pattern for its index and expecting `LEN HASH\n` of it back;
+//!   print `vsockconnect:PORT=OK/COUNT`, or the first error.
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
 //! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
@@ -117,6 +123,132 @@ fn run_shell() {
 /// FNV-1a 64: the checksum the host-side tests compute too.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// A vsock stream: `connect` to CID:PORT, or `listen` on PORT.
+fn vsock_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a plain socket call; the descriptor is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is not owned elsewhere.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all zeroes is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn check(ret: libc::c_int) -> std::io::Result<()> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn vsock_connect(cid: u32, port: u32) -> std::io::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let fd = vsock_socket()?;
+    let addr = vsock_addr(cid, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_vm of that length.
+    check(unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), len) })?;
+    Ok(fs::File::from(fd))
+}
+
+/// Reads `stream` to its end: (length, FNV-1a).
+fn drain(stream: &mut fs::File) -> std::io::Result<(usize, u64)> {
+    let (mut len, mut hash) = (0usize, 0xcbf2_9ce4_8422_2325u64);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = std::io::Read::read(stream, &mut buf)?;
+        if n == 0 {
+            return Ok((len, hash));
+        }
+        len += n;
+        hash = buf[..n].iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    }
+}
+
+fn shutdown_write(stream: &fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown on a descriptor we own.
+    check(unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) })
+}
+
+fn vsock_listen(arg: &str) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let parts: Vec<usize> = arg.split(':').filter_map(|p| p.parse().ok()).collect();
+    let [port, count, len] = parts[..] else { return result("vsockserved", "bad-arg") };
+    let served = (|| -> std::io::Result<usize> {
+        let fd = vsock_socket()?;
+        let addr = vsock_addr(libc::VMADDR_CID_ANY, port as u32);
+        let size = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: addr is a valid sockaddr_vm of that length.
+        check(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), size) })?;
+        // SAFETY: listen on a bound socket we own.
+        check(unsafe { libc::listen(fd.as_raw_fd(), count as i32) })?;
+        result("vsock_listening", &port.to_string());
+        let reply = std::sync::Arc::new(pattern(len, 7));
+        let workers: Vec<_> = (0..count)
+            .map(|_| {
+                // SAFETY: accept on a listening socket we own; the new descriptor is owned below.
+                let conn = unsafe { libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+                let reply = reply.clone();
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    check(conn)?;
+                    // SAFETY: conn is a fresh descriptor from accept4.
+                    let mut stream = unsafe { fs::File::from_raw_fd(conn) };
+                    let (got, hash) = drain(&mut stream)?;
+                    stream.write_all(format!("{got} {hash:016x}\n").as_bytes())?;
+                    stream.write_all(&reply)
+                })
+            })
+            .collect();
+        Ok(workers.into_iter().filter_map(|w| w.join().ok()).filter(Result::is_ok).count())
+    })();
+    match served {
+        Ok(ok) => result("vsockserved", &format!("{ok}/{count}")),
+        Err(e) => result("vsockserved", &format!("err:{e}")),
+    }
+}
+
+fn vsock_connect_check(arg: &str) {
+    let parts: Vec<usize> = arg.split(':').filter_map(|p| p.parse().ok()).collect();
+    let [port, count, len] = parts[..] else { return result("vsockconnect", "bad-arg") };
+    let workers: Vec<_> = (0..count)
+        .map(|i| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut stream = vsock_connect(libc::VMADDR_CID_HOST, port as u32)?;
+                let data = pattern(len, i as u64);
+                stream.write_all(&data)?;
+                shutdown_write(&stream)?;
+                let mut answer = String::new();
+                std::io::Read::read_to_string(&mut stream, &mut answer)?;
+                let expected = format!("{len} {:016x}\n", fnv1a(&data));
+                if answer != expected {
+                    return Err(std::io::Error::other(format!("host answered {answer:?}, expected {expected:?}")));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let outcomes: Vec<std::io::Result<()>> =
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(std::io::Error::other("panic")))).collect();
+    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+    let value = match outcomes.into_iter().find_map(Result::err) {
+        Some(e) if ok == 0 => format!("err:{e}"),
+        _ => format!("{ok}/{count}"),
+    };
+    result(&format!("vsockconnect:{port}"), &value);
 }
 
 /// The test pattern for `seed`, as the host-side tests generate it.
@@ -628,6 +760,8 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.hwrng=", hwrng_check),
     ("lkvm.ifaddr=", ifaddr),
     ("lkvm.fetch=", fetch),
+    ("lkvm.vsocklisten=", vsock_listen),
+    ("lkvm.vsockconnect=", vsock_connect_check),
     ("lkvm.send=", send),
     ("lkvm.serve=", serve),
     ("lkvm.udp=", udp),

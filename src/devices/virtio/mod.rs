@@ -10,6 +10,7 @@ pub mod p9;
 pub mod pci;
 pub mod rng;
 pub mod transport;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;

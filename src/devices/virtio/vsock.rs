@@ -1,0 +1,231 @@
+//! virtio-vsock: stream sockets between the guest and host programs, with the host side on UNIX
+//! sockets (`crate::vsock`). Packets are parsed by rust-vmm's `virtio-vsock`; a malformed
+//! one is returned unused.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::worker::{Lifecycle, Watch, Worker};
+use super::*;
+use crate::vsock::{Header, Muxer, MAX_PAYLOAD};
+
+pub const VIRTIO_ID_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+const QUEUE_SIZES: &[u16] = &[256, 256, 16];
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+const EVENT_QUEUE: u16 = 2;
+const HOST_EVENTS: usize = 3;
+/// virtio_vsock_event: the guest drops its connections (after a snapshot is restored).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    worker: Option<Worker<VsockPort>>,
+    /// Restored from a snapshot: the guest's connections are gone, and it must be told.
+    announce_reset: bool,
+}
+
+impl Vsock {
+    /// A device for guest `guest_cid` whose host programs connect at `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> std::io::Result<Self> {
+        let listener = crate::vsock::listen(&uds_path)?;
+        Ok(Vsock { guest_cid, uds_path, listener, worker: None, announce_reset: false })
+    }
+}
+
+pub struct VsockPort {
+    rx: Queue,
+    tx: Queue,
+    events: Queue,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    muxer: Muxer,
+    announce_reset: bool,
+    payload: Vec<u8>,
+}
+
+impl VsockPort {
+    pub fn new(
+        rx: Queue,
+        tx: Queue,
+        events: Queue,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        muxer: Muxer,
+    ) -> Self {
+        VsockPort { rx, tx, events, mem, interrupt, muxer, announce_reset: false, payload: vec![0; MAX_PAYLOAD] }
+    }
+
+    /// Hands every packet the guest queued to the muxer.
+    pub fn transmit(&mut self) {
+        let (mem, muxer, payload) = (&self.mem, &mut self.muxer, &mut self.payload);
+        serve_queue(&mut self.tx, mem, &*self.interrupt, TX_QUEUE, |mut chain| {
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PAYLOAD as u32) {
+                Ok(packet) => {
+                    let len = packet.len() as usize;
+                    if let Some(data) = packet.data_slice() {
+                        data.copy_to(&mut payload[..len]);
+                    }
+                    let header = Header {
+                        src_cid: packet.src_cid(),
+                        dst_cid: packet.dst_cid(),
+                        src_port: packet.src_port(),
+                        dst_port: packet.dst_port(),
+                        len: packet.len(),
+                        type_: packet.type_(),
+                        op: packet.op(),
+                        flags: packet.flags(),
+                        buf_alloc: packet.buf_alloc(),
+                        fwd_cnt: packet.fwd_cnt(),
+                    };
+                    muxer.handle_guest_packet(&header, &payload[..len]);
+                }
+                Err(e) => tracing::debug!("virtio-vsock: bad packet from the guest: {e}"),
+            }
+            0
+        });
+    }
+
+    /// Fills the guest's receive buffers with what the muxer has for it.
+    pub fn receive(&mut self) {
+        let mut used = false;
+        loop {
+            if self.rx.disable_notification(&self.mem).is_err() {
+                return;
+            }
+            while self.muxer.has_pending() {
+                let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) else { break };
+                let head = chain.head_index();
+                let len = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, MAX_PAYLOAD as u32) {
+                    Ok(mut packet) => {
+                        let room = packet.data_slice().map_or(0, |d| d.len()).min(MAX_PAYLOAD);
+                        let Some((header, n)) = self.muxer.next_packet(&mut self.payload[..room]) else {
+                            // Not used: the next packet takes it.
+                            self.rx.set_next_avail(self.rx.next_avail().wrapping_sub(1));
+                            break;
+                        };
+                        write_header(&mut packet, &header);
+                        if let Some(data) = packet.data_slice() {
+                            data.copy_from(&self.payload[..n]);
+                        }
+                        (PKT_HEADER_SIZE + n) as u32
+                    }
+                    Err(e) => {
+                        tracing::debug!("virtio-vsock: bad receive buffer: {e}");
+                        0
+                    }
+                };
+                if self.rx.add_used(&self.mem, head, len).is_err() {
+                    return;
+                }
+                used = true;
+            }
+            // Buffers the guest added meanwhile would otherwise wait for its next notification.
+            if !self.muxer.has_pending() || !self.rx.enable_notification(&self.mem).unwrap_or(false) {
+                break;
+            }
+        }
+        if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal_used_queue(RX_QUEUE);
+        }
+    }
+
+    /// Tells the guest its connections are gone, once it has given an event buffer.
+    fn send_reset_event(&mut self) {
+        if !self.announce_reset {
+            return;
+        }
+        let Some(chain) = self.events.pop_descriptor_chain(&self.mem) else { return };
+        let head = chain.head_index();
+        let written = chain
+            .writable()
+            .next()
+            .filter(|d| d.len() >= 4)
+            .is_some_and(|d| self.mem.write_obj(EVENT_TRANSPORT_RESET, d.addr()).is_ok());
+        let _ = self.events.add_used(&self.mem, head, if written { 4 } else { 0 });
+        self.announce_reset = !written;
+        self.interrupt.signal_used_queue(EVENT_QUEUE);
+    }
+
+    fn handle(&mut self, event: usize, _watch: &Watch) {
+        match event {
+            e if e == usize::from(TX_QUEUE) => self.transmit(),
+            e if e == usize::from(EVENT_QUEUE) => self.send_reset_event(),
+            HOST_EVENTS => self.muxer.process_host_events(),
+            _ => {}
+        }
+        self.receive();
+    }
+}
+
+fn write_header<B: vm_memory::bitmap::BitmapSlice>(packet: &mut VsockPacket<'_, B>, h: &Header) {
+    packet
+        .set_src_cid(h.src_cid)
+        .set_dst_cid(h.dst_cid)
+        .set_src_port(h.src_port)
+        .set_dst_port(h.dst_port)
+        .set_len(h.len)
+        .set_type(h.type_)
+        .set_op(h.op)
+        .set_flags(h.flags)
+        .set_buf_alloc(h.buf_alloc)
+        .set_fwd_cnt(h.fwd_cnt);
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let [rx, tx, events] = expect_queues(queues)?;
+        let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), self.listener.try_clone()?)?;
+        let fd = muxer.as_raw_fd();
+        let mut port = VsockPort::new(rx.queue, tx.queue, events.queue, mem, interrupt, muxer);
+        port.announce_reset = std::mem::take(&mut self.announce_reset);
+        port.send_reset_event();
+        let kicks = vec![rx.kick, tx.kick, events.kick];
+        self.worker = Some(Worker::spawn_with_fd("virtio-vsock".into(), kicks, fd, port, VsockPort::handle)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+
+    fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
+        self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
+    }
+
+    fn restore(&mut self, _state: &[u8]) -> Result<(), String> {
+        // Connections do not survive a snapshot: the restored guest hears that they are gone.
+        self.announce_reset = true;
+        Ok(())
+    }
+}
