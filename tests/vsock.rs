@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 
 /// Bytes each connection carries each way.
-const LEN: usize = 512 << 10;
+const LEN: usize = 64 << 10;
 const CONNECTIONS: usize = 8;
 const GUEST_PORT: u32 = 52;
 const HOST_PORT: u32 = 5000;

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use lkvm::devices::virtio::vsock::VsockPort;
 use lkvm::vsock::Muxer;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
 fn listener() -> &'static (std::path::PathBuf, UnixListener) {
     static LISTENER: OnceLock<(std::path::PathBuf, UnixListener)> = OnceLock::new();

@@ -146,6 +146,7 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Patch, "vm", None) => vm_state(api, body(request)?),
         (Method::Put, "vsock", None) => {
             let vsock: Vsock = body(request)?;
+            crate::config::VmConfig::check_vsock_cid(vsock.guest_cid)?;
             configure(api, |c| {
                 c.vsock = Some(vsock);
                 Ok(())
@@ -437,13 +438,15 @@ mod tests {
             fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)).contains("not running")
         );
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)).contains("metrics"));
-        assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#)).contains("vsock"));
+        assert_eq!(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#).0, 204);
+        assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3}"#)).contains("uds_path"));
+        assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 1, "uds_path": "/v"}"#)).contains("reserved"));
         // A VMM that cannot start the VM: InstanceStart fails cleanly and the API stays usable.
         drop(vmm);
         assert_eq!(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k"}"#).0, 204);
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("VMM"));
         assert!(call(&api, Method::Get, "/", "").1.contains("Not started"));
-        assert_eq!(api.metrics.failed_requests.load(Ordering::Relaxed), 14);
+        assert_eq!(api.metrics.failed_requests.load(Ordering::Relaxed), 15);
     }
 
     #[test]

@@ -592,7 +592,8 @@ mod tests {
         "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
         "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}],
         "balloon": {"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1},
-        "entropy": {}
+        "entropy": {},
+        "vsock": {"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}
     }"#;
 
     #[test]
@@ -607,6 +608,8 @@ mod tests {
         assert_eq!(config.nets[0].spec.guest_mac, Some([6, 0, 0xac, 0x10, 0, 2]));
         assert_eq!(config.balloon.as_ref().unwrap().amount_mib, 16);
         assert!(config.entropy.is_some());
+        let vsock = config.vsock.as_ref().unwrap();
+        assert_eq!((vsock.guest_cid, vsock.uds_path.to_str()), (3, Some("/tmp/v.sock")));
         let line = crate::config::cmdline::compose(&config, &[]);
         assert_eq!(line, "console=ttyS0 reboot=k root=/dev/vda rw");
         // GET /vm/config gives back the same shape.
@@ -641,6 +644,9 @@ mod tests {
             tx_rate_limiter: None,
         };
         assert!(full.put_network_interface(bad_mac).unwrap_err().contains("MAC"));
+        let mut full: FullConfig = serde_json::from_str(FILE).unwrap();
+        full.vsock.as_mut().unwrap().guest_cid = 2;
+        assert!(full.to_vm_config("x", Transport::Pci).unwrap_err().contains("CID 2 is reserved"));
     }
 
     #[test]

@@ -170,6 +170,14 @@ impl VmConfig {
         }
     }
 
+    /// 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
+    pub fn check_vsock_cid(cid: u64) -> Result<(), String> {
+        if !(3..u64::from(u32::MAX)).contains(&cid) {
+            return Err(format!("vsock guest CID {cid} is reserved: use 3 to {}", u32::MAX - 1));
+        }
+        Ok(())
+    }
+
     /// Checks what no frontend may get wrong: unique ids, at most one root drive.
     pub fn validate(&self) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();
@@ -182,10 +190,7 @@ impl VmConfig {
             return Err("only one drive can be the root device".into());
         }
         if let Some(vsock) = &self.vsock {
-            // 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
-            if !(3..u64::from(u32::MAX)).contains(&vsock.guest_cid) {
-                return Err(format!("vsock guest CID {} is reserved: use 3 to {}", vsock.guest_cid, u32::MAX - 1));
-            }
+            Self::check_vsock_cid(vsock.guest_cid)?;
         }
         if self.machine.vcpu_count == 0 {
             return Err("a guest needs at least one vCPU".into());

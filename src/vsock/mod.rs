@@ -252,12 +252,7 @@ impl Muxer {
                 let conn = self.conns.get_mut(&key).expect("state found");
                 conn.guest_stopped_receiving |= hdr.flags & SHUTDOWN_RCV != 0;
                 conn.guest_stopped_sending |= hdr.flags & SHUTDOWN_SEND != 0;
-                if conn.guest_stopped_receiving && conn.guest_stopped_sending {
-                    let _ = conn.flush();
-                    self.reset(key);
-                } else {
-                    self.flush(key);
-                }
+                self.flush(key);
             }
             (OP_RW, Some(State::Established | State::HostDone)) => {
                 let conn = self.conns.get_mut(&key).expect("state found");
@@ -296,7 +291,7 @@ impl Muxer {
             conn.queued = false;
             if conn.credit_update_due {
                 conn.credit_update_due = false;
-                let hdr = self.header(key, OP_CREDIT_UPDATE, 0, 0);
+                let hdr = self.outgoing(key, OP_CREDIT_UPDATE, 0, 0);
                 self.mark_ready(key);
                 return Some((hdr, 0));
             }
@@ -311,12 +306,12 @@ impl Muxer {
                     conn.host_readable = false;
                     let gone = conn.host_hung_up || hung_up(&conn.stream);
                     let flags = if gone { SHUTDOWN_RCV | SHUTDOWN_SEND } else { SHUTDOWN_SEND };
-                    return Some((self.header(key, OP_SHUTDOWN, flags, 0), 0));
+                    return Some((self.outgoing(key, OP_SHUTDOWN, flags, 0), 0));
                 }
                 Ok(n) => {
                     conn.rx_cnt += n as u32;
                     self.mark_ready(key);
-                    return Some((self.header(key, OP_RW, 0, n as u32), n));
+                    return Some((self.outgoing(key, OP_RW, 0, n as u32), n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
                     conn.host_readable = false;
@@ -471,6 +466,15 @@ impl Muxer {
         }
     }
 
+    /// A header going to the guest now: it carries the count of bytes forwarded so far.
+    fn outgoing(&mut self, key: Key, op: u16, flags: u32, len: u32) -> Header {
+        let hdr = self.header(key, op, flags, len);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.fwd_cnt_sent = conn.fwd_cnt;
+        }
+        hdr
+    }
+
     fn push_control(&mut self, hdr: Header) {
         if self.control.len() < MAX_CONTROL_BACKLOG {
             self.control.push_back(hdr);
@@ -501,6 +505,10 @@ impl Muxer {
     fn flush(&mut self, key: Key) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
         match conn.flush() {
+            // The guest closed: what it sent reached the host program; the RST completes it.
+            Ok(()) if conn.guest_stopped_sending && conn.guest_stopped_receiving && conn.to_host.is_empty() => {
+                self.reset(key)
+            }
             Ok(()) => {
                 if conn.credit_update_due {
                     self.mark_ready(key);

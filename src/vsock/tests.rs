@@ -223,3 +223,36 @@ fn a_host_half_close_still_takes_the_guests_answer() {
     assert_eq!(answer, b"answer");
     assert!(s.muxer.conns.is_empty(), "both sides done: the connection is gone");
 }
+
+#[test]
+fn data_the_guest_sent_before_closing_still_reaches_a_slow_host_program() {
+    let mut s = setup("lingering");
+    let (mut host, port) = host_connection(&mut s);
+    // More than the host socket's buffer takes at once, then the guest closes.
+    let data = pattern_bytes(CONN_BUF as usize);
+    for chunk in data.chunks(MAX_PAYLOAD) {
+        let mut rw = from_guest(OP_RW, 52, port);
+        rw.len = chunk.len() as u32;
+        s.muxer.handle_guest_packet(&rw, chunk);
+    }
+    let mut shutdown = from_guest(OP_SHUTDOWN, 52, port);
+    shutdown.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    s.muxer.handle_guest_packet(&shutdown, &[]);
+    let reader = thread_read_to_end(host.try_clone().unwrap());
+    let rst = std::iter::from_fn(|| next(&mut s.muxer, 4096)).find(|(h, _)| h.op == OP_RST);
+    assert!(rst.is_some(), "the close completes once all is delivered");
+    assert_eq!(reader.join().unwrap(), data);
+    host.flush().unwrap();
+}
+
+fn pattern_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+fn thread_read_to_end(mut stream: UnixStream) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut data = Vec::new();
+        stream.read_to_end(&mut data).unwrap();
+        data
+    })
+}

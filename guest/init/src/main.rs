@@ -46,6 +46,8 @@
 //! - `lkvm.vsockconnect=PORT:COUNT:LEN`: COUNT connections at once to the host (CID 2) PORT,
 //!   each sending LEN bytes of the pattern for its index and expecting `LEN HASH\n` of it back;
 //!   print `vsockconnect:PORT=OK/COUNT`, or the first error.
+//! - `lkvm.vsockbench=PORT:MIB`: vsock throughput to a host sink on PORT and from a host
+//!   source on PORT+1 (MIB MiB each), and the median time to connect to PORT+2 and see it close.
 //! It prints `LKVM-RESULT key=value` lines describing what the guest sees, then `LKVM-DONE`,
 //! and reboots (with `reboot=k` the VMM sees the i8042 reset and exits 0).
 
@@ -579,6 +581,41 @@ fn net_bench(arg: &str) {
     }
 }
 
+/// vsock throughput both ways and connect latency, against host programs on PORT (sink),
+/// PORT+1 (source of MIB MiB) and PORT+2 (closes at once).
+fn vsock_bench(arg: &str) {
+    let Some((port, mib)) = arg.split_once(':') else { return result("vsockbench", "bad-arg") };
+    let port: u32 = port.parse().unwrap_or(0);
+    let bytes = mib.parse::<usize>().unwrap_or(16) << 20;
+    let rate = |start: std::time::Instant| format!("{:.2}MB/s", bytes as f64 / 1e6 / start.elapsed().as_secs_f64());
+    let start = std::time::Instant::now();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let sent = vsock_connect(libc::VMADDR_CID_HOST, port).and_then(|mut s| {
+        (0..bytes / chunk.len()).try_for_each(|_| s.write_all(&chunk))?;
+        shutdown_write(&s)?;
+        drain(&mut s)
+    });
+    result("vsockbench:guest_to_host", &sent.map_or_else(|e| format!("err:{e}"), |_| rate(start)));
+    let start = std::time::Instant::now();
+    let got = vsock_connect(libc::VMADDR_CID_HOST, port + 1).and_then(|mut s| drain(&mut s));
+    let value = match got {
+        Ok((n, _)) if n == bytes => rate(start),
+        Ok((n, _)) => format!("err:short stream ({n} bytes)"),
+        Err(e) => format!("err:{e}"),
+    };
+    result("vsockbench:host_to_guest", &value);
+    let mut samples = Vec::new();
+    for _ in 0..50 {
+        let start = std::time::Instant::now();
+        match vsock_connect(libc::VMADDR_CID_HOST, port + 2).and_then(|mut s| drain(&mut s)) {
+            Ok(_) => samples.push(start.elapsed().as_secs_f64() * 1e6),
+            Err(e) => return result("vsockbench:connect", &format!("err:{e}")),
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    result("vsockbench:connect", &format!("{:.0}us", samples[samples.len() / 2]));
+}
+
 fn balloon_wait(arg: &str) {
     let kb = |field: &str| meminfo(field).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let (seconds, mib) = arg.split_once(':').unwrap_or((arg, "1"));
@@ -762,6 +799,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.fetch=", fetch),
     ("lkvm.vsocklisten=", vsock_listen),
     ("lkvm.vsockconnect=", vsock_connect_check),
+    ("lkvm.vsockbench=", vsock_bench),
     ("lkvm.send=", send),
     ("lkvm.serve=", serve),
     ("lkvm.udp=", udp),
