@@ -31,7 +31,8 @@ pub const SHUTDOWN_SEND: u32 = 2;
 pub const CONN_BUF: u32 = 256 * 1024;
 /// The largest payload of one packet either way.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
-const MAX_CONNECTIONS: usize = 1024;
+/// With CONN_BUF each, at most 128 MiB of guest data held, and descriptors well under a 1024 limit.
+const MAX_CONNECTIONS: usize = 512;
 /// Host programs connected to `uds_path` that have not sent their CONNECT line yet.
 const MAX_ACCEPTING: usize = 64;
 const MAX_CONNECT_LINE: usize = 32;
