@@ -229,3 +229,88 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::tests::CountingInterrupt;
+    use crate::vsock::{HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+    }
+
+    fn port(name: &str, mem: &GuestMemoryMmap, rx: Queue, tx: Queue, events: Queue) -> VsockPort {
+        let dir = std::env::temp_dir().join(format!("lkvm-vsock-dev-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let uds = dir.join("v");
+        let muxer = Muxer::new(3, uds.clone(), crate::vsock::listen(&uds).unwrap()).unwrap();
+        VsockPort::new(rx, tx, events, mem.clone(), Arc::new(CountingInterrupt::default()), muxer)
+    }
+
+    #[test]
+    fn a_request_to_a_port_nobody_serves_comes_back_as_a_reset() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (tx_mock, rx_mock) =
+            (MockSplitQueue::new(&mem, 16), MockSplitQueue::create(&mem, GuestAddress(0x8000), 16));
+        let request = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 1234,
+            dst_port: 9,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 4096,
+            ..Header::default()
+        };
+        // SAFETY: the header slice is a local buffer that outlives the packet.
+        let mut raw = [0u8; PKT_HEADER_SIZE];
+        let mut packet = unsafe { VsockPacket::new(&mut raw, None).unwrap() };
+        write_header(&mut packet, &request);
+        mem.write_slice(&raw, GuestAddress(0x10000)).unwrap();
+        tx_mock.add_desc_chains(&[desc(0x10000, PKT_HEADER_SIZE as u32, 0, 0)], 0).unwrap();
+        let rx_chain = [
+            desc(0x20000, PKT_HEADER_SIZE as u32, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+            desc(0x21000, 4096, VRING_DESC_F_WRITE, 0),
+        ];
+        rx_mock.add_desc_chains(&rx_chain, 0).unwrap();
+        let mut port = port(
+            "rst",
+            &mem,
+            rx_mock.create_queue().unwrap(),
+            tx_mock.create_queue().unwrap(),
+            Queue::new(16).unwrap(),
+        );
+        port.transmit();
+        port.receive();
+        assert_eq!(tx_mock.used().idx().load(), 1);
+        assert_eq!(rx_mock.used().idx().load(), 1);
+        assert_eq!(rx_mock.used().ring().ref_at(0).unwrap().load().len(), PKT_HEADER_SIZE as u32);
+        let mut reply = [0u8; PKT_HEADER_SIZE];
+        mem.read_slice(&mut reply, GuestAddress(0x20000)).unwrap();
+        // SAFETY: as above.
+        let mut reply_raw = reply;
+        let mut parsed = unsafe { VsockPacket::new(&mut reply_raw, None).unwrap() };
+        parsed.set_header_from_raw(&reply).unwrap();
+        assert_eq!((parsed.op(), parsed.src_port(), parsed.dst_port(), parsed.dst_cid()), (OP_RST, 9, 1234, 3));
+    }
+
+    #[test]
+    fn a_restored_device_tells_the_guest_its_connections_are_gone() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let events_mock = MockSplitQueue::new(&mem, 16);
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x30000)).unwrap();
+        events_mock.add_desc_chains(&[desc(0x30000, 4, VRING_DESC_F_WRITE, 0)], 0).unwrap();
+        let events = events_mock.create_queue().unwrap();
+        let mut port = port("event", &mem, Queue::new(16).unwrap(), Queue::new(16).unwrap(), events);
+        port.announce_reset = true;
+        port.send_reset_event();
+        assert_eq!(events_mock.used().idx().load(), 1);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x30000)).unwrap(), EVENT_TRANSPORT_RESET);
+        assert!(!port.announce_reset, "said once");
+    }
+}
