@@ -109,7 +109,7 @@ def ratio_table(rows, columns, baseline, digits=1):
 def qemu_base(mem_mib=None):
     """QEMU microvm with the same kernel, initramfs and i8042 reset path as lkvm's guests."""
     return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=on,acpi=off", "-device", "i8042", "-enable-kvm",
-            "-cpu", "host", "-m", str(mem_mib or MEM_MIB), "-smp", "1", "-nodefaults", "-no-user-config",
+            "-cpu", "host,-arch-capabilities", "-m", str(mem_mib or MEM_MIB), "-smp", "1", "-nodefaults", "-no-user-config",
             "-nographic", "-serial", "stdio", "-no-reboot", "-kernel", f"{GUEST}/vmlinux",
             "-initrd", f"{GUEST}/initramfs.cpio"]
 

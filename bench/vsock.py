@@ -67,6 +67,7 @@ def firecracker_cmd(binary, workdir, uds, params):
         "boot-source": {"kernel_image_path": f"{GUEST}/vmlinux", "initrd_path": f"{GUEST}/initramfs.cpio",
                         "boot_args": f"{LKVM_DEFAULTS} {params}"},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [],
         "vsock": {"guest_cid": 3, "uds_path": uds},
     }
     path = os.path.join(workdir, "fc.json")
