@@ -13,8 +13,10 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 pub const HOST_CID: u64 = 2;
 pub const TYPE_STREAM: u16 = 1;
@@ -41,7 +43,11 @@ const MAX_CONNECT_LINE: usize = 32;
 const MAX_CONTROL_BACKLOG: usize = 4096;
 /// Host-side ports of host-initiated connections, as Firecracker numbers them.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+/// How long a host program waits for the guest to accept, and for its own CONNECT line (as in
+/// Firecracker).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const LISTENER_TOKEN: u64 = 0;
+const TIMER_TOKEN: u64 = 1;
 
 /// A packet header (struct virtio_vsock_hdr), apart from the guest memory it came in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,6 +80,8 @@ struct Conn {
     stream: UnixStream,
     token: u64,
     state: State,
+    /// For a host-initiated connection: when to give up on the guest's answer.
+    deadline: Option<Instant>,
     peer_buf_alloc: u32,
     peer_fwd_cnt: Wrapping<u32>,
     /// Bytes sent to the guest.
@@ -97,6 +105,7 @@ impl Conn {
             stream,
             token,
             state,
+            deadline: None,
             peer_buf_alloc: peer.buf_alloc,
             peer_fwd_cnt: Wrapping(peer.fwd_cnt),
             rx_cnt: Wrapping(0),
@@ -160,6 +169,7 @@ impl Conn {
 struct Accepting {
     stream: UnixStream,
     line: Vec<u8>,
+    deadline: Instant,
 }
 
 pub struct Muxer {
@@ -167,6 +177,9 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     epoll: Epoll,
+    /// Fires when a host program's CONNECT may have timed out.
+    timer: TimerFd,
+    timer_armed: bool,
     conns: HashMap<Key, Conn>,
     by_token: HashMap<u64, Key>,
     accepting: HashMap<u64, Accepting>,
@@ -201,15 +214,19 @@ impl Muxer {
     pub fn new(guest_cid: u64, uds_path: PathBuf, listener: UnixListener) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))?;
         Ok(Muxer {
             guest_cid,
             uds_path,
             listener,
             epoll,
+            timer,
+            timer_armed: false,
             conns: HashMap::new(),
             by_token: HashMap::new(),
             accepting: HashMap::new(),
-            next_token: LISTENER_TOKEN + 1,
+            next_token: TIMER_TOKEN + 1,
             next_host_port: FIRST_HOST_PORT,
             control: VecDeque::new(),
             ready: VecDeque::new(),
@@ -234,6 +251,10 @@ impl Muxer {
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.peer_buf_alloc = hdr.buf_alloc;
             conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+            // Any packet can carry the credit a waiting connection needs.
+            if conn.host_readable && conn.peer_credit() > 0 {
+                self.mark_ready(key);
+            }
         }
         let state = self.conns.get(&key).map(|c| c.state);
         match (hdr.op, state) {
@@ -242,6 +263,7 @@ impl Muxer {
             (OP_RESPONSE, Some(State::Connecting)) => {
                 let conn = self.conns.get_mut(&key).expect("state found");
                 conn.state = State::Established;
+                conn.deadline = None;
                 // A fresh socket's buffer takes a short line.
                 if conn.stream.write_all(format!("OK {}\n", key.0).as_bytes()).is_err() {
                     self.reset(key);
@@ -286,6 +308,21 @@ impl Muxer {
                 conn.fwd_cnt_sent = conn.fwd_cnt;
             }
             return Some((hdr, 0));
+        }
+        // A buffer without room for data carries only the headers above.
+        let skip = if data.is_empty() { self.ready.len() } else { 0 };
+        for _ in 0..skip {
+            let key = self.ready.pop_front().expect("counted");
+            let Some(conn) = self.conns.get_mut(&key) else { continue };
+            if conn.credit_update_due {
+                conn.credit_update_due = false;
+                self.ready.push_back(key);
+                return Some((self.outgoing(key, OP_CREDIT_UPDATE, 0, 0), 0));
+            }
+            self.ready.push_back(key);
+        }
+        if data.is_empty() {
+            return None;
         }
         while let Some(key) = self.ready.pop_front() {
             let Some(conn) = self.conns.get_mut(&key) else { continue };
@@ -336,6 +373,8 @@ impl Muxer {
             let token = event.data();
             if token == LISTENER_TOKEN {
                 self.accept();
+            } else if token == TIMER_TOKEN {
+                self.expire_connects();
             } else if self.accepting.contains_key(&token) {
                 self.read_connect_line(token);
             } else if let Some(&key) = self.by_token.get(&token) {
@@ -349,7 +388,7 @@ impl Muxer {
         if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             // Reported whatever the interest: stop watching, and let the read see the end.
             let _ = self.epoll.ctl(ControlOperation::Delete, conn.stream.as_raw_fd(), EpollEvent::default());
-            if conn.state == State::Established {
+            if conn.state == State::Established && !conn.guest_stopped_receiving {
                 conn.host_readable = true;
                 conn.host_hung_up = true;
                 self.mark_ready(key);
@@ -368,9 +407,32 @@ impl Muxer {
         self.update_interest(key);
     }
 
+    /// Takes new host programs; beyond MAX_ACCEPTING waiting for their CONNECT line (after the
+    /// ones past their deadline are dropped) they are closed at once. If accept fails (out of
+    /// descriptors, say) the listener is not watched until a connection ends.
     fn accept(&mut self) {
-        while self.accepting.len() < MAX_ACCEPTING {
-            let Ok((stream, _)) = self.listener.accept() else { return };
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock: {}: accept: {e}", self.uds_path.display());
+                    self.watch_listener(false);
+                    return;
+                }
+            };
+            if self.accepting.len() >= MAX_ACCEPTING {
+                let now = Instant::now();
+                let expired: Vec<u64> =
+                    self.accepting.iter().filter(|(_, a)| a.deadline <= now).map(|(t, _)| *t).collect();
+                for token in expired {
+                    self.drop_accepting(token);
+                }
+                if self.accepting.len() >= MAX_ACCEPTING {
+                    continue; // closes it
+                }
+            }
             let token = self.token();
             if stream.set_nonblocking(true).is_err()
                 || self
@@ -380,7 +442,45 @@ impl Muxer {
             {
                 continue;
             }
-            self.accepting.insert(token, Accepting { stream, line: Vec::new() });
+            self.accepting
+                .insert(token, Accepting { stream, line: Vec::new(), deadline: Instant::now() + CONNECT_TIMEOUT });
+        }
+    }
+
+    fn drop_accepting(&mut self, token: u64) {
+        if let Some(accepting) = self.accepting.remove(&token) {
+            let _ = self.epoll.ctl(ControlOperation::Delete, accepting.stream.as_raw_fd(), EpollEvent::default());
+        }
+    }
+
+    fn watch_listener(&self, on: bool) {
+        let events = if on { EventSet::IN } else { EventSet::empty() };
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            self.listener.as_raw_fd(),
+            EpollEvent::new(events, LISTENER_TOKEN),
+        );
+    }
+
+    /// Resets host-initiated connections the guest did not accept in time.
+    fn expire_connects(&mut self) {
+        let _ = self.timer.wait();
+        self.timer_armed = false;
+        let now = Instant::now();
+        let expired: Vec<Key> =
+            self.conns.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(k, _)| *k).collect();
+        for key in expired {
+            self.reset(key);
+        }
+        self.arm_timer();
+    }
+
+    /// Arms the timer for the earliest CONNECT deadline, if any.
+    fn arm_timer(&mut self) {
+        let Some(next) = self.conns.values().filter_map(|c| c.deadline).min() else { return };
+        if !self.timer_armed {
+            let wait = next.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            self.timer_armed = self.timer.reset(wait, None).is_ok();
         }
     }
 
@@ -400,7 +500,7 @@ impl Muxer {
         let accepting = self.accepting.remove(&token).expect("checked");
         let _ = self.epoll.ctl(ControlOperation::Delete, accepting.stream.as_raw_fd(), EpollEvent::default());
         let Some(guest_port) = port else { return };
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= MAX_CONNECTIONS || self.control.len() >= MAX_CONTROL_BACKLOG {
             return;
         }
         let host_port = self.free_host_port(guest_port);
@@ -413,10 +513,12 @@ impl Muxer {
         {
             return;
         }
-        let conn = Conn::new(accepting.stream, token, State::Connecting, &Header::default());
+        let mut conn = Conn::new(accepting.stream, token, State::Connecting, &Header::default());
+        conn.deadline = Some(Instant::now() + CONNECT_TIMEOUT);
         self.conns.insert(key, conn);
         self.by_token.insert(token, key);
         self.push_control(self.header(key, OP_REQUEST, 0, 0));
+        self.arm_timer();
     }
 
     fn free_host_port(&mut self, guest_port: u32) -> u32 {
@@ -500,6 +602,11 @@ impl Muxer {
         if let Some(conn) = self.conns.remove(&key) {
             let _ = self.epoll.ctl(ControlOperation::Delete, conn.stream.as_raw_fd(), EpollEvent::default());
             self.by_token.remove(&conn.token);
+            if conn.queued {
+                self.ready.retain(|k| *k != key);
+            }
+            // A descriptor is free again: new host programs can be taken.
+            self.watch_listener(true);
         }
     }
 

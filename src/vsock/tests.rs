@@ -256,3 +256,59 @@ fn thread_read_to_end(mut stream: UnixStream) -> std::thread::JoinHandle<Vec<u8>
         data
     })
 }
+
+#[test]
+fn credit_in_any_guest_packet_wakes_a_waiting_connection() {
+    let mut s = setup("rwcredit");
+    let (mut host, port) = host_connection(&mut s);
+    let mut update = from_guest(OP_CREDIT_UPDATE, 52, port);
+    update.buf_alloc = 10;
+    s.muxer.handle_guest_packet(&update, &[]);
+    host.write_all(&[7u8; 100]).unwrap();
+    assert_eq!(next(&mut s.muxer, 4096).unwrap().1.len(), 10);
+    assert!(next(&mut s.muxer, 4096).is_none(), "out of credit");
+    // The guest consumed it and says so only in the header of its own data.
+    let mut rw = from_guest(OP_RW, 52, port);
+    (rw.buf_alloc, rw.fwd_cnt, rw.len) = (10, 10, 2);
+    s.muxer.handle_guest_packet(&rw, b"ok");
+    let (more, data) = next(&mut s.muxer, 4096).unwrap();
+    assert_eq!((more.op, data.len()), (OP_RW, 10));
+}
+
+#[test]
+fn connection_churn_leaves_nothing_queued() {
+    let mut s = setup("churn");
+    let listener = UnixListener::bind(format!("{}_5000", s.uds.display())).unwrap();
+    for guest_port in 0..200 {
+        s.muxer.handle_guest_packet(&from_guest(OP_REQUEST, guest_port, 5000), &[]);
+        let _accepted = listener.accept().unwrap();
+        s.muxer.handle_guest_packet(&from_guest(OP_CREDIT_REQUEST, guest_port, 5000), &[]);
+        s.muxer.handle_guest_packet(&from_guest(OP_RST, guest_port, 5000), &[]);
+    }
+    assert!(s.muxer.conns.is_empty());
+    assert!(s.muxer.ready.is_empty(), "{} stale entries", s.muxer.ready.len());
+}
+
+#[test]
+fn a_guest_that_never_answers_a_connect_is_given_up_on() {
+    let mut s = setup("timeout");
+    let mut host = UnixStream::connect(&s.uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let (request, _) = next(&mut s.muxer, 0).unwrap();
+    assert_eq!(request.op, OP_REQUEST);
+    let deadline = Instant::now() + CONNECT_TIMEOUT * 3;
+    let rst = loop {
+        s.muxer.process_host_events();
+        if let Some((hdr, _)) = s.muxer.next_packet(&mut []) {
+            break Some(hdr);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(rst.map(|h| (h.op, h.dst_port)), Some((OP_RST, 52)));
+    let mut rest = Vec::new();
+    assert_eq!(host.read_to_end(&mut rest).unwrap(), 0, "the host program hears no OK");
+}

@@ -97,10 +97,12 @@ impl VsockPort {
     /// Fills the guest's receive buffers with what the muxer has for it.
     pub fn receive(&mut self) {
         let mut used = false;
+        let mut stalled = false;
         loop {
             if self.rx.disable_notification(&self.mem).is_err() {
                 return;
             }
+            let mut progressed = false;
             while self.muxer.has_pending() {
                 let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) else { break };
                 let head = chain.head_index();
@@ -108,9 +110,18 @@ impl VsockPort {
                     Ok(mut packet) => {
                         let room = packet.data_slice().map_or(0, |d| d.len()).min(MAX_PAYLOAD);
                         let Some((header, n)) = self.muxer.next_packet(&mut self.payload[..room]) else {
-                            // Not used: the next packet takes it.
-                            self.rx.set_next_avail(self.rx.next_avail().wrapping_sub(1));
-                            break;
+                            if room > 0 {
+                                // Not used: the next packet takes it.
+                                self.rx.set_next_avail(self.rx.next_avail().wrapping_sub(1));
+                                break;
+                            }
+                            // No room for the data that waits: given back empty.
+                            if self.rx.add_used(&self.mem, head, 0).is_err() {
+                                return;
+                            }
+                            used = true;
+                            progressed = true;
+                            continue;
                         };
                         write_header(&mut packet, &header);
                         if let Some(data) = packet.data_slice() {
@@ -127,9 +138,11 @@ impl VsockPort {
                     return;
                 }
                 used = true;
+                progressed = true;
             }
-            // Buffers the guest added meanwhile would otherwise wait for its next notification.
-            if !self.muxer.has_pending() || !self.rx.enable_notification(&self.mem).unwrap_or(false) {
+            // Buffers the guest added meanwhile would otherwise wait for its next notification;
+            // a ring that claims buffers it does not yield is not retried.
+            if !self.muxer.has_pending() || !more_available(&mut self.rx, &self.mem, progressed, &mut stalled) {
                 break;
             }
         }
@@ -297,6 +310,31 @@ mod tests {
         let mut parsed = unsafe { VsockPacket::new(&mut reply_raw, None).unwrap() };
         parsed.set_header_from_raw(&reply).unwrap();
         assert_eq!((parsed.op(), parsed.src_port(), parsed.dst_port(), parsed.dst_cid()), (OP_RST, 9, 1234, 3));
+    }
+
+    #[test]
+    fn a_receive_ring_whose_index_runs_ahead_does_not_hold_the_worker() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let rx_mock = MockSplitQueue::new(&mem, 16);
+        let mut port =
+            port("ahead", &mem, rx_mock.create_queue().unwrap(), Queue::new(16).unwrap(), Queue::new(16).unwrap());
+        // A reply is owed (a request to a port nobody serves), and the ring claims 100 buffers.
+        let request = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            dst_port: 9,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            ..Header::default()
+        };
+        port.muxer.handle_guest_packet(&request, &[]);
+        rx_mock.avail().idx().store(100);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            port.receive();
+            let _ = done.send(());
+        });
+        assert!(finished.recv_timeout(std::time::Duration::from_secs(10)).is_ok(), "receive() spun");
     }
 
     #[test]
