@@ -6,7 +6,6 @@ pub mod http;
 mod metrics;
 mod routes;
 
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -115,14 +114,10 @@ impl Drop for ApiSocket {
 
 /// Listens on `path` and serves `api` on the API thread.
 pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, String> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!("API socket {}: another process is listening on it", path.display()));
-        }
-        // Left by a process that died.
-        std::fs::remove_file(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
+    let listener = crate::control::bind_replacing_stale(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!("API socket {}: another process is listening on it", path.display()),
+        _ => format!("API socket {}: {e}", path.display()),
+    })?;
     let open = Arc::new(AtomicUsize::new(0));
     thread::spawn(ThreadKind::Api, "fc_api".into(), move || {
         for mut stream in listener.incoming().flatten() {

@@ -198,6 +198,20 @@ pub fn lkvm_dir() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp")).join(".lkvm")
 }
 
+/// Binds a UNIX socket at `path`, replacing one left by a process that died. A socket that
+/// answers is refused (`AddrInUse`), and so is anything at the path that is not a socket: it
+/// is never removed.
+pub fn bind_replacing_stale(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() || UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "in use (or not a socket)"));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
 pub fn socket_path(name: &str) -> PathBuf {
     lkvm_dir().join(format!("{name}.sock"))
 }
@@ -283,13 +297,10 @@ impl Server {
             .create(&dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = socket_path(name);
-        if path.exists() {
-            if UnixStream::connect(&path).is_ok() {
-                return Err(format!("a guest named '{name}' is already running ({})", path.display()));
-            }
-            let _ = std::fs::remove_file(&path); // left by a guest that died
-        }
-        let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let listener = bind_replacing_stale(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => format!("a guest named '{name}' is already running ({})", path.display()),
+            _ => format!("{}: {e}", path.display()),
+        })?;
         // Only the owner may control the guest.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("{}: {e}", path.display()))?;
