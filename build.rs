@@ -1,4 +1,4 @@
-//! Builds the 9p root filesystem's init (src/rootfs/init/main.rs) as a static x86_64 binary,
+//! Builds the 9p root filesystem's init (src/rootfs/init/, with src/exec/protocol.rs) as a static x86_64 binary,
 //! which lkvm embeds: `lkvm setup` needs no compiler at run time.
 
 use std::path::PathBuf;
@@ -6,7 +6,8 @@ use std::process::Command;
 
 fn main() {
     let source = "src/rootfs/init/main.rs";
-    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-changed=src/rootfs/init");
+    println!("cargo:rerun-if-changed=src/exec/protocol.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("lkvm-init");
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let status = Command::new(rustc)

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod disk;
+pub mod exec;
 pub mod logging;
 pub mod net;
 pub mod rootfs;

@@ -9,11 +9,13 @@ use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
 use lkvm::control::{self, Command as Request, Controller};
-use lkvm::rootfs::warm::{self, WarmCache};
+use lkvm::rootfs::warm::WarmCache;
+use lkvm::thread::{self as threads, ThreadKind};
 use lkvm::vmm::exit::VmExit;
 use lkvm::vmm::Vm;
-use lkvm::{logging, rootfs};
+use lkvm::{exec, logging, rootfs};
 use std::path::Path;
+use std::sync::mpsc;
 
 /// Exit status for bad input, a VM that could not be built, or a control request that failed.
 const EXIT_SETUP_FAILED: u8 = 1;
@@ -44,10 +46,6 @@ fn prepare(args: cli::run::RunArgs) -> Result<VmConfig, String> {
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
     }
     Ok(config)
-}
-
-fn boot(config: VmConfig, started: Instant) -> ExitCode {
-    boot_with_api(config, started, None)
 }
 
 /// Builds and runs the VM, reachable through the control socket (and Firecracker's API on
@@ -104,7 +102,8 @@ fn exit_status(exit: &VmExit) -> ExitCode {
     }
 }
 
-/// Boots the 9p root filesystem with the command for its init; exits with the command's status.
+/// Boots (or restores) a guest on lkvm's 9p root filesystem, runs the command in it over vsock
+/// and exits with the command's status.
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     logging::init(logging::parse_level(&args.run.loglevel).unwrap_or(2));
     if args.run.initrd.is_some() || args.run.nodefaults {
@@ -112,52 +111,111 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     }
     // Only the command's output, unless the user asks the kernel for more.
     args.run.params = Some(format!("quiet {}", args.run.params.as_deref().unwrap_or("")));
-    let mut config = match prepare(args.run) {
+    let config = match prepare(args.run) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    let Some(root) = config.lkvm_rootfs().cloned() else {
+    let (Some(root), Some(vsock)) = (config.lkvm_rootfs().cloned(), config.vsock.clone()) else {
         return fail(
             "lkvm sandbox needs lkvm's 9p root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",
         );
     };
-    let raw_output = !std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let job = match rootfs::SandboxJob::create(&root, &args.command, raw_output) {
-        Ok(job) => job,
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin()).then(exec::terminal_size);
+    let request = match rootfs::sandbox_request(&args.command, tty) {
+        Ok(request) => request,
+        Err(e) => return fail(&format!("the current directory: {e}")),
+    };
+    let ready = match rootfs::SandboxReady::create(&root) {
+        Ok(ready) => ready,
         Err(e) => return fail(&format!("{}: {e}", root.display())),
     };
-    let vm_status = if args.cold || config.console != ConsoleDevice::Serial {
-        let params = config.boot.params.take().unwrap_or_default();
-        config.boot.params = Some(format!("{params} {}", job.param()));
-        boot(config, started)
-    } else {
-        warm_sandbox(config, &root, &job, started)
+    // The command's stdin, stdout and stderr are its own, not the console's.
+    let (mut job, mut raw_terminal) = (None, None);
+    let start_job = |vm: &mut Vm| {
+        if vm.has_ended() {
+            return Ok(()); // before it was ready: no status, and the VM says why
+        }
+        if tty.is_some() {
+            raw_terminal = lkvm::term::RawMode::stdin(); // until lkvm exits, however the VM ends
+        }
+        job = Some(start_sandbox_job(vsock.uds_path.clone(), request)?);
+        Ok(())
     };
-    if vm_status != ExitCode::SUCCESS {
-        return vm_status;
-    }
-    match job.exit_status() {
-        Some(status) => ExitCode::from(status),
+    let vm_status = if args.cold || config.console != ConsoleDevice::Serial {
+        boot_sandbox(config, &ready, started, start_job)
+    } else {
+        warm_sandbox(config, &ready, started, start_job)
+    };
+    // The guest sends the status before it reboots; it may still be on its way.
+    let _raw_terminal = raw_terminal;
+    match job.and_then(|job| job.recv_timeout(std::time::Duration::from_secs(5)).ok()) {
+        Some(Ok(status)) => ExitCode::from(status),
+        Some(Err(msg)) => fail(&msg),
+        None if vm_status != ExitCode::SUCCESS => vm_status,
         None => fail("the guest ended before the command did: no exit status"),
     }
 }
 
-/// Runs a sandbox from the snapshot of a guest ready for a job, taking that snapshot first if
-/// the cache has none for this configuration.
-fn warm_sandbox(mut config: VmConfig, root: &Path, job: &rootfs::SandboxJob, started: Instant) -> ExitCode {
+/// Runs the sandbox's command in the ready guest on a thread of its own; its status (or why
+/// there is none) comes on the channel.
+fn start_sandbox_job(
+    uds: std::path::PathBuf,
+    request: exec::protocol::Request,
+) -> Result<mpsc::Receiver<Result<u8, String>>, String> {
+    let (sender, receiver) = mpsc::channel();
+    let relay = move || {
+        let outcome = exec::connect(&uds).and_then(|stream| {
+            exec::run(stream, &request, std::io::stdin(), &mut std::io::stdout(), &mut std::io::stderr())
+        });
+        let _ = sender.send(outcome);
+    };
+    threads::spawn(ThreadKind::Exec, "sandbox-job".into(), relay).map_err(|e| format!("spawn sandbox thread: {e}"))?;
+    Ok(receiver)
+}
+
+/// Boots the guest, waits until its init is ready for the command, then runs `start_job`.
+fn boot_sandbox(
+    mut config: VmConfig,
+    ready: &rootfs::SandboxReady,
+    started: Instant,
+    start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
+) -> ExitCode {
+    let params = config.boot.params.take().unwrap_or_default();
+    config.boot.params = Some(format!("{params} {}", ready.param()));
+    let mut vm = match Vm::build(config, started) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&e.to_string()),
+    };
+    vm.hold_console_input();
+    serve_with(vm, None, |vm| {
+        wait_until_ready(vm, ready);
+        start_job(vm)
+    })
+}
+
+fn wait_until_ready(vm: &mut Vm, ready: &rootfs::SandboxReady) {
+    while ready.pending() && !vm.has_ended() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Runs a sandbox from the snapshot of a guest ready for its command, taking that snapshot
+/// first if the cache has none for this configuration.
+fn warm_sandbox(
+    mut config: VmConfig,
+    ready: &rootfs::SandboxReady,
+    started: Instant,
+    start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
+) -> ExitCode {
     let cache = match WarmCache::for_config(&config) {
         Ok(cache) => cache,
         Err(e) => return fail(&e.to_string()),
     };
-    let hand_over = |vm: &mut Vm| {
-        vm.handle().type_on_console(format!("{}\n", job.id()).as_bytes())?;
-        vm.release_console_input().map_err(|e| e.to_string())
-    };
     if cache.is_filled() {
-        match Vm::restore(&cache.restore_spec(&config.name), started) {
+        match Vm::restore(&cache.restore_spec(&config), started) {
             Ok(mut vm) => {
                 vm.hold_console_input();
-                return serve_with(vm, None, hand_over);
+                return serve_with(vm, None, start_job);
             }
             Err(e) => {
                 tracing::warn!("{}: {e}; booting instead", cache.dir().display());
@@ -165,37 +223,28 @@ fn warm_sandbox(mut config: VmConfig, root: &Path, job: &rootfs::SandboxJob, sta
             }
         }
     }
-    let nonce = std::process::id().to_string();
-    let ready = warm::ready_file(root, &nonce);
-    if let Err(e) = std::fs::write(&ready, b"") {
-        return fail(&format!("{}: {e}", ready.display()));
-    }
     let params = config.boot.params.take().unwrap_or_default();
-    config.boot.params = Some(format!("{params} {}", warm::ready_param(&nonce)));
+    config.boot.params = Some(format!("{params} {}", ready.param()));
     let mut vm = match Vm::build(config, started) {
         Ok(vm) => vm,
         Err(e) => return fail(&e.to_string()),
     };
     vm.hold_console_input();
     serve_with(vm, None, |vm| {
-        while ready.exists() {
-            if vm.has_ended() {
-                let _ = std::fs::remove_file(&ready);
-                return Ok(());
+        wait_until_ready(vm, ready);
+        if !vm.has_ended() {
+            let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
+            // Pauses, writes and resumes, as `lkvm snapshot` does.
+            let written = vm.handle().snapshot(&staging, false);
+            match written.and_then(|_| cache.publish(&staging).map_err(|e| e.to_string())) {
+                Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),
+                Err(e) => tracing::warn!("no warm sandbox snapshot: {e}"),
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            if vm.handle().paused() {
+                return Err("the guest could not be resumed after its snapshot".into());
+            }
         }
-        let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
-        // Pauses, writes and resumes, as `lkvm snapshot` does.
-        let written = vm.handle().snapshot(&staging, false);
-        match written.and_then(|_| cache.publish(&staging).map_err(|e| e.to_string())) {
-            Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),
-            Err(e) => tracing::warn!("no warm sandbox snapshot: {e}"),
-        }
-        if vm.handle().paused() {
-            return Err("the guest could not be resumed after its snapshot".into());
-        }
-        hand_over(vm)
+        start_job(vm)
     })
 }
 
@@ -286,6 +335,10 @@ fn main() -> ExitCode {
             }
         })),
         Command::Snapshot(args) => done(ctl::snapshot(&args)),
+        Command::Exec(args) => match cli::exec::run(args) {
+            Ok(status) => ExitCode::from(status),
+            Err(msg) => fail(&msg),
+        },
         Command::Firecracker(args) => firecracker(args, started),
         Command::Version => {
             println!("lkvm {}", env!("CARGO_PKG_VERSION"));

@@ -20,6 +20,9 @@ pub enum ThreadKind {
     Console,
     /// Writes metrics periodically.
     Metrics,
+    /// Relays a command run in the guest (`lkvm exec`, `lkvm sandbox`): stdin to it, its
+    /// output and status back.
+    Exec,
 }
 
 /// Spawns a thread of `kind` named `name` (shown by `ps -L` and in panics).

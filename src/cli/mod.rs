@@ -1,6 +1,7 @@
 //! Command line: kvmtool's subcommands and options, one file per subcommand.
 
 pub mod control;
+pub mod exec;
 pub mod firecracker;
 pub mod run;
 
@@ -48,6 +49,9 @@ pub enum Command {
     Balloon(control::BalloonArgs),
     /// Guest statistics
     Stat(control::StatArgs),
+    /// Run a command in a running guest booted on an lkvm root filesystem, over vsock:
+    /// `lkvm exec -n NAME [-t] -- cmd args...`; exits with its status
+    Exec(exec::ExecArgs),
     /// Snapshot a running guest into DIR (then `lkvm run --restore DIR`)
     Snapshot(control::SnapshotArgs),
     /// Behave as Firecracker: its command line and REST API (also when invoked as `firecracker`)

@@ -158,6 +158,9 @@ fn host_cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
+/// The vsock CID of guests booted on an lkvm root filesystem without `--vsock`.
+const DEFAULT_ROOTFS_CID: &str = "3";
+
 /// `--vsock CID[,uds=PATH]`. The default socket sits beside the control socket, not in
 /// ~/.lkvm/NAME, which a guest booted on that rootfs can write.
 fn parse_vsock(arg: &str, name: &str) -> Result<VsockConfig, String> {
@@ -287,7 +290,11 @@ impl RunArgs {
         let nets = nets.into_iter().enumerate().map(|(i, spec)| NetConfig { id: format!("net{i}"), spec }).collect();
 
         let name = self.name.unwrap_or_else(|| format!("guest-{}", std::process::id()));
-        let vsock = self.vsock.as_deref().map(|arg| parse_vsock(arg, &name)).transpose()?;
+        let mut vsock = self.vsock.as_deref().map(|arg| parse_vsock(arg, &name)).transpose()?;
+        if vsock.is_none() && root_share.as_ref().is_some_and(|r| r.lkvm_rootfs.is_some()) {
+            // Our init serves `lkvm exec` (and a sandbox's command) on vsock.
+            vsock = Some(parse_vsock(DEFAULT_ROOTFS_CID, &name)?);
+        }
         let config = VmConfig {
             name,
             kvm_device: self.kvm_device,

@@ -92,6 +92,9 @@ pub struct Response {
     /// Guest memory statistics from the balloon driver, in bytes or counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<std::collections::BTreeMap<String, u64>>,
+    /// `status`: the guest's vsock socket (`lkvm exec` connects there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_uds: Option<PathBuf>,
     /// What a snapshot wrote: state and memory file sizes in bytes, and how long it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReport>,
@@ -129,6 +132,8 @@ pub trait Controller: Send + Sync {
     /// Pauses (if running), writes a snapshot into `dir`, then resumes or, with `stop`, ends
     /// the guest.
     fn snapshot(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String>;
+    /// The UNIX socket host programs reach the guest's vsock through, if it has one.
+    fn vsock_uds(&self) -> Option<PathBuf>;
 }
 
 /// Answers one request line.
@@ -154,7 +159,7 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
         ));
     }
     let outcome = match request.command {
-        Command::Status => Ok(Response::ok()),
+        Command::Status => Ok(Response { vsock_uds: controller.vsock_uds(), ..Response::ok() }),
         Command::Stop => {
             controller.stop();
             Ok(Response::ok())
@@ -396,6 +401,9 @@ mod tests {
         fn snapshot(&self, _dir: &Path, _stop: bool) -> Result<SnapshotReport, String> {
             Ok(SnapshotReport { state_bytes: 1, memory_bytes: 2, millis: 3 })
         }
+        fn vsock_uds(&self) -> Option<PathBuf> {
+            Some("/run/v.sock".into())
+        }
     }
 
     #[test]
@@ -415,6 +423,8 @@ mod tests {
         let fake = Fake::default();
         let r = handle(r#"{"version":1,"command":"pause"}"#, "g", &fake);
         assert!(r.ok && r.state == Some(RunState::Paused) && r.name.as_deref() == Some("g"));
+        let r = handle(r#"{"version":1,"command":"status"}"#, "g", &fake);
+        assert_eq!(r.vsock_uds.as_deref(), Some(Path::new("/run/v.sock")));
         let r = handle(r#"{"version":1,"command":"registers"}"#, "g", &fake);
         assert_eq!(r.vcpus.unwrap(), vec!["vCPU 0: rip=0x1000"]);
         assert!(handle(r#"{"version":1,"command":"resume"}"#, "g", &fake).ok);

@@ -9,6 +9,7 @@ use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::control::lkvm_dir;
+use crate::exec::protocol::Request;
 
 /// The static init built by build.rs from `init/main.rs`.
 const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lkvm-init"));
@@ -133,71 +134,52 @@ fn write_if_missing(path: &Path, contents: &[u8]) -> io::Result<()> {
     }
 }
 
-/// A command for the sandbox guest's init, in `ROOTFS/virt/sandbox/ID/`; removed on drop.
-pub struct SandboxJob {
-    dir: PathBuf,
-    id: String,
+/// lkvm sandbox's command as the guest runs it: an absolute `argv[0]` is looked up in the
+/// host's / (under /host), and it runs in the host's current directory as seen under /host.
+pub fn sandbox_request(argv: &[String], tty: Option<(u16, u16)>) -> io::Result<Request> {
+    let mut argv = argv.to_vec();
+    if let Some(program) = argv.first_mut().filter(|p| p.starts_with('/')) {
+        *program = format!("/host{program}");
+    }
+    let cwd = std::env::current_dir()?;
+    let cwd = Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd));
+    let env = match (tty, std::env::var("TERM")) {
+        (Some(_), Ok(term)) => vec![format!("TERM={term}")],
+        _ => Vec::new(),
+    };
+    Ok(Request { tty, cwd: cwd.to_string_lossy().into_owned(), env, argv })
 }
 
-impl SandboxJob {
-    /// `argv[0]`, if an absolute host path, is rewritten to the guest's /host view of it; the
-    /// command runs in the host's current directory as seen under /host.
-    pub fn create(root: &Path, argv: &[String], raw_output: bool) -> io::Result<SandboxJob> {
-        let id = format!("{}", std::process::id());
-        let dir = root.join("virt/sandbox").join(&id);
-        let _ = fs::remove_dir_all(&dir); // does not follow symlinks
-        fs::create_dir(&dir)?;
-        let job = SandboxJob { dir, id };
-        let mut encoded = Vec::new();
-        for (i, arg) in argv.iter().enumerate() {
-            if i == 0 && arg.starts_with('/') {
-                encoded.extend_from_slice(b"/host");
-            }
-            encoded.extend_from_slice(arg.as_bytes());
-            encoded.push(0);
-        }
-        write_new(&job.dir.join("argv"), &encoded)?;
-        let cwd = std::env::current_dir()?;
-        write_new(
-            &job.dir.join("cwd"),
-            Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd)).as_os_str().as_encoded_bytes(),
-        )?;
-        if raw_output {
-            write_new(&job.dir.join("raw"), b"")?;
-        }
-        Ok(job)
+/// How a sandbox guest says it is ready for its command: lkvm creates
+/// `ROOTFS/virt/sandbox/ready-NONCE` and boots with `lkvm.sandbox=NONCE`; the guest's init
+/// removes the file once it listens for the command. Removed on drop if the guest did not.
+pub struct SandboxReady {
+    path: PathBuf,
+    nonce: String,
+}
+
+impl SandboxReady {
+    pub fn create(root: &Path) -> io::Result<SandboxReady> {
+        let nonce = std::process::id().to_string();
+        let path = root.join("virt/sandbox").join(format!("ready-{nonce}"));
+        let _ = fs::remove_file(&path); // left by a process of the same pid that died
+        write_new(&path, b"")?;
+        Ok(SandboxReady { path, nonce })
     }
 
-    /// The job's ID, which the guest's init looks up in /virt/sandbox.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The kernel parameter that tells init to run this job.
+    /// The kernel parameter that makes init get ready, announce it and wait for the command.
     pub fn param(&self) -> String {
-        format!("lkvm.sandbox={}", self.id)
+        format!("lkvm.sandbox={}", self.nonce)
     }
 
-    /// The command's exit status, if the guest got to record it: a few digits in a regular
-    /// file (the guest wrote it, so no symlink, FIFO or endless file is taken for it).
-    pub fn exit_status(&self) -> Option<u8> {
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(self.dir.join("status"))
-            .ok()?;
-        if !file.metadata().ok()?.is_file() {
-            return None;
-        }
-        let mut digits = [0u8; 8];
-        let n = io::Read::read(&mut &file, &mut digits).ok()?;
-        std::str::from_utf8(&digits[..n]).ok()?.trim().parse().ok()
+    pub fn pending(&self) -> bool {
+        fs::symlink_metadata(&self.path).is_ok()
     }
 }
 
-impl Drop for SandboxJob {
+impl Drop for SandboxReady {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_file(&self.path);
     }
 }
 
@@ -227,21 +209,17 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("etc/passwd")).unwrap(), "mine\n");
         assert_eq!(fs::read(root.join(INIT_PATH)).unwrap(), init);
 
-        let job = SandboxJob::create(&root, &["/bin/sh".into(), "-c".into(), "exit 7".into()], true).unwrap();
-        let dir = root.join("virt/sandbox").join(&job.id);
-        assert_eq!(fs::read(dir.join("argv")).unwrap(), b"/host/bin/sh\0-c\0exit 7\0");
-        assert!(fs::read_to_string(dir.join("cwd")).unwrap().starts_with("/host/"));
-        assert!(dir.join("raw").exists());
-        assert_eq!(job.param(), format!("lkvm.sandbox={}", std::process::id()));
-        assert_eq!(job.exit_status(), None);
-        fs::write(dir.join("status"), "7").unwrap();
-        assert_eq!(job.exit_status(), Some(7));
-        // What the guest leaves in place of the status is not followed.
-        fs::remove_file(dir.join("status")).unwrap();
-        symlink("/dev/zero", dir.join("status")).unwrap();
-        assert_eq!(job.exit_status(), None);
-        drop(job);
-        assert!(!dir.exists());
+        let ready = SandboxReady::create(&root).unwrap();
+        assert!(ready.pending());
+        assert_eq!(ready.param(), format!("lkvm.sandbox={}", std::process::id()));
+        fs::remove_file(root.join(format!("virt/sandbox/ready-{}", std::process::id()))).unwrap();
+        assert!(!ready.pending(), "the guest removed it");
+        drop(SandboxReady::create(&root).unwrap());
+        assert_eq!(fs::read_dir(root.join("virt/sandbox")).unwrap().count(), 0, "removed when dropped");
+        let request = sandbox_request(&["/bin/sh".into(), "-c".into(), "exit 7".into()], None).unwrap();
+        assert_eq!(request.argv, ["/host/bin/sh", "-c", "exit 7"]);
+        assert!(request.cwd.starts_with("/host/") && request.tty.is_none());
+        assert_eq!(sandbox_request(&["make".into()], Some((24, 80))).unwrap().argv, ["make"], "a PATH lookup");
         // A guest's symlink where a directory belongs stops the next run.
         fs::remove_dir(root.join("tmp")).unwrap();
         symlink("/etc", root.join("tmp")).unwrap();

@@ -1,6 +1,6 @@
 //! Warm sandboxes: the first `lkvm sandbox` for a given kernel, root filesystem, options and
 //! lkvm binary boots, waits until the guest's init is ready for a job and snapshots it into a
-//! cache; later ones restore that snapshot and type their job's ID on its console.
+//! cache; later ones restore that snapshot and hand it their command over vsock.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
@@ -37,6 +37,9 @@ impl WarmCache {
     pub fn for_config(config: &VmConfig) -> io::Result<WarmCache> {
         let mut keyed = config.clone();
         keyed.name = String::new();
+        if let Some(vsock) = &mut keyed.vsock {
+            vsock.uds_path = PathBuf::new(); // follows the name
+        }
         let mut hasher = DefaultHasher::new();
         serde_json::to_string(&keyed).map_err(io::Error::other)?.hash(&mut hasher);
         hash_file(&config.boot.kernel, &mut hasher)?;
@@ -55,12 +58,14 @@ impl WarmCache {
         self.dir.join(STATE_FILE).is_file() && self.dir.join(MEMORY_FILE).is_file()
     }
 
-    pub fn restore_spec(&self, name: &str) -> RestoreSpec {
+    /// Restores as `config`'s guest: its name and vsock socket.
+    pub fn restore_spec(&self, config: &VmConfig) -> RestoreSpec {
+        let vsock = config.vsock.iter().map(|v| (v.id.clone(), v.uds_path.to_string_lossy().into_owned()));
         RestoreSpec {
             state: self.dir.join(STATE_FILE),
             memory: MemoryBackend::File(self.dir.join(MEMORY_FILE)),
-            name: name.to_string(),
-            overrides: Vec::new(),
+            name: config.name.clone(),
+            overrides: vsock.collect(),
         }
     }
 
@@ -86,16 +91,6 @@ impl WarmCache {
     }
 }
 
-/// The kernel parameter that makes the rootfs init get ready, announce it, and wait for a job.
-pub fn ready_param(nonce: &str) -> String {
-    format!("lkvm.sandbox=warm:{nonce}")
-}
-
-/// The file lkvm creates and the rootfs init removes when it is ready for a job.
-pub fn ready_file(root: &Path, nonce: &str) -> PathBuf {
-    root.join("virt/sandbox").join(format!("ready-{nonce}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,7 +106,13 @@ mod tests {
         let key = |c: &VmConfig| WarmCache::for_config(c).unwrap().dir;
         let first = key(&config);
         config.name = "another".into();
-        assert_eq!(key(&config), first, "the guest name is not part of the key");
+        config.vsock =
+            Some(crate::config::VsockConfig { id: "vsock".into(), guest_cid: 3, uds_path: "/a.vsock".into() });
+        let with_vsock = key(&config);
+        assert_ne!(with_vsock, first, "a device is part of the key");
+        config.vsock.as_mut().unwrap().uds_path = "/b.vsock".into();
+        assert_eq!(key(&config), with_vsock, "the guest name and the socket named after it are not");
+        config.vsock = None;
         config.machine.mem_size_mib = 256;
         assert_ne!(key(&config), first, "an option is");
         config.machine.mem_size_mib = 128;

@@ -213,6 +213,9 @@ impl Controller for VmHandle {
         }
         written
     }
+    fn vsock_uds(&self) -> Option<std::path::PathBuf> {
+        self.config.lock().unwrap().vsock.as_ref().map(|v| v.uds_path.clone())
+    }
     fn sysrq(&self, key: char) -> Result<(), String> {
         let key = u8::try_from(key).ok().filter(u8::is_ascii_graphic).ok_or("sysrq keys are ASCII characters")?;
         match self.registry.get(super::device_manager::COM1_ID) {

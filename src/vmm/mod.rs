@@ -380,7 +380,8 @@ impl Vm {
 
     /// Waits until the guest or the user ends the VM, then stops every vCPU.
     pub fn wait(mut self) -> VmExit {
-        let _raw_terminal = term::RawMode::stdin();
+        // Raw only while the terminal feeds the console (a sandbox's command may own it).
+        let _raw_terminal = if self.console_input.is_none() { term::RawMode::stdin() } else { None };
         let reason = self.ended.take().or_else(|| self.exits.recv().ok()).unwrap_or(VmExit::Stopped);
         self.handle.vcpus.stop();
         for thread in self.threads {

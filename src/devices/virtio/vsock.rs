@@ -49,6 +49,9 @@ pub struct VsockPort {
     interrupt: Arc<dyn Interrupt>,
     muxer: Muxer,
     announce_reset: bool,
+    /// The reset event is out but the guest has not given its buffer back, which it does after
+    /// resetting its sockets: a connection delivered before that would be reset with them.
+    reset_unseen: bool,
     payload: Vec<u8>,
 }
 
@@ -61,7 +64,8 @@ impl VsockPort {
         interrupt: Arc<dyn Interrupt>,
         muxer: Muxer,
     ) -> Self {
-        VsockPort { rx, tx, events, mem, interrupt, muxer, announce_reset: false, payload: vec![0; MAX_PAYLOAD] }
+        let payload = vec![0; MAX_PAYLOAD];
+        VsockPort { rx, tx, events, mem, interrupt, muxer, announce_reset: false, reset_unseen: false, payload }
     }
 
     /// Hands every packet the guest queued to the muxer.
@@ -96,6 +100,9 @@ impl VsockPort {
 
     /// Fills the guest's receive buffers with what the muxer has for it.
     pub fn receive(&mut self) {
+        if self.announce_reset || self.reset_unseen {
+            return;
+        }
         let mut used = false;
         let mut stalled = false;
         loop {
@@ -151,9 +158,14 @@ impl VsockPort {
         }
     }
 
-    /// Tells the guest its connections are gone, once it has given an event buffer.
+    /// Tells the guest its connections are gone, once it has given an event buffer. Its other
+    /// event buffers go back unused, so that the next one it gives, which it does only after
+    /// handling the event, is a notification that ends `reset_unseen`.
     fn send_reset_event(&mut self) {
         if !self.announce_reset {
+            if self.reset_unseen && matches!(self.events.enable_notification(&self.mem), Ok(true)) {
+                self.reset_unseen = false;
+            }
             return;
         }
         let Some(chain) = self.events.pop_descriptor_chain(&self.mem) else { return };
@@ -164,7 +176,13 @@ impl VsockPort {
             .filter(|d| d.len() >= 4)
             .is_some_and(|d| self.mem.write_obj(EVENT_TRANSPORT_RESET, d.addr()).is_ok());
         let _ = self.events.add_used(&self.mem, head, if written { 4 } else { 0 });
+        while let Some(spare) = self.events.pop_descriptor_chain(&self.mem) {
+            let _ = self.events.add_used(&self.mem, spare.head_index(), 0);
+        }
         self.announce_reset = !written;
+        self.reset_unseen = written;
+        // With EVENT_IDX this publishes avail_event: the driver's next buffer notifies.
+        let _ = self.events.enable_notification(&self.mem);
         self.interrupt.signal_used_queue(EVENT_QUEUE);
     }
 
@@ -350,5 +368,23 @@ mod tests {
         assert_eq!(events_mock.used().idx().load(), 1);
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x30000)).unwrap(), EVENT_TRANSPORT_RESET);
         assert!(!port.announce_reset, "said once");
+        // Until the guest gives a buffer back (it resets its sockets first), a host program's
+        // connection would be reset with them: it waits.
+        let request = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 5000,
+            dst_port: 1234,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            ..Header::default()
+        };
+        port.muxer.handle_guest_packet(&request, &[]); // a reset to send
+        port.receive();
+        assert!(port.reset_unseen && port.muxer.has_pending(), "held");
+        events_mock.add_desc_chains(&[desc(0x30000, 4, VRING_DESC_F_WRITE, 0)], 1).unwrap();
+        port.send_reset_event();
+        assert!(!port.reset_unseen, "the guest has seen the event");
+        assert_eq!(events_mock.used().idx().load(), 1, "and its new buffer is kept for the next one");
     }
 }

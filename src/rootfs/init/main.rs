@@ -5,13 +5,16 @@
 //! when the kernel starts init, so init cannot need the host's dynamic loader.
 //!
 //! It mounts the pseudo filesystems and the host's / (tag `hostfs`, read-only) at /host, brings
-//! up loopback (the kernel's `ip=dhcp` configures the NIC), then runs the host's /bin/sh, or with
-//! `lkvm.sandbox=ID` on the kernel command line the command lkvm left in /virt/sandbox/ID
-//! (`argv`: NUL-separated; `cwd`; `raw`: present when lkvm's output is not a terminal), whose
-//! exit status it writes to /virt/sandbox/ID/status. Then it syncs and reboots, which ends the VM.
-//! With `lkvm.sandbox=warm:NONCE` it first gets ready, removes /virt/sandbox/ready-NONCE and
-//! reads the job's ID as one line from the console (not echoed): lkvm snapshots the guest while
-//! it waits there, and each later sandbox restores that snapshot and types its own job's ID.
+//! up loopback (the kernel's `ip=dhcp` configures the NIC), starts the `lkvm exec` server on
+//! vsock (`exec_server`, when the kernel has vsock) and runs the host's /bin/sh on the console.
+//! With `lkvm.sandbox=NONCE` on the kernel command line it runs no shell: once listening it
+//! removes /virt/sandbox/ready-NONCE (lkvm may snapshot the guest there, waiting for a job) and
+//! serves one request, lkvm sandbox's command. Then it syncs and reboots, which ends the VM.
+
+#[path = "../../exec/protocol.rs"]
+#[allow(dead_code)] // the host's half is unused here
+mod protocol;
+mod exec_server;
 
 use std::ffi::{c_char, c_int, c_ulong, c_void, CString};
 use std::os::unix::process::CommandExt;
@@ -26,8 +29,8 @@ extern "C" {
     fn socket(domain: c_int, kind: c_int, protocol: c_int) -> c_int;
     fn close(fd: c_int) -> c_int;
     fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
-    fn tcgetattr(fd: c_int, termios: *mut Termios) -> c_int;
-    fn tcsetattr(fd: c_int, when: c_int, termios: *const Termios) -> c_int;
+    fn fork() -> c_int;
+    fn _exit(status: c_int) -> !;
 }
 
 const MS_RDONLY: c_ulong = 1;
@@ -41,23 +44,6 @@ const SIOCSIFFLAGS: c_ulong = 0x8914;
 const IFF_UP: i16 = 1;
 const AF_INET: c_int = 2;
 const SOCK_DGRAM: c_int = 2;
-const OPOST: u32 = 1;
-const ECHO: u32 = 0o10;
-const TCSANOW: c_int = 0;
-
-/// glibc's struct termios on x86_64.
-#[repr(C)]
-struct Termios {
-    iflag: u32,
-    oflag: u32,
-    cflag: u32,
-    lflag: u32,
-    line: u8,
-    cc: [u8; 32],
-    ispeed: u32,
-    ospeed: u32,
-}
-
 /// struct ifreq: a name and, for the flag requests, a short.
 #[repr(C)]
 struct IfReq {
@@ -94,59 +80,10 @@ fn loopback_up() {
     }
 }
 
-/// Stops the console from turning "\n" into "\r\n", for output that goes to a file or pipe.
-fn raw_output() {
-    // SAFETY: termios is plain data that tcgetattr fills before tcsetattr reads it.
-    unsafe {
-        let mut termios: Termios = std::mem::zeroed();
-        if tcgetattr(1, &mut termios) == 0 {
-            termios.oflag &= !OPOST;
-            tcsetattr(1, TCSANOW, &termios);
-        }
-    }
-}
-
 /// The value of `lkvm.sandbox=`, if this guest runs a sandbox job.
 fn sandbox_param() -> Option<String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
     cmdline.split_whitespace().find_map(|p| p.strip_prefix("lkvm.sandbox=")).map(str::to_string)
-}
-
-/// The job's ID: given on the command line, or typed by lkvm once the guest is ready.
-fn job_id(param: &str) -> Option<String> {
-    match param.strip_prefix("warm:") {
-        Some(nonce) => wait_for_job(nonce),
-        None => Some(param.to_string()),
-    }
-}
-
-/// Turns the console's echo off or on: a job ID typed by lkvm must not show in the output.
-fn set_echo(on: bool) {
-    // SAFETY: termios is plain data that tcgetattr fills before tcsetattr reads it.
-    unsafe {
-        let mut termios: Termios = std::mem::zeroed();
-        if tcgetattr(0, &mut termios) == 0 {
-            termios.lflag = if on { termios.lflag | ECHO } else { termios.lflag & !ECHO };
-            tcsetattr(0, TCSANOW, &termios);
-        }
-    }
-}
-
-/// Says it is ready (by removing the file lkvm made for that: one 9P request, which leaves no
-/// file open in the snapshot), then reads the job's ID from the console.
-fn wait_for_job(nonce: &str) -> Option<String> {
-    set_echo(false);
-    let ready = format!("/virt/sandbox/ready-{nonce}");
-    if let Err(e) = std::fs::remove_file(&ready) {
-        eprintln!("lkvm init: cannot signal readiness by removing {ready}: {e}");
-        return None;
-    }
-    let mut line = String::new();
-    let read = std::io::stdin().read_line(&mut line);
-    set_echo(true);
-    read.ok()?;
-    let id = line.trim();
-    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then(|| id.to_string())
 }
 
 /// Runs `command` as the console's session leader (so Ctrl-C reaches it), reaps every
@@ -180,28 +117,40 @@ fn run_in_foreground(mut command: Command) -> i32 {
     }
 }
 
-fn sandbox(id: &str) -> i32 {
-    let job = format!("/virt/sandbox/{id}");
-    let Ok(argv) = std::fs::read(format!("{job}/argv")) else {
-        eprintln!("lkvm init: no sandbox command in {job}");
-        return 126;
+/// Serves lkvm sandbox's one request, once it has said it is ready.
+fn sandbox(nonce: &str) {
+    let listener = match exec_server::listen_vsock() {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("lkvm init: lkvm sandbox needs vsock in the guest kernel (CONFIG_VIRTIO_VSOCKETS): {e}");
+            return;
+        }
     };
-    // Each argument ends in a NUL; empty arguments are kept.
-    let argv = argv.strip_suffix(&[0]).unwrap_or(&argv);
-    let mut args = argv.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned());
-    let Some(program) = args.next() else { return 126 };
-    if std::path::Path::new(&format!("{job}/raw")).exists() {
-        raw_output();
+    // Removing the file is one 9P request, which leaves no file open in a snapshot.
+    let ready = format!("/virt/sandbox/ready-{nonce}");
+    if let Err(e) = std::fs::remove_file(&ready) {
+        eprintln!("lkvm init: cannot signal readiness by removing {ready}: {e}");
+        return;
     }
-    let mut command = Command::new(program);
-    command.args(args);
-    let cwd = std::fs::read_to_string(format!("{job}/cwd")).unwrap_or_default();
-    command.current_dir(if std::path::Path::new(&cwd).is_dir() { cwd.as_str() } else { "/" });
-    let status = run_in_foreground(command);
-    if let Err(e) = std::fs::write(format!("{job}/status"), status.to_string()) {
-        eprintln!("lkvm init: cannot record the exit status: {e}");
+    exec_server::serve(listener, true);
+}
+
+/// Serves `lkvm exec` from a process of its own, so that the shell's reaping of every orphan
+/// (`run_in_foreground`) does not take the server's children. Quiet without vsock.
+fn start_exec_server() {
+    let Ok(listener) = exec_server::listen_vsock() else { return };
+    // SAFETY: init has no other thread yet, so the child may run Rust code; it never returns.
+    unsafe {
+        if fork() == 0 {
+            exec_server::serve(listener, false);
+            _exit(0);
+        }
     }
-    status
+}
+
+fn sync_filesystems() {
+    // SAFETY: sync takes no arguments.
+    unsafe { sync() };
 }
 
 fn main() {
@@ -219,21 +168,15 @@ fn main() {
     std::env::set_var("HOME", "/root");
     std::env::set_var("TERM", "linux");
     match sandbox_param() {
-        Some(param) => match job_id(&param) {
-            Some(id) => {
-                sandbox(&id);
-            }
-            None => eprintln!("lkvm init: no sandbox job was handed over"),
-        },
+        Some(nonce) => sandbox(&nonce),
         None => {
+            start_exec_server();
             let mut shell = Command::new("/bin/sh");
             shell.current_dir("/root");
             run_in_foreground(shell);
         }
     }
-    // SAFETY: sync and reboot take no pointers; reboot ends this VM.
-    unsafe {
-        sync();
-        reboot(RB_AUTOBOOT);
-    }
+    sync_filesystems();
+    // SAFETY: reboot takes no pointers; it ends this VM.
+    unsafe { reboot(RB_AUTOBOOT) };
 }
