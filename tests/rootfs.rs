@@ -14,12 +14,13 @@ fn home_env(home: &std::path::Path) -> Vec<(&'static str, String)> {
 }
 
 #[test]
-fn run_without_a_disk_gives_a_shell_over_the_hosts_files() {
-    if !kvm_available("run_without_a_disk_gives_a_shell_over_the_hosts_files") {
+fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
+    if !kvm_available("run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec") {
         return;
     }
     let _one_at_a_time = boot_lock();
     let home = temp_dir();
+    let env = home_env(&home);
     let host_file = write_file(&home, "note.txt", b"written-by-the-host-4711");
     let planted = format!("/tmp/lkvm-planted-{}", std::process::id());
     let input = format!(
@@ -27,8 +28,37 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files() {
         host_file.display()
     );
     let vmlinux = guest().vmlinux.to_str().unwrap();
-    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "-p", HOST_GUEST_PARAMS];
-    let out = run_interactive(&args, &home_env(&home), "# ", &input, boot_timeout());
+    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "--name", "ex1", "-p", HOST_GUEST_PARAMS];
+    // While the console's shell waits, `lkvm exec` runs commands beside it.
+    let exec_env = env.clone();
+    let execs = std::sync::Mutex::new(Vec::new());
+    let out = run_interactive_with(
+        &args,
+        &env,
+        "# ",
+        || {
+            let exec = |stdin: &[u8], command: &[&str]| {
+                let args: Vec<&str> = ["exec", "-n", "ex1", "--"].iter().chain(command).copied().collect();
+                run_with_input(lkvm(), &args, &exec_env, stdin, Duration::from_secs(600))
+            };
+            let mut results = execs.lock().unwrap();
+            results.push(exec(b"", &["/bin/sh", "-c", "echo out-$((6*7)); echo err-line >&2; exit 42"]));
+            results.push(exec(b"piped\ninput\n", &["/bin/sh", "-c", "tr a-z A-Z"]));
+            // Two at once: the slower one started first and finished last.
+            std::thread::scope(|scope| {
+                let slow = scope.spawn(|| exec(b"", &["/bin/sh", "-c", "sleep 2; echo slow"]));
+                std::thread::sleep(Duration::from_millis(200));
+                let fast = exec(b"", &["/bin/sh", "-c", "echo fast"]);
+                results.push(fast);
+                results.push(slow.join().unwrap());
+            });
+            results.push(exec(b"", &["/no/such/program"]));
+            let tty: Vec<&str> = vec!["exec", "-n", "ex1", "-t", "--", "/bin/sh", "-c", "tty; stty size"];
+            results.push(run_with_input(lkvm(), &tty, &exec_env, b"", Duration::from_secs(600)));
+            input
+        },
+        boot_timeout(),
+    );
 
     assert_eq!(out.code, Some(0), "the VM ends with the shell: {}", out.describe());
     for expected in ["shell-42", "mounts=2", "written-by-the-host-4711", "Read-only file system", "refused"] {
@@ -38,6 +68,25 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files() {
     let rootfs = home.join(".lkvm/default");
     assert!(rootfs.join("virt/init").is_file() && rootfs.join("etc/passwd").is_file());
     assert_eq!(std::fs::read_link(rootfs.join("bin")).unwrap(), std::path::Path::new("/host/bin"));
+
+    let execs = execs.into_inner().unwrap();
+    let [status, piped, fast, slow, missing, tty] = &execs[..] else { panic!("{} execs ran", execs.len()) };
+    assert_eq!(status.code, Some(42), "exec returns the command's status: {}", status.describe());
+    assert_eq!(status.stdout, "out-42\n", "{}", status.describe());
+    assert_eq!(status.stderr, "err-line\n", "stderr kept apart: {}", status.describe());
+    assert_eq!((piped.code, piped.stdout.as_str()), (Some(0), "PIPED\nINPUT\n"), "{}", piped.describe());
+    assert_eq!((fast.code, fast.stdout.as_str()), (Some(0), "fast\n"), "{}", fast.describe());
+    assert_eq!((slow.code, slow.stdout.as_str()), (Some(0), "slow\n"), "{}", slow.describe());
+    assert!(slow.elapsed > fast.elapsed, "the two ran side by side");
+    assert_eq!(missing.code, Some(127), "{}", missing.describe());
+    assert!(missing.stderr.contains("cannot run /no/such/program"), "{}", missing.describe());
+    assert_eq!(tty.code, Some(0), "{}", tty.describe());
+    assert!(tty.stdout.contains("/dev/pts/") && tty.stdout.contains("24 80"), "a pty of 24x80: {}", tty.describe());
+
+    // Gone with the guest.
+    let gone = run_with_input(lkvm(), &["exec", "-n", "ex1", "--", "true"], &env, b"", Duration::from_secs(30));
+    assert_eq!(gone.code, Some(1));
+    assert!(gone.stderr.contains("ex1: no such running guest"), "{}", gone.describe());
     std::fs::remove_dir_all(home).unwrap();
 }
 
@@ -59,24 +108,29 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     // The command runs in the host's current directory, seen under /host.
     let work = temp_dir();
     write_file(&work, "data.txt", b"data-in-the-cwd\n");
-    let script = "cat data.txt; echo out-$((2*3)) args=$#; echo err-line >&2; echo made > /root/made; exit 7";
+    // The guest's forged status files change nothing: the status comes over vsock.
+    let script = "cat data.txt; echo out-$((2*3)) args=$#; echo err-line >&2; echo made > /root/made; \
+                  mkdir /virt/sandbox/1; echo 0 > /virt/sandbox/1/status; echo 0 > /virt/sandbox/status; read line; echo got-$line; exit 7";
     let shell = format!(
         "cd {} && exec {} sandbox -d sbx -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
         work.display(),
         lkvm(),
         guest().vmlinux.display()
     );
-    let out = run_command_env("/bin/sh", &["-c", &shell], &env, boot_timeout(), |_| {});
+    let out = run_with_input("/bin/sh", &["-c", &shell], &env, b"typed-in\n", boot_timeout());
 
     assert_eq!(out.code, Some(7), "lkvm returns the command's status: {}", out.describe());
     let lines: Vec<&str> = out.stdout.lines().collect();
     // `zero ''`: $0, and one empty argument that must arrive.
-    for expected in ["data-in-the-cwd", "out-6 args=1", "err-line"] {
+    for expected in ["data-in-the-cwd", "out-6 args=1", "got-typed-in"] {
         assert!(lines.contains(&expected), "want the line {expected:?} as printed (no \\r): {}", out.describe());
     }
+    assert!(out.stderr.contains("err-line") && !out.stdout.contains("err-line"), "stderr apart: {}", out.describe());
     let rootfs = home.join(".lkvm/sbx");
     assert_eq!(std::fs::read_to_string(rootfs.join("root/made")).unwrap(), "made\n");
-    assert_eq!(std::fs::read_dir(rootfs.join("virt/sandbox")).unwrap().count(), 0, "the job was cleaned up");
+    assert_eq!(std::fs::read_to_string(rootfs.join("virt/sandbox/status")).unwrap(), "0\n", "forged, and ignored");
+    std::fs::remove_dir_all(rootfs.join("virt/sandbox")).unwrap();
+    std::fs::create_dir(rootfs.join("virt/sandbox")).unwrap();
 
     // The first sandbox left a snapshot of a guest ready for a job; the next one starts from it
     // and still returns its command's output and status. --cold boots.
@@ -93,7 +147,7 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     };
     let warm = sandbox("--loglevel info", "cat data.txt; echo warm-$((2+3)) >&2; exit 5");
     assert_eq!(warm.code, Some(5), "{}", warm.describe());
-    assert!(warm.stdout.contains("data-in-the-cwd") && warm.stdout.contains("warm-5"), "{}", warm.describe());
+    assert!(warm.stdout.contains("data-in-the-cwd") && warm.stderr.contains("warm-5"), "{}", warm.describe());
     assert!(warm.stderr.contains("restored the snapshot"), "no boot: {}", warm.describe());
     let cold = sandbox("--cold", "echo cold; exit 0");
     assert_eq!(cold.code, Some(0), "{}", cold.describe());

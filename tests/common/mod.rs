@@ -61,7 +61,7 @@ pub fn run_command(
     timeout: Duration,
     on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
-    run_full(program, args, &[], stdin, None, timeout, on_line)
+    run_full(program, args, &[], stdin, None, false, timeout, on_line)
 }
 
 /// `run_command` with extra environment variables and no stdin.
@@ -72,13 +72,13 @@ pub fn run_command_env(
     timeout: Duration,
     on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
-    run_full(program, args, env, None, None, timeout, on_line)
+    run_full(program, args, env, None, None, false, timeout, on_line)
 }
 
 /// Text to type once the program's output shows a prompt.
 struct Typing<'a> {
     prompt: &'a str,
-    input: &'a str,
+    at_prompt: Box<dyn FnOnce() -> String + 'a>,
 }
 
 fn run_full(
@@ -87,6 +87,7 @@ fn run_full(
     env: &[(&str, String)],
     stdin: Option<&[u8]>,
     typing: Option<Typing>,
+    close_stdin: bool,
     timeout: Duration,
     mut on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
@@ -103,6 +104,9 @@ fn run_full(
     let mut pipe = child.stdin.take();
     if let (Some(input), Some(pipe)) = (stdin, pipe.as_mut()) {
         pipe.write_all(input).unwrap();
+    }
+    if close_stdin {
+        pipe = None;
     }
     // Output as it arrives (a prompt has no newline), and each whole line to `on_line`.
     let output = std::sync::Arc::new(Mutex::new(Vec::new()));
@@ -142,8 +146,8 @@ fn run_full(
         }
         if let (Some(t), Some(pipe)) = (&typing, pipe.as_mut()) {
             if String::from_utf8_lossy(&output.lock().unwrap()).contains(t.prompt) {
-                pipe.write_all(t.input.as_bytes()).unwrap();
-                typing = None;
+                let input = (typing.take().unwrap().at_prompt)();
+                pipe.write_all(input.as_bytes()).unwrap();
             }
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -297,7 +301,23 @@ pub fn boot_timeout() -> Duration {
 /// Runs lkvm with `env`, waits until its output shows `prompt`, then types `input`; kills it
 /// after `timeout`. Input typed before the guest opens its console would be lost.
 pub fn run_interactive(args: &[&str], env: &[(&str, String)], prompt: &str, input: &str, timeout: Duration) -> Outcome {
-    run_full(lkvm(), args, env, None, Some(Typing { prompt, input }), timeout, |_| {})
+    run_interactive_with(args, env, prompt, || input.to_string(), timeout)
+}
+
+/// Like `run_interactive`, calling `at_prompt` when the prompt shows; it returns the input.
+pub fn run_interactive_with(
+    args: &[&str],
+    env: &[(&str, String)],
+    prompt: &str,
+    at_prompt: impl FnOnce() -> String,
+    timeout: Duration,
+) -> Outcome {
+    run_full(lkvm(), args, env, None, Some(Typing { prompt, at_prompt: Box::new(at_prompt) }), false, timeout, |_| {})
+}
+
+/// Runs `program` with extra environment variables and `stdin` as its whole input (then EOF).
+pub fn run_with_input(program: &str, args: &[&str], env: &[(&str, String)], stdin: &[u8], timeout: Duration) -> Outcome {
+    run_full(program, args, env, Some(stdin), None, true, timeout, |_| {})
 }
 
 /// A program whose stdout bytes are counted as they arrive (a guest's progress).
