@@ -59,10 +59,7 @@ fn main() {
     let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
     let path = std::path::PathBuf::from(format!("{dir}/lkvm-blk-bench-{}.img", std::process::id()));
     std::fs::write(&path, vec![0u8; 256 << 20]).unwrap();
-    let block = Block::new(
-        DiskImage::open(&DiskSpec { path: path.clone(), read_only: false, direct: false }).unwrap(),
-        "bench",
-    );
+    let block = Block::new(DiskImage::open(&DiskSpec::new(&path)).unwrap(), "bench");
     println!("| request | requests/s | MB/s |");
     println!("|---|---|---|");
     for (name, request_type, len) in [("read 4 KiB", 0, 4096), ("write 4 KiB", 1, 4096), ("read 64 KiB", 0, 65536)] {

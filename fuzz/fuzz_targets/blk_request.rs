@@ -17,7 +17,7 @@ fn block() -> &'static Block {
     BLOCK.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("lkvm-fuzz-blk-{}.img", std::process::id()));
         std::fs::write(&path, vec![0u8; IMAGE_SIZE]).unwrap();
-        let disk = DiskImage::open(&DiskSpec { path, read_only: false, direct: false }).unwrap();
+        let disk = DiskImage::open(&DiskSpec::new(path)).unwrap();
         Block::new(disk, "fuzz")
     })
 }

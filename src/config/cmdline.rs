@@ -110,7 +110,7 @@ pub(crate) mod tests {
     }
 
     fn drive(id: &str, root: bool, read_only: bool) -> DriveConfig {
-        let spec = DiskSpec { path: format!("{id}.img").into(), read_only, direct: false };
+        let spec = DiskSpec { read_only, ..DiskSpec::new(format!("{id}.img")) };
         DriveConfig { id: id.into(), spec, is_root_device: root, partuuid: None }
     }
 

@@ -434,7 +434,7 @@ impl FullConfig {
         for drive in &self.drives {
             drive.check()?;
             let path = drive.path_on_host.clone().unwrap_or_default();
-            let spec = DiskSpec { path, read_only: drive.is_read_only, direct: false };
+            let spec = DiskSpec { read_only: drive.is_read_only, ..DiskSpec::new(path) };
             let config = DriveConfig {
                 id: drive.drive_id.clone(),
                 spec,

@@ -1,4 +1,7 @@
-//! Disk images behind virtio-blk: raw files and host block devices, positioned I/O only.
+//! Disk images behind virtio-blk: raw files and host block devices, qcow2 images (`qcow2.rs`),
+//! and throw-away overlays; each is a `DiskBackend`, positioned I/O only.
+
+pub mod qcow2;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -15,35 +18,78 @@ pub struct OpenError {
     pub reason: String,
 }
 
-/// How the user asked for a disk (`-d PATH[,ro][,direct]`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// How the user asked for a disk (`-d PATH[,ro][,direct][,snapshot][,backing=PATH]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     pub path: PathBuf,
     pub read_only: bool,
     pub direct: bool,
+    /// The guest writes to a temporary overlay, discarded at exit; the image is not written.
+    #[serde(default)]
+    pub snapshot: bool,
+    /// A qcow2 image's backing file, instead of the one it names.
+    #[serde(default)]
+    pub backing: Option<PathBuf>,
 }
 
 impl DiskSpec {
+    pub fn new(path: impl Into<PathBuf>) -> DiskSpec {
+        DiskSpec { path: path.into(), ..DiskSpec::default() }
+    }
+
     pub fn parse(arg: &str) -> Result<DiskSpec, String> {
         let mut parts = arg.split(',');
         let path = parts.next().filter(|p| !p.is_empty()).ok_or("-d needs an image path")?;
-        let mut spec = DiskSpec { path: PathBuf::from(path), read_only: false, direct: false };
+        let mut spec = DiskSpec::new(path);
         for option in parts {
-            match option {
-                "ro" => spec.read_only = true,
-                "direct" => spec.direct = true,
-                other => return Err(format!("-d {arg}: unknown disk option '{other}' (known: ro, direct)")),
+            match option.split_once('=') {
+                None if option == "ro" => spec.read_only = true,
+                None if option == "direct" => spec.direct = true,
+                None if option == "snapshot" => spec.snapshot = true,
+                Some(("backing", file)) if !file.is_empty() => spec.backing = Some(file.into()),
+                _ => {
+                    return Err(format!(
+                        "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH)"
+                    ))
+                }
             }
         }
         Ok(spec)
     }
 }
 
+/// What an image format does for virtio-blk.
+pub trait DiskBackend: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Deallocates a range where the format can; reads of it return zeros afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Writes zeros over a range, for formats with no cheaper way.
+fn write_zero_buffers(disk: &dyn DiskBackend, offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        disk.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 pub struct DiskImage {
-    file: File,
+    backend: Box<dyn DiskBackend>,
     size: u64,
     read_only: bool,
 }
+
+/// Images of formats lkvm does not serve, by their magic: named rather than served as raw.
+const OTHER_FORMATS: &[(&[u8], &str)] =
+    &[(b"QED\0", "QED"), (b"KDMV", "VMDK"), (b"vhdxfile", "VHDX"), (b"# Disk DescriptorFile", "VMDK")];
 
 impl DiskImage {
     pub fn open(spec: &DiskSpec) -> Result<DiskImage, OpenError> {
@@ -55,26 +101,38 @@ impl DiskImage {
         if !meta.is_file() && !meta.file_type().is_block_device() {
             return Err(fail("is neither a regular file nor a block device".into()));
         }
-        let mut options = OpenOptions::new();
-        options.read(true).write(!spec.read_only);
-        if spec.direct {
-            // The block device's bounce buffer is page-aligned, as O_DIRECT needs.
-            options.custom_flags(libc::O_DIRECT);
+        let probe = File::open(&spec.path).map_err(|e| fail(e.to_string()))?;
+        let mut head = [0u8; 32];
+        let n = probe.read_at(&mut head, 0).map_err(|e| fail(e.to_string()))?;
+        if let Some((_, name)) = OTHER_FORMATS.iter().find(|(magic, _)| head[..n].starts_with(magic)) {
+            return Err(fail(format!("a {name} image: lkvm takes raw and qcow2 images (qemu-img convert -O qcow2)")));
         }
-        let file = options.open(&spec.path).map_err(|e| match e.raw_os_error() {
-            Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM) if !spec.read_only => {
-                fail(format!("{e}; add ',ro' to use it read-only"))
-            }
-            _ => fail(e.to_string()),
-        })?;
-        let size = file_size(&file).map_err(|e| fail(e.to_string()))?;
+        let is_qcow2 = head[..n].starts_with(qcow2::MAGIC);
+        drop(probe);
+        if spec.backing.is_some() && !is_qcow2 {
+            return Err(fail("backing= is for qcow2 images; this one is raw".into()));
+        }
+        let backing = spec.backing.as_deref();
+        let (backend, size): (Box<dyn DiskBackend>, u64) = if spec.snapshot {
+            let overlay = qcow2::ImagoDisk::overlay(&spec.path, spec.direct, backing).map_err(fail)?;
+            let size = overlay.size();
+            (Box::new(overlay), size)
+        } else if is_qcow2 {
+            let image = qcow2::ImagoDisk::open(&spec.path, !spec.read_only, spec.direct, backing).map_err(fail)?;
+            let size = image.size();
+            (Box::new(image), size)
+        } else {
+            let raw = RawFile::open(spec).map_err(fail)?;
+            let size = raw.size;
+            (Box::new(raw), size)
+        };
         if size % SECTOR_SIZE != 0 {
             tracing::warn!(
                 "disk {}: size {size} is not a multiple of 512; the tail is not visible",
                 spec.path.display()
             );
         }
-        Ok(DiskImage { file, size, read_only: spec.read_only })
+        Ok(DiskImage { backend, size, read_only: spec.read_only })
     }
 
     pub fn size(&self) -> u64 {
@@ -86,35 +144,49 @@ impl DiskImage {
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.backend.read_at(buf, offset)
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.backend.write_at(buf, offset)
     }
 
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.backend.flush()
     }
 
     /// Deallocates a range; reads of it return zeros afterwards.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        self.backend.discard(offset, len)
     }
 
-    /// Zeroes a range, preferring the file system's zero-range, else writing zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
-            return Ok(());
+        self.backend.write_zeroes(offset, len)
+    }
+}
+
+/// A raw image file or host block device.
+struct RawFile {
+    file: File,
+    size: u64,
+}
+
+impl RawFile {
+    fn open(spec: &DiskSpec) -> Result<RawFile, String> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(!spec.read_only);
+        if spec.direct {
+            // The block device's bounce buffer is page-aligned, as O_DIRECT needs.
+            options.custom_flags(libc::O_DIRECT);
         }
-        let zeros = vec![0u8; 64 * 1024];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        let file = options.open(&spec.path).map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM) if !spec.read_only => {
+                format!("{e}; add ',ro' to use it read-only")
+            }
+            _ => e.to_string(),
+        })?;
+        let size = file_size(&file).map_err(|e| e.to_string())?;
+        Ok(RawFile { file, size })
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -125,6 +197,32 @@ impl DiskImage {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+}
+
+impl DiskBackend for RawFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    }
+
+    /// The file system's zero-range where it has one, else zeros written.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
+            return Ok(());
+        }
+        write_zero_buffers(self, offset, len)
     }
 }
 
@@ -140,19 +238,19 @@ mod tests {
 
     #[test]
     fn parses_disk_options() {
-        assert_eq!(
-            DiskSpec::parse("a.img").unwrap(),
-            DiskSpec { path: "a.img".into(), read_only: false, direct: false }
-        );
+        assert_eq!(DiskSpec::parse("a.img").unwrap(), DiskSpec::new("a.img"));
         let spec = DiskSpec::parse("/x/b.img,ro,direct").unwrap();
-        assert!(spec.read_only && spec.direct);
+        assert!(spec.read_only && spec.direct && !spec.snapshot);
+        let spec = DiskSpec::parse("c.qcow2,snapshot,backing=/base.img").unwrap();
+        assert!(spec.snapshot && spec.backing.as_deref() == Some(std::path::Path::new("/base.img")));
         assert!(DiskSpec::parse("a.img,rw2").unwrap_err().contains("unknown disk option 'rw2'"));
+        assert!(DiskSpec::parse("a.img,backing=").is_err());
         assert!(DiskSpec::parse(",ro").is_err());
     }
 
     #[test]
     fn refuses_directories_and_missing_files() {
-        let spec = |p: &str| DiskSpec { path: p.into(), read_only: false, direct: false };
+        let spec = DiskSpec::new;
         assert!(DiskImage::open(&spec("/tmp")).err().unwrap().reason.contains("directory"));
         assert!(DiskImage::open(&spec("/nonexistent.img")).err().unwrap().reason.contains("No such file"));
     }
@@ -163,7 +261,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("d.img");
         std::fs::write(&path, vec![0xaa; 1 << 20]).unwrap();
-        let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only: false, direct: false }).unwrap();
+        let disk = DiskImage::open(&DiskSpec::new(&path)).unwrap();
         assert_eq!(disk.size(), 1 << 20);
         disk.write_at(b"hello", 4096).unwrap();
         let mut buf = [0u8; 5];

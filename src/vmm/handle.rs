@@ -98,6 +98,18 @@ impl VmHandle {
         self.vcpus.paused()
     }
 
+    /// Makes every drive's writes durable: the VM has ended, and the process may exit before
+    /// the images are dropped (a guest need not have flushed).
+    pub fn flush_drives(&self) {
+        for (id, device) in &self.registry {
+            if let DeviceEntry::Drive(media) = device {
+                if let Err(e) = media.flush() {
+                    tracing::error!("drive {id}: flushing at exit: {e}");
+                }
+            }
+        }
+    }
+
     fn balloon_device(&self) -> Result<&BalloonControl, String> {
         self.registry
             .values()

@@ -387,6 +387,7 @@ impl Vm {
         for thread in self.threads {
             let _ = thread.join();
         }
+        self.handle.flush_drives();
         for path in &self.host_sockets {
             let _ = std::fs::remove_file(path);
         }

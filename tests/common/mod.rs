@@ -61,7 +61,7 @@ pub fn run_command(
     timeout: Duration,
     on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
-    run_full(program, args, &[], stdin, None, false, timeout, on_line)
+    run_full(program, args, &[], stdin.map_or(Input::None, Input::KeptOpen), None, timeout, on_line)
 }
 
 /// `run_command` with extra environment variables and no stdin.
@@ -72,7 +72,17 @@ pub fn run_command_env(
     timeout: Duration,
     on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
-    run_full(program, args, env, None, None, false, timeout, on_line)
+    run_full(program, args, env, Input::None, None, timeout, on_line)
+}
+
+/// What a program reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Input<'a> {
+    None,
+    /// These bytes, and no end of input until the program exits.
+    KeptOpen(&'a [u8]),
+    /// These bytes, then the end of input.
+    Whole(&'a [u8]),
 }
 
 /// Text to type once the program's output shows a prompt.
@@ -85,9 +95,8 @@ fn run_full(
     program: &str,
     args: &[&str],
     env: &[(&str, String)],
-    stdin: Option<&[u8]>,
+    stdin: Input,
     typing: Option<Typing>,
-    close_stdin: bool,
     timeout: Duration,
     mut on_line: impl FnMut(&str) + Send + 'static,
 ) -> Outcome {
@@ -95,17 +104,17 @@ fn run_full(
     let mut child = Command::new(program)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .args(args)
-        .stdin(if stdin.is_some() || typing.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin != Input::None || typing.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn lkvm");
     // Kept open to the end: a closed stdin must not be mistaken for input.
     let mut pipe = child.stdin.take();
-    if let (Some(input), Some(pipe)) = (stdin, pipe.as_mut()) {
+    if let (Input::KeptOpen(input) | Input::Whole(input), Some(pipe)) = (stdin, pipe.as_mut()) {
         pipe.write_all(input).unwrap();
     }
-    if close_stdin {
+    if let Input::Whole(_) = stdin {
         pipe = None;
     }
     // Output as it arrives (a prompt has no newline), and each whole line to `on_line`.
@@ -312,12 +321,18 @@ pub fn run_interactive_with(
     at_prompt: impl FnOnce() -> String,
     timeout: Duration,
 ) -> Outcome {
-    run_full(lkvm(), args, env, None, Some(Typing { prompt, at_prompt: Box::new(at_prompt) }), false, timeout, |_| {})
+    run_full(lkvm(), args, env, Input::None, Some(Typing { prompt, at_prompt: Box::new(at_prompt) }), timeout, |_| {})
 }
 
 /// Runs `program` with extra environment variables and `stdin` as its whole input (then EOF).
-pub fn run_with_input(program: &str, args: &[&str], env: &[(&str, String)], stdin: &[u8], timeout: Duration) -> Outcome {
-    run_full(program, args, env, Some(stdin), None, true, timeout, |_| {})
+pub fn run_with_input(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    stdin: &[u8],
+    timeout: Duration,
+) -> Outcome {
+    run_full(program, args, env, Input::Whole(stdin), None, timeout, |_| {})
 }
 
 /// A program whose stdout bytes are counted as they arrive (a guest's progress).

@@ -75,6 +75,11 @@ impl DriveMedia {
         self.disk.read().unwrap().clone()
     }
 
+    /// Writes what the image format caches (qcow2 metadata) and syncs it.
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.current().flush()
+    }
+
     /// Serves `disk` from the next request on; requests in flight finish on the old image.
     pub fn replace(&self, disk: DiskImage) {
         *self.disk.write().unwrap() = Arc::new(disk);
@@ -349,7 +354,7 @@ pub(crate) mod tests {
             std::env::temp_dir().join(format!("lkvm-blk-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
         let image: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(&path, image).unwrap();
-        let disk = DiskImage::open(&DiskSpec { path: path.clone(), read_only, direct }).unwrap();
+        let disk = DiskImage::open(&DiskSpec { read_only, direct, ..DiskSpec::new(&path) }).unwrap();
         let block = Block::new(disk, "serial-0123456789abcdefXYZ");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Harness { mem, handler: block.request_handler(), block, path }
@@ -417,7 +422,7 @@ pub(crate) mod tests {
         let interrupt = Arc::new(CountingInterrupt::default());
         *h.block.media.interrupt.lock().unwrap() = Some(interrupt.clone());
         let media = h.block.media();
-        media.replace(DiskImage::open(&DiskSpec { path: bigger.clone(), read_only: true, direct: false }).unwrap());
+        media.replace(DiskImage::open(&DiskSpec { read_only: true, ..DiskSpec::new(&bigger) }).unwrap());
         std::fs::remove_file(&bigger).unwrap();
         assert_eq!(interrupt.0.load(Ordering::SeqCst), 1, "the driver is told the config changed");
         let mut capacity = [0u8; 8];
@@ -548,19 +553,13 @@ pub(crate) mod tests {
     #[test]
     fn features_and_config_follow_the_image() {
         let rw = harness(false);
-        let block = Block::new(
-            DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: false, direct: false }).unwrap(),
-            "x",
-        );
+        let block = Block::new(DiskImage::open(&DiskSpec::new(&rw.path)).unwrap(), "x");
         assert_eq!(block.features() & feature(VIRTIO_BLK_F_RO), 0);
         assert_ne!(block.features() & feature(VIRTIO_BLK_F_DISCARD), 0);
         let mut capacity = [0u8; 8];
         block.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
-        let ro = Block::new(
-            DiskImage::open(&DiskSpec { path: rw.path.clone(), read_only: true, direct: false }).unwrap(),
-            "x",
-        );
+        let ro = Block::new(DiskImage::open(&DiskSpec { read_only: true, ..DiskSpec::new(&rw.path) }).unwrap(), "x");
         assert_ne!(ro.features() & feature(VIRTIO_BLK_F_RO), 0);
         assert_eq!(ro.features() & (feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)), 0);
         let mut beyond = [0xffu8; 4];
