@@ -308,11 +308,12 @@ fn main() -> ExitCode {
         Command::Stop(target) => done(ctl::act(&target, Request::Stop, |_, _| {})),
         Command::Pause(target) => done(ctl::act(&target, Request::Pause, |name, _| println!("{name}: paused"))),
         Command::Resume(target) => done(ctl::act(&target, Request::Resume, |name, _| println!("{name}: resumed"))),
-        Command::Debug(args) => match (args.action.nmi, args.action.sysrq) {
-            (Some(cpu), _) => done(ctl::act_with(&args.target, Request::Nmi, None, Some(cpu), None, |name, _| {
+        Command::Debug(args) => match (args.action.nmi, args.action.sysrq, &args.action.dump) {
+            (_, _, Some(Some(file))) => done(ctl::dump_core(&args.target, file)),
+            (Some(cpu), _, _) => done(ctl::act_with(&args.target, Request::Nmi, None, Some(cpu), None, |name, _| {
                 println!("{name}: NMI sent to vCPU {cpu}")
             })),
-            (_, Some(key)) => done(ctl::act_with(&args.target, Request::Sysrq, None, None, Some(key), |name, _| {
+            (_, Some(key), _) => done(ctl::act_with(&args.target, Request::Sysrq, None, None, Some(key), |name, _| {
                 println!("{name}: SysRq {key} sent")
             })),
             _ => done(ctl::act(&args.target, Request::Registers, |name, response| {

@@ -146,6 +146,21 @@ fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
     // The disk write the guest synced before the snapshot is in the image.
     let image = std::fs::read(&disk).unwrap();
     assert_eq!(fnv1a(&image[..65536]), fnv1a(&pattern(65536, 7)), "the guest's write reached the image");
+    // An ELF core of the running guest: gdb reads the kernel's banner through the kernel's own
+    // virtual addresses (the guest's vmlinux is stripped here, so by address, not by symbol).
+    let core = home.join("guest.core");
+    let (code, out, err) = lkvm_ctl(&home, &["debug", "-n", "snap-orig", "--dump", core.to_str().unwrap()]);
+    assert!(code == 0 && out.contains("core in"), "{out}{err}");
+    let banner =
+        kernel_address_of(&std::fs::read(&core).unwrap(), b"Linux version ").expect("the banner in kernel text");
+    let gdb = std::process::Command::new("gdb")
+        .args(["-batch", "-nx", guest.vmlinux.to_str().unwrap(), core.to_str().unwrap()])
+        .args(["-ex", &format!("x/s {banner:#x}"), "-ex", "info threads"])
+        .output()
+        .expect("gdb is installed");
+    let gdb_out = String::from_utf8_lossy(&gdb.stdout);
+    assert!(gdb_out.contains("\"Linux version 6."), "gdb reads the banner: {gdb_out}");
+    original.wait_for("work after the dump", Duration::from_secs(60), |c| c.work().len() > 5);
     original.type_line("done");
     let (code, text) = original.finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{text}");
@@ -206,4 +221,27 @@ fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
     // Restoring reads the image; it does not write it.
     assert_eq!(std::fs::read(&disk).unwrap(), image);
     std::fs::remove_dir_all(home).unwrap();
+}
+
+/// The kernel-text virtual address (0xffffffff8...) at which an ELF core maps the first copy of
+/// `needle` that a PT_LOAD segment of that range covers.
+fn kernel_address_of(core: &[u8], needle: &[u8]) -> Option<u64> {
+    let u64_at = |at: usize| u64::from_le_bytes(core[at..at + 8].try_into().unwrap());
+    let phoff = u64_at(32) as usize;
+    let phnum = u16::from_le_bytes([core[56], core[57]]) as usize;
+    let segments: Vec<(u64, u64, u64)> = (0..phnum)
+        .map(|i| phoff + i * 56)
+        .filter(|&p| u32::from_le_bytes(core[p..p + 4].try_into().unwrap()) == 1)
+        .map(|p| (u64_at(p + 8), u64_at(p + 16), u64_at(p + 32)))
+        .filter(|&(_, vaddr, _)| vaddr >= 0xffff_ffff_8000_0000)
+        .collect();
+    let mut from = 0;
+    while let Some(found) = core[from..].windows(needle.len()).position(|w| w == needle) {
+        let at = (from + found) as u64;
+        if let Some((offset, vaddr, _)) = segments.iter().find(|&&(offset, _, len)| at >= offset && at < offset + len) {
+            return Some(vaddr + (at - offset));
+        }
+        from += found + 1;
+    }
+    None
 }

@@ -18,9 +18,10 @@ pub struct Target {
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
 pub struct DebugAction {
-    /// Dump every vCPU's registers and the code bytes at RIP
-    #[arg(short = 'd', long = "dump")]
-    pub dump: bool,
+    /// Dump every vCPU's registers and the code bytes at RIP; with FILE, write an ELF core of
+    /// the guest (memory and registers) there instead, for `gdb vmlinux FILE` and `crash`
+    #[arg(short = 'd', long = "dump", value_name = "FILE", num_args = 0..=1)]
+    pub dump: Option<Option<std::path::PathBuf>>,
     /// Inject an NMI into vCPU N
     #[arg(short = 'm', long = "nmi", value_name = "N")]
     pub nmi: Option<u32>,
@@ -76,6 +77,29 @@ pub struct SnapshotArgs {
     /// End the guest after the snapshot instead of resuming it
     #[arg(long)]
     pub stop: bool,
+}
+
+/// `lkvm debug -n NAME --dump FILE`: an ELF core of the guest.
+pub fn dump_core(target: &Target, file: &std::path::Path) -> Result<(), String> {
+    let name = target.name.as_deref().ok_or("--dump FILE takes one guest: -n NAME")?;
+    control::check_name(name)?;
+    // The guest's lkvm writes it: an absolute path, whatever its working directory.
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let parent = std::fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let path = parent.join(file.file_name().ok_or_else(|| format!("{}: not a file name", file.display()))?);
+    let request = control::Request { path: Some(path.clone()), ..control::Request::new(Command::Dump) };
+    match control::request_with(&control::socket_path(name), request) {
+        Ok(response) if response.ok => {
+            let bytes = response.dump_bytes.unwrap_or(0);
+            println!("{name}: core in {} ({} MiB written)", path.display(), bytes >> 20);
+            Ok(())
+        }
+        Ok(response) => Err(format!("{name}: {}", response.error.unwrap_or_default())),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            Err(format!("{name}: no such running guest"))
+        }
+        Err(e) => Err(format!("{name}: {e}")),
+    }
 }
 
 /// `lkvm snapshot`: asks the guest to write itself into DIR; prints what was written.

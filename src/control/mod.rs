@@ -39,6 +39,8 @@ pub enum Command {
     Sysrq,
     /// Writes a snapshot into directory `path`, then resumes the guest (or ends it, `stop`).
     Snapshot,
+    /// Writes an ELF core of the guest (memory and vCPU registers) to file `path`.
+    Dump,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +95,9 @@ pub struct Response {
     /// Guest memory statistics from the balloon driver, in bytes or counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<std::collections::BTreeMap<String, u64>>,
+    /// `dump`: the bytes written (guest RAM that is all zeros is a hole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump_bytes: Option<u64>,
     /// `status`: the guest's vsock socket (`lkvm exec` connects there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_uds: Option<PathBuf>,
@@ -135,6 +140,9 @@ pub trait Controller: Send + Sync {
     fn snapshot(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String>;
     /// The UNIX socket host programs reach the guest's vsock through, if it has one.
     fn vsock_uds(&self) -> Option<PathBuf>;
+    /// Pauses (if running), writes an ELF core of the guest to `path`, resumes; returns the
+    /// bytes written.
+    fn dump(&self, path: &Path) -> Result<u64, String>;
 }
 
 /// Answers one request line.
@@ -186,6 +194,12 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
                 .snapshot(dir, request.stop)
                 .map(|report| Response { snapshot: Some(report), ..Response::ok() }),
             _ => Err("snapshot needs an absolute \"path\"".to_string()),
+        },
+        Command::Dump => match &request.path {
+            Some(path) if path.is_absolute() => {
+                controller.dump(path).map(|bytes| Response { dump_bytes: Some(bytes), ..Response::ok() })
+            }
+            _ => Err("dump needs an absolute \"path\"".to_string()),
         },
         Command::Nmi => match request.cpu {
             Some(cpu) => controller.nmi(cpu).map(|_| Response::ok()),
@@ -243,7 +257,7 @@ pub fn request(path: &Path, command: Command) -> io::Result<Response> {
 pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
     let mut stream = UnixStream::connect(path)?;
     // Writing a snapshot takes as long as writing guest memory.
-    let timeout = if request.command == Command::Snapshot { SNAPSHOT_TIMEOUT } else { TIMEOUT };
+    let timeout = if matches!(request.command, Command::Snapshot | Command::Dump) { SNAPSHOT_TIMEOUT } else { TIMEOUT };
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     let mut line = serde_json::to_string(&request)?;
@@ -404,6 +418,9 @@ mod tests {
         }
         fn vsock_uds(&self) -> Option<PathBuf> {
             Some("/run/v.sock".into())
+        }
+        fn dump(&self, _path: &Path) -> Result<u64, String> {
+            Ok(4096)
         }
     }
 

@@ -26,7 +26,8 @@ pub fn connect(uds: &Path) -> Result<UnixStream, String> {
     };
     let mut stream = UnixStream::connect(uds).map_err(|e| format!("{}: {e}", uds.display()))?;
     stream.set_read_timeout(Some(CONNECT_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.write_all(format!("CONNECT {}\n", protocol::EXEC_PORT).as_bytes()).map_err(|e| e.to_string())?;
+    // The VM's vsock end closes a connection it cannot serve, maybe before this is written.
+    stream.write_all(format!("CONNECT {}\n", protocol::EXEC_PORT).as_bytes()).map_err(|_| not_served())?;
     // Byte by byte: what follows the line is the guest's.
     let mut line = Vec::new();
     let mut reader = io::BufReader::with_capacity(1, &stream);

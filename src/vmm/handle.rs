@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use super::device_manager::{DeviceEntry, Persistent, Registry, VirtioDevices};
 use super::exit::VmExit;
 use super::vcpu::VcpuControl;
+use crate::arch::x86_64::coredump::{self, CpuRegisters};
 use crate::config::VmConfig;
 use crate::control::{Controller, RunState, SnapshotReport};
 use crate::devices::virtio::balloon::BalloonControl;
@@ -221,6 +222,30 @@ impl Controller for VmHandle {
         if stop && written.is_ok() {
             self.end(VmExit::Stopped);
         } else if !was_paused {
+            self.resume()?;
+        }
+        written
+    }
+    fn dump(&self, path: &Path) -> Result<u64, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Guest memory may be secret: the file is its user's alone.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let was_paused = self.paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let written = self.vcpus.save().and_then(|states| {
+            let cpus: Vec<CpuRegisters> =
+                states.into_iter().map(|s| CpuRegisters { regs: s.regs, sregs: s.sregs }).collect();
+            coredump::write(&file, &self.mem, &cpus).map_err(|e| format!("{}: {e}", path.display()))
+        });
+        if !was_paused {
             self.resume()?;
         }
         written
