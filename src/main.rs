@@ -42,6 +42,7 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
 /// Validates the options and creates or refreshes the `lkvm setup` root directory booted.
 fn prepare(args: cli::run::RunArgs) -> Result<VmConfig, String> {
     let config = args.into_config()?;
+    control::Server::check_name_free(&config.name)?;
     if let Some(root) = config.lkvm_rootfs() {
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
     }

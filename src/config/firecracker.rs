@@ -10,7 +10,7 @@ use super::{
     Transport, VmConfig, VsockConfig,
 };
 use crate::arch::x86_64::mptable::MAX_CPUS;
-use crate::disk::DiskSpec;
+use crate::disk::{DiskSpec, IoEngine};
 use crate::net::{parse_mac, NetMode, NetSpec};
 use crate::snapshot::MemoryBackend;
 
@@ -147,8 +147,8 @@ impl Drive {
         if !matches!(self.cache_type.as_str(), "Unsafe" | "Writeback") {
             return Err(format!("cache_type '{}': use Unsafe or Writeback", self.cache_type));
         }
-        if self.io_engine != "Sync" {
-            return Err(format!("io_engine '{}' is not supported by lkvm (only Sync)", self.io_engine));
+        if !matches!(self.io_engine.as_str(), "Sync" | "Async") {
+            return Err(format!("io_engine '{}': use Sync or Async", self.io_engine));
         }
         if self.rate_limiter.is_some() {
             return Err("rate limiters are not supported by lkvm yet".into());
@@ -434,7 +434,8 @@ impl FullConfig {
         for drive in &self.drives {
             drive.check()?;
             let path = drive.path_on_host.clone().unwrap_or_default();
-            let spec = DiskSpec { read_only: drive.is_read_only, ..DiskSpec::new(path) };
+            let io_engine = if drive.io_engine == "Async" { IoEngine::Async } else { IoEngine::Sync };
+            let spec = DiskSpec { read_only: drive.is_read_only, io_engine, ..DiskSpec::new(path) };
             let config = DriveConfig {
                 id: drive.drive_id.clone(),
                 spec,
@@ -514,7 +515,7 @@ impl FullConfig {
                 is_read_only: d.spec.read_only,
                 partuuid: d.partuuid.clone(),
                 cache_type: unsafe_cache(),
-                io_engine: sync_engine(),
+                io_engine: format!("{:?}", d.spec.io_engine),
                 rate_limiter: None,
                 socket: None,
             })

@@ -308,6 +308,15 @@ pub struct Server {
 const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 impl Server {
+    /// Refuses a name a running guest has, before anything (sockets, devices) is made for it.
+    pub fn check_name_free(name: &str) -> Result<(), String> {
+        let path = socket_path(name);
+        match UnixStream::connect(&path) {
+            Ok(_) => Err(format!("a guest named '{name}' is already running ({})", path.display())),
+            Err(_) => Ok(()),
+        }
+    }
+
     pub fn start(name: &str, controller: Arc<dyn Controller>) -> Result<Server, String> {
         check_name(name)?;
         let dir = lkvm_dir();

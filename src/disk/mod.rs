@@ -2,10 +2,11 @@
 //! and throw-away overlays; each is a `DiskBackend`, positioned I/O only.
 
 pub mod qcow2;
+pub mod uring;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
@@ -18,7 +19,16 @@ pub struct OpenError {
     pub reason: String,
 }
 
-/// How the user asked for a disk (`-d PATH[,ro][,direct][,snapshot][,backing=PATH]`).
+/// How requests reach a raw image: one at a time on the device's thread, or many in flight
+/// through io_uring (Firecracker's `io_engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IoEngine {
+    #[default]
+    Sync,
+    Async,
+}
+
+/// How the user asked for a disk (`-d PATH[,ro][,direct][,snapshot][,backing=PATH][,async]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     pub path: PathBuf,
@@ -30,6 +40,8 @@ pub struct DiskSpec {
     /// A qcow2 image's backing file, instead of the one it names.
     #[serde(default)]
     pub backing: Option<PathBuf>,
+    #[serde(default)]
+    pub io_engine: IoEngine,
 }
 
 impl DiskSpec {
@@ -46,10 +58,11 @@ impl DiskSpec {
                 None if option == "ro" => spec.read_only = true,
                 None if option == "direct" => spec.direct = true,
                 None if option == "snapshot" => spec.snapshot = true,
+                None if option == "async" => spec.io_engine = IoEngine::Async,
                 Some(("backing", file)) if !file.is_empty() => spec.backing = Some(file.into()),
                 _ => {
                     return Err(format!(
-                        "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH)"
+                        "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH, async)"
                     ))
                 }
             }
@@ -67,6 +80,10 @@ pub trait DiskBackend: Send + Sync {
     /// Deallocates a range where the format can; reads of it return zeros afterwards.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The file reads and writes may go to directly (io_uring), if the format is raw.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Writes zeros over a range, for formats with no cheaper way.
@@ -85,6 +102,8 @@ pub struct DiskImage {
     backend: Box<dyn DiskBackend>,
     size: u64,
     read_only: bool,
+    io_engine: IoEngine,
+    direct: bool,
 }
 
 /// Images of formats lkvm does not serve, by their magic: named rather than served as raw.
@@ -132,7 +151,13 @@ impl DiskImage {
                 spec.path.display()
             );
         }
-        Ok(DiskImage { backend, size, read_only: spec.read_only })
+        if spec.io_engine == IoEngine::Async && backend.raw_fd().is_none() {
+            tracing::warn!(
+                "disk {}: the async engine serves raw images; this one is served synchronously",
+                spec.path.display()
+            );
+        }
+        Ok(DiskImage { backend, size, read_only: spec.read_only, io_engine: spec.io_engine, direct: spec.direct })
     }
 
     pub fn size(&self) -> u64 {
@@ -141,6 +166,16 @@ impl DiskImage {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Opened O_DIRECT: buffers handed to the kernel must be sector-aligned.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The raw file to submit reads and writes to when the async engine is asked for.
+    pub fn async_fd(&self) -> Option<RawFd> {
+        (self.io_engine == IoEngine::Async).then(|| self.backend.raw_fd()).flatten()
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -217,6 +252,10 @@ impl DiskBackend for RawFile {
         self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
     /// The file system's zero-range where it has one, else zeros written.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
@@ -245,6 +284,7 @@ mod tests {
         assert!(spec.snapshot && spec.backing.as_deref() == Some(std::path::Path::new("/base.img")));
         assert!(DiskSpec::parse("a.img,rw2").unwrap_err().contains("unknown disk option 'rw2'"));
         assert!(DiskSpec::parse("a.img,backing=").is_err());
+        assert_eq!(DiskSpec::parse("a.img,async").unwrap().io_engine, IoEngine::Async);
         assert!(DiskSpec::parse(",ro").is_err());
     }
 

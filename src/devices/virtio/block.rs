@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{ByteValued, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::worker::{Lifecycle, Worker};
+use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
+use crate::disk::uring::{Done, Uring};
 use crate::disk::{DiskImage, SECTOR_SIZE};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -116,12 +117,13 @@ impl Block {
 
     /// A request handler over this disk, as the device's worker runs it.
     pub fn request_handler(&self) -> RequestHandler {
-        RequestHandler {
-            media: self.media.clone(),
-            disk: self.media.current(),
-            id: self.id,
-            buffer: BounceBuffer::new(),
-        }
+        let disk = self.media.current();
+        let uring = disk.async_fd().and_then(|_| {
+            Uring::new(u32::from(QUEUE_SIZE))
+                .inspect_err(|e| tracing::warn!("io_uring unavailable ({e}): the disk is served synchronously"))
+                .ok()
+        });
+        RequestHandler { media: self.media.clone(), disk, id: self.id, buffer: BounceBuffer::new(), uring }
     }
 
     fn config_space(disk: &DiskImage) -> Vec<u8> {
@@ -176,11 +178,15 @@ impl VirtioDevice for Block {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
         let handler = self.request_handler();
         *self.media.interrupt.lock().unwrap() = Some(interrupt.clone());
+        let completions = handler.uring.as_ref().map(Uring::eventfd);
         let state = (queue, mem, interrupt, handler);
-        self.worker =
-            Some(Worker::spawn("virtio-blk".into(), vec![kick], state, |(queue, mem, interrupt, handler), _, _| {
-                handler.process_queue(queue, mem, &**interrupt)
-            })?);
+        self.worker = Some(match completions {
+            Some(fd) => Worker::spawn_quiescing("virtio-blk".into(), vec![kick], fd, state, serve, |state| {
+                let (queue, mem, interrupt, handler) = state;
+                handler.drain(queue, mem, &**interrupt)
+            })?,
+            None => Worker::spawn("virtio-blk".into(), vec![kick], state, serve)?,
+        });
         Ok(())
     }
 
@@ -193,19 +199,189 @@ impl VirtioDevice for Block {
     }
 }
 
+/// The worker's handler: a queue notification (0), or completions of the async engine (1).
+fn serve((queue, mem, interrupt, handler): &mut BlockQueue, event: usize, _: &Watch) {
+    if event == 0 {
+        handler.process_queue(queue, mem, &**interrupt)
+    } else {
+        handler.complete(queue, mem, &**interrupt)
+    }
+}
+
 pub struct RequestHandler {
     media: Arc<DriveMedia>,
     /// The media's image as of this batch of requests.
     disk: Arc<DiskImage>,
     id: [u8; ID_BYTES],
     buffer: BounceBuffer,
+    /// The async engine, for a raw image asked to use it.
+    uring: Option<Uring<Pending>>,
+}
+
+/// A request in the async engine's hands.
+pub struct Pending {
+    head: u16,
+    /// Where its status byte goes, and the bytes it reports used (data read + status).
+    status: GuestAddress,
+    used_len: u32,
+    /// Kept open until the kernel is done, whatever replaced it meanwhile.
+    _disk: Arc<DiskImage>,
+}
+
+/// A request's guest buffers, in the order virtio lays them out: the readable ones (header,
+/// then data for a write) and the writable ones (data for a read, then the status byte).
+struct Layout {
+    readable: Vec<(u64, usize)>,
+    writable: Vec<(u64, usize)>,
+}
+
+impl Layout {
+    fn of(chain: DescriptorChain<&GuestMemoryMmap>) -> Option<Layout> {
+        let mut layout = Layout { readable: Vec::new(), writable: Vec::new() };
+        for desc in chain {
+            let buffer = (desc.addr().0, desc.len() as usize);
+            if desc.is_write_only() {
+                layout.writable.push(buffer);
+            } else if layout.writable.is_empty() {
+                layout.readable.push(buffer);
+            } else {
+                return None; // readable after writable: refused, as the synchronous path does
+            }
+        }
+        Some(layout)
+    }
+
+    /// `buffers` less their first `skip` and last `trim` bytes.
+    fn middle(buffers: &[(u64, usize)], mut skip: usize, trim: usize) -> Option<Vec<(u64, usize)>> {
+        let total: usize = buffers.iter().map(|b| b.1).sum();
+        let mut keep = total.checked_sub(skip)?.checked_sub(trim)?;
+        let mut out = Vec::new();
+        for &(addr, len) in buffers {
+            let start = skip.min(len);
+            skip -= start;
+            let n = (len - start).min(keep);
+            if n > 0 {
+                out.push((addr.checked_add(start as u64)?, n));
+            }
+            keep -= n;
+        }
+        Some(out)
+    }
 }
 
 impl RequestHandler {
-    /// Completes every available request.
+    /// Completes every available request, or with the async engine starts as many as it takes
+    /// (the rest wait in the ring until completions make room).
     pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
         self.disk = self.media.current();
-        serve_queue(queue, mem, interrupt, 0, |chain| self.handle(chain, mem));
+        if self.uring.is_none() || self.disk.async_fd().is_none() {
+            serve_queue(queue, mem, interrupt, 0, |chain| self.handle(chain, mem));
+            return;
+        }
+        let (mut used, mut stalled) = (false, false);
+        'drain: loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            let mut progressed = false;
+            while self.uring.as_ref().is_some_and(Uring::has_room) {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+                progressed = true;
+                let head = chain.head_index();
+                if let Some(len) = self.start(chain, mem) {
+                    if queue.add_used(mem, head, len).is_err() {
+                        break 'drain;
+                    }
+                    used = true;
+                }
+            }
+            // Full: the next completion comes back here.
+            if !self.uring.as_ref().is_some_and(Uring::has_room)
+                || !more_available(queue, mem, progressed, &mut stalled)
+            {
+                break;
+            }
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            interrupt.signal_used_queue(0);
+        }
+    }
+
+    /// Hands finished async requests back to the driver, then starts what waits.
+    pub fn complete(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
+        let done = self.uring.as_mut().map(Uring::completions).unwrap_or_default();
+        Self::finish(done, queue, mem, interrupt);
+        self.process_queue(queue, mem, interrupt);
+    }
+
+    /// Waits for every async request in flight and hands them back (before a pause or reset).
+    pub fn drain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
+        let done = self.uring.as_mut().map(Uring::drain).unwrap_or_default();
+        Self::finish(done, queue, mem, interrupt);
+    }
+
+    fn finish(done: Vec<Done<Pending>>, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
+        if done.is_empty() {
+            return;
+        }
+        for Done { token, ok } in done {
+            let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR } as u8;
+            let used_len = if ok { token.used_len } else { 1 };
+            let _ = mem.write_obj(status, token.status);
+            let _ = queue.add_used(mem, token.head, used_len);
+        }
+        if queue.needs_notification(mem).unwrap_or(true) {
+            interrupt.signal_used_queue(0);
+        }
+    }
+
+    /// Starts a read, write or flush on the async engine (`None`: it completes later); any
+    /// other request, and any the engine cannot take as it is, runs synchronously (`Some`
+    /// bytes used), which also gives malformed ones their error status.
+    fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<u32> {
+        let submitted = (|| {
+            let header: RequestHeader = chain.clone().reader(mem).ok()?.read_obj().ok()?;
+            let layout = Layout::of(chain.clone())?;
+            let &(status_addr, status_len) = layout.writable.last()?;
+            let status = GuestAddress(status_addr.checked_add(status_len.checked_sub(1)? as u64)?);
+            let header_len = std::mem::size_of::<RequestHeader>();
+            let (write, data) = match header.request_type {
+                VIRTIO_BLK_T_IN => (false, Layout::middle(&layout.writable, 0, 1)?),
+                VIRTIO_BLK_T_OUT if !self.disk.read_only() => (true, Layout::middle(&layout.readable, header_len, 0)?),
+                VIRTIO_BLK_T_FLUSH => {
+                    let token = Pending { head: chain.head_index(), status, used_len: 1, _disk: self.disk.clone() };
+                    let fd = self.disk.async_fd()?;
+                    return self.uring.as_mut()?.sync(fd, token).ok();
+                }
+                _ => return None,
+            };
+            let len: usize = data.iter().map(|d| d.1).sum();
+            let offset = self.range(header.sector, len)?;
+            // O_DIRECT takes sector-aligned buffers; others go through the aligned bounce buffer.
+            let aligned =
+                |&(addr, n): &(u64, usize)| addr.is_multiple_of(SECTOR_SIZE) && (n as u64).is_multiple_of(SECTOR_SIZE);
+            if self.disk.direct() && !data.iter().all(aligned) {
+                return None;
+            }
+            // Each buffer must lie in guest RAM; the kernel reads or writes it there.
+            let iovecs = data
+                .iter()
+                .map(|&(addr, n)| {
+                    let slice = mem.get_slice(GuestAddress(addr), n).ok()?;
+                    Some(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: n })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let used_len = if write { 1 } else { len as u32 + 1 };
+            let token = Pending { head: chain.head_index(), status, used_len, _disk: self.disk.clone() };
+            let fd = self.disk.async_fd()?;
+            // SAFETY: the iovecs point into guest memory, mapped for the VM's life; the
+            // engine waits for every request before it is dropped.
+            unsafe { self.uring.as_mut()?.read_write(fd, write, offset, iovecs, token) }.ok()
+        })();
+        match submitted {
+            Some(()) => None,
+            None => Some(self.handle(chain, mem)),
+        }
     }
 
     /// Runs one request; returns the bytes written into the driver's buffers (data + status),
@@ -312,7 +488,7 @@ impl RequestHandler {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::disk::DiskSpec;
+    use crate::disk::{DiskSpec, IoEngine};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
@@ -349,12 +525,16 @@ pub(crate) mod tests {
     }
 
     fn harness_with(read_only: bool, direct: bool) -> Harness {
+        harness_engine(read_only, direct, IoEngine::Sync)
+    }
+
+    fn harness_engine(read_only: bool, direct: bool, io_engine: IoEngine) -> Harness {
         static N: AtomicUsize = AtomicUsize::new(0);
         let path =
             std::env::temp_dir().join(format!("lkvm-blk-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
         let image: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(&path, image).unwrap();
-        let disk = DiskImage::open(&DiskSpec { read_only, direct, ..DiskSpec::new(&path) }).unwrap();
+        let disk = DiskImage::open(&DiskSpec { read_only, direct, io_engine, ..DiskSpec::new(&path) }).unwrap();
         let block = Block::new(disk, "serial-0123456789abcdefXYZ");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Harness { mem, handler: block.request_handler(), block, path }
@@ -379,6 +559,8 @@ pub(crate) mod tests {
             self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
             let interrupt = CountingInterrupt::default();
             self.handler.process_queue(&mut queue, &self.mem, &interrupt);
+            // The async engine's requests complete when it says so.
+            self.handler.drain(&mut queue, &self.mem, &interrupt);
             assert_eq!(mock.used().idx().load(), 1, "the request is completed");
             assert_eq!(interrupt.0.load(Ordering::SeqCst), 1);
             let used = mock.used().ring().ref_at(0).unwrap().load();
@@ -449,6 +631,61 @@ pub(crate) mod tests {
         assert!(image[8 * 512..9 * 512].iter().all(|b| *b == 8), "neighbours untouched");
         h.header(VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(h.submit(&[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, WRITE, 0)]).0, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn the_async_engine_serves_requests_in_flight_together_and_checks_them_as_the_sync_one() {
+        let mut h = harness_engine(false, false, IoEngine::Async);
+        assert!(h.handler.uring.is_some(), "io_uring on this host");
+        assert_eq!(h.simple(VIRTIO_BLK_T_IN, 3, 1024, true), (VIRTIO_BLK_S_OK as u8, 1025));
+        let mut data = vec![0u8; 1024];
+        h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert!(data[..512].iter().all(|b| *b == 3) && data[512..].iter().all(|b| *b == 4));
+        h.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        assert_eq!(h.simple(VIRTIO_BLK_T_OUT, 7, 512, false), (VIRTIO_BLK_S_OK as u8, 1));
+        assert!(h.disk_bytes()[7 * 512..8 * 512].iter().all(|b| *b == 0x5a));
+        h.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(h.submit(&[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, WRITE, 0)]).0, VIRTIO_BLK_S_OK as u8);
+        // Checked as the synchronous engine checks them: past the end, a buffer outside guest
+        // memory, a partial sector.
+        assert_eq!(h.simple(VIRTIO_BLK_T_IN, DISK_SECTORS, 512, true).0, VIRTIO_BLK_S_IOERR as u8);
+        let outside = [desc(HEADER, 16, NEXT, 1), desc(0xf_f000, 0x2000, NEXT | WRITE, 2), desc(STATUS, 1, WRITE, 0)];
+        let mut sync = harness(false);
+        for harness in [&mut h, &mut sync] {
+            harness.header(VIRTIO_BLK_T_IN, 0);
+        }
+        assert_eq!(h.submit(&outside), sync.submit(&outside), "as the synchronous engine answers");
+        assert_eq!(h.simple(VIRTIO_BLK_T_OUT, 0, 100, false).0, VIRTIO_BLK_S_IOERR as u8);
+
+        // 32 reads of one sector each, in flight at once, each landing in its own buffer.
+        let mock = MockSplitQueue::new(&h.mem, 128);
+        let mut descs = Vec::new();
+        for i in 0..32u16 {
+            let base = 0x4_0000 + u64::from(i) * 0x1000;
+            h.mem
+                .write_obj(
+                    RequestHeader { request_type: VIRTIO_BLK_T_IN, _ioprio: 0, sector: u64::from(i) },
+                    GuestAddress(base),
+                )
+                .unwrap();
+            let d = 3 * i;
+            descs.push(desc(base, 16, NEXT, d + 1));
+            descs.push(desc(base + 0x100, 512, NEXT | WRITE, d + 2));
+            descs.push(desc(base + 0x400, 1, WRITE, 0));
+        }
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let interrupt = CountingInterrupt::default();
+        h.handler.process_queue(&mut queue, &h.mem, &interrupt);
+        assert!(h.handler.uring.as_ref().unwrap().in_flight() + mock.used().idx().load() as usize == 32);
+        h.handler.drain(&mut queue, &h.mem, &interrupt);
+        assert_eq!(mock.used().idx().load(), 32, "every request completed");
+        for i in 0..32u64 {
+            let base = 0x4_0000 + i * 0x1000;
+            assert_eq!(h.mem.read_obj::<u8>(GuestAddress(base + 0x400)).unwrap(), VIRTIO_BLK_S_OK as u8);
+            let want = if i == 7 { 0x5a } else { i as u8 }; // sector 7 was written above
+            assert_eq!(h.mem.read_obj::<u8>(GuestAddress(base + 0x100 + 511)).unwrap(), want, "sector {i}");
+        }
     }
 
     #[test]

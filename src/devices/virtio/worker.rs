@@ -15,6 +15,8 @@ pub struct Worker<S: Send + 'static> {
     name: String,
     fd: Option<RawFd>,
     handle: Handler<S>,
+    /// Run on the thread when it is told to stop, before it hands the state back.
+    quiesce: Option<fn(&mut S)>,
     run: Run<S>,
 }
 
@@ -61,7 +63,7 @@ impl<S: Send + 'static> Worker<S> {
     /// Runs `handle(state, i)` on a new thread each time `events[i]` fires: the queues'
     /// notification eventfds, and any of the device's own (say, host input ready).
     pub fn spawn(name: String, events: Vec<EventFd>, state: S, handle: Handler<S>) -> io::Result<Self> {
-        Self::spawn_with(name, events, None, state, handle)
+        Self::spawn_with(name, events, None, state, handle, None)
     }
 
     /// Like `spawn`, plus a host descriptor (a socket or tap) reported as index
@@ -73,7 +75,20 @@ impl<S: Send + 'static> Worker<S> {
         state: S,
         handle: Handler<S>,
     ) -> io::Result<Self> {
-        Self::spawn_with(name, events, Some(fd), state, handle)
+        Self::spawn_with(name, events, Some(fd), state, handle, None)
+    }
+
+    /// Like `spawn_with_fd`, running `quiesce` on the state whenever the thread stops (pause,
+    /// reset, drop): work the device has in flight is finished before anyone sees the state.
+    pub fn spawn_quiescing(
+        name: String,
+        events: Vec<EventFd>,
+        fd: RawFd,
+        state: S,
+        handle: Handler<S>,
+        quiesce: fn(&mut S),
+    ) -> io::Result<Self> {
+        Self::spawn_with(name, events, Some(fd), state, handle, Some(quiesce))
     }
 
     fn spawn_with(
@@ -82,8 +97,9 @@ impl<S: Send + 'static> Worker<S> {
         fd: Option<RawFd>,
         state: S,
         handle: Handler<S>,
+        quiesce: Option<fn(&mut S)>,
     ) -> io::Result<Self> {
-        let mut worker = Worker { name, fd, handle, run: Run::Parked { state, events } };
+        let mut worker = Worker { name, fd, handle, quiesce, run: Run::Parked { state, events } };
         worker.resume()?;
         Ok(worker)
     }
@@ -109,7 +125,7 @@ impl<S: Send + 'static> Worker<S> {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd_token))?;
         }
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
-        let (fd, handle) = (self.fd, self.handle);
+        let (fd, handle, quiesce) = (self.fd, self.handle, self.quiesce);
         let thread = crate::thread::spawn(crate::thread::ThreadKind::Device, self.name.clone(), move || {
             let watch = Watch { epoll: &epoll, fd: fd.map(|fd| (fd, fd_token)) };
             let mut ready = vec![EpollEvent::default(); events.len() + 2];
@@ -119,12 +135,14 @@ impl<S: Send + 'static> Worker<S> {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         tracing::error!("device worker epoll: {e}");
+                        quiesce.inspect(|q| q(&mut state));
                         return (state, events);
                     }
                 };
                 for event in &ready[..n] {
                     let token = event.data();
                     if token == stop_token {
+                        quiesce.inspect(|q| q(&mut state));
                         return (state, events);
                     }
                     if let Some(evt) = events.get(token as usize) {
