@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Disk benchmark: guest-side O_DIRECT throughput of a virtio-blk disk (sequential 1 MiB and
 random 4 KiB reads and writes, measured by the test guest's init in user space), lkvm
-(virtio-mmio and virtio-pci) against QEMU microvm (virtio-mmio), same kernel, initramfs and
-image, side by side; then lkvm's block device model alone on the host (requests per second).
+(virtio-mmio and virtio-pci; raw with the sync and the io_uring engine, and qcow2) against QEMU
+microvm (virtio-mmio; raw and qcow2), same kernel, initramfs and images, side by side; then
+lkvm's block device model alone on the host (requests per second, engines at depth 1 and 32).
 
 Usage: bench/disk.py [--runs N] [--mib M]
 """
@@ -32,14 +33,21 @@ def main():
     image = tempfile.NamedTemporaryFile(suffix=".img", delete=False, dir="/var/tmp")
     image.truncate(args.mib << 20)
     image.close()
+    qcow2 = image.name + ".qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qcow2, f"{args.mib}M"], check=True)
     params = f"{HOST_PARAMS} lkvm.blkbench=/dev/vda:{args.mib}"
+    lkvm_pci = [LKVM, "run", "-k", f"{GUEST}/vmlinux", "-i", f"{GUEST}/initramfs.cpio", "-m", "128", "-c", "1",
+                "-p", params, "-d"]
     vmms = {
         "lkvm mmio": [LKVM, "run", "-k", f"{GUEST}/vmlinux", "-i", f"{GUEST}/initramfs.cpio", "-m", "128", "-c", "1",
                       "--virtio-transport", "mmio", "-d", image.name, "-p", params],
-        "lkvm pci": [LKVM, "run", "-k", f"{GUEST}/vmlinux", "-i", f"{GUEST}/initramfs.cpio", "-m", "128", "-c", "1",
-                     "-d", image.name, "-p", params],
+        "lkvm pci": lkvm_pci + [image.name],
+        "lkvm pci async": lkvm_pci + [image.name + ",async"],
+        "lkvm pci qcow2": lkvm_pci + [qcow2],
         "QEMU mmio": qemu_base() + ["-drive", f"file={image.name},if=none,id=d0,format=raw,cache=writeback",
                                     "-device", "virtio-blk-device,drive=d0", "-append", f"{LKVM_DEFAULTS} {params}"],
+        "QEMU qcow2": qemu_base() + ["-drive", f"file={qcow2},if=none,id=d0,format=qcow2,cache=writeback",
+                                     "-device", "virtio-blk-device,drive=d0", "-append", f"{LKVM_DEFAULTS} {params}"],
     }
     table = {name: {t: [] for t in TESTS} for name in vmms}
     for i in range(args.runs):
@@ -49,6 +57,7 @@ def main():
                 table[name][t].append(parse(r.get(f"blkbench:{t}")))
             print(f"run {i + 1} {name}: " + ", ".join(f"{t}={r.get('blkbench:' + t)}" for t in TESTS), file=sys.stderr)
     os.unlink(image.name)
+    os.unlink(qcow2)
 
     print(f"\nDisk benchmark: {args.runs} runs each, O_DIRECT in guest user space over {args.mib} MiB, MB/s medians")
     ratio_table([(t, {name: med(table[name][t]) for name in vmms}) for t in TESTS], list(vmms), "QEMU mmio")

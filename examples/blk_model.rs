@@ -84,7 +84,8 @@ fn main() {
     println!("| image | request | requests/s | MB/s |");
     println!("|---|---|---|---|");
     for (format, path) in images {
-        let block = Block::new(DiskImage::open(&DiskSpec::new(&path)).unwrap(), "bench");
+        let spec = DiskSpec { io_engine: IoEngine::Sync, ..DiskSpec::new(&path) };
+        let block = Block::new(DiskImage::open(&spec).unwrap(), "bench");
         // Writes first: on qcow2 they allocate the clusters the reads then find.
         for (name, request_type, len) in [("write 4 KiB", 1, 4096), ("read 4 KiB", 0, 4096), ("read 64 KiB", 0, 65536)]
         {

@@ -62,9 +62,9 @@ fn disks_boot(transport: &str, console: &str) {
     let vda = write_file(&dir, "vda.img", &source);
     let vdb = write_file(&dir, "vdb.img", &vec![0u8; 1 << 20]);
     let vdc = write_file(&dir, "vdc.img", &vec![0x55u8; 1 << 20]);
-    // vda is read and vdb written through the io_uring engine.
+    // vda and vdb through the io_uring engine (the default), vdc through the synchronous one.
     let (vda, vdb, vdc_ro) =
-        (format!("{},async", vda.display()), format!("{},async", vdb.display()), format!("{},ro", vdc.display()));
+        (format!("{},async", vda.display()), vdb.to_str().unwrap().to_string(), format!("{},ro,sync", vdc.display()));
     let (shared, shared_ro) = (dir.join("shared"), dir.join("shared-ro"));
     let host_file = pattern(300_000, 8);
     for share in [&shared, &shared_ro] {

@@ -1,5 +1,5 @@
 //! Feeds fuzzed virtio-blk requests (descriptors, headers, sectors, lengths, discard segments)
-//! to lkvm's block device model over a small image file.
+//! to lkvm's block device model over a small image file, through both I/O engines.
 #![no_main]
 
 mod common;
@@ -8,23 +8,30 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use lkvm::devices::virtio::block::Block;
-use lkvm::disk::{DiskImage, DiskSpec};
+use lkvm::disk::{DiskImage, DiskSpec, IoEngine};
 
 const IMAGE_SIZE: usize = 64 * 1024;
 
-fn block() -> &'static Block {
-    static BLOCK: OnceLock<Block> = OnceLock::new();
-    BLOCK.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("lkvm-fuzz-blk-{}.img", std::process::id()));
-        std::fs::write(&path, vec![0u8; IMAGE_SIZE]).unwrap();
-        let disk = DiskImage::open(&DiskSpec::new(path)).unwrap();
-        Block::new(disk, "fuzz")
-    })
+/// The device over one image per engine: synchronous, and io_uring.
+fn block(io_engine: IoEngine) -> &'static Block {
+    static BLOCKS: OnceLock<[Block; 2]> = OnceLock::new();
+    let blocks = BLOCKS.get_or_init(|| {
+        [IoEngine::Sync, IoEngine::Async].map(|io_engine| {
+            let path = std::env::temp_dir().join(format!("lkvm-fuzz-blk-{}-{io_engine:?}.img", std::process::id()));
+            std::fs::write(&path, vec![0u8; IMAGE_SIZE]).unwrap();
+            let disk = DiskImage::open(&DiskSpec { io_engine, ..DiskSpec::new(path) }).unwrap();
+            Block::new(disk, "fuzz")
+        })
+    });
+    &blocks[usize::from(io_engine == IoEngine::Async)]
 }
 
 fuzz_target!(|input: &[u8]| {
     let Some((config, data)) = input.split_first_chunk::<8>() else { return };
+    let io_engine = if config[7] & 0x80 != 0 { IoEngine::Async } else { IoEngine::Sync };
     let Some((mem, mut queue)) = common::setup(config, data) else { return };
-    let mut handler = block().request_handler();
+    let mut handler = block(io_engine).request_handler();
     handler.process_queue(&mut queue, &mem, &common::NoInterrupt);
+    // Nothing may still be in flight into this input's memory when it is freed.
+    handler.drain(&mut queue, &mem, &common::NoInterrupt);
 });

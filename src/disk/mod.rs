@@ -20,15 +20,16 @@ pub struct OpenError {
 }
 
 /// How requests reach a raw image: one at a time on the device's thread, or many in flight
-/// through io_uring (Firecracker's `io_engine`).
+/// through io_uring (Firecracker's `io_engine`). lkvm's command line defaults to io_uring
+/// where the host has it; Firecracker's API defaults to Sync, as Firecracker does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IoEngine {
-    #[default]
     Sync,
+    #[default]
     Async,
 }
 
-/// How the user asked for a disk (`-d PATH[,ro][,direct][,snapshot][,backing=PATH][,async]`).
+/// How the user asked for a disk (`-d PATH[,ro][,direct][,snapshot][,backing=PATH][,sync|,async]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     pub path: PathBuf,
@@ -59,12 +60,11 @@ impl DiskSpec {
                 None if option == "direct" => spec.direct = true,
                 None if option == "snapshot" => spec.snapshot = true,
                 None if option == "async" => spec.io_engine = IoEngine::Async,
+                None if option == "sync" => spec.io_engine = IoEngine::Sync,
                 Some(("backing", file)) if !file.is_empty() => spec.backing = Some(file.into()),
-                _ => {
-                    return Err(format!(
-                        "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH, async)"
-                    ))
-                }
+                _ => return Err(format!(
+                    "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH, async, sync)"
+                )),
             }
         }
         Ok(spec)
@@ -284,7 +284,8 @@ mod tests {
         assert!(spec.snapshot && spec.backing.as_deref() == Some(std::path::Path::new("/base.img")));
         assert!(DiskSpec::parse("a.img,rw2").unwrap_err().contains("unknown disk option 'rw2'"));
         assert!(DiskSpec::parse("a.img,backing=").is_err());
-        assert_eq!(DiskSpec::parse("a.img,async").unwrap().io_engine, IoEngine::Async);
+        assert_eq!(DiskSpec::parse("a.img").unwrap().io_engine, IoEngine::Async);
+        assert_eq!(DiskSpec::parse("a.img,sync").unwrap().io_engine, IoEngine::Sync);
         assert!(DiskSpec::parse(",ro").is_err());
     }
 

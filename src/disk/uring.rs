@@ -24,9 +24,11 @@ struct InFlight<T> {
     _iovecs: Vec<libc::iovec>,
 }
 
-// SAFETY: the iovecs are addresses the kernel uses, not memory this thread dereferences; they
-// point into guest memory, which is shared by design.
+// SAFETY: the iovecs are addresses the kernel uses, never dereferenced in Rust; they point into
+// guest memory, which is shared by design.
 unsafe impl<T: Send> Send for InFlight<T> {}
+// SAFETY: as above: a shared InFlight gives access to nothing behind the pointers.
+unsafe impl<T: Sync> Sync for InFlight<T> {}
 
 pub struct Uring<T> {
     ring: IoUring,

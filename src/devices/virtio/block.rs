@@ -120,7 +120,7 @@ impl Block {
         let disk = self.media.current();
         let uring = disk.async_fd().and_then(|_| {
             Uring::new(u32::from(QUEUE_SIZE))
-                .inspect_err(|e| tracing::warn!("io_uring unavailable ({e}): the disk is served synchronously"))
+                .inspect_err(|e| tracing::info!("io_uring unavailable ({e}): the disk is served synchronously"))
                 .ok()
         });
         RequestHandler { media: self.media.clone(), disk, id: self.id, buffer: BounceBuffer::new(), uring }
