@@ -143,7 +143,7 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(())
     };
     let vm_status = if args.cold || config.console != ConsoleDevice::Serial {
-        boot_sandbox(config, &ready, started, start_job)
+        boot_sandbox(config, &ready, started, |_| Ok(()), start_job)
     } else {
         warm_sandbox(config, &ready, started, start_job)
     };
@@ -174,11 +174,13 @@ fn start_sandbox_job(
     Ok(receiver)
 }
 
-/// Boots the guest, waits until its init is ready for the command, then runs `start_job`.
+/// Boots the guest, waits until its init is ready for the command, runs `on_ready` (the warm
+/// cache's snapshot), then `start_job`.
 fn boot_sandbox(
     mut config: VmConfig,
     ready: &rootfs::SandboxReady,
     started: Instant,
+    on_ready: impl FnOnce(&mut Vm) -> Result<(), String>,
     start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
 ) -> ExitCode {
     let params = config.boot.params.take().unwrap_or_default();
@@ -189,21 +191,20 @@ fn boot_sandbox(
     };
     vm.hold_console_input();
     serve_with(vm, None, |vm| {
-        wait_until_ready(vm, ready);
+        while ready.pending() && !vm.has_ended() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if !vm.has_ended() {
+            on_ready(vm)?;
+        }
         start_job(vm)
     })
-}
-
-fn wait_until_ready(vm: &mut Vm, ready: &rootfs::SandboxReady) {
-    while ready.pending() && !vm.has_ended() {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
 }
 
 /// Runs a sandbox from the snapshot of a guest ready for its command, taking that snapshot
 /// first if the cache has none for this configuration.
 fn warm_sandbox(
-    mut config: VmConfig,
+    config: VmConfig,
     ready: &rootfs::SandboxReady,
     started: Instant,
     start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
@@ -224,29 +225,20 @@ fn warm_sandbox(
             }
         }
     }
-    let params = config.boot.params.take().unwrap_or_default();
-    config.boot.params = Some(format!("{params} {}", ready.param()));
-    let mut vm = match Vm::build(config, started) {
-        Ok(vm) => vm,
-        Err(e) => return fail(&e.to_string()),
-    };
-    vm.hold_console_input();
-    serve_with(vm, None, |vm| {
-        wait_until_ready(vm, ready);
-        if !vm.has_ended() {
-            let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
-            // Pauses, writes and resumes, as `lkvm snapshot` does.
-            let written = vm.handle().snapshot(&staging, false);
-            match written.and_then(|_| cache.publish(&staging).map_err(|e| e.to_string())) {
-                Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),
-                Err(e) => tracing::warn!("no warm sandbox snapshot: {e}"),
-            }
-            if vm.handle().paused() {
-                return Err("the guest could not be resumed after its snapshot".into());
-            }
+    let take_snapshot = |vm: &mut Vm| {
+        let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
+        // Pauses, writes and resumes, as `lkvm snapshot` does.
+        let written = vm.handle().snapshot(&staging, false);
+        match written.and_then(|_| cache.publish(&staging).map_err(|e| e.to_string())) {
+            Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),
+            Err(e) => tracing::warn!("no warm sandbox snapshot: {e}"),
         }
-        start_job(vm)
-    })
+        if vm.handle().paused() {
+            return Err("the guest could not be resumed after its snapshot".to_string());
+        }
+        Ok(())
+    };
+    boot_sandbox(config, ready, started, take_snapshot, start_job)
 }
 
 fn fail(msg: &str) -> ExitCode {

@@ -62,9 +62,11 @@ impl DiskSpec {
                 None if option == "async" => spec.io_engine = IoEngine::Async,
                 None if option == "sync" => spec.io_engine = IoEngine::Sync,
                 Some(("backing", file)) if !file.is_empty() => spec.backing = Some(file.into()),
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH, async, sync)"
-                )),
+                ))
+                }
             }
         }
         Ok(spec)
