@@ -35,10 +35,7 @@ pub fn run(args: ExecArgs) -> Result<u8, String> {
     let uds = response.vsock_uds.ok_or_else(|| format!("{}: the guest has no vsock device", args.name))?;
     let stream = exec::connect(&uds).map_err(|e| format!("{}: {e}", args.name))?;
     let tty = args.tty.then(exec::terminal_size);
-    let env = match (tty, std::env::var("TERM")) {
-        (Some(_), Ok(term)) => vec![format!("TERM={term}")],
-        _ => Vec::new(),
-    };
+    let env = exec::terminal_env(tty);
     let request = Request { tty, cwd: args.workdir, env, argv: args.command };
     let _raw_terminal = if args.tty { crate::term::RawMode::stdin() } else { None };
     exec::run(stream, &request, std::io::stdin(), &mut std::io::stdout(), &mut std::io::stderr())

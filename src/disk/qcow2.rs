@@ -135,6 +135,11 @@ impl ImplicitOpenGate<ImagoFile> for Gate {
 
 /// Opens, checks and locks one file of an image chain.
 fn open_file(path: &Path, writable: bool, direct: bool) -> io::Result<ImagoFile> {
+    open_checked(path, writable, direct).map(|(file, _)| file)
+}
+
+/// `open_file`, also saying whether the file has qcow2's magic.
+fn open_checked(path: &Path, writable: bool, direct: bool) -> io::Result<(ImagoFile, bool)> {
     let in_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let mut options = OpenOptions::new();
     options.read(true).write(writable);
@@ -142,7 +147,8 @@ fn open_file(path: &Path, writable: bool, direct: bool) -> io::Result<ImagoFile>
         options.custom_flags(libc::O_DIRECT);
     }
     let file = options.open(path).map_err(in_path)?;
-    if has_magic(&file) {
+    let qcow2 = has_magic(&file);
+    if qcow2 {
         let mut method = [0u8; 4];
         file.read_exact_at(&mut method, CRYPT_METHOD_OFFSET).map_err(in_path)?;
         if method != [0; 4] {
@@ -153,13 +159,13 @@ fn open_file(path: &Path, writable: bool, direct: bool) -> io::Result<ImagoFile>
         }
     }
     lock(&file, writable).map_err(in_path)?;
-    ImagoFile::from_open_file(file, StorageOpenOptions::new().filename(path).write(writable).direct(direct))
+    let options = StorageOpenOptions::new().filename(path).write(writable).direct(direct);
+    Ok((ImagoFile::from_open_file(file, options)?, qcow2))
 }
 
 /// Opens a qcow2 or raw image read-only, with its backing chain.
 fn open_any(path: &Path, direct: bool) -> Result<Image, String> {
-    let storage = open_file(path, false, direct).map_err(|e| e.to_string())?;
-    let qcow2 = std::fs::File::open(path).is_ok_and(|f| has_magic(&f));
+    let (storage, qcow2) = open_checked(path, false, direct).map_err(|e| e.to_string())?;
     let image = if qcow2 {
         FormatAccess::new(Qcow2::<ImagoFile>::builder(storage).write(false).open(Gate).map_err(|e| explain(&e))?)
     } else {

@@ -95,6 +95,14 @@ pub fn relay(from_guest: &mut impl Read, stdout: &mut dyn Write, stderr: &mut dy
     }
 }
 
+/// The environment a command run on a pty gets from the host: its TERM.
+pub fn terminal_env(tty: Option<(u16, u16)>) -> Vec<String> {
+    match (tty, std::env::var("TERM")) {
+        (Some(_), Ok(term)) => vec![format!("TERM={term}")],
+        _ => Vec::new(),
+    }
+}
+
 /// The host terminal's size as (rows, columns), or 24x80 when stdout is not a terminal.
 pub fn terminal_size() -> (u16, u16) {
     // SAFETY: TIOCGWINSZ writes one struct winsize.

@@ -143,10 +143,7 @@ pub fn sandbox_request(argv: &[String], tty: Option<(u16, u16)>) -> io::Result<R
     }
     let cwd = std::env::current_dir()?;
     let cwd = Path::new("/host").join(cwd.strip_prefix("/").unwrap_or(&cwd));
-    let env = match (tty, std::env::var("TERM")) {
-        (Some(_), Ok(term)) => vec![format!("TERM={term}")],
-        _ => Vec::new(),
-    };
+    let env = crate::exec::terminal_env(tty);
     Ok(Request { tty, cwd: cwd.to_string_lossy().into_owned(), env, argv })
 }
 
