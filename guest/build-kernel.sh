@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test guest kernel (ELF vmlinux with a PVH note, and bzImage) into $1 (default guest/out).
+# Builds the test guest kernel (ELF vmlinux with a PVH note, bzImage, and System.map for the gdb
+# test: vmlinux is stripped) into $1 (default guest/out).
 # Debian's linux-source-6.1 + tinyconfig + our fragment + our patches. When the fragment and
 # patches are byte-identical to ../shared/guest's and its prebuilt kernel's checksums match, that
 # prebuilt kernel is used instead; a built kernel is cached by the hash of its recipe.
@@ -12,9 +13,9 @@ mkdir -p "$out"
 recipe_hash=$(cat "$here/kernel/kernel-6.1-min.fragment" "$here"/kernel/*.patch | sha256sum | cut -c1-16)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/lkvm-guest/kernel-$recipe_hash
 
-use_kernel() { cp "$1/vmlinux" "$1/bzImage" "$out/"; echo "guest kernel: $2"; }
+use_kernel() { cp "$1/vmlinux" "$1/bzImage" "$1/System.map" "$out/"; echo "guest kernel: $2"; }
 
-if [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ]; then
+if [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ] && [ -f "$cache/System.map" ]; then
   use_kernel "$cache" "cached build $cache"; exit 0
 fi
 
@@ -28,6 +29,7 @@ if same_as_shared; then
   mkdir -p "$cache"
   xz -dc "$shared/vmlinux-6.1-min.xz" > "$cache/vmlinux"
   cp "$shared/bzImage-6.1-min" "$cache/bzImage"
+  cp "$shared/System.map-6.1-min" "$cache/System.map"
   use_kernel "$cache" "prebuilt from $shared"; exit 0
 fi
 
@@ -47,5 +49,6 @@ mkdir -p "$cache.tmp"
 strip -o "$cache.tmp/vmlinux" vmlinux
 cp arch/x86/boot/bzImage "$cache.tmp/bzImage"
 cp .config "$cache.tmp/config"
+cp System.map "$cache.tmp/System.map"
 rm -rf "$cache" && mv "$cache.tmp" "$cache"
 use_kernel "$cache" "built $cache"

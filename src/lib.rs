@@ -11,6 +11,7 @@ pub mod control;
 pub mod devices;
 pub mod disk;
 pub mod exec;
+pub mod gdb;
 pub mod logging;
 pub mod net;
 pub mod rootfs;

@@ -23,6 +23,8 @@ pub enum ThreadKind {
     /// Relays a command run in the guest (`lkvm exec`, `lkvm sandbox`): stdin to it, its
     /// output and status back.
     Exec,
+    /// The gdb stub: serves one gdb at a time.
+    Gdb,
 }
 
 /// Spawns a thread of `kind` named `name` (shown by `ps -L` and in panics).

@@ -225,3 +225,16 @@ fn bad_sandbox_and_setup() {
     let out = run_lkvm(&["setup", "../escape"], None, TIMEOUT);
     assert_one_line_error(&out, "not a guest name");
 }
+
+#[test]
+fn gdb_port_in_use_or_malformed() {
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "--gdb", "http"], None, TIMEOUT);
+    assert_one_line_error(&out, "--gdb http: expected a TCP port (1-65535) or unix:PATH");
+    if !kvm_available("gdb_port_in_use_or_malformed") {
+        return;
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "-c", "1", "--gdb", &port], None, TIMEOUT);
+    assert_one_line_error(&out, &format!("--gdb 127.0.0.1:{port}: Address already in use"));
+}

@@ -13,6 +13,7 @@ use crate::config::{
 };
 use crate::control::lkvm_dir;
 use crate::disk::DiskSpec;
+use crate::gdb::GdbConfig;
 use crate::net::{NetMode, NetSpec};
 use crate::rootfs;
 use crate::share::ShareSpec;
@@ -83,6 +84,13 @@ pub struct RunArgs {
     /// [,script=PATH][,hostfwd=tcp:HOSTPORT:GUESTPORT]`; repeatable. Default: one user-mode NIC
     #[arg(short = 'n', long = "network", value_name = "OPTIONS")]
     pub networks: Vec<String>,
+    /// Serve gdb's remote protocol on 127.0.0.1:PORT or on the UNIX socket PATH. The guest
+    /// waits before its first instruction until gdb continues or detaches (see --gdb-wait)
+    #[arg(long, value_name = "PORT|unix:PATH", conflicts_with = "restore")]
+    pub gdb: Option<String>,
+    /// With --gdb: whether the guest waits for gdb before its first instruction
+    #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = ["yes", "no"], requires = "gdb")]
+    pub gdb_wait: String,
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
     pub loglevel: String,
@@ -204,7 +212,12 @@ impl RunArgs {
     }
 
     /// Validates the options and builds the VM configuration, or says in one line what is wrong.
+    fn gdb_config(&self) -> Result<Option<GdbConfig>, String> {
+        self.gdb.as_deref().map(|arg| GdbConfig::parse(arg, self.gdb_wait == "yes")).transpose()
+    }
+
     pub fn into_config(self) -> Result<VmConfig, String> {
+        let gdb = self.gdb_config()?;
         if let Some(path) = &self.config_file {
             let name = self.name.unwrap_or_else(|| format!("guest-{}", std::process::id()));
             let transport = if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci };
@@ -213,6 +226,7 @@ impl RunArgs {
                 serde_json::from_str(&text).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
             let mut config = full.to_vm_config(&name, transport)?;
             config.kvm_device = self.kvm_device;
+            config.gdb = gdb;
             return Ok(config);
         }
         let cpus = self.cpus.unwrap_or_else(|| host_cpus().min(u32::from(MAX_CPUS)));
@@ -323,6 +337,7 @@ impl RunArgs {
             }),
             vsock,
             transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
+            gdb,
         };
         config.validate()?;
         Ok(config)

@@ -106,6 +106,7 @@ pub(crate) mod tests {
             balloon: None,
             vsock: None,
             transport: Transport::Pci,
+            gdb: None,
         }
     }
 

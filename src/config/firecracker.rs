@@ -492,6 +492,7 @@ impl FullConfig {
             drives,
             shares: Vec::new(),
             root_share: None,
+            gdb: None,
             nets,
             console: ConsoleDevice::Serial,
             entropy: self.entropy.as_ref().map(|_| DeviceId { id: "entropy".into() }),

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::disk::DiskSpec;
+use crate::gdb::GdbConfig;
 use crate::net::NetSpec;
 use crate::share::ShareSpec;
 
@@ -128,6 +129,9 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
     pub vsock: Option<VsockConfig>,
     pub transport: Transport,
+    /// A gdb stub for this run; never part of a snapshot.
+    #[serde(skip)]
+    pub gdb: Option<GdbConfig>,
 }
 
 impl VmConfig {

@@ -29,6 +29,7 @@ use crate::boot::{self, BootSpec};
 use crate::config::{cmdline, VmConfig};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
+use crate::gdb;
 use crate::share::{self, Share};
 use crate::snapshot::{self, MemoryBackend, VmState};
 use crate::term;
@@ -76,6 +77,8 @@ pub enum Error {
     DeviceSpace(String, String),
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    #[error("--gdb {0}: {1}")]
+    Gdb(gdb::GdbAddress, io::Error),
     #[error("restoring the snapshot: {0}")]
     Restore(String),
 }
@@ -168,6 +171,8 @@ pub struct Vm {
     _uffd: Option<std::os::fd::OwnedFd>,
     /// Sockets the devices listen on for host programs, removed when the VM ends.
     host_sockets: Vec<std::path::PathBuf>,
+    /// The gdb stub's socket, until `start` hands it to the stub's thread.
+    gdb: Option<(gdb::Listener, bool)>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
     _mem: GuestMemoryMmap,
     _vm: Arc<VmFd>,
@@ -216,6 +221,12 @@ impl Vm {
         if let (Some(initrd), Origin::Boot) = (&config.boot.initrd, &origin) {
             std::fs::File::open(initrd).map_err(|e| boot::Error::Initrd(initrd.clone(), e.to_string()))?;
         }
+        let gdb = match &config.gdb {
+            Some(spec) => {
+                Some((gdb::Listener::bind(&spec.address).map_err(|e| Error::Gdb(spec.address.clone(), e))?, spec.wait))
+            }
+            None => None,
+        };
         let disks = config.drives.iter().map(|d| DiskImage::open(&d.spec)).collect::<Result<Vec<_>, _>>()?;
         let shares = config.shares.iter().map(|s| Share::open(&s.spec)).collect::<Result<Vec<_>, _>>()?;
         let kvm = open_kvm(&config.kvm_device)?;
@@ -313,6 +324,7 @@ impl Vm {
             ended: None,
             _uffd: uffd,
             host_sockets,
+            gdb,
             _mem: mem,
             _vm: vm,
         })
@@ -324,7 +336,24 @@ impl Vm {
 
     /// Runs the guest: one thread per vCPU, and the terminal feeding the console.
     pub fn start(&mut self) -> Result<(), Error> {
+        let gdb = self.gdb.take();
+        if let Some((listener, wait)) = &gdb {
+            if *wait {
+                self.handle.vcpus.request_pause().map_err(Error::Config)?;
+                eprintln!(
+                    "lkvm: the guest waits for gdb on {} (gdb vmlinux -ex 'target remote ...')",
+                    listener.describe()
+                );
+            }
+        }
         self.spawn_threads()?;
+        if let Some((listener, _)) = gdb {
+            let (vcpus, mem, handle) = (self.handle.vcpus.clone(), self._mem.clone(), self.handle.clone());
+            threads::spawn(ThreadKind::Gdb, "gdb".into(), move || {
+                gdb::serve(listener, vcpus, mem, || handle.end(VmExit::Stopped))
+            })
+            .map_err(|e| Error::Host("spawn gdb thread", e))?;
+        }
         self.handle.mark_started();
         Ok(())
     }

@@ -4,13 +4,14 @@
 //! handler sets `immediate_exit` in that thread's kvm_run, so a signal that lands after the
 //! flag check but before KVM_RUN still makes KVM_RUN return EINTR at once (kvmtool's hang).
 
+use std::any::Any;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_debug_exit_arch, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -83,26 +84,37 @@ pub fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Result<(), Stop> {
 /// How long pause and register dumps wait for every vCPU to stop.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What parked vCPU threads are asked to do with their own vCPU.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Task {
-    /// Registers and code bytes, as one line.
-    Dump,
-    /// The full state, for a snapshot.
-    Save,
+/// Work for parked vCPU threads, each on its own vCPU (KVM wants vCPU ioctls from the thread
+/// that runs the vCPU).
+type Job = Box<dyn Fn(&Vcpu) -> Box<dyn Any + Send> + Send>;
+
+struct Task {
+    job: Job,
+    /// One slot per vCPU: `None` while still to do, `Some` once done; vCPUs not asked are done.
+    reports: Vec<Option<Box<dyn Any + Send>>>,
+    asked: Vec<bool>,
 }
 
-enum Report {
-    Dump(String),
-    Save(Result<Box<VcpuState>, String>),
+/// Why a vCPU stopped for the debugger.
+#[derive(Clone, Copy, Debug)]
+pub enum DebugEvent {
+    /// KVM intercepted a debug exception (breakpoint, watchpoint, single step).
+    Exit(kvm_debug_exit_arch),
+    /// KVM could not run the instruction at `rip` (an internal error): with a debugger
+    /// attached the guest stops for it instead of ending.
+    Failed { rip: u64 },
 }
+
+/// Told of every debug event, by vCPU index; the guest is paused by then.
+pub type DebugSink = Box<dyn Fn(usize, DebugEvent) + Send + Sync>;
 
 #[derive(Default)]
 struct Parking {
     paused: bool,
     parked: usize,
-    /// A task for the parked vCPUs and its reports, one slot each.
-    task: Option<(Task, Vec<Option<Report>>)>,
+    /// The one vCPU that runs while the others stay parked (a debugger's single step).
+    solo: Option<usize>,
+    task: Option<Task>,
 }
 
 /// Stop, pause and register dumps, shared by the VMM, the control socket and the vCPU threads.
@@ -116,6 +128,8 @@ pub struct VcpuControl {
     threads: Mutex<Vec<libc::pthread_t>>,
     /// An NMI to inject into each vCPU before it next enters the guest.
     nmi: Vec<AtomicBool>,
+    /// Told of every debug exit; the VM is paused by then.
+    debug_sink: Mutex<Option<DebugSink>>,
     count: usize,
 }
 
@@ -128,6 +142,7 @@ impl VcpuControl {
             parking: Mutex::new(Parking::default()),
             changed: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            debug_sink: Mutex::new(None),
             count,
         }
     }
@@ -162,6 +177,11 @@ impl VcpuControl {
         self.changed.notify_all();
         drop(_guard);
         self.kick_all();
+    }
+
+    /// Whether the VM is ending (its vCPUs have left or are leaving their run loops).
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
     }
 
     pub fn paused(&self) -> bool {
@@ -209,17 +229,29 @@ impl VcpuControl {
         Ok(())
     }
 
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Pauses the guest unless it already is (by the user, or a debug exit just now).
+    pub fn pause_if_running(&self) -> Result<(), String> {
+        self.parking.lock().unwrap().solo = None;
+        let _ = self.request_pause();
+        self.kick_all();
+        self.wait_parked()
+    }
+
     /// Every vCPU's registers and code bytes, taken while they are parked.
     pub fn registers(&self) -> Result<Vec<String>, String> {
         let was_paused = self.paused();
         if !was_paused {
             self.pause()?;
         }
-        let reports = self.run_task(Task::Dump);
+        let reports = self.on_vcpus(0..self.count, Vcpu::dump);
         if !was_paused {
             self.resume()?;
         }
-        Ok(reports?.into_iter().filter_map(|r| if let Report::Dump(d) = r { Some(d) } else { None }).collect())
+        reports
     }
 
     /// Every vCPU's state, in vCPU order; the VM must be paused.
@@ -227,33 +259,76 @@ impl VcpuControl {
         if !self.paused() {
             return Err("the guest is not paused".into());
         }
-        self.run_task(Task::Save)?
+        self.on_vcpus(0..self.count, |vcpu| state::save_vcpu(&vcpu.fd, &vcpu.msrs))?
             .into_iter()
             .enumerate()
-            .map(|(cpu, report)| match report {
-                Report::Save(state) => state.map(|s| *s).map_err(|e| format!("vCPU {cpu}: {e}")),
-                Report::Dump(_) => unreachable!("asked for a save"),
-            })
+            .map(|(cpu, state)| state.map_err(|e| format!("vCPU {cpu}: {e}")))
             .collect()
     }
 
-    /// Has each parked vCPU thread do `task` on its vCPU; returns their reports in vCPU order.
-    fn run_task(&self, task: Task) -> Result<Vec<Report>, String> {
+    /// Has each parked vCPU in `cpus` run `job` on its own thread; returns the results in
+    /// vCPU order. The guest must be paused.
+    pub fn on_vcpus<T: Send + 'static>(
+        &self,
+        cpus: impl IntoIterator<Item = usize>,
+        job: impl Fn(&Vcpu) -> T + Send + 'static,
+    ) -> Result<Vec<T>, String> {
+        let mut asked = vec![false; self.count];
+        for cpu in cpus {
+            *asked.get_mut(cpu).ok_or_else(|| format!("no vCPU {cpu} (the guest has {})", self.count))? = true;
+        }
         let mut parking = self.parking.lock().unwrap();
-        parking.task = Some((task, (0..self.count).map(|_| None).collect()));
+        let reports = asked.iter().map(|&a| if a { None } else { Some(Box::new(()) as Box<dyn Any + Send>) }).collect();
+        let job: Job = Box::new(move |vcpu| Box::new(job(vcpu)));
+        parking.task = Some(Task { job, reports, asked: asked.clone() });
         self.changed.notify_all();
         let (mut parking, timeout) = self
             .changed
             .wait_timeout_while(parking, PARK_TIMEOUT, |p| {
-                p.task.as_ref().is_some_and(|(_, r)| r.iter().any(Option::is_none))
+                p.task.as_ref().is_some_and(|t| t.reports.iter().any(Option::is_none))
                     && !self.stop.load(Ordering::Acquire)
             })
             .unwrap();
-        let reports = parking.task.take().map(|(_, r)| r).unwrap_or_default();
+        let reports = parking.task.take().map(|t| t.reports).unwrap_or_default();
         if timeout.timed_out() || reports.iter().any(Option::is_none) {
             return Err("the vCPUs did not report within 5 s".into());
         }
-        Ok(reports.into_iter().flatten().collect())
+        Ok(reports
+            .into_iter()
+            .zip(asked)
+            .filter(|(_, asked)| *asked)
+            .filter_map(|(report, _)| report.and_then(|r| r.downcast::<T>().ok()).map(|r| *r))
+            .collect())
+    }
+
+    /// Lets vCPU `cpu` alone run while the guest stays paused, until its next debug exit.
+    pub fn run_alone(&self, cpu: usize) {
+        self.parking.lock().unwrap().solo = Some(cpu);
+        self.changed.notify_all();
+    }
+
+    /// Who hears about debug exits (the gdb stub); `None` when no debugger is attached.
+    pub fn set_debug_sink(&self, sink: Option<DebugSink>) {
+        *self.debug_sink.lock().unwrap() = sink;
+    }
+
+    fn must_park(&self, cpu: usize) -> bool {
+        self.pause.load(Ordering::Acquire) && self.parking.lock().unwrap().solo != Some(cpu)
+    }
+
+    /// A vCPU hit a breakpoint, watchpoint or finished a step: stop the whole guest, then tell
+    /// the debugger, which resumes it.
+    fn debug_event(&self, cpu: usize, event: DebugEvent) {
+        self.parking.lock().unwrap().solo = None;
+        let _ = self.request_pause();
+        self.kick_all();
+        match self.debug_sink.lock().unwrap().as_ref() {
+            Some(sink) => sink(cpu, event),
+            None => {
+                tracing::warn!("vCPU {cpu}: debug exit with no debugger attached; resuming");
+                let _ = self.resume();
+            }
+        }
     }
 }
 
@@ -273,7 +348,7 @@ impl Vcpu {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         while !control.stop.load(Ordering::Acquire) {
-            if control.pause.load(Ordering::Acquire) {
+            if control.must_park(usize::from(self.index)) {
                 self.park(control);
                 continue;
             }
@@ -283,6 +358,10 @@ impl Vcpu {
                 }
             }
             let result = match self.fd.run() {
+                Ok(VcpuExit::Debug(exit)) => {
+                    control.debug_event(usize::from(self.index), DebugEvent::Exit(exit));
+                    Ok(())
+                }
                 Ok(exit) => handle_exit(exit, &self.pio, &self.mmio).map_err(Some),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
@@ -295,6 +374,10 @@ impl Vcpu {
             };
             match result {
                 Ok(()) => {}
+                Err(Some(Stop::InternalError)) if control.debug_sink.lock().unwrap().is_some() => {
+                    let rip = self.fd.get_regs().map_or(0, |r| r.rip);
+                    control.debug_event(usize::from(self.index), DebugEvent::Failed { rip });
+                }
                 Err(Some(reason)) => {
                     let _ = events.send(self.describe(reason));
                     break;
@@ -310,13 +393,10 @@ impl Vcpu {
         let mut parking = control.parking.lock().unwrap();
         parking.parked += 1;
         control.changed.notify_all();
-        while parking.paused && !control.stop.load(Ordering::Acquire) {
-            let index = usize::from(self.index);
-            if let Some((task, reports)) = parking.task.as_mut().filter(|(_, r)| r[index].is_none()) {
-                reports[index] = Some(match task {
-                    Task::Dump => Report::Dump(self.dump()),
-                    Task::Save => Report::Save(state::save_vcpu(&self.fd, &self.msrs).map(Box::new)),
-                });
+        let index = usize::from(self.index);
+        while parking.paused && parking.solo != Some(index) && !control.stop.load(Ordering::Acquire) {
+            if let Some(task) = parking.task.as_mut().filter(|t| t.asked[index] && t.reports[index].is_none()) {
+                task.reports[index] = Some((task.job)(self));
                 control.changed.notify_all();
             }
             parking = control.changed.wait(parking).unwrap();

@@ -2,6 +2,7 @@
 
 pub mod coredump;
 pub mod cpuid;
+pub mod gdb;
 pub mod layout;
 pub mod memory;
 pub mod mptable;

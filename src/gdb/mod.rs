@@ -1,0 +1,242 @@
+//! The gdb stub (`--gdb PORT|unix:PATH`): gdb's remote protocol (the `gdbstub` crate) on a
+//! socket, every vCPU a gdb thread. Attaching stops the guest; detaching resumes it and the
+//! stub waits for the next gdb. vCPU state is read and written by the vCPU threads themselves
+//! while they are parked (`VcpuControl::on_vcpus`); breakpoints and single steps are KVM's
+//! guest debugging (KVM_SET_GUEST_DEBUG), whose exits pause the guest and reach the stub.
+
+mod target;
+
+use std::io;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gdbstub::conn::{Connection, ConnectionExt};
+use gdbstub::stub::{DisconnectReason, GdbStub};
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use crate::vmm::vcpu::VcpuControl;
+use target::{GdbEventLoop, GuestDebugger};
+
+/// How often a waiting stub looks whether the VM has ended.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GdbAddress {
+    /// A TCP port on 127.0.0.1.
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for GdbAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GdbAddress::Tcp(port) => write!(f, "127.0.0.1:{port}"),
+            GdbAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GdbConfig {
+    pub address: GdbAddress,
+    /// Whether the guest waits before its first instruction until gdb lets it go.
+    pub wait: bool,
+}
+
+impl GdbConfig {
+    /// `--gdb PORT` or `--gdb unix:PATH`.
+    pub fn parse(arg: &str, wait: bool) -> Result<GdbConfig, String> {
+        let address = match arg.strip_prefix("unix:") {
+            Some("") => return Err("--gdb unix:PATH: the path is empty".into()),
+            Some(path) => GdbAddress::Unix(path.into()),
+            None => match arg.parse::<u16>() {
+                Ok(port) if port > 0 => GdbAddress::Tcp(port),
+                _ => return Err(format!("--gdb {arg}: expected a TCP port (1-65535) or unix:PATH")),
+            },
+        };
+        Ok(GdbConfig { address, wait })
+    }
+}
+
+/// The stub's socket, bound while the VM is built so that a taken port fails `lkvm run` at once.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn bind(address: &GdbAddress) -> io::Result<Listener> {
+        let listener = match address {
+            GdbAddress::Tcp(port) => Listener::Tcp(TcpListener::bind((Ipv4Addr::LOCALHOST, *port))?),
+            GdbAddress::Unix(path) => {
+                // A stale socket from an earlier run is replaced; anything else is not.
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    std::fs::remove_file(path)?;
+                }
+                Listener::Unix(UnixListener::bind(path)?, path.clone())
+            }
+        };
+        match &listener {
+            Listener::Tcp(l) => l.set_nonblocking(true)?,
+            Listener::Unix(l, _) => l.set_nonblocking(true)?,
+        }
+        Ok(listener)
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            Listener::Unix(_, path) => path.display().to_string(),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        let stream = match self {
+            Listener::Tcp(l) => {
+                let (stream, _) = l.accept()?;
+                stream.set_nodelay(true)?;
+                Stream::Tcp(stream)
+            }
+            Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
+        };
+        match &stream {
+            Stream::Tcp(s) => s.set_nonblocking(false)?,
+            Stream::Unix(s) => s.set_nonblocking(false)?,
+        }
+        Ok(stream)
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// One gdb connection.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn inner(&mut self) -> &mut dyn ConnectionExt<Error = io::Error> {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => s,
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Connection for Stream {
+    type Error = io::Error;
+
+    fn write(&mut self, byte: u8) -> io::Result<()> {
+        self.inner().write(byte)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner().write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner().flush()
+    }
+}
+
+impl ConnectionExt for Stream {
+    fn read(&mut self) -> io::Result<u8> {
+        self.inner().read()
+    }
+
+    fn peek(&mut self) -> io::Result<Option<u8>> {
+        self.inner().peek()
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; true if readable.
+fn readable(fds: &[BorrowedFd], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> =
+        fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: `polled` is a valid array of pollfd for its length; the fds outlive the call.
+    let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout.as_millis() as i32) };
+    if ready < 0 {
+        let error = io::Error::last_os_error();
+        return if error.kind() == io::ErrorKind::Interrupted { Ok(vec![false; fds.len()]) } else { Err(error) };
+    }
+    Ok(polled.iter().map(|p| p.revents != 0).collect())
+}
+
+/// The stub's thread: serves one gdb at a time until the VM ends. `kill` ends the VM (gdb's
+/// `kill`).
+pub fn serve(listener: Listener, vcpus: Arc<VcpuControl>, mem: GuestMemoryMmap, kill: impl Fn()) {
+    let mut debugger = match GuestDebugger::new(vcpus.clone(), mem) {
+        Ok(debugger) => debugger,
+        Err(e) => {
+            tracing::error!("gdb stub: {e}");
+            return;
+        }
+    };
+    while !vcpus.stopped() {
+        match readable(&[listener.fd()], POLL_INTERVAL) {
+            Ok(ready) if ready[0] => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::error!("gdb stub: waiting for gdb: {e}");
+                return;
+            }
+        }
+        let stream = match listener.accept() {
+            Ok(stream) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!("gdb stub: accepting a connection: {e}");
+                continue;
+            }
+        };
+        tracing::info!("gdb attached on {}", listener.describe());
+        if let Err(e) = debugger.attach() {
+            tracing::error!("gdb stub: stopping the guest for gdb: {e}");
+            continue;
+        }
+        let ending = GdbStub::new(stream).run_blocking::<GdbEventLoop>(&mut debugger);
+        let killed = matches!(ending, Ok(DisconnectReason::Kill));
+        match ending {
+            Ok(reason) => tracing::info!("gdb detached ({reason:?})"),
+            Err(e) => tracing::warn!("gdb stub: the session ended: {e}"),
+        }
+        if let Err(e) = debugger.detach() {
+            tracing::error!("gdb stub: resuming the guest after gdb: {e}");
+        }
+        if killed {
+            kill();
+            return;
+        }
+    }
+}
