@@ -13,6 +13,56 @@ fn home_env(home: &std::path::Path) -> Vec<(&'static str, String)> {
     vec![("HOME", home.to_str().unwrap().to_string()), ("XDG_CACHE_HOME", String::new())]
 }
 
+/// Run in the guest over two virtio-fs shares: a writable one with links out (and a device
+/// node the host made), and a read-only one. One line per check. One perl process does it all:
+/// each program started costs seconds where guest kernel code is emulated.
+const VIRTIO_FS_SCRIPT: &str = r#"
+use strict;
+my ($SYS_MKNOD, $SYS_MOUNT, $SYS_UMOUNT2) = (133, 165, 166);
+mkdir "/mnt/fs"; mkdir "/mnt/ro";
+syscall($SYS_MOUNT, "hostdir", "/mnt/fs", "virtiofs", 0, 0) == 0 or die "mount hostdir: $!";
+syscall($SYS_MOUNT, "rodir", "/mnt/ro", "virtiofs", 0, 0) == 0 or die "mount rodir: $!";
+chdir "/mnt/fs" or die;
+sub put { my ($name, $text) = @_; open(my $f, ">", $name) or die "$name: $!"; print $f $text; close $f }
+sub names { my ($dir) = @_; opendir(my $d, $dir) or die; join(" ", sort grep { !/^\./ } readdir $d) }
+put("new.txt", "created\n");
+rename("new.txt", "renamed.txt") or die;
+link("renamed.txt", "linked.txt") or die;
+my @s = stat "renamed.txt";
+print "links=$s[3] size=$s[7]\n";
+truncate("linked.txt", 4) or die;
+unlink("linked.txt") or die;
+mkdir "sub" or die;
+put("sub/f", "deep\n");
+print "sub: ", names("sub"), "\n";
+put("setid", "");
+chmod(04755, "setid") or die;
+printf "setid-mode=%o\n", (stat "setid")[2] & 07777;
+open(my $g, "+>", "gone.txt") or die;
+unlink("gone.txt") or die;
+syswrite($g, "still-here\n");
+print "unlinked-size=", (stat $g)[7], "\n";
+sysseek($g, 0, 0);
+sysread($g, my $back, 100);
+chomp $back;
+print "read-back: $back\n";
+close $g;
+print "listing: ", names("."), "\n";
+print syscall($SYS_MKNOD, "newdev", 020644, 259) == 0 ? "mknod-made\n" : "mknod-refused\n";
+for my $link ("abs-link", "rel-link") {
+    my $text = "";
+    if (open(my $f, "<", $link)) { local $/; $text = <$f> // "" }
+    print $text =~ /outside-secret/ ? "$link-leaked\n" : "$link-refused\n";
+}
+open(my $kept, "<", "/mnt/ro/kept.txt") or die;
+print "ro: ", <$kept>, "\n";
+print open(my $new, ">", "/mnt/ro/new") ? "ro-write-allowed\n" : "ro-write-refused\n";
+print unlink("/mnt/ro/kept.txt") ? "ro-unlink-allowed\n" : "ro-unlink-refused\n";
+chdir "/";
+syscall($SYS_UMOUNT2, "/mnt/fs", 0);
+syscall($SYS_UMOUNT2, "/mnt/ro", 0);
+"#;
+
 #[test]
 fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     if !kvm_available("run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec") {
@@ -28,7 +78,38 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
         host_file.display()
     );
     let vmlinux = guest().vmlinux.to_str().unwrap();
-    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "--name", "ex1", "-p", HOST_GUEST_PARAMS];
+    let (fs_dir, ro_dir, outside) = (home.join("fs"), home.join("ro"), home.join("outside"));
+    for dir in [&fs_dir, &ro_dir, &outside] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    write_file(&ro_dir, "kept.txt", b"read-only-content");
+    write_file(&outside, "secret", b"outside-secret");
+    std::os::unix::fs::symlink(outside.join("secret"), fs_dir.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", fs_dir.join("rel-link")).unwrap();
+    // A device node in the share (root only can make one): the guest sees it, and opening it
+    // opens the guest's own device, as on any network filesystem.
+    let dev = std::ffi::CString::new(fs_dir.join("devnode").to_str().unwrap()).unwrap();
+    // SAFETY: mknod with a valid path; 1:3 is /dev/null, harmless if the check failed.
+    let has_dev = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+    let fs_arg = format!("{},hostdir", fs_dir.display());
+    let ro_arg = format!("{},rodir,ro", ro_dir.display());
+    let args = [
+        "run",
+        "-k",
+        vmlinux,
+        "-m",
+        "256",
+        "-c",
+        "1",
+        "--name",
+        "ex1",
+        "-p",
+        HOST_GUEST_PARAMS,
+        "--fs",
+        &fs_arg,
+        "--fs",
+        &ro_arg,
+    ];
     // While the console's shell waits, `lkvm exec` runs commands beside it.
     let exec_env = env.clone();
     let execs = std::sync::Mutex::new(Vec::new());
@@ -55,6 +136,7 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
             results.push(exec(b"", &["/no/such/program"]));
             let tty: Vec<&str> = vec!["exec", "-n", "ex1", "-t", "--", "/bin/sh", "-c", "tty; stty size"];
             results.push(run_with_input(lkvm(), &tty, &exec_env, b"", Duration::from_secs(600)));
+            results.push(exec(VIRTIO_FS_SCRIPT.as_bytes(), &["/usr/bin/perl"]));
             input
         },
         boot_timeout(),
@@ -70,7 +152,7 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     assert_eq!(std::fs::read_link(rootfs.join("bin")).unwrap(), std::path::Path::new("/host/bin"));
 
     let execs = execs.into_inner().unwrap();
-    let [status, piped, fast, slow, missing, tty] = &execs[..] else { panic!("{} execs ran", execs.len()) };
+    let [status, piped, fast, slow, missing, tty, fs] = &execs[..] else { panic!("{} execs ran", execs.len()) };
     assert_eq!(status.code, Some(42), "exec returns the command's status: {}", status.describe());
     assert_eq!(status.stdout, "out-42\n", "{}", status.describe());
     assert_eq!(status.stderr, "err-line\n", "stderr kept apart: {}", status.describe());
@@ -82,6 +164,38 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     assert!(missing.stderr.contains("cannot run /no/such/program"), "{}", missing.describe());
     assert_eq!(tty.code, Some(0), "{}", tty.describe());
     assert!(tty.stdout.contains("/dev/pts/") && tty.stdout.contains("24 80"), "a pty of 24x80: {}", tty.describe());
+
+    // virtio-fs: the guest's file operations, as the host sees them, and what it was refused.
+    assert_eq!(fs.code, Some(0), "{}", fs.describe());
+    let lines: Vec<&str> = fs.stdout.lines().collect();
+    for expected in [
+        "links=2 size=8",
+        "sub: f",
+        "unlinked-size=11",
+        "read-back: still-here",
+        "setid-mode=755",
+        "mknod-refused",
+        "abs-link-refused",
+        "rel-link-refused",
+        "ro: read-only-content",
+        "ro-write-refused",
+        "ro-unlink-refused",
+    ] {
+        assert!(lines.contains(&expected), "virtio-fs: want the line {expected:?}: {}", fs.describe());
+    }
+    let listing = if has_dev { "devnode " } else { "" };
+    let listing = format!("listing: abs-link {listing}rel-link renamed.txt setid sub");
+    assert!(lines.contains(&listing.as_str()), "want {listing:?}: {}", fs.describe());
+    assert!(!fs.stdout.contains("outside-secret"), "{}", fs.describe());
+    assert_eq!(std::fs::read(fs_dir.join("renamed.txt")).unwrap(), b"crea", "truncated through the link");
+    assert_eq!(std::fs::read(fs_dir.join("sub/f")).unwrap(), b"deep\n");
+    for gone in ["new.txt", "linked.txt", "gone.txt", "newdev"] {
+        assert!(!fs_dir.join(gone).exists(), "{gone} should not exist on the host");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(fs_dir.join("setid")).unwrap().permissions().mode() & 0o7777, 0o755);
+    assert_eq!(std::fs::read_dir(&ro_dir).unwrap().count(), 1, "the read-only share is unchanged");
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"outside-secret");
 
     // Gone with the guest.
     let gone = run_with_input(lkvm(), &["exec", "-n", "ex1", "--", "true"], &env, b"", Duration::from_secs(30));

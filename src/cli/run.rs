@@ -8,7 +8,7 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::config::firecracker::{FullConfig, VSOCK_ID};
 use crate::config::{
-    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig,
+    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, FsConfig, MachineConfig, NetConfig,
     RootShare, ShareConfig, Transport, VmConfig, VsockConfig,
 };
 use crate::control::lkvm_dir;
@@ -16,6 +16,7 @@ use crate::disk::DiskSpec;
 use crate::gdb::GdbConfig;
 use crate::net::{NetMode, NetSpec};
 use crate::rootfs;
+use crate::share::virtiofs::FsSpec;
 use crate::share::ShareSpec;
 
 const MIB: u64 = 1 << 20;
@@ -64,6 +65,10 @@ pub struct RunArgs {
     /// mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt
     #[arg(long = "9p", value_name = "DIR,TAG")]
     pub shares: Vec<String>,
+    /// Share a host directory over virtio-fs, `DIR,TAG[,ro]`; repeatable. In the guest:
+    /// mount -t virtiofs TAG /mnt
+    #[arg(long = "fs", value_name = "DIR,TAG")]
+    pub fs: Vec<String>,
     /// Virtio transport
     #[arg(long = "virtio-transport", value_name = "TRANSPORT", default_value = "pci", value_parser = ["pci", "mmio"])]
     pub virtio_transport: String,
@@ -98,10 +103,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// The VM as a Firecracker JSON config file describes it (instead of -k, -d, -m, ...)
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
     pub config_file: Option<PathBuf>,
     /// Restore the snapshot in DIR (from `lkvm snapshot`) instead of booting
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
     pub restore: Option<PathBuf>,
     /// With --restore: use another drive image or tap for a device, by id (`lkvm-disk0=new.img`,
     /// `net0=tap3`); repeatable
@@ -325,6 +330,10 @@ impl RunArgs {
             },
             drives,
             shares,
+            fs: (0..)
+                .zip(&self.fs)
+                .map(|(index, arg)| Ok(FsConfig { id: format!("fs{index}"), spec: FsSpec::parse(arg)? }))
+                .collect::<Result<_, String>>()?,
             root_share,
             nets,
             console: if self.console == "virtio" { ConsoleDevice::Virtio } else { ConsoleDevice::Serial },

@@ -99,6 +99,7 @@ pub(crate) mod tests {
             machine: MachineConfig { vcpu_count: 1, mem_size_mib: 128, disabled_cpuid: vec![] },
             drives: vec![],
             shares: vec![],
+            fs: vec![],
             root_share: None,
             nets: vec![],
             console: ConsoleDevice::Serial,

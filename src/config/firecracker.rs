@@ -491,6 +491,7 @@ impl FullConfig {
             },
             drives,
             shares: Vec::new(),
+            fs: Vec::new(),
             root_share: None,
             gdb: None,
             nets,

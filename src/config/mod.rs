@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::disk::DiskSpec;
 use crate::gdb::GdbConfig;
 use crate::net::NetSpec;
+use crate::share::virtiofs::FsSpec;
 use crate::share::ShareSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +76,14 @@ pub struct ShareConfig {
     pub spec: ShareSpec,
 }
 
+/// A host directory over virtio-fs (`--fs DIR,TAG[,ro]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsConfig {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: FsSpec,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     pub id: String,
@@ -122,6 +131,8 @@ pub struct VmConfig {
     /// In the guest's order: vda, vdb, ...
     pub drives: Vec<DriveConfig>,
     pub shares: Vec<ShareConfig>,
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     pub root_share: Option<RootShare>,
     pub nets: Vec<NetConfig>,
     pub console: ConsoleDevice,
@@ -143,7 +154,7 @@ impl VmConfig {
     /// Every device id in the config, for uniqueness checks.
     pub fn device_ids(&self) -> impl Iterator<Item = &str> {
         let drives = self.drives.iter().map(|d| d.id.as_str());
-        let shares = self.shares.iter().map(|s| s.id.as_str());
+        let shares = self.shares.iter().map(|s| s.id.as_str()).chain(self.fs.iter().map(|f| f.id.as_str()));
         let nets = self.nets.iter().map(|n| n.id.as_str());
         let rest = self.entropy.iter().map(|e| e.id.as_str()).chain(self.balloon.iter().map(|b| b.id.as_str()));
         let rest = rest.chain(self.vsock.iter().map(|v| v.id.as_str()));

@@ -18,6 +18,8 @@
 //! sockets only, never device nodes, and device nodes already in a share cannot be opened: a
 //! guest must not drive host devices. Files open non-blocking, so a FIFO cannot stall the device.
 
+pub mod virtiofs;
+
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs::File;

@@ -26,6 +26,7 @@ use crate::devices::pci::{self, PciRoot};
 use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::{Block, DriveMedia};
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::p9::P9;
@@ -39,6 +40,7 @@ use crate::disk::DiskImage;
 use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
 use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
+use crate::share::virtiofs::FsShare;
 use crate::share::Share;
 
 /// Registry ids of the legacy devices the VMM reaches by id.
@@ -113,6 +115,7 @@ pub fn create_devices(
     config: &VmConfig,
     disks: Vec<DiskImage>,
     shares: Vec<Share>,
+    fs_shares: Vec<FsShare>,
     events: &Sender<VmExit>,
     started: Instant,
 ) -> Result<Devices, Error> {
@@ -131,6 +134,10 @@ pub fn create_devices(
     }
     for (config, share) in config.shares.iter().zip(shares) {
         virtio.push((config.id.clone(), Box::new(P9::new(share, &config.spec.tag))));
+        registry.insert(config.id.clone(), DeviceEntry::Plain);
+    }
+    for (config, share) in config.fs.iter().zip(fs_shares) {
+        virtio.push((config.id.clone(), Box::new(Fs::new(share, &config.spec.tag))));
         registry.insert(config.id.clone(), DeviceEntry::Plain);
     }
     for (index, net) in config.nets.iter().enumerate() {

@@ -30,6 +30,7 @@ use crate::config::{cmdline, VmConfig};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
 use crate::gdb;
+use crate::share::virtiofs::FsShare;
 use crate::share::{self, Share};
 use crate::snapshot::{self, MemoryBackend, VmState};
 use crate::term;
@@ -69,6 +70,8 @@ pub enum Error {
     Disk(#[from] disk::OpenError),
     #[error(transparent)]
     Share(#[from] share::OpenError),
+    #[error(transparent)]
+    FsShare(#[from] share::virtiofs::OpenError),
     #[error("{0}")]
     Network(String),
     #[error("vsock socket {path}: {error}", path = .0.display(), error = .1)]
@@ -229,6 +232,7 @@ impl Vm {
         };
         let disks = config.drives.iter().map(|d| DiskImage::open(&d.spec)).collect::<Result<Vec<_>, _>>()?;
         let shares = config.shares.iter().map(|s| Share::open(&s.spec)).collect::<Result<Vec<_>, _>>()?;
+        let fs_shares = config.fs.iter().map(|f| FsShare::open(&f.spec)).collect::<Result<Vec<_>, _>>()?;
         let kvm = open_kvm(&config.kvm_device)?;
         let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
         if usize::from(machine.vcpu_count) > max_cpus {
@@ -269,7 +273,7 @@ impl Vm {
         }
 
         let (events, exits) = channel();
-        let devices = device_manager::create_devices(&vm, &mem, &config, disks, shares, &events, started)?;
+        let devices = device_manager::create_devices(&vm, &mem, &config, disks, shares, fs_shares, &events, started)?;
         match origin {
             Origin::Boot => {
                 let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);

@@ -4,6 +4,7 @@
 pub mod balloon;
 pub mod block;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod p9;
