@@ -19,10 +19,12 @@ fn home_env(home: &std::path::Path) -> Vec<(&'static str, String)> {
 const VIRTIO_FS_SCRIPT: &str = r#"
 use strict;
 my ($SYS_MKNOD, $SYS_MOUNT, $SYS_UMOUNT2) = (133, 165, 166);
-mkdir "/mnt/fs"; mkdir "/mnt/ro";
-syscall($SYS_MOUNT, "hostdir", "/mnt/fs", "virtiofs", 0, 0) == 0 or die "mount hostdir: $!";
-syscall($SYS_MOUNT, "rodir", "/mnt/ro", "virtiofs", 0, 0) == 0 or die "mount rodir: $!";
-chdir "/mnt/fs" or die;
+# syscall() hands strings over by pointer, so they must be copies, not literals.
+sub sys { my ($number, @args) = @_; syscall($number, @args) }
+mkdir "/tmp/fs"; mkdir "/tmp/ro";
+sys($SYS_MOUNT, "hostdir", "/tmp/fs", "virtiofs", 0, 0) == 0 or die "mount hostdir: $!";
+sys($SYS_MOUNT, "rodir", "/tmp/ro", "virtiofs", 0, 0) == 0 or die "mount rodir: $!";
+chdir "/tmp/fs" or die;
 sub put { my ($name, $text) = @_; open(my $f, ">", $name) or die "$name: $!"; print $f $text; close $f }
 sub names { my ($dir) = @_; opendir(my $d, $dir) or die; join(" ", sort grep { !/^\./ } readdir $d) }
 put("new.txt", "created\n");
@@ -48,19 +50,19 @@ chomp $back;
 print "read-back: $back\n";
 close $g;
 print "listing: ", names("."), "\n";
-print syscall($SYS_MKNOD, "newdev", 020644, 259) == 0 ? "mknod-made\n" : "mknod-refused\n";
+print sys($SYS_MKNOD, "newdev", 020644, 259) == 0 ? "mknod-made\n" : "mknod-refused\n";
 for my $link ("abs-link", "rel-link") {
     my $text = "";
     if (open(my $f, "<", $link)) { local $/; $text = <$f> // "" }
     print $text =~ /outside-secret/ ? "$link-leaked\n" : "$link-refused\n";
 }
-open(my $kept, "<", "/mnt/ro/kept.txt") or die;
+open(my $kept, "<", "/tmp/ro/kept.txt") or die;
 print "ro: ", <$kept>, "\n";
-print open(my $new, ">", "/mnt/ro/new") ? "ro-write-allowed\n" : "ro-write-refused\n";
-print unlink("/mnt/ro/kept.txt") ? "ro-unlink-allowed\n" : "ro-unlink-refused\n";
+print open(my $new, ">", "/tmp/ro/new") ? "ro-write-allowed\n" : "ro-write-refused\n";
+print unlink("/tmp/ro/kept.txt") ? "ro-unlink-allowed\n" : "ro-unlink-refused\n";
 chdir "/";
-syscall($SYS_UMOUNT2, "/mnt/fs", 0);
-syscall($SYS_UMOUNT2, "/mnt/ro", 0);
+sys($SYS_UMOUNT2, "/tmp/fs", 0);
+sys($SYS_UMOUNT2, "/tmp/ro", 0);
 "#;
 
 #[test]
@@ -78,38 +80,7 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
         host_file.display()
     );
     let vmlinux = guest().vmlinux.to_str().unwrap();
-    let (fs_dir, ro_dir, outside) = (home.join("fs"), home.join("ro"), home.join("outside"));
-    for dir in [&fs_dir, &ro_dir, &outside] {
-        std::fs::create_dir(dir).unwrap();
-    }
-    write_file(&ro_dir, "kept.txt", b"read-only-content");
-    write_file(&outside, "secret", b"outside-secret");
-    std::os::unix::fs::symlink(outside.join("secret"), fs_dir.join("abs-link")).unwrap();
-    std::os::unix::fs::symlink("../outside/secret", fs_dir.join("rel-link")).unwrap();
-    // A device node in the share (root only can make one): the guest sees it, and opening it
-    // opens the guest's own device, as on any network filesystem.
-    let dev = std::ffi::CString::new(fs_dir.join("devnode").to_str().unwrap()).unwrap();
-    // SAFETY: mknod with a valid path; 1:3 is /dev/null, harmless if the check failed.
-    let has_dev = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
-    let fs_arg = format!("{},hostdir", fs_dir.display());
-    let ro_arg = format!("{},rodir,ro", ro_dir.display());
-    let args = [
-        "run",
-        "-k",
-        vmlinux,
-        "-m",
-        "256",
-        "-c",
-        "1",
-        "--name",
-        "ex1",
-        "-p",
-        HOST_GUEST_PARAMS,
-        "--fs",
-        &fs_arg,
-        "--fs",
-        &ro_arg,
-    ];
+    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "--name", "ex1", "-p", HOST_GUEST_PARAMS];
     // While the console's shell waits, `lkvm exec` runs commands beside it.
     let exec_env = env.clone();
     let execs = std::sync::Mutex::new(Vec::new());
@@ -136,7 +107,6 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
             results.push(exec(b"", &["/no/such/program"]));
             let tty: Vec<&str> = vec!["exec", "-n", "ex1", "-t", "--", "/bin/sh", "-c", "tty; stty size"];
             results.push(run_with_input(lkvm(), &tty, &exec_env, b"", Duration::from_secs(600)));
-            results.push(exec(VIRTIO_FS_SCRIPT.as_bytes(), &["/usr/bin/perl"]));
             input
         },
         boot_timeout(),
@@ -152,7 +122,7 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     assert_eq!(std::fs::read_link(rootfs.join("bin")).unwrap(), std::path::Path::new("/host/bin"));
 
     let execs = execs.into_inner().unwrap();
-    let [status, piped, fast, slow, missing, tty, fs] = &execs[..] else { panic!("{} execs ran", execs.len()) };
+    let [status, piped, fast, slow, missing, tty] = &execs[..] else { panic!("{} execs ran", execs.len()) };
     assert_eq!(status.code, Some(42), "exec returns the command's status: {}", status.describe());
     assert_eq!(status.stdout, "out-42\n", "{}", status.describe());
     assert_eq!(status.stderr, "err-line\n", "stderr kept apart: {}", status.describe());
@@ -165,6 +135,73 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     assert_eq!(tty.code, Some(0), "{}", tty.describe());
     assert!(tty.stdout.contains("/dev/pts/") && tty.stdout.contains("24 80"), "a pty of 24x80: {}", tty.describe());
 
+    // Gone with the guest.
+    let gone = run_with_input(lkvm(), &["exec", "-n", "ex1", "--", "true"], &env, b"", Duration::from_secs(30));
+    assert_eq!(gone.code, Some(1));
+    assert!(gone.stderr.contains("ex1: no such running guest"), "{}", gone.describe());
+    std::fs::remove_dir_all(home).unwrap();
+}
+
+/// virtio-fs shares in a guest on lkvm's rootfs: a writable one with links out of it (and a
+/// device node the host made) and a read-only one; the guest's file operations, what the host
+/// sees of them, and what the guest was refused.
+#[test]
+fn virtio_fs_shares_behave_as_host_directories_and_stay_confined() {
+    if !kvm_available("virtio_fs_shares_behave_as_host_directories_and_stay_confined") {
+        return;
+    }
+    let _one_at_a_time = boot_lock();
+    let home = temp_dir();
+    let env = home_env(&home);
+    let vmlinux = guest().vmlinux.to_str().unwrap();
+    let (fs_dir, ro_dir, outside) = (home.join("fs"), home.join("ro"), home.join("outside"));
+    for dir in [&fs_dir, &ro_dir, &outside] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    write_file(&ro_dir, "kept.txt", b"read-only-content");
+    write_file(&outside, "secret", b"outside-secret");
+    std::os::unix::fs::symlink(outside.join("secret"), fs_dir.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", fs_dir.join("rel-link")).unwrap();
+    // A device node in the share (root only can make one): the guest sees it, and opening it
+    // opens the guest's own device, as on any network filesystem.
+    let dev = std::ffi::CString::new(fs_dir.join("devnode").to_str().unwrap()).unwrap();
+    // SAFETY: mknod with a valid path; 1:3 is /dev/null, harmless if the check failed.
+    let has_dev = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+    let fs_arg = format!("{},hostdir", fs_dir.display());
+    let ro_arg = format!("{},rodir,ro", ro_dir.display());
+    let args = [
+        "run",
+        "-k",
+        vmlinux,
+        "-m",
+        "256",
+        "-c",
+        "1",
+        "--name",
+        "fs1",
+        "-p",
+        HOST_GUEST_PARAMS,
+        "--fs",
+        &fs_arg,
+        "--fs",
+        &ro_arg,
+    ];
+    let exec_env = env.clone();
+    let script = std::sync::Mutex::new(None);
+    let out = run_interactive_with(
+        &args,
+        &env,
+        "# ",
+        || {
+            let args = ["exec", "-n", "fs1", "--", "/usr/bin/perl"];
+            let run = run_with_input(lkvm(), &args, &exec_env, VIRTIO_FS_SCRIPT.as_bytes(), Duration::from_secs(900));
+            *script.lock().unwrap() = Some(run);
+            "exit\n".into()
+        },
+        boot_timeout(),
+    );
+    assert_eq!(out.code, Some(0), "the VM ends with the shell: {}", out.describe());
+    let fs = script.into_inner().unwrap().expect("the script ran");
     // virtio-fs: the guest's file operations, as the host sees them, and what it was refused.
     assert_eq!(fs.code, Some(0), "{}", fs.describe());
     let lines: Vec<&str> = fs.stdout.lines().collect();
@@ -197,10 +234,6 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     assert_eq!(std::fs::read_dir(&ro_dir).unwrap().count(), 1, "the read-only share is unchanged");
     assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"outside-secret");
 
-    // Gone with the guest.
-    let gone = run_with_input(lkvm(), &["exec", "-n", "ex1", "--", "true"], &env, b"", Duration::from_secs(30));
-    assert_eq!(gone.code, Some(1));
-    assert!(gone.stderr.contains("ex1: no such running guest"), "{}", gone.describe());
     std::fs::remove_dir_all(home).unwrap();
 }
 

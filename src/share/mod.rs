@@ -76,17 +76,8 @@ pub struct ShareSpec {
 
 impl ShareSpec {
     pub fn parse(arg: &str) -> Result<ShareSpec, String> {
-        let mut parts = arg.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or("--9p needs DIR,TAG")?;
-        let tag = parts.next().ok_or_else(|| format!("--9p {arg}: needs a mount tag, as in --9p DIR,TAG"))?;
-        let mut spec = ShareSpec::new(path, tag)?;
-        for option in parts {
-            match option {
-                "ro" => spec.read_only = true,
-                other => return Err(format!("--9p {arg}: unknown option '{other}' (known: ro)")),
-            }
-        }
-        Ok(spec)
+        let (path, tag, read_only) = parse_dir_tag("--9p", arg)?;
+        Ok(ShareSpec { read_only, ..ShareSpec::new(path, tag)? })
     }
 
     pub fn new(path: impl Into<PathBuf>, tag: &str) -> Result<ShareSpec, String> {
@@ -95,6 +86,21 @@ impl ShareSpec {
         }
         Ok(ShareSpec { path: path.into(), tag: tag.to_string(), read_only: false })
     }
+}
+
+/// `DIR,TAG[,ro]`, as `--9p` and `--fs` (`flag`) take it: the directory, tag and read-only.
+pub fn parse_dir_tag<'a>(flag: &str, arg: &'a str) -> Result<(&'a str, &'a str, bool), String> {
+    let mut parts = arg.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| format!("{flag} needs DIR,TAG"))?;
+    let tag = parts.next().ok_or_else(|| format!("{flag} {arg}: needs a mount tag, as in {flag} DIR,TAG"))?;
+    let mut read_only = false;
+    for option in parts {
+        match option {
+            "ro" => read_only = true,
+            other => return Err(format!("{flag} {arg}: unknown option '{other}' (known: ro)")),
+        }
+    }
+    Ok((path, tag, read_only))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -51,20 +51,11 @@ pub struct FsSpec {
 impl FsSpec {
     /// `--fs DIR,TAG[,ro]`.
     pub fn parse(arg: &str) -> Result<FsSpec, String> {
-        let mut parts = arg.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or("--fs needs DIR,TAG")?;
-        let tag = parts.next().ok_or_else(|| format!("--fs {arg}: needs a mount tag, as in --fs DIR,TAG"))?;
+        let (path, tag, read_only) = super::parse_dir_tag("--fs", arg)?;
         if tag.is_empty() || tag.len() > MAX_TAG_LEN {
             return Err(format!("--fs {arg}: the mount tag must be 1 to {MAX_TAG_LEN} bytes"));
         }
-        let mut spec = FsSpec { path: path.into(), tag: tag.to_string(), read_only: false };
-        for option in parts {
-            match option {
-                "ro" => spec.read_only = true,
-                other => return Err(format!("--fs {arg}: unknown option '{other}' (known: ro)")),
-            }
-        }
-        Ok(spec)
+        Ok(FsSpec { path: path.into(), tag: tag.to_string(), read_only })
     }
 }
 
@@ -98,7 +89,14 @@ impl FsShare {
             ..Config::default()
         };
         let fs = Arc::new(PassthroughFs::new(config).map_err(fail)?);
-        fs.import().map_err(fail)?;
+        // import() clears the process's umask, so that guests can set every mode bit; lkvm is
+        // one process, and its own sockets and files keep the user's umask.
+        // SAFETY: umask only swaps the process's file-creation mask.
+        let umask = unsafe { libc::umask(0o077) };
+        let imported = fs.import();
+        // SAFETY: as above.
+        unsafe { libc::umask(umask) };
+        imported.map_err(fail)?;
         Ok(FsShare { server: Server::new(fs.clone()), fs, read_only: spec.read_only })
     }
 
@@ -157,10 +155,10 @@ impl FsShare {
             }
             o if o == Opcode::Mkdir as u32 => clear_set_id(request, MKDIR_MODE),
             o if o == Opcode::Create as u32 || o == TMPFILE => clear_set_id(request, CREATE_MODE),
-            o if o == Opcode::Setattr as u32 => {
-                if read_u32(request, SETATTR_VALID).is_some_and(|valid| valid & FATTR_MODE != 0) {
-                    clear_set_id(request, SETATTR_MODE);
-                }
+            o if o == Opcode::Setattr as u32
+                && read_u32(request, SETATTR_VALID).is_some_and(|valid| valid & FATTR_MODE != 0) =>
+            {
+                clear_set_id(request, SETATTR_MODE)
             }
             o if o == Opcode::Open as u32 => {
                 let flags = read_u32(request, OPEN_FLAGS).ok_or(libc::EINVAL)? as i32;
@@ -229,7 +227,9 @@ mod tests {
     }
 
     fn share(read_only: bool) -> (FsShare, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("lkvm-virtiofs-{}-{read_only}", std::process::id()));
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lkvm-virtiofs-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("file"), b"x").unwrap();
@@ -306,6 +306,17 @@ mod tests {
         let mut read = request(Opcode::Read, file, &[0; 40]);
         assert_eq!(share.check(Opcode::Read as u32, &mut read), Ok(()));
         assert_eq!(std::fs::read(dir.join("file")).unwrap(), b"x");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn opening_a_share_keeps_the_process_umask() {
+        // SAFETY: umask only swaps the file-creation mask.
+        let before = unsafe { libc::umask(0o027) };
+        let (_share, dir) = share(false);
+        // SAFETY: as above.
+        let after = unsafe { libc::umask(before) };
+        assert_eq!(after, 0o027, "fuse-backend-rs's umask(0) must not leak into lkvm");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -109,13 +109,18 @@ fn eventfd() -> Result<EventFd, Error> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))
 }
 
+/// The host files and directories a VM's devices serve, opened (and checked) before the VM is.
+pub struct HostResources {
+    pub disks: Vec<DiskImage>,
+    pub shares: Vec<Share>,
+    pub fs_shares: Vec<FsShare>,
+}
+
 pub fn create_devices(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
-    disks: Vec<DiskImage>,
-    shares: Vec<Share>,
-    fs_shares: Vec<FsShare>,
+    host: HostResources,
     events: &Sender<VmExit>,
     started: Instant,
 ) -> Result<Devices, Error> {
@@ -127,6 +132,7 @@ pub fn create_devices(
 
     // The guest enumerates these in order: disks become vda, vdb, ...
     let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    let HostResources { disks, shares, fs_shares } = host;
     for (drive, disk) in config.drives.iter().zip(disks) {
         let block = Block::new(disk, &drive.id);
         registry.insert(drive.id.clone(), DeviceEntry::Drive(block.media()));

@@ -66,6 +66,10 @@ impl VmHandle {
     /// Writes a paused VM's state to `state_path` and its memory to `memory_path`.
     pub fn write_snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotReport, String> {
         let started = std::time::Instant::now();
+        if !self.config().fs.is_empty() {
+            // The guest's FUSE node ids and open files exist only in this lkvm's server.
+            return Err("a guest with virtio-fs shares cannot be snapshotted".into());
+        }
         if !self.vcpus.paused() {
             return Err("the guest must be paused for a snapshot".into());
         }

@@ -233,6 +233,7 @@ impl Vm {
         let disks = config.drives.iter().map(|d| DiskImage::open(&d.spec)).collect::<Result<Vec<_>, _>>()?;
         let shares = config.shares.iter().map(|s| Share::open(&s.spec)).collect::<Result<Vec<_>, _>>()?;
         let fs_shares = config.fs.iter().map(|f| FsShare::open(&f.spec)).collect::<Result<Vec<_>, _>>()?;
+        let host = device_manager::HostResources { disks, shares, fs_shares };
         let kvm = open_kvm(&config.kvm_device)?;
         let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
         if usize::from(machine.vcpu_count) > max_cpus {
@@ -273,7 +274,7 @@ impl Vm {
         }
 
         let (events, exits) = channel();
-        let devices = device_manager::create_devices(&vm, &mem, &config, disks, shares, fs_shares, &events, started)?;
+        let devices = device_manager::create_devices(&vm, &mem, &config, host, &events, started)?;
         match origin {
             Origin::Boot => {
                 let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);

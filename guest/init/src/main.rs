@@ -27,7 +27,9 @@
 //!   `renamed`; in ROTAG checksum `hostfile` and try
 //!   to create a file.
 //! - `lkvm.p9bench=TAG:FILES`: mount 9p share TAG; time reading its file `big` (1 MiB reads),
-//!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory.
+//!   then creating (100 bytes each), stat-ing and deleting FILES files in a new directory, then
+//!   walking its directory `tree` as `git status` does (read every directory, lstat every entry).
+//! - `lkvm.fsbench=TAG:FILES`: the same over virtio-fs share TAG.
 //! - `lkvm.swap=DEV:LEN:SECONDS`: print `swap_ready` with DEV's size, then `LKVM-TICK n` lines
 //!   (every 200 ms, so the host can see a pause) until DEV's size changes (the host swapped its
 //!   image) or SECONDS pass; print the new size and the checksum of its first LEN bytes, read
@@ -317,9 +319,32 @@ fn share_check(arg: &str) {
 }
 
 fn p9_bench(arg: &str) {
-    let Some((tag, files)) = arg.split_once(':') else { return result("p9bench", "bad-arg") };
+    share_bench("p9bench", "9p", "trans=virtio,version=9p2000.L", arg);
+}
+
+fn fs_bench(arg: &str) {
+    share_bench("fsbench", "virtiofs", "", arg);
+}
+
+/// Reads every directory under `dir` and lstats every entry; returns how many entries.
+fn walk(dir: &std::path::Path) -> std::io::Result<usize> {
+    let mut entries = 0;
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let meta = fs::symlink_metadata(&path)?;
+        entries += 1;
+        if meta.is_dir() {
+            entries += walk(&path)?;
+        }
+    }
+    Ok(entries)
+}
+
+/// The share benchmark over `fstype`; results are named `name:read`, `name:meta`, `name:walk`.
+fn share_bench(name: &str, fstype: &str, options: &str, arg: &str) {
+    let Some((tag, files)) = arg.split_once(':') else { return result(name, "bad-arg") };
     let files: usize = files.parse().unwrap_or(0);
-    if !mount_with(tag, "/mnt/bench", "9p", "trans=virtio,version=9p2000.L") {
+    if !mount_with(tag, "/mnt/bench", fstype, options) {
         return;
     }
     let start = std::time::Instant::now();
@@ -333,8 +358,8 @@ fn p9_bench(arg: &str) {
     });
     let secs = start.elapsed().as_secs_f64();
     match read {
-        Ok(()) => result("p9bench:read", &format!("{:.2}MB/s,{total}B", total as f64 / secs / 1e6)),
-        Err(e) => result("p9bench:read", &format!("err:{e}")),
+        Ok(()) => result(&format!("{name}:read"), &format!("{:.2}MB/s,{total}B", total as f64 / secs / 1e6)),
+        Err(e) => result(&format!("{name}:read"), &format!("err:{e}")),
     }
     let dir = "/mnt/bench/small";
     let start = std::time::Instant::now();
@@ -352,8 +377,16 @@ fn p9_bench(arg: &str) {
     });
     let secs = start.elapsed().as_secs_f64();
     match outcome {
-        Ok(()) => result("p9bench:meta", &format!("{:.1}ops/s,{files}files", (3 * files) as f64 / secs)),
-        Err(e) => result("p9bench:meta", &format!("err:{e}")),
+        Ok(()) => result(&format!("{name}:meta"), &format!("{:.1}ops/s,{files}files", (3 * files) as f64 / secs)),
+        Err(e) => result(&format!("{name}:meta"), &format!("err:{e}")),
+    }
+    let start = std::time::Instant::now();
+    match walk(std::path::Path::new("/mnt/bench/tree")) {
+        Ok(entries) => {
+            let secs = start.elapsed().as_secs_f64();
+            result(&format!("{name}:walk"), &format!("{:.1}entries/s,{entries}entries", entries as f64 / secs))
+        }
+        Err(e) => result(&format!("{name}:walk"), &format!("err:{e}")),
     }
 }
 
@@ -810,6 +843,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.9p=", share_check),
     ("lkvm.netstats=", net_stats),
     ("lkvm.p9bench=", p9_bench),
+    ("lkvm.fsbench=", fs_bench),
     ("lkvm.swap=", swap_wait),
     ("lkvm.cad=", cad_wait),
     ("lkvm.snapwork=", snap_work),
