@@ -180,7 +180,7 @@ impl ConnectionExt for Stream {
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes; true if readable.
+/// Waits until one of `fds` is readable or `timeout` passes; which of them are.
 fn readable(fds: &[BorrowedFd], timeout: Duration) -> io::Result<Vec<bool>> {
     let mut polled: Vec<libc::pollfd> =
         fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
