@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use gdbstub::common::{Signal, Tid};
 use gdbstub::conn::ConnectionExt;
@@ -54,7 +54,7 @@ pub struct GuestDebugger {
     locked_to: Option<usize>,
     continued: Option<usize>,
     exits: Receiver<DebugExit>,
-    exit_sender: Arc<Mutex<Sender<DebugExit>>>,
+    exit_sender: Sender<DebugExit>,
     exit_ready: Arc<EventFd>,
 }
 
@@ -70,7 +70,7 @@ impl GuestDebugger {
             locked_to: None,
             continued: None,
             exits,
-            exit_sender: Arc::new(Mutex::new(exit_sender)),
+            exit_sender,
             exit_ready: Arc::new(EventFd::new(EFD_NONBLOCK)?),
         })
     }
@@ -80,7 +80,7 @@ impl GuestDebugger {
         while self.exits.try_recv().is_ok() {}
         let (sender, ready) = (self.exit_sender.clone(), self.exit_ready.clone());
         self.vcpus.set_debug_sink(Some(Box::new(move |cpu, exit| {
-            let _ = sender.lock().unwrap().send((cpu, exit));
+            let _ = sender.send((cpu, exit));
             let _ = ready.write(1);
         })));
         self.vcpus.pause_if_running()

@@ -66,7 +66,8 @@ impl VmHandle {
     /// Writes a paused VM's state to `state_path` and its memory to `memory_path`.
     pub fn write_snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotReport, String> {
         let started = std::time::Instant::now();
-        if !self.config().fs.is_empty() {
+        let config = self.config();
+        if !config.fs.is_empty() {
             // The guest's FUSE node ids and open files exist only in this lkvm's server.
             return Err("a guest with virtio-fs shares cannot be snapshotted".into());
         }
@@ -76,7 +77,7 @@ impl VmHandle {
         let vcpus = self.vcpus.save()?;
         let kvm = crate::arch::x86_64::state::save_vm(&self.vm)?;
         let devices = self.persistent.iter().map(|(id, device)| (id.clone(), device.lock().unwrap().save())).collect();
-        let state = VmState { config: self.config(), vcpus, kvm, devices };
+        let state = VmState { config, vcpus, kvm, devices };
         let state_bytes = snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
         let memory_bytes = snapshot::memory::save(&self.mem, memory_path).map_err(|e| e.to_string())?;
         Ok(SnapshotReport { state_bytes, memory_bytes, millis: started.elapsed().as_millis() as u64 })

@@ -177,7 +177,7 @@ pub struct Vm {
     /// The gdb stub's socket, until `start` hands it to the stub's thread.
     gdb: Option<(gdb::Listener, bool)>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
     _vm: Arc<VmFd>,
 }
 
@@ -330,7 +330,7 @@ impl Vm {
             _uffd: uffd,
             host_sockets,
             gdb,
-            _mem: mem,
+            mem,
             _vm: vm,
         })
     }
@@ -353,7 +353,7 @@ impl Vm {
         }
         self.spawn_threads()?;
         if let Some((listener, _)) = gdb {
-            let (vcpus, mem, handle) = (self.handle.vcpus.clone(), self._mem.clone(), self.handle.clone());
+            let (vcpus, mem, handle) = (self.handle.vcpus.clone(), self.mem.clone(), self.handle.clone());
             threads::spawn(ThreadKind::Gdb, "gdb".into(), move || {
                 gdb::serve(listener, vcpus, mem, || handle.end(VmExit::Stopped))
             })
