@@ -172,7 +172,7 @@ fn tap_networking_in_a_private_namespace() {
     let received = sink_server(sink);
 
     let params = format!(
-        "{HOST_GUEST_PARAMS} ip=10.33.0.2::10.33.0.1:255.255.255.0::eth0:off lkvm.ifaddr=eth0 lkvm.ping=10.33.0.1 \
+        "{HOST_GUEST_PARAMS} ip=10.33.0.2::10.33.0.1:255.255.255.0::eth0:off lkvm.ifaddr=eth0 lkvm.channels=eth0:2 lkvm.ping=10.33.0.1 \
          lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.fetch=10.33.0.1:{http_port}:/blob \
          lkvm.fetch=10.33.0.1:{http_port}:/blob lkvm.netstats=eth0 \
          lkvm.send=10.33.0.1:{sink_port}:{SENT}:5 lkvm.netstats=eth0 lkvm.netstats=eth1"
@@ -188,7 +188,7 @@ fn tap_networking_in_a_private_namespace() {
         "-i",
         guest.initramfs.to_str().unwrap(),
         "-c",
-        "2",
+        "1",
         "-m",
         "128",
         "-n",
@@ -201,13 +201,13 @@ fn tap_networking_in_a_private_namespace() {
     let out = run_command("ip", &args, None, boot_timeout(), |_| {});
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert_eq!(out.result("ifaddr:eth0").as_deref(), Some("10.33.0.2"), "{}", out.describe());
+    // One vCPU: with 2, guests on these nested hosts (QEMU's too) sometimes lose memory writes
+    // (see the README). The guest asks for the second queue pair itself, through the control queue.
+    assert_eq!(out.result("channels:eth0").as_deref(), Some("2"), "{}", out.describe());
     assert_eq!(out.result("ping").as_deref(), Some("ok"), "{}", out.describe());
-    // The body is fetched three times. With 2 vCPUs on hosts that emulate guest kernel code, the
-    // guest sometimes loses one 64-byte block of a received TCP stream before user space sees
-    // it: QEMU 7.2's guests on the same host lose the same blocks, and lkvm's writes into the
-    // guest's buffers read back right (see the README). Over a tap the guest trusts the host's
-    // checksums, so the loss is not retransmitted. Every fetch must come back whole in length,
-    // and at least one byte for byte; corrupted ones are reported.
+    // The body is fetched three times. Over a tap the guest trusts the host's checksums, so a
+    // block the host loses (the README's known host problem) is not retransmitted. Every fetch
+    // must come back whole in length, and at least one byte for byte; corrupted ones are reported.
     let expected = format!("{BODY_LEN}:{:016x}", fnv1a(&body));
     let response_len = BODY_LEN + format!("HTTP/1.0 200 OK\r\nContent-Length: {BODY_LEN}\r\n\r\n").len();
     let garbled_header = format!("err:no header end in {response_len} bytes");
@@ -241,7 +241,7 @@ fn tap_networking_in_a_private_namespace() {
         .map(|v| v.split(':').map(|n| n.parse().unwrap()).collect())
         .collect();
     let [after_fetch, after_send] = &stats[..] else { panic!("netstats: {}", out.describe()) };
-    assert_eq!(after_send[0], 2, "mq=2 with 2 vCPUs: the guest uses both queue pairs");
+    assert_eq!(after_send[0], 2, "mq=2 and 2 channels: the guest uses both queue pairs");
     const MSS: usize = 1448;
     let fetched = after_fetch[1];
     assert!(

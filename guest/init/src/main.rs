@@ -39,6 +39,8 @@
 //!   reboot, as an init that handles Ctrl+Alt+Del does (this kernel has no VT to do it).
 //! - `lkvm.snapwork=SECONDS`: print `snap_ready` with a random token, then `LKVM-WORK n token`
 //!   every 200 ms until the console line `done` (or SECONDS); echo other lines as `echo`.
+//! - `lkvm.channels=IF:N`: ask IF's driver to use N queue pairs (`ethtool -L IF combined N`);
+//!   print the count in effect.
 //! - `lkvm.netstats=IF`: IF's receive queue count and packet counts and byte counts so far
 //!   (`rxq:rx_packets:rx_bytes:tx_packets:tx_bytes`; put it after the traffic checks), its
 //!   negotiated virtio features and its MAC address.
@@ -462,6 +464,58 @@ fn ifaddr(name: &str) {
     result(&format!("ifaddr:{name}"), &addr.to_string());
 }
 
+/// struct ethtool_channels: the ETHTOOL_GCHANNELS and ETHTOOL_SCHANNELS argument.
+#[repr(C)]
+#[derive(Default)]
+struct EthtoolChannels {
+    cmd: u32,
+    max_rx: u32,
+    max_tx: u32,
+    max_other: u32,
+    max_combined: u32,
+    rx_count: u32,
+    tx_count: u32,
+    other_count: u32,
+    combined_count: u32,
+}
+
+fn ethtool_channels(name: &str, set_combined: Option<u32>) -> Result<u32, String> {
+    const ETHTOOL_GCHANNELS: u32 = 0x3c;
+    const ETHTOOL_SCHANNELS: u32 = 0x3d;
+    // SAFETY: SIOCETHTOOL on a fresh socket with an ifreq naming the interface and pointing at a
+    // live ethtool_channels.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let mut channels = EthtoolChannels { cmd: ETHTOOL_GCHANNELS, ..Default::default() };
+        req.ifr_ifru.ifru_data = (&mut channels as *mut EthtoolChannels).cast();
+        let mut rc = libc::ioctl(sock, libc::SIOCETHTOOL, &mut req);
+        if rc == 0 {
+            if let Some(count) = set_combined {
+                channels.cmd = ETHTOOL_SCHANNELS;
+                channels.combined_count = count;
+                rc = libc::ioctl(sock, libc::SIOCETHTOOL, &mut req);
+            }
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(sock);
+        if rc != 0 {
+            return Err(format!("err:{err}"));
+        }
+        Ok(channels.combined_count)
+    }
+}
+
+fn channels(arg: &str) {
+    let Some((name, count)) = arg.split_once(':') else { return result("channels", "err:usage") };
+    let Ok(count) = count.parse() else { return result("channels", "err:usage") };
+    let value = ethtool_channels(name, Some(count)).and_then(|_| ethtool_channels(name, None));
+    result(&format!("channels:{name}"), &value.map_or_else(|e| e, |n| n.to_string()));
+}
+
 fn net_stats(name: &str) {
     let base = format!("/sys/class/net/{name}");
     let queues = fs::read_dir(format!("{base}/queues")).map_or(0, |d| {
@@ -829,6 +883,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.serial=", serial_check),
     ("lkvm.hwrng=", hwrng_check),
     ("lkvm.ifaddr=", ifaddr),
+    ("lkvm.channels=", channels),
     ("lkvm.fetch=", fetch),
     ("lkvm.vsocklisten=", vsock_listen),
     ("lkvm.vsockconnect=", vsock_connect_check),
