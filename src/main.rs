@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use lkvm::api::{self, Api};
+use lkvm::cli::run::RootfsTransports;
 use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
@@ -32,7 +33,7 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
             Err(msg) => fail(&msg),
         };
     }
-    let config = match prepare(args) {
+    let config = match prepare(args, RootfsTransports::VirtioFsOr9p) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
@@ -40,8 +41,8 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
 }
 
 /// Validates the options and creates or refreshes the `lkvm setup` root directory booted.
-fn prepare(args: cli::run::RunArgs) -> Result<VmConfig, String> {
-    let config = args.into_config()?;
+fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Result<VmConfig, String> {
+    let config = args.into_config_with(rootfs_transports)?;
     control::Server::check_name_free(&config.name)?;
     if let Some(root) = config.lkvm_rootfs() {
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
@@ -108,17 +109,18 @@ fn exit_status(exit: &VmExit) -> ExitCode {
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     logging::init(logging::parse_level(&args.run.loglevel).unwrap_or(2));
     if args.run.initrd.is_some() || args.run.nodefaults {
-        return fail("lkvm sandbox runs the command from lkvm's 9p root filesystem: drop -i and --nodefaults");
+        return fail("lkvm sandbox runs the command from lkvm's root filesystem: drop -i and --nodefaults");
     }
     // Only the command's output, unless the user asks the kernel for more.
     args.run.params = Some(format!("quiet {}", args.run.params.as_deref().unwrap_or("")));
-    let config = match prepare(args.run) {
+    // Its warm start restores a snapshot, which virtio-fs shares cannot be part of.
+    let config = match prepare(args.run, RootfsTransports::NinePOnly) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    let (Some(root), Some(vsock)) = (config.lkvm_rootfs().cloned(), config.vsock.clone()) else {
+    let (Some(_), Some(vsock)) = (config.lkvm_rootfs(), config.vsock.clone()) else {
         return fail(
-            "lkvm sandbox needs lkvm's 9p root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",
+            "lkvm sandbox needs lkvm's root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",
         );
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdin()).then(exec::terminal_size);
@@ -126,9 +128,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(request) => request,
         Err(e) => return fail(&format!("the current directory: {e}")),
     };
-    let ready = match rootfs::SandboxReady::create(&root) {
+    let ready = match rootfs::SandboxReady::listen(&vsock.uds_path) {
         Ok(ready) => ready,
-        Err(e) => return fail(&format!("{}: {e}", root.display())),
+        Err(e) => return fail(&e.to_string()),
     };
     // The command's stdin, stdout and stderr are its own, not the console's.
     let (mut job, mut raw_terminal) = (None, None);
@@ -191,10 +193,7 @@ fn boot_sandbox(
     };
     vm.hold_console_input();
     serve_with(vm, None, |vm| {
-        while ready.pending() && !vm.has_ended() {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        if !vm.has_ended() {
+        if ready.wait(|| vm.has_ended()) {
             on_ready(vm)?;
         }
         start_job(vm)

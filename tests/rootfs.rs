@@ -1,5 +1,6 @@
-//! End-to-end: kvmtool's zero-setup guest. `lkvm run` with no disk boots ~/.lkvm/default over
-//! 9p with the host's / read-only at /host; `lkvm setup` makes such a root directory and
+//! End-to-end: kvmtool's zero-setup guest. `lkvm run` with no disk boots ~/.lkvm/default with
+//! the host's / at /host, both read-only under overlays in guest memory (virtio-fs, or 9p for
+//! `lkvm sandbox`), and `--rw` directories writable; `lkvm setup` makes such a root directory and
 //! `lkvm sandbox` runs a host command in a fresh guest, returning the command's exit status.
 
 mod common;
@@ -75,12 +76,21 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     let env = home_env(&home);
     let host_file = write_file(&home, "note.txt", b"written-by-the-host-4711");
     let planted = format!("/tmp/lkvm-planted-{}", std::process::id());
+    let build_tree = home.join("build");
+    std::fs::create_dir(&build_tree).unwrap();
+    // The guest writes anywhere, in an overlay in its memory; the --rw directory writes through.
     let input = format!(
-        "echo shell-$((6*7)) mounts=$(grep -c ' 9p ' /proc/mounts); cat /host{}; touch /host{planted} || echo refused; exit\n",
-        host_file.display()
+        "echo shell-$((6*7)) mounts=$(grep -cE '^overlay /(host)? overlay ' /proc/mounts) \
+         rw=$(grep ' /host{build} ' /proc/mounts | cut -d' ' -f3); cat /host{note}; \
+         echo guest-etc > /etc/x; echo guest-usr > /usr/x; touch /host{planted}; mkdir /root/new; \
+         echo wrote-$(cat /etc/x /usr/x | tr '\\n' -); ls /host{planted} && echo planted-in-the-overlay; \
+         echo through > /host{build}/made; exit\n",
+        build = build_tree.display(),
+        note = host_file.display(),
     );
     let vmlinux = guest().vmlinux.to_str().unwrap();
-    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "--name", "ex1", "-p", HOST_GUEST_PARAMS];
+    let rw = build_tree.to_str().unwrap();
+    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "--name", "ex1", "--rw", rw, "-p", HOST_GUEST_PARAMS];
     // While the console's shell waits, `lkvm exec` runs commands beside it.
     let exec_env = env.clone();
     let execs = std::sync::Mutex::new(Vec::new());
@@ -113,13 +123,21 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     );
 
     assert_eq!(out.code, Some(0), "the VM ends with the shell: {}", out.describe());
-    for expected in ["shell-42", "mounts=2", "written-by-the-host-4711", "Read-only file system", "refused"] {
+    // / and /host are overlays, the root and the host's / under them came over virtio-fs (the
+    // --rw directory's transport is theirs).
+    let expected = ["shell-42 mounts=2 rw=virtiofs", "written-by-the-host-4711", "wrote-guest-etc-guest-usr-"];
+    for expected in expected.into_iter().chain(["planted-in-the-overlay"]) {
         assert!(out.stdout.contains(expected), "want {expected:?}: {}", out.describe());
     }
     assert!(!std::path::Path::new(&planted).exists(), "the guest wrote to the host's /");
+    for (path, what) in [("/usr/x", "the host's /usr"), ("/etc/x", "the host's /etc")] {
+        assert!(!std::path::Path::new(path).exists(), "the guest wrote to {what}");
+    }
     let rootfs = home.join(".lkvm/default");
-    assert!(rootfs.join("virt/init").is_file() && rootfs.join("etc/passwd").is_file());
+    assert!(!rootfs.join("etc/x").exists() && !rootfs.join("root/new").exists(), "the guest wrote to its rootfs");
+    assert!(rootfs.join("etc/passwd").is_file());
     assert_eq!(std::fs::read_link(rootfs.join("bin")).unwrap(), std::path::Path::new("/host/bin"));
+    assert_eq!(std::fs::read_to_string(build_tree.join("made")).unwrap(), "through\n", "--rw writes through");
 
     let execs = execs.into_inner().unwrap();
     let [status, piped, fast, slow, missing, tty] = &execs[..] else { panic!("{} execs ran", execs.len()) };
@@ -255,11 +273,13 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     // The command runs in the host's current directory, seen under /host.
     let work = temp_dir();
     write_file(&work, "data.txt", b"data-in-the-cwd\n");
-    // The guest's forged status files change nothing: the status comes over vsock.
+    // Writes stay in the guest's overlay, but for the --rw directory's; the root and the host's /
+    // came over 9p, which a snapshot can hold.
     let script = "cat data.txt; echo out-$((2*3)) args=$#; echo err-line >&2; echo made > /root/made; \
-                  mkdir /virt/sandbox/1; echo 0 > /virt/sandbox/1/status; echo 0 > /virt/sandbox/status; read line; echo got-$line; exit 7";
+                  echo made > /usr/lkvm-made; echo built > built.txt; echo nine-p=$(grep -c \" 9p \" /proc/mounts); \
+                  read line; echo got-$line; exit 7";
     let shell = format!(
-        "cd {} && exec {} sandbox -d sbx -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
+        "cd {} && exec {} sandbox -d sbx --rw . -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
         work.display(),
         lkvm(),
         guest().vmlinux.display()
@@ -269,15 +289,13 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     assert_eq!(out.code, Some(7), "lkvm returns the command's status: {}", out.describe());
     let lines: Vec<&str> = out.stdout.lines().collect();
     // `zero ''`: $0, and one empty argument that must arrive.
-    for expected in ["data-in-the-cwd", "out-6 args=1", "got-typed-in"] {
+    for expected in ["data-in-the-cwd", "out-6 args=1", "nine-p=1", "got-typed-in"] {
         assert!(lines.contains(&expected), "want the line {expected:?} as printed (no \\r): {}", out.describe());
     }
     assert!(out.stderr.contains("err-line") && !out.stdout.contains("err-line"), "stderr apart: {}", out.describe());
     let rootfs = home.join(".lkvm/sbx");
-    assert_eq!(std::fs::read_to_string(rootfs.join("root/made")).unwrap(), "made\n");
-    assert_eq!(std::fs::read_to_string(rootfs.join("virt/sandbox/status")).unwrap(), "0\n", "forged, and ignored");
-    std::fs::remove_dir_all(rootfs.join("virt/sandbox")).unwrap();
-    std::fs::create_dir(rootfs.join("virt/sandbox")).unwrap();
+    assert!(!rootfs.join("root/made").exists() && !std::path::Path::new("/usr/lkvm-made").exists(), "in the overlay");
+    assert_eq!(std::fs::read_to_string(work.join("built.txt")).unwrap(), "built\n", "--rw . writes through");
 
     // The first sandbox left a snapshot of a guest ready for a job; the next one starts from it
     // and still returns its command's output and status. --cold boots.
@@ -292,15 +310,18 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
         );
         run_command_env("/bin/sh", &["-c", &shell], &env, boot_timeout(), |_| {})
     };
-    let warm = sandbox("--loglevel info", "cat data.txt; echo warm-$((2+3)) >&2; exit 5");
+    let warm = sandbox("--rw . --loglevel info", "cat data.txt; echo warm-$((2+3)) >&2; echo warm > warm.txt; exit 5");
     assert_eq!(warm.code, Some(5), "{}", warm.describe());
     assert!(warm.stdout.contains("data-in-the-cwd") && warm.stderr.contains("warm-5"), "{}", warm.describe());
     assert!(warm.stderr.contains("restored the snapshot"), "no boot: {}", warm.describe());
-    let cold = sandbox("--cold", "echo cold; exit 0");
+    assert_eq!(std::fs::read_to_string(work.join("warm.txt")).unwrap(), "warm\n", "--rw after a restore");
+    let cold = sandbox("--rw . --cold", "echo cold; rm data.txt; exit 0");
     assert_eq!(cold.code, Some(0), "{}", cold.describe());
     assert!(cold.stdout.contains("cold"), "{}", cold.describe());
+    assert!(!work.join("data.txt").exists(), "--rw: the guest deletes host files too");
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "--cold neither uses nor adds snapshots");
-    assert_eq!(std::fs::read_dir(rootfs.join("virt/sandbox")).unwrap().count(), 0, "jobs cleaned up");
+    let leftovers: Vec<_> = std::fs::read_dir(home.join(".lkvm")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from("sbx")], "no sockets left");
     std::fs::remove_dir_all(home).unwrap();
     std::fs::remove_dir_all(work).unwrap();
 }

@@ -28,9 +28,15 @@ pub enum Error {
     Tables(String),
 }
 
+/// An initrd from a file, or one lkvm made (its rootfs guests' initramfs).
+pub enum Initrd<'a> {
+    File(&'a Path),
+    Built(&'a [u8]),
+}
+
 pub struct BootSpec<'a> {
     pub kernel: &'a Path,
-    pub initrd: Option<&'a Path>,
+    pub initrd: Option<Initrd<'a>>,
     pub cmdline: &'a str,
     pub mem_size: u64,
     pub cpus: u8,
@@ -48,8 +54,10 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, Error> 
     }
 
     let initrd_limit = kernel.setup_header.map_or(u64::from(u32::MAX), |h| u64::from(h.initrd_addr_max));
-    let initrd = match spec.initrd {
-        Some(path) => Some(load_initrd(mem, path, kernel.end, low_ram_end(spec.mem_size).min(initrd_limit + 1))?),
+    let limit = low_ram_end(spec.mem_size).min(initrd_limit + 1);
+    let initrd = match &spec.initrd {
+        Some(Initrd::File(path)) => Some(load_initrd(mem, path, kernel.end, limit)?),
+        Some(Initrd::Built(bytes)) => Some(place_built_initrd(mem, bytes, kernel.end, limit)?),
         None => None,
     };
 
@@ -78,16 +86,31 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, limit: u64) 
         return Err(bad("is a directory".into()));
     }
     let size = meta.len();
-    let addr = initrd_address(size, kernel_end, limit).ok_or_else(|| {
-        bad(format!(
-            "{} KiB does not fit in guest memory ({} KiB free above the kernel); give the guest more with -m",
-            size.div_ceil(1024),
-            limit.saturating_sub(kernel_end) / 1024
-        ))
-    })?;
+    let addr = initrd_address(size, kernel_end, limit).ok_or_else(|| bad(too_large(size, kernel_end, limit)))?;
     let slice = mem.get_slice(GuestAddress(addr), size as usize).map_err(|e| bad(e.to_string()))?;
     file.read_exact_volatile(&mut slice.clone()).map_err(|e| bad(e.to_string()))?;
     Ok(InitrdPlacement { addr, size })
+}
+
+fn place_built_initrd(
+    mem: &GuestMemoryMmap,
+    bytes: &[u8],
+    kernel_end: u64,
+    limit: u64,
+) -> Result<InitrdPlacement, Error> {
+    let bad = |reason: String| Error::Initrd("lkvm's initramfs".into(), reason);
+    let size = bytes.len() as u64;
+    let addr = initrd_address(size, kernel_end, limit).ok_or_else(|| bad(too_large(size, kernel_end, limit)))?;
+    mem.write_slice(bytes, GuestAddress(addr)).map_err(|e| bad(e.to_string()))?;
+    Ok(InitrdPlacement { addr, size })
+}
+
+fn too_large(size: u64, kernel_end: u64, limit: u64) -> String {
+    format!(
+        "{} KiB does not fit in guest memory ({} KiB free above the kernel); give the guest more with -m",
+        size.div_ceil(1024),
+        limit.saturating_sub(kernel_end) / 1024
+    )
 }
 
 fn initrd_address(size: u64, kernel_end: u64, limit: u64) -> Option<u64> {

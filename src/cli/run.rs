@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// mount -t virtiofs TAG /mnt
     #[arg(long = "fs", value_name = "DIR,TAG")]
     pub fs: Vec<String>,
+    /// On lkvm's root filesystem (no disk): make the host directory DIR writable in the guest,
+    /// at /host/DIR; repeatable. The rest of the host's files are read-only to the guest
+    #[arg(long = "rw", value_name = "DIR")]
+    pub writable: Vec<PathBuf>,
     /// Virtio transport
     #[arg(long = "virtio-transport", value_name = "TRANSPORT", default_value = "pci", value_parser = ["pci", "mmio"])]
     pub virtio_transport: String,
@@ -103,10 +107,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// The VM as a Firecracker JSON config file describes it (instead of -k, -d, -m, ...)
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "writable", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
     pub config_file: Option<PathBuf>,
     /// Restore the snapshot in DIR (from `lkvm snapshot`) instead of booting
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "writable", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
     pub restore: Option<PathBuf>,
     /// With --restore: use another drive image or tap for a device, by id (`lkvm-disk0=new.img`,
     /// `net0=tap3`); repeatable
@@ -190,6 +194,32 @@ fn parse_vsock(arg: &str, name: &str) -> Result<VsockConfig, String> {
     Ok(VsockConfig { id: VSOCK_ID.into(), guest_cid, uds_path })
 }
 
+/// Which transports serve the shares of lkvm's root filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RootfsTransports {
+    /// Both, so that the guest's init mounts virtio-fs where its kernel has it and 9p otherwise.
+    VirtioFsOr9p,
+    /// 9p alone, for a guest that is snapshotted (lkvm sandbox's warm start): a virtio-fs
+    /// server's open files are not part of a snapshot.
+    NinePOnly,
+}
+
+/// A `--rw` directory: absolute, without the characters that would split it on the kernel
+/// command line, and not the host's / itself.
+fn writable_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
+    let canonical = std::fs::canonicalize(dir).map_err(|e| format!("--rw {}: {e}", dir.display()))?;
+    if !canonical.is_dir() {
+        return Err(format!("--rw {}: not a directory", dir.display()));
+    }
+    if canonical == std::path::Path::new("/") {
+        return Err("--rw /: the host's / stays read-only; name the directories to write".into());
+    }
+    match canonical.to_str() {
+        Some(path) if !path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') => Ok(canonical),
+        _ => Err(format!("--rw {}: the path must be UTF-8 without spaces or quotes", canonical.display())),
+    }
+}
+
 pub fn default_mem(cpus: u32, host_ram: u64) -> u64 {
     let wanted = DEFAULT_MEM_PER_CPU * (u64::from(cpus) + 3);
     wanted.min(host_ram / 100 * DEFAULT_MEM_HOST_PERCENT / MIB * MIB)
@@ -222,6 +252,10 @@ impl RunArgs {
     }
 
     pub fn into_config(self) -> Result<VmConfig, String> {
+        self.into_config_with(RootfsTransports::VirtioFsOr9p)
+    }
+
+    pub fn into_config_with(self, rootfs_transports: RootfsTransports) -> Result<VmConfig, String> {
         let gdb = self.gdb_config()?;
         if let Some(path) = &self.config_file {
             let name = self.name.unwrap_or_else(|| format!("guest-{}", std::process::id()));
@@ -287,17 +321,40 @@ impl RunArgs {
         for arg in &self.shares {
             shares.push(ShareConfig { id: format!("9p{}", shares.len()), spec: ShareSpec::parse(arg)? });
         }
+        let mut fs = (0..)
+            .zip(&self.fs)
+            .map(|(index, arg)| Ok(FsConfig { id: format!("fs{index}"), spec: FsSpec::parse(arg)? }))
+            .collect::<Result<Vec<_>, String>>()?;
         let mut root_share = None;
-        if let Some((dir, read_only)) = root_dir {
-            // Our rootfs: its /bin, /lib, ... live in the host's /, and its init is ours.
-            let lkvm_rootfs = (boots_default_rootfs || rootfs::is_lkvm_rootfs(&dir)).then(|| dir.clone());
-            if lkvm_rootfs.is_some() {
-                let spec = ShareSpec { read_only: true, ..ShareSpec::new("/", rootfs::HOST_TAG)? };
-                shares.push(ShareConfig { id: "hostfs".into(), spec });
+        let lkvm_rootfs = root_dir.as_ref().is_some_and(|(dir, _)| boots_default_rootfs || rootfs::is_lkvm_rootfs(dir));
+        if !self.writable.is_empty() && !lkvm_rootfs {
+            return Err("--rw works on lkvm's root filesystem: give no disk image and no -i, or -d NAME of an \
+                        `lkvm setup` guest"
+                .into());
+        }
+        if let (Some((dir, _)), true) = (&root_dir, lkvm_rootfs) {
+            // Our rootfs: its /bin, /lib, ... live in the host's /, and its init is ours. The
+            // guest sees both read-only, and writes through only to the --rw directories.
+            let writable = self.writable.iter().map(|d| writable_dir(d)).collect::<Result<Vec<_>, _>>()?;
+            let mut exported =
+                vec![(rootfs::ROOT_TAG.to_string(), dir.clone(), true), (rootfs::HOST_TAG.into(), "/".into(), true)];
+            exported.extend(writable.iter().enumerate().map(|(i, d)| (rootfs::writable_tag(i), d.clone(), false)));
+            for (tag, path, read_only) in exported {
+                let spec = ShareSpec { read_only, ..ShareSpec::new(&path, &tag)? };
+                shares.push(ShareConfig { id: format!("9p-{tag}"), spec });
+                if rootfs_transports == RootfsTransports::VirtioFsOr9p {
+                    fs.push(FsConfig { id: format!("fs-{tag}"), spec: FsSpec { path, tag, read_only } });
+                }
             }
+            root_share = Some(RootShare {
+                share_id: format!("9p-{}", rootfs::ROOT_TAG),
+                lkvm_rootfs: Some(dir.clone()),
+                writable,
+            });
+        } else if let Some((dir, read_only)) = root_dir {
             let spec = ShareSpec { read_only, ..ShareSpec::new(dir, rootfs::ROOT_TAG)? };
             shares.push(ShareConfig { id: "rootfs".into(), spec });
-            root_share = Some(RootShare { share_id: "rootfs".into(), lkvm_rootfs });
+            root_share = Some(RootShare { share_id: "rootfs".into(), lkvm_rootfs: None, writable: Vec::new() });
         } else if let Some(first) = drives.first_mut() {
             first.is_root_device = true;
         }
@@ -330,10 +387,7 @@ impl RunArgs {
             },
             drives,
             shares,
-            fs: (0..)
-                .zip(&self.fs)
-                .map(|(index, arg)| Ok(FsConfig { id: format!("fs{index}"), spec: FsSpec::parse(arg)? }))
-                .collect::<Result<_, String>>()?,
+            fs,
             root_share,
             nets,
             console: if self.console == "virtio" { ConsoleDevice::Virtio } else { ConsoleDevice::Serial },
@@ -422,12 +476,33 @@ mod tests {
         assert_eq!(config.machine.vcpu_count, 2);
         let cmdline = cmdline::compose(&config, &[]);
         assert!(cmdline.starts_with("console=ttyS0") && cmdline.ends_with("quiet"));
-        // No disk and no initrd: kvmtool's default guest, ~/.lkvm/default over 9p.
-        assert!(cmdline.contains(rootfs::ROOT_PARAMS) && cmdline.contains("init=/virt/init"), "{cmdline}");
+        // No disk and no initrd: kvmtool's default guest, ~/.lkvm/default, mounted by lkvm's
+        // initramfs from virtio-fs or 9p, both read-only.
+        assert!(!cmdline.contains("root=") && !cmdline.contains("init="), "{cmdline}");
         let tags: Vec<_> =
             config.shares.iter().map(|s| (s.spec.tag.as_str(), s.spec.path.clone(), s.spec.read_only)).collect();
-        assert_eq!(tags, [("hostfs", PathBuf::from("/"), true), ("root", rootfs::path("default"), false)]);
+        let expected = [("root", rootfs::path("default"), true), ("hostfs", PathBuf::from("/"), true)];
+        assert_eq!(tags, expected);
+        let fs_tags: Vec<_> =
+            config.fs.iter().map(|s| (s.spec.tag.as_str(), s.spec.path.clone(), s.spec.read_only)).collect();
+        assert_eq!(fs_tags, expected);
         assert_eq!(config.lkvm_rootfs(), Some(&rootfs::path("default")));
+        // --rw directories: writable on both transports, named on the command line.
+        let here = std::env::current_dir().unwrap();
+        let rw = RunArgs { cpus: Some(1), writable: vec![".".into()], ..base() }.into_config().unwrap();
+        let last = rw.shares.last().unwrap();
+        assert_eq!((last.spec.tag.as_str(), &last.spec.path, last.spec.read_only), ("rw0", &here, false));
+        assert_eq!(rw.fs.last().unwrap().spec, FsSpec { path: here.clone(), tag: "rw0".into(), read_only: false });
+        assert!(cmdline::compose(&rw, &[]).contains(&format!("lkvm.rw={}", here.display())));
+        // A snapshotted guest (lkvm sandbox) gets 9p alone.
+        let sandbox = RunArgs { cpus: Some(1), ..base() }.into_config_with(RootfsTransports::NinePOnly).unwrap();
+        assert!(sandbox.fs.is_empty() && sandbox.shares.len() == 2);
+        let slash = RunArgs { cpus: Some(1), writable: vec!["/".into()], ..base() }.into_config().unwrap_err();
+        assert!(slash.contains("stays read-only"), "{slash}");
+        let missing = RunArgs { cpus: Some(1), writable: vec!["/no/such".into()], ..base() }.into_config().unwrap_err();
+        assert!(missing.contains("--rw /no/such"), "{missing}");
+        let disk = RunArgs { cpus: Some(1), writable: vec![".".into()], disks: vec!["a.img".into()], ..base() };
+        assert!(disk.into_config().unwrap_err().contains("lkvm's root filesystem"));
         let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config().unwrap();
         assert!(
             !cmdline::compose(&initrd, &[]).contains("root=")

@@ -43,11 +43,13 @@ fn kvmtool_defaults(config: &VmConfig, given: &KernelCmdline) -> KernelCmdline {
         cmdline.set_console("hvc0");
     }
     if let Some(root) = &config.root_share {
-        if !given.has_key("root") {
+        if root.lkvm_rootfs.is_some() {
+            // lkvm's initramfs mounts the root; its init reads where the --rw directories go.
+            for dir in &root.writable {
+                cmdline.push(format!("{}{}", rootfs::WRITABLE_PARAM, dir.display()));
+            }
+        } else if !given.has_key("root") {
             cmdline.push(rootfs::ROOT_PARAMS);
-        }
-        if root.lkvm_rootfs.is_some() && !given.has_key("init") {
-            cmdline.push(rootfs::INIT_PARAM);
         }
     } else if let Some(index) = config.drives.iter().position(|d| d.is_root_device) {
         if !given.has_key("root") {
@@ -139,14 +141,18 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn kvmtool_9p_root_and_lkvm_init() {
+    fn kvmtool_9p_root_and_lkvm_rootfs() {
         let mut config = base(CmdlinePolicy::Kvmtool, None);
         config.shares = vec![ShareConfig { id: "9p0".into(), spec: ShareSpec::new("/tmp", "root").unwrap() }];
-        config.root_share = Some(RootShare { share_id: "9p0".into(), lkvm_rootfs: Some("/x".into()) });
+        config.root_share = Some(RootShare { share_id: "9p0".into(), lkvm_rootfs: None, writable: Vec::new() });
         let line = compose(&config, &[]);
-        assert!(line.contains(rootfs::ROOT_PARAMS) && line.contains(rootfs::INIT_PARAM), "{line}");
-        config.boot.params = Some("init=/bin/sh".into());
-        assert!(!compose(&config, &[]).contains(rootfs::INIT_PARAM));
+        assert!(line.contains(rootfs::ROOT_PARAMS) && !line.contains("init="), "{line}");
+        // lkvm's rootfs is mounted by its initramfs, which learns where the --rw directories go.
+        let writable = vec!["/src/linux".into(), "/tmp/out".into()];
+        config.root_share = Some(RootShare { share_id: "9p0".into(), lkvm_rootfs: Some("/x".into()), writable });
+        let line = compose(&config, &[]);
+        assert!(!line.contains("root=") && !line.contains("init="), "{line}");
+        assert!(line.contains("lkvm.rw=/src/linux lkvm.rw=/tmp/out"), "{line}");
     }
 
     #[test]

@@ -118,8 +118,13 @@ pub struct DeviceId {
 pub struct RootShare {
     /// The share (in `shares`) holding the root.
     pub share_id: String,
-    /// An `lkvm setup` directory: lkvm populates it before booting and its init is lkvm's.
+    /// An `lkvm setup` directory: lkvm populates it before booting and boots it through its
+    /// own initramfs and init.
     pub lkvm_rootfs: Option<PathBuf>,
+    /// On an lkvm rootfs: the host directories the guest writes through to (`--rw`), in the
+    /// order of their tags.
+    #[serde(default)]
+    pub writable: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,6 +11,8 @@ use std::io::{self, Read, Write};
 
 /// The guest's vsock port: below 1024, so only root in the guest can serve it.
 pub const EXEC_PORT: u32 = 1022;
+/// The host's vsock port a sandbox guest's init connects to when it is ready for its command.
+pub const READY_PORT: u32 = 1023;
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
 /// Host to guest: NUL-terminated `key=value` fields: `tty=1` (a pty instead of pipes),

@@ -25,7 +25,7 @@ use crate::arch::x86_64::memory::ram_regions;
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs;
 use crate::arch::x86_64::state;
-use crate::boot::{self, BootSpec};
+use crate::boot::{self, BootSpec, Initrd};
 use crate::config::{cmdline, VmConfig};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
@@ -278,9 +278,15 @@ impl Vm {
         match origin {
             Origin::Boot => {
                 let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);
+                let lkvm_initramfs = config.lkvm_rootfs().map(|_| crate::rootfs::initramfs());
+                let initrd = match (&config.boot.initrd, &lkvm_initramfs) {
+                    (Some(path), _) => Some(Initrd::File(path)),
+                    (None, Some(built)) => Some(Initrd::Built(built)),
+                    (None, None) => None,
+                };
                 let spec = BootSpec {
                     kernel: &config.boot.kernel,
-                    initrd: config.boot.initrd.as_deref(),
+                    initrd,
                     cmdline: &cmdline,
                     mem_size,
                     cpus: machine.vcpu_count,

@@ -11,12 +11,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::protocol::{self, Request, EXEC_PORT};
+use crate::protocol::{self, Request, EXEC_PORT, READY_PORT};
 
 extern "C" {
     fn socket(domain: c_int, kind: c_int, protocol: c_int) -> c_int;
     fn bind(fd: c_int, addr: *const SockaddrVm, len: c_uint) -> c_int;
     fn listen(fd: c_int, backlog: c_int) -> c_int;
+    fn connect(fd: c_int, addr: *const SockaddrVm, len: c_uint) -> c_int;
     fn accept4(fd: c_int, addr: *mut SockaddrVm, len: *mut c_uint, flags: c_int) -> c_int;
     fn shutdown(fd: c_int, how: c_int) -> c_int;
     fn kill(pid: c_int, signal: c_int) -> c_int;
@@ -69,6 +70,25 @@ pub fn listen_vsock() -> std::io::Result<OwnedFd> {
         }
         Ok(owned)
     }
+}
+
+/// Tells lkvm sandbox that this guest listens for its command: `NONCE\n` to the host's
+/// `READY_PORT`.
+pub fn announce_ready(nonce: &str) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on a socket this function owns; the address is fully initialised.
+    let socket = unsafe {
+        let fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let addr = SockaddrVm { family: AF_VSOCK as c_ushort, reserved: 0, port: READY_PORT, cid: VMADDR_CID_HOST, zero: [0; 4] };
+        if connect(fd, &addr, std::mem::size_of::<SockaddrVm>() as c_uint) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        owned
+    };
+    File::from(socket).write_all(format!("{nonce}\n").as_bytes())
 }
 
 /// Serves connections from the host: every one, each on its own thread, or with `one_shot`

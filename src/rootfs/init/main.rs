@@ -1,15 +1,19 @@
-//! PID 1 of lkvm's 9p root filesystem (`lkvm setup`, `lkvm run` with no disk, `lkvm sandbox`).
+//! PID 1 of lkvm's root filesystem guests (`lkvm setup`, `lkvm run` with no disk, `lkvm sandbox`).
 //!
 //! build.rs compiles this file alone, with no crates, into a static binary that lkvm embeds and
-//! writes to ROOTFS/virt/init: the host's programs live under /host, which is not mounted yet
-//! when the kernel starts init, so init cannot need the host's dynamic loader.
+//! boots as /init of an initramfs it makes: the host's programs live under /host, which is not
+//! mounted yet when the kernel starts init, so init cannot need the host's dynamic loader.
 //!
-//! It mounts the pseudo filesystems and the host's / (tag `hostfs`, read-only) at /host, brings
-//! up loopback (the kernel's `ip=dhcp` configures the NIC), starts the `lkvm exec` server on
-//! vsock (`exec_server`, when the kernel has vsock) and runs the host's /bin/sh on the console.
-//! With `lkvm.sandbox=NONCE` on the kernel command line it runs no shell: once listening it
-//! removes /virt/sandbox/ready-NONCE (lkvm may snapshot the guest there, waiting for a job) and
-//! serves one request, lkvm sandbox's command. Then it syncs and reboots, which ends the VM.
+//! From the initramfs it mounts the root directory (tag `root`) and the host's / (tag `hostfs`)
+//! read-only, over virtio-fs where the kernel has it and 9p otherwise, puts an overlay over each
+//! whose writes stay in guest memory, mounts the `lkvm.rw=DIR` directories (tags `rw0`, `rw1`...)
+//! writable at /host/DIR and makes the overlay the root. Then it mounts the pseudo filesystems,
+//! brings up loopback (the kernel's `ip=dhcp` configures the NIC), starts the `lkvm exec` server
+//! on vsock (`exec_server`, when the kernel has vsock) and runs the host's /bin/sh on the
+//! console, or the user's `init=`. With `lkvm.sandbox=NONCE` on the kernel command line it runs
+//! no shell: once listening it tells the host it is ready (lkvm may snapshot the guest there,
+//! waiting for a job) and serves one request, lkvm sandbox's command. Then it syncs and
+//! reboots, which ends the VM.
 
 #[path = "../../exec/protocol.rs"]
 #[allow(dead_code)] // the host's half is unused here
@@ -31,12 +35,17 @@ extern "C" {
     fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
     fn fork() -> c_int;
     fn _exit(status: c_int) -> !;
+    fn chdir(path: *const c_char) -> c_int;
+    fn chroot(path: *const c_char) -> c_int;
+    fn umount2(target: *const c_char, flags: c_int) -> c_int;
 }
 
 const MS_RDONLY: c_ulong = 1;
 const MS_NOSUID: c_ulong = 2;
 const MS_NODEV: c_ulong = 4;
 const MS_NOEXEC: c_ulong = 8;
+const MS_BIND: c_ulong = 4096;
+const MS_MOVE: c_ulong = 8192;
 const RB_AUTOBOOT: c_int = 0x0123_4567;
 const TIOCSCTTY: c_ulong = 0x540E;
 const SIOCGIFFLAGS: c_ulong = 0x8913;
@@ -80,10 +89,81 @@ fn loopback_up() {
     }
 }
 
-/// The value of `lkvm.sandbox=`, if this guest runs a sandbox job.
-fn sandbox_param() -> Option<String> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline.split_whitespace().find_map(|p| p.strip_prefix("lkvm.sandbox=")).map(str::to_string)
+/// The values of the kernel parameter `key` (`lkvm.rw=`), in order.
+fn params<'a>(cmdline: &'a str, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    cmdline.split_whitespace().filter_map(move |p| p.strip_prefix(key))
+}
+
+/// The shared filesystem the root directory came over; the other shares use the same.
+#[derive(Clone, Copy)]
+enum Transport {
+    VirtioFs,
+    NineP,
+}
+
+impl Transport {
+    fn mount(self, tag: &str, target: &str, read_only: bool) -> bool {
+        let flags = if read_only { MS_RDONLY } else { 0 };
+        match self {
+            Transport::VirtioFs => mount_fs(tag, target, "virtiofs", flags, ""),
+            // The root directory changes seldom: cache it.
+            Transport::NineP if tag == "root" => {
+                mount_fs(tag, target, "9p", flags, "trans=virtio,version=9p2000.L,msize=512000,cache=loose")
+            }
+            Transport::NineP => mount_fs(tag, target, "9p", flags, "trans=virtio,version=9p2000.L,msize=512000"),
+        }
+    }
+}
+
+/// The read-only `lower` under `target`, with its writes in /lkvm (guest memory).
+fn overlay(lower: &str, target: &str, name: &str) -> bool {
+    let (upper, work) = (format!("/lkvm/upper/{name}"), format!("/lkvm/work/{name}"));
+    std::fs::create_dir_all(&upper).is_ok()
+        && std::fs::create_dir_all(&work).is_ok()
+        && mount_fs("overlay", target, "overlay", 0, &format!("lowerdir={lower},upperdir={upper},workdir={work}"))
+}
+
+fn last_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// Builds the root from the initramfs (see the top of this file) and moves into it.
+fn switch_to_shared_root(cmdline: &str) -> Result<(), String> {
+    mount_fs("tmpfs", "/lkvm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700");
+    let transport = [Transport::VirtioFs, Transport::NineP]
+        .into_iter()
+        .find(|t| t.mount("root", "/lkvm/root", true))
+        .ok_or_else(|| format!("cannot mount the root directory (tag root) over virtio-fs or 9p: {}", last_error()))?;
+    if !transport.mount("hostfs", "/lkvm/host", true) {
+        eprintln!("lkvm init: cannot mount the host's / (tag hostfs): {}", last_error());
+    }
+    if !(overlay("/lkvm/root", "/newroot", "root") && overlay("/lkvm/host", "/newroot/host", "host")) {
+        eprintln!("lkvm init: no overlayfs ({}): / and /host are read-only", last_error());
+        let _ = umount2_path("/newroot");
+        mount_fs("/lkvm/root", "/newroot", "", MS_BIND, "");
+        mount_fs("/lkvm/host", "/newroot/host", "", MS_BIND, "");
+    }
+    for (index, dir) in params(cmdline, "lkvm.rw=").enumerate() {
+        if !transport.mount(&format!("rw{index}"), &format!("/newroot/host{dir}"), false) {
+            eprintln!("lkvm init: cannot mount {dir} writable (tag rw{index}): {}", last_error());
+        }
+    }
+    let (root, dot) = (cstr("/newroot"), cstr("."));
+    // SAFETY: NUL-terminated paths that outlive the calls. The initramfs stays beneath, unused:
+    // the usual switch_root, without deleting its one file.
+    let moved = unsafe {
+        chdir(root.as_ptr()) == 0
+            && mount(dot.as_ptr(), cstr("/").as_ptr(), std::ptr::null(), MS_MOVE, std::ptr::null()) == 0
+            && chroot(dot.as_ptr()) == 0
+            && chdir(cstr("/").as_ptr()) == 0
+    };
+    moved.then_some(()).ok_or_else(|| format!("cannot make the overlay the root: {}", last_error()))
+}
+
+fn umount2_path(path: &str) -> bool {
+    let path = cstr(path);
+    // SAFETY: a NUL-terminated path that outlives the call.
+    unsafe { umount2(path.as_ptr(), 0) == 0 }
 }
 
 /// Runs `command` as the console's session leader (so Ctrl-C reaches it), reaps every
@@ -126,10 +206,8 @@ fn sandbox(nonce: &str) {
             return;
         }
     };
-    // Removing the file is one 9P request, which leaves no file open in a snapshot.
-    let ready = format!("/virt/sandbox/ready-{nonce}");
-    if let Err(e) = std::fs::remove_file(&ready) {
-        eprintln!("lkvm init: cannot signal readiness by removing {ready}: {e}");
+    if let Err(e) = exec_server::announce_ready(nonce) {
+        eprintln!("lkvm init: cannot tell the host the sandbox is ready: {e}");
         return;
     }
     exec_server::serve(listener, true);
@@ -155,20 +233,30 @@ fn sync_filesystems() {
 
 fn main() {
     mount_fs("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "");
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    umount2_path("/proc");
+    if let Err(e) = switch_to_shared_root(&cmdline) {
+        eprintln!("lkvm init: {e}");
+        sync_filesystems();
+        // SAFETY: reboot takes no pointers; it ends this VM.
+        unsafe { reboot(RB_AUTOBOOT) };
+    }
+    mount_fs("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "");
     mount_fs("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "");
     // The kernel may have mounted devtmpfs already (DEVTMPFS_MOUNT): then this is a no-op.
     mount_fs("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "");
     mount_fs("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
     mount_fs("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
-    if !mount_fs("hostfs", "/host", "9p", MS_RDONLY, "trans=virtio,version=9p2000.L") {
-        eprintln!("lkvm init: cannot mount the host's / at /host: {}", std::io::Error::last_os_error());
-    }
     loopback_up();
     std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     std::env::set_var("HOME", "/root");
     std::env::set_var("TERM", "linux");
-    match sandbox_param() {
-        Some(nonce) => sandbox(&nonce),
+    if let Some(init) = params(&cmdline, "init=").next() {
+        let e = Command::new(init).exec();
+        eprintln!("lkvm init: cannot run init={init}: {e}");
+    }
+    match params(&cmdline, "lkvm.sandbox=").next() {
+        Some(nonce) => sandbox(nonce),
         None => {
             start_exec_server();
             let mut shell = Command::new("/bin/sh");
