@@ -104,7 +104,7 @@ fn exit_status(exit: &VmExit) -> ExitCode {
     }
 }
 
-/// Boots (or restores) a guest on lkvm's 9p root filesystem, runs the command in it over vsock
+/// Boots (or restores) a guest on lkvm's root filesystem, runs the command in it over vsock
 /// and exits with the command's status.
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     logging::init(logging::parse_level(&args.run.loglevel).unwrap_or(2));

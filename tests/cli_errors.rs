@@ -143,6 +143,18 @@ fn bad_disks() {
 }
 
 #[test]
+fn bad_writable_directories() {
+    let k = flat_kernel();
+    let run = |args: &[&str]| {
+        let all: Vec<&str> = ["run", "-k", &k, "-m", "16", "-c", "1"].iter().chain(args).copied().collect();
+        run_lkvm(&all, None, TIMEOUT)
+    };
+    assert_one_line_error(&run(&["--rw", "/nonexistent/tree"]), "--rw /nonexistent/tree: No such file");
+    assert_one_line_error(&run(&["--rw", "/"]), "the host's / stays read-only");
+    assert_one_line_error(&run(&["--rw", "/tmp", "-i", &k]), "--rw works on lkvm's root filesystem");
+}
+
+#[test]
 fn disk_that_is_read_only_on_the_host() {
     let dir = temp_dir();
     let image = write_file(&dir, "ro.img", &[7u8; 4096]);
@@ -221,7 +233,7 @@ fn bad_sandbox_and_setup() {
     let dir = temp_dir();
     let image = write_file(&dir, "disk.img", &[0u8; 4096]);
     let out = run_lkvm(&["sandbox", "-k", "/nonexistent", "-d", image.to_str().unwrap(), "--", "true"], None, TIMEOUT);
-    assert_one_line_error(&out, "needs lkvm's 9p root filesystem");
+    assert_one_line_error(&out, "needs lkvm's root filesystem");
     let out = run_lkvm(&["setup", "../escape"], None, TIMEOUT);
     assert_one_line_error(&out, "not a guest name");
 }

@@ -58,7 +58,7 @@ pub struct RunArgs {
     #[arg(long = "disable-cpuid", value_name = "FEATURES", value_delimiter = ',')]
     pub disable_cpuid: Vec<String>,
     /// Disk image or host block device, `PATH[,ro][,direct]`; repeatable (/dev/vda, /dev/vdb, ...).
-    /// A directory, or the NAME of an `lkvm setup` guest, is booted as a 9p root filesystem
+    /// A directory is booted as a 9p root filesystem; the NAME of an `lkvm setup` guest boots it
     #[arg(short = 'd', long = "disk", value_name = "IMAGE|DIR")]
     pub disks: Vec<String>,
     /// Share a host directory over virtio-9p, `DIR,TAG[,ro]`; repeatable. In the guest:
