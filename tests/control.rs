@@ -114,3 +114,30 @@ fn stat_without_a_balloon_answers_at_once() {
     assert_eq!(lkvm_ctl(&home, &["stop", "-n", "plain"]).0, 0);
     exits_zero(&mut guest);
 }
+
+/// A flat binary is not Linux: lkvm makes no root filesystem for it and starts no network
+/// stack; nothing is left under HOME when it ends.
+#[test]
+fn a_flat_binary_gets_no_rootfs_and_no_network_thread() {
+    if !kvm_available("a_flat_binary_gets_no_rootfs_and_no_network_thread") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "1", "--name", "flat"];
+    let mut guest = spawn_counting(Path::new(lkvm()), &args, &home);
+    wait_for("the guest to print", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > 0);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", guest.child.id()))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    assert!(threads.iter().any(|t| t.starts_with("vcpu")), "{threads:?}");
+    assert!(!threads.iter().any(|t| t == "slirp"), "a network thread: {threads:?}");
+    assert!(!home.join(".lkvm/default").exists(), "a root filesystem for a flat binary");
+    assert_eq!(lkvm_ctl(&home, &["stop", "-n", "flat"]).0, 0);
+    exits_zero(&mut guest);
+    let left: Vec<_> = std::fs::read_dir(home.join(".lkvm")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left under ~/.lkvm: {left:?}");
+}

@@ -81,6 +81,15 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
+/// Whether `path` holds a flat real-mode binary rather than Linux (false if it cannot be read:
+/// loading it says why).
+pub fn is_flat_binary(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else { return false };
+    let size = file.metadata().map_or(0, |m| if m.is_file() { m.len() } else { 0 });
+    let mut head = Vec::with_capacity(0x240);
+    file.take(0x240).read_to_end(&mut head).is_ok() && detect(&head, size) == Ok(KernelFormat::Flat)
+}
+
 pub fn load(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, Error> {
     let bad = |reason: String| Error::Kernel(path.to_owned(), reason);
     let mut file = File::open(path).map_err(|e| bad(e.to_string()))?;

@@ -90,7 +90,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "CID[,uds=PATH]")]
     pub vsock: Option<String>,
     /// Network: `mode=user|tap|none[,tapif=NAME][,guest_mac=MAC][,host_ip=IP][,guest_ip=IP]
-    /// [,script=PATH][,hostfwd=tcp:HOSTPORT:GUESTPORT]`; repeatable. Default: one user-mode NIC
+    /// [,script=PATH][,hostfwd=tcp:HOSTPORT:GUESTPORT]`; repeatable. Default for Linux: one user-mode NIC
     #[arg(short = 'n', long = "network", value_name = "OPTIONS")]
     pub networks: Vec<String>,
     /// Serve gdb's remote protocol on 127.0.0.1:PORT or on the UNIX socket PATH. The guest
@@ -313,7 +313,11 @@ impl RunArgs {
             }
             root_dir = Some((dir, spec.read_only));
         }
-        let boots_default_rootfs = drives.is_empty() && root_dir.is_none() && self.initrd.is_none() && !self.nodefaults;
+        // A flat binary is not Linux: it gets no root filesystem and, as in kvmtool, no NIC
+        // unless asked for.
+        let flat_binary = crate::boot::kernel::is_flat_binary(&kernel);
+        let boots_default_rootfs =
+            !flat_binary && drives.is_empty() && root_dir.is_none() && self.initrd.is_none() && !self.nodefaults;
         if boots_default_rootfs {
             root_dir = Some((rootfs::path(rootfs::DEFAULT_NAME), false));
         }
@@ -359,8 +363,8 @@ impl RunArgs {
             first.is_root_device = true;
         }
         let mut nets = self.networks.iter().map(|n| NetSpec::parse(n)).collect::<Result<Vec<_>, _>>()?;
-        if self.networks.is_empty() {
-            nets.push(NetSpec::default()); // kvmtool's default: one user-mode NIC
+        if self.networks.is_empty() && !flat_binary {
+            nets.push(NetSpec::default()); // kvmtool's default for Linux: one user-mode NIC
         }
         nets.retain(|n| n.mode != NetMode::None);
         let nets = nets.into_iter().enumerate().map(|(i, spec)| NetConfig { id: format!("net{i}"), spec }).collect();
@@ -541,6 +545,19 @@ mod tests {
         assert!(bad_net.contains("unknown mode 'warp'"));
         let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config().unwrap_err();
         assert!(bad.contains("unknown disk option 'bogus'"));
+    }
+
+    #[test]
+    fn a_flat_binary_gets_no_rootfs_and_no_default_nic() {
+        let flat = std::env::temp_dir().join(format!("lkvm-flat-{}.bin", std::process::id()));
+        std::fs::write(&flat, [0xeb, 0xfe]).unwrap();
+        let base = || RunArgs { kernel: Some(flat.clone()), cpus: Some(1), ..Default::default() };
+        let config = base().into_config().unwrap();
+        assert!(config.shares.is_empty() && config.fs.is_empty() && config.lkvm_rootfs().is_none());
+        assert!(config.nets.is_empty() && config.vsock.is_none());
+        let asked = RunArgs { networks: vec!["mode=user".into()], ..base() }.into_config().unwrap();
+        assert_eq!(asked.nets.len(), 1, "a NIC asked for is there");
+        std::fs::remove_file(&flat).unwrap();
     }
 
     #[test]
