@@ -144,7 +144,9 @@ fn bad_disks() {
 
 #[test]
 fn bad_writable_directories() {
-    let k = flat_kernel();
+    // An ELF kernel, so that lkvm would boot its root filesystem (a flat binary gets none).
+    let dir = temp_dir();
+    let k = write_file(&dir, "k.elf", &elf64_kernel(&x86_64::UD2)).to_str().unwrap().to_string();
     let run = |args: &[&str]| {
         let all: Vec<&str> = ["run", "-k", &k, "-m", "16", "-c", "1"].iter().chain(args).copied().collect();
         run_lkvm(&all, None, TIMEOUT)
@@ -152,6 +154,8 @@ fn bad_writable_directories() {
     assert_one_line_error(&run(&["--rw", "/nonexistent/tree"]), "--rw /nonexistent/tree: No such file");
     assert_one_line_error(&run(&["--rw", "/"]), "the host's / stays read-only");
     assert_one_line_error(&run(&["--rw", "/tmp", "-i", &k]), "--rw works on lkvm's root filesystem");
+    let flat = run_lkvm(&["run", "-k", &flat_kernel(), "-m", "16", "--rw", "/tmp"], None, TIMEOUT);
+    assert_one_line_error(&flat, "--rw works on lkvm's root filesystem");
 }
 
 #[test]
