@@ -278,6 +278,12 @@ fn firecracker(args: cli::firecracker::FirecrackerArgs, started: Instant) -> Exi
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    // Nothing lkvm runs (a tap script, a guest-triggered helper) gains privileges through
+    // set-id binaries or file capabilities.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return fail(&format!("PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error()));
+    }
     // A link named `firecracker` to this binary is a drop-in for Firecracker.
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if std::path::Path::new(&argv0).file_name().is_some_and(|name| name == "firecracker") {

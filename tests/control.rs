@@ -141,3 +141,68 @@ fn a_flat_binary_gets_no_rootfs_and_no_network_thread() {
     let left: Vec<_> = std::fs::read_dir(home.join(".lkvm")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "left under ~/.lkvm: {left:?}");
 }
+
+/// Containment a user cannot see until it matters: lkvm never gains privileges through what it
+/// runs (no_new_privs), keeps its descriptors out of children (a tap script, helpers), and keeps
+/// guest memory out of its core dumps.
+#[test]
+fn no_new_privs_cloexec_descriptors_and_guest_memory_out_of_core_dumps() {
+    if !kvm_available("no_new_privs_cloexec_descriptors_and_guest_memory_out_of_core_dumps") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let args = [
+        "run",
+        "-k",
+        kernel.to_str().unwrap(),
+        "-m",
+        "16",
+        "-c",
+        "1",
+        "--rng",
+        "-n",
+        "mode=user",
+        "--name",
+        "contained",
+    ];
+    let mut guest = spawn_counting(Path::new(lkvm()), &args, &home);
+    wait_for("the guest to print", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > 0);
+    let proc_dir = format!("/proc/{}", guest.child.id());
+    let status = std::fs::read_to_string(format!("{proc_dir}/status")).unwrap();
+    assert!(status.lines().any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])), "{status}");
+
+    let mut checked = Vec::new();
+    for fd in std::fs::read_dir(format!("{proc_dir}/fd")).unwrap().flatten() {
+        let number: u32 = fd.file_name().to_str().unwrap().parse().unwrap();
+        let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+        let inherited = std::fs::read_link(format!("/proc/self/fd/{number}")).is_ok_and(|ours| ours == target);
+        if number <= 2 || inherited {
+            continue; // stdin, stdout, stderr, and what the test itself was given: not lkvm's
+        }
+        let info = std::fs::read_to_string(format!("{proc_dir}/fdinfo/{number}")).unwrap();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert!(flags & libc::O_CLOEXEC as u32 != 0, "fd {number} ({}) is inherited by children", target.display());
+        checked.push(target.display().to_string());
+    }
+    assert!(checked.iter().any(|t| t.contains("eventfd")) && checked.iter().any(|t| t.contains("kvm")), "{checked:?}");
+
+    // The 16 MiB of guest RAM (below the 4 GiB hole: one mapping) is marked "dd".
+    let smaps = std::fs::read_to_string(format!("{proc_dir}/smaps")).unwrap();
+    let mut size_kib = 0;
+    let mut guest_ram_flags = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("Size:") => size_kib = words.next().unwrap().parse::<u64>().unwrap(),
+            Some("VmFlags:") if size_kib == 16 * 1024 => guest_ram_flags = Some(words.collect::<Vec<_>>()),
+            _ => {}
+        }
+    }
+    let flags = guest_ram_flags.unwrap_or_else(|| panic!("no 16 MiB mapping: {smaps}"));
+    assert!(flags.contains(&"dd"), "guest RAM would be dumped: {flags:?}");
+
+    assert_eq!(lkvm_ctl(&home, &["stop", "-n", "contained"]).0, 0);
+    exits_zero(&mut guest);
+}

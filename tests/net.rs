@@ -96,17 +96,24 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
         "-p",
         &params,
     ];
-    // When the guest listens, a host client connects through the forward.
+    // When the guest listens, a host client connects through the forward. The forward listens on
+    // loopback only: from the host's other address the port is closed (the guest serves one
+    // connection, so a forward open to the network would also fail the loopback client).
+    let outside = non_loopback_ipv4();
     let (fwd_tx, fwd_rx) = channel();
     let out = run_command(lkvm(), &args, None, boot_timeout(), move |line| {
         if line.contains("LKVM-RESULT listening=8000") {
             let tx = fwd_tx.clone();
             thread::spawn(move || {
+                let from_outside = outside.map(|ip| {
+                    let addr = std::net::SocketAddr::from((ip, forward_port));
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_ok()
+                });
                 let got = std::net::TcpStream::connect(("127.0.0.1", forward_port)).and_then(|mut s| {
                     let mut data = Vec::new();
                     s.read_to_end(&mut data).map(|_| data)
                 });
-                let _ = tx.send(got.map_err(|e| e.to_string()));
+                let _ = tx.send((from_outside, got.map_err(|e| e.to_string())));
             });
         }
     });
@@ -120,8 +127,9 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
     assert_eq!(out.result("udp").as_deref(), Some("ok"), "{}", out.describe());
     assert_eq!(out.result("serve").as_deref(), Some("ok"), "{}", out.describe());
     assert_eq!(out.result("ping").as_deref(), Some("ok"), "ICMP echo to the host address: {}", out.describe());
-    let forwarded =
-        fwd_rx.recv_timeout(Duration::from_secs(10)).expect("host client ran").expect("host client connected");
+    let (from_outside, forwarded) = fwd_rx.recv_timeout(Duration::from_secs(10)).expect("host client ran");
+    assert_ne!(from_outside, Some(true), "the forward is open on {outside:?}");
+    let forwarded = forwarded.expect("host client connected");
     assert_eq!(forwarded, pattern(65536, 4), "bytes through the port forward");
 }
 
@@ -147,6 +155,16 @@ impl Drop for Netns {
 
 /// Bytes the guest sends over the tap: enough for TCP to build offloaded segments.
 const SENT: usize = 262144;
+
+/// The address this host would send from to the world, if it has one besides loopback.
+fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?; // TEST-NET-1: a route lookup, nothing is sent
+    match socket.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_unspecified() => Some(ip),
+        _ => None,
+    }
+}
 
 #[test]
 fn tap_networking_in_a_private_namespace() {

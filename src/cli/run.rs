@@ -90,7 +90,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "CID[,uds=PATH]")]
     pub vsock: Option<String>,
     /// Network: `mode=user|tap|none[,tapif=NAME][,guest_mac=MAC][,host_ip=IP][,guest_ip=IP]
-    /// [,script=PATH][,hostfwd=tcp:HOSTPORT:GUESTPORT]`; repeatable. Default for Linux: one user-mode NIC
+    /// [,script=PATH][,hostfwd=tcp:[HOSTADDR:]HOSTPORT:GUESTPORT]`; repeatable. Default for Linux: one user-mode NIC
     #[arg(short = 'n', long = "network", value_name = "OPTIONS")]
     pub networks: Vec<String>,
     /// Serve gdb's remote protocol on 127.0.0.1:PORT or on the UNIX socket PATH. The guest

@@ -71,7 +71,7 @@ impl GuestDebugger {
             continued: None,
             exits,
             exit_sender,
-            exit_ready: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            exit_ready: Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
         })
     }
 

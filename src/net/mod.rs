@@ -51,8 +51,16 @@ pub enum Protocol {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortForward {
     pub protocol: Protocol,
+    /// The host address the forward listens on: loopback unless the user names another, so a
+    /// guest's service is not offered to the network by surprise.
+    #[serde(default = "loopback")]
+    pub host_addr: Ipv4Addr,
     pub host_port: u16,
     pub guest_port: u16,
+}
+
+fn loopback() -> Ipv4Addr {
+    Ipv4Addr::LOCALHOST
 }
 
 /// One `-n` option.
@@ -101,16 +109,20 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     (mac[0] & 1 == 0).then_some(mac)
 }
 
+/// `tcp|udp:[HOSTADDR:]HOSTPORT:GUESTPORT`.
 fn parse_forward(s: &str) -> Option<PortForward> {
-    let mut parts = s.split(':');
-    let protocol = match parts.next()? {
+    let parts: Vec<&str> = s.split(':').collect();
+    let protocol = match parts[0] {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
         _ => return None,
     };
-    let host_port = parts.next()?.parse().ok()?;
-    let guest_port = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some(PortForward { protocol, host_port, guest_port })
+    let (host_addr, ports) = match &parts[1..] {
+        [addr, ports @ ..] if ports.len() == 2 => (addr.parse().ok()?, ports),
+        ports => (loopback(), ports),
+    };
+    let [host_port, guest_port] = ports else { return None };
+    Some(PortForward { protocol, host_addr, host_port: host_port.parse().ok()?, guest_port: guest_port.parse().ok()? })
 }
 
 impl NetSpec {
@@ -137,7 +149,7 @@ impl NetSpec {
                 "script" => spec.script = Some(PathBuf::from(value)),
                 "hostfwd" => spec.forwards.push(
                     parse_forward(value)
-                        .ok_or_else(|| bad(&format!("bad forward '{value}' (tcp:HOSTPORT:GUESTPORT)")))?,
+                        .ok_or_else(|| bad(&format!("bad forward '{value}' (tcp:[HOSTADDR:]HOSTPORT:GUESTPORT)")))?,
                 ),
                 "mq" => {
                     spec.queue_pairs = value
@@ -176,9 +188,20 @@ mod tests {
         assert_eq!(tap.tapif.as_deref(), Some("tap0"));
         assert_eq!(tap.guest_mac, Some([2, 0, 0, 0, 0, 1]));
         assert_eq!(tap.host_ip, Ipv4Addr::new(10, 0, 0, 1));
-        let fwd = NetSpec::parse("mode=user,hostfwd=tcp:8080:80,hostfwd=udp:5353:53").unwrap();
-        assert_eq!(fwd.forwards[0], PortForward { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 });
-        assert_eq!(fwd.forwards[1].protocol, Protocol::Udp);
+        let fwd = NetSpec::parse("mode=user,hostfwd=tcp:8080:80,hostfwd=udp:0.0.0.0:5353:53").unwrap();
+        let local = Ipv4Addr::LOCALHOST;
+        assert_eq!(
+            fwd.forwards[0],
+            PortForward { protocol: Protocol::Tcp, host_addr: local, host_port: 8080, guest_port: 80 }
+        );
+        let everywhere = Ipv4Addr::UNSPECIFIED;
+        assert_eq!(
+            fwd.forwards[1],
+            PortForward { protocol: Protocol::Udp, host_addr: everywhere, host_port: 5353, guest_port: 53 }
+        );
+        // Configs written before the address existed forward from loopback.
+        let old: PortForward = serde_json::from_str(r#"{"protocol":"tcp","host_port":1,"guest_port":2}"#).unwrap();
+        assert_eq!(old.host_addr, local);
         assert_eq!(NetSpec::parse("mode=none").unwrap().mode, NetMode::None);
         assert_eq!(NetSpec::parse("mode=tap,mq=4").unwrap().queue_pairs, 4);
     }
@@ -191,6 +214,8 @@ mod tests {
         assert!(NetSpec::parse("guest_mac=zz:00:00:00:00:01").unwrap_err().contains("bad MAC"));
         assert!(NetSpec::parse("host_ip=300.1.1.1").unwrap_err().contains("bad IPv4"));
         assert!(NetSpec::parse("hostfwd=tcp:80").unwrap_err().contains("bad forward"));
+        assert!(NetSpec::parse("hostfwd=tcp:localhost:80:80").unwrap_err().contains("bad forward"));
+        assert!(NetSpec::parse("hostfwd=tcp:1:2:3:4").unwrap_err().contains("bad forward"));
         assert!(NetSpec::parse("mode=tap,hostfwd=tcp:1:2").unwrap_err().contains("needs mode=user"));
         assert!(NetSpec::parse("mode=tap,tapif=averyveryverylongname").unwrap_err().contains("tapif"));
         assert!(NetSpec::parse("vhost=1").unwrap_err().contains("not supported"));

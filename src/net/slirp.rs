@@ -254,7 +254,8 @@ impl Slirp {
         let (ours, theirs) = seqpacket_pair().map_err(|e| format!("user-mode network: {e}"))?;
         set_nonblocking(ours.as_raw_fd());
         set_nonblocking(theirs.as_raw_fd());
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("user-mode network: {e}"))?;
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| format!("user-mode network: {e}"))?;
         let stop_fd = stop.try_clone().map_err(|e| format!("user-mode network: {e}"))?;
         let lib = libslirp()?;
         let (spec, (ready_tx, ready_rx)) = (spec.clone(), std::sync::mpsc::channel());
@@ -326,7 +327,7 @@ fn run(
             (lib.add_hostfwd)(
                 slirp,
                 c_int::from(fwd.protocol == Protocol::Udp),
-                in_addr(Ipv4Addr::UNSPECIFIED),
+                in_addr(fwd.host_addr),
                 c_int::from(fwd.host_port),
                 in_addr(spec.guest_ip),
                 c_int::from(fwd.guest_port),

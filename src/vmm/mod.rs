@@ -138,6 +138,11 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mem_size: u64) -> Result<()
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of it
         // (vCPU threads are joined before `mem` is dropped).
         unsafe { vm.set_user_memory_region(kvm_region) }.map_err(kvm_err("set memory region"))?;
+        // A core dump of lkvm must not carry the guest's memory (its secrets, and gigabytes).
+        // SAFETY: advice on a live mapping owned by `mem`; it changes no contents.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTDUMP) } != 0 {
+            return Err(Error::Host("exclude guest memory from core dumps", std::io::Error::last_os_error()));
+        }
     }
     Ok(())
 }
