@@ -45,6 +45,7 @@ fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Resu
     let config = args.into_config_with(rootfs_transports)?;
     control::Server::check_name_free(&config.name)?;
     if let Some(root) = config.lkvm_rootfs() {
+        control::ensure_lkvm_dir()?;
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
     }
     Ok(config)

@@ -159,6 +159,18 @@ fn bad_writable_directories() {
 }
 
 #[test]
+fn lkvm_dir_that_others_can_write() {
+    let home = temp_dir();
+    let shared = home.join(".lkvm");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let env = [("HOME", home.to_str().unwrap().to_string())];
+    let out = run_command_env(lkvm(), &["run", "-k", &flat_kernel(), "-m", "16"], &env, TIMEOUT, |_| {});
+    assert_one_line_error(&out, "others can write it (mode 777)");
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0, "no socket made in it");
+}
+
+#[test]
 fn disk_that_is_read_only_on_the_host() {
     let dir = temp_dir();
     let image = write_file(&dir, "ro.img", &[7u8; 4096]);

@@ -213,9 +213,67 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
     response
 }
 
-/// `~/.lkvm`, kvmtool's directory for sockets and rootfs directories.
+/// `~/.lkvm`, kvmtool's directory for sockets and rootfs directories. Without HOME it is the
+/// user's home from the password database, never a shared directory such as /tmp.
 pub fn lkvm_dir() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp")).join(".lkvm")
+    home_dir(std::env::var_os("HOME"), passwd_home).join(".lkvm")
+}
+
+/// An absolute HOME, else the password database's; else a path that cannot be created (as
+/// Debian's users without a home have).
+fn home_dir(env_home: Option<std::ffi::OsString>, passwd: impl FnOnce() -> Option<PathBuf>) -> PathBuf {
+    env_home
+        .map(PathBuf::from)
+        .filter(|home| home.is_absolute())
+        .or_else(passwd)
+        .unwrap_or_else(|| PathBuf::from("/nonexistent"))
+}
+
+fn passwd_home() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: struct passwd is plain data; all zeroes is a valid (empty) value.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes the entry's strings into `buffer`, which outlives their use here.
+    let rc = unsafe { libc::getpwuid_r(libc::geteuid(), &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+    if rc != 0 || found.is_null() || entry.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: pw_dir points at a NUL-terminated string in `buffer`.
+    let dir = unsafe { std::ffi::CStr::from_ptr(entry.pw_dir) };
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))).filter(|home| home.is_absolute())
+}
+
+/// Creates `~/.lkvm` (mode 0700) if it is missing, and refuses one that another user owns,
+/// that others can write, or that is a symlink: its sockets and root directories are the
+/// user's alone.
+pub fn ensure_lkvm_dir() -> Result<PathBuf, String> {
+    let dir = lkvm_dir();
+    ensure_private_dir(&dir)?;
+    Ok(dir)
+}
+
+fn ensure_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |what: String| format!("{}: {what}", dir.display());
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(bad(e.to_string())),
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| bad(e.to_string()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() {
+        return Err(bad("not a directory (a symlink?): remove it".into()));
+    }
+    if meta.uid() != me {
+        return Err(bad(format!("owned by uid {}, not by you (uid {me}): refusing to use it", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(bad(format!("others can write it (mode {:o}): chmod 700 it", meta.mode() & 0o777)));
+    }
+    Ok(())
 }
 
 /// Binds a UNIX socket at `path`, replacing one left by a process that died. A socket that
@@ -319,12 +377,7 @@ impl Server {
 
     pub fn start(name: &str, controller: Arc<dyn Controller>) -> Result<Server, String> {
         check_name(name)?;
-        let dir = lkvm_dir();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        ensure_lkvm_dir()?;
         let path = socket_path(name);
         let listener = bind_replacing_stale(&path).map_err(|e| match e.kind() {
             io::ErrorKind::AddrInUse => format!("a guest named '{name}' is already running ({})", path.display()),
@@ -372,6 +425,38 @@ impl Drop for Server {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lkvm_dir_is_the_users_never_a_shared_one() {
+        use super::*;
+        use std::os::unix::fs::MetadataExt;
+        let from_passwd = || Some(PathBuf::from("/home/me"));
+        assert_eq!(home_dir(Some("/h".into()), from_passwd), Path::new("/h"));
+        assert_eq!(home_dir(None, from_passwd), Path::new("/home/me"), "HOME unset");
+        assert_eq!(home_dir(Some("relative".into()), from_passwd), Path::new("/home/me"));
+        assert_eq!(home_dir(None, || None), Path::new("/nonexistent"));
+
+        let base = std::env::temp_dir().join(format!("lkvm-dir-test-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let fresh = base.join("fresh");
+        ensure_private_dir(&fresh).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+        let shared = base.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(ensure_private_dir(&shared).unwrap_err().contains("others can write it"));
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(ensure_private_dir(&link).unwrap_err().contains("not a directory"));
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            assert!(ensure_private_dir(&theirs).unwrap_err().contains("owned by uid 65534"));
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
     use super::*;
 
     #[derive(Default)]

@@ -53,6 +53,7 @@ pub fn create(name: &str) -> Result<PathBuf, String> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err(format!("'{name}' is not a guest name (no '/', no leading '.')"));
     }
+    crate::control::ensure_lkvm_dir()?;
     let root = path(name);
     if root.exists() {
         return Err(format!("{} already exists", root.display()));
