@@ -57,14 +57,26 @@ fn unemulatable_instruction_exits_nonzero_with_rip_and_code() {
 }
 
 #[test]
-fn boot_marker_port_logs_time_since_start() {
-    if !kvm_available("boot_marker_port_logs_time_since_start") {
+fn boot_marker_and_the_exit_report_at_loglevel_info() {
+    if !kvm_available("boot_marker_and_the_exit_report_at_loglevel_info") {
         return;
     }
-    let code = [x86::out8(0x440, 123), x86::i8042_reset(), x86::SPIN.to_vec()].concat();
+    let code = [x86::print("abc"), x86::out8(0x440, 123), x86::i8042_reset(), x86::SPIN.to_vec()].concat();
     let out = run_payload(&code, &["-m", "16", "-c", "1", "--loglevel", "info"], None);
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert!(out.stderr.contains("boot marker 1 (value 0x7b) at "), "{}", out.describe());
+    // One line when the VM ends: lkvm's start-up, the boot marker, and the exits by kind.
+    let report = out.stderr.lines().find(|l| l.contains("start-up ")).unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(report.contains(" ms to the first KVM_RUN; boot marker at 0."), "{report}");
+    let count = |kind: &str| -> u64 {
+        let after = report.split(&format!("{kind} ")).nth(1).unwrap_or_else(|| panic!("no {kind}: {report}"));
+        after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    // Three characters, the marker and the reset are port writes at least.
+    assert!(count("io-out") >= 5, "{report}");
+    for kind in ["io-in", "mmio-read", "mmio-write", "interrupted", "debug", "other"] {
+        count(kind);
+    }
 }
 
 #[test]

@@ -1,11 +1,11 @@
 //! Creates the guest's devices from the config, places them on the buses, wires their
 //! interrupts and notifications to KVM (irqfd, ioeventfd), and keeps a handle on each by id.
 
+use super::stats::RunStats;
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
@@ -122,12 +122,12 @@ pub fn create_devices(
     config: &VmConfig,
     host: HostResources,
     events: &Sender<VmExit>,
-    started: Instant,
+    stats: &Arc<RunStats>,
 ) -> Result<Devices, Error> {
     let mut pio = Bus::default();
     let mut registry = Registry::new();
     let mut persistent = Persistent::new();
-    let com1 = add_legacy_devices(vm, config, events, started, &mut pio, &mut registry, &mut persistent)?;
+    let com1 = add_legacy_devices(vm, config, events, stats, &mut pio, &mut registry, &mut persistent)?;
     let mut console_input: ConsoleInput = Box::new(move |bytes: &[u8]| com1.lock().unwrap().receive(bytes));
 
     // The guest enumerates these in order: disks become vda, vdb, ...
@@ -288,7 +288,7 @@ fn add_legacy_devices(
     vm: &VmFd,
     config: &VmConfig,
     events: &Sender<VmExit>,
-    started: Instant,
+    stats: &Arc<RunStats>,
     pio: &mut Bus,
     registry: &mut Registry,
     persistent: &mut Persistent,
@@ -321,7 +321,7 @@ fn add_legacy_devices(
     let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
     pio.insert(stub.clone(), u64::from(stub::POST_PORT), 1)?;
     pio.insert(stub, u64::from(stub::SYSTEM_CONTROL_A), 1)?;
-    let marker = boot_marker::BootMarker::new(started);
+    let marker = boot_marker::BootMarker::new(stats.clone());
     pio.insert(Arc::new(Mutex::new(marker)), u64::from(boot_marker::PORT), 1)?;
     let com1 = console.expect("COM1 exists");
     registry.insert(COM1_ID.into(), DeviceEntry::Serial(com1.clone()));

@@ -6,7 +6,10 @@ mod device_manager;
 pub mod exit;
 mod handle;
 mod irq_routing;
+pub mod stats;
 pub mod vcpu;
+
+use stats::RunStats;
 
 use std::io;
 use std::os::unix::thread::JoinHandleExt;
@@ -183,6 +186,7 @@ pub struct Vm {
     gdb: Option<(gdb::Listener, bool)>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
     mem: GuestMemoryMmap,
+    stats: Arc<RunStats>,
     _vm: Arc<VmFd>,
 }
 
@@ -279,7 +283,8 @@ impl Vm {
         }
 
         let (events, exits) = channel();
-        let devices = device_manager::create_devices(&vm, &mem, &config, host, &events, started)?;
+        let stats = Arc::new(RunStats::new(started));
+        let devices = device_manager::create_devices(&vm, &mem, &config, host, &events, &stats)?;
         match origin {
             Origin::Boot => {
                 let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);
@@ -318,6 +323,7 @@ impl Vm {
                 mmio: mmio.clone(),
                 mem: mem.clone(),
                 msrs: msrs.clone(),
+                stats: stats.clone(),
             })
             .collect();
         let control = Arc::new(VcpuControl::new(usize::from(machine.vcpu_count)));
@@ -342,6 +348,7 @@ impl Vm {
             host_sockets,
             gdb,
             mem,
+            stats,
             _vm: vm,
         })
     }
@@ -436,6 +443,7 @@ impl Vm {
         for path in &self.host_sockets {
             let _ = std::fs::remove_file(path);
         }
+        tracing::info!("{}", self.stats.summary());
         reason
     }
 }

@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::exit::VmExit;
+use super::stats::RunStats;
 use crate::arch::x86_64::state::{self, VcpuState};
 use crate::devices::bus::Bus;
 
@@ -340,6 +341,7 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     /// The MSRs a snapshot saves.
     pub msrs: Arc<Vec<u32>>,
+    pub stats: Arc<RunStats>,
 }
 
 impl Vcpu {
@@ -357,7 +359,12 @@ impl Vcpu {
                     tracing::warn!("NMI to vCPU {}: {e}", self.index);
                 }
             }
-            let result = match self.fd.run() {
+            self.stats.entering_guest();
+            let exit = self.fd.run();
+            if let Ok(exit) = &exit {
+                self.stats.count(exit);
+            }
+            let result = match exit {
                 Ok(VcpuExit::Debug(exit)) => {
                     control.debug_event(usize::from(self.index), DebugEvent::Exit(exit));
                     Ok(())

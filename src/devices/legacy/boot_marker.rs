@@ -1,20 +1,21 @@
 //! Boot timer: the guest writes to this port when it reaches the point it wants timed (our test
 //! init does so first thing), and lkvm logs the time since it started.
 
-use std::time::Instant;
+use std::sync::Arc;
 
 use crate::devices::bus::BusDevice;
+use crate::vmm::stats::RunStats;
 
 pub const PORT: u16 = 0x440;
 
 pub struct BootMarker {
-    start: Instant,
+    stats: Arc<RunStats>,
     marks: u32,
 }
 
 impl BootMarker {
-    pub fn new(start: Instant) -> Self {
-        BootMarker { start, marks: 0 }
+    pub fn new(stats: Arc<RunStats>) -> Self {
+        BootMarker { stats, marks: 0 }
     }
 }
 
@@ -25,7 +26,7 @@ impl BusDevice for BootMarker {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         self.marks += 1;
-        let elapsed = self.start.elapsed();
+        let elapsed = self.stats.boot_marker();
         tracing::info!(
             "boot marker {} (value {:#x}) at {}.{:03} s since start",
             self.marks,
