@@ -26,9 +26,12 @@ struct Entry {
 #[derive(Default)]
 pub struct Bus {
     ranges: BTreeMap<u64, Entry>,
-    /// Addresses with no device that were already reported, so each is logged once.
+    /// Addresses with no device that were already reported, so each is logged once; at most
+    /// `MAX_REPORTED`, so a guest probing every address cannot grow host memory (or the log).
     reported: Mutex<HashSet<u64>>,
 }
+
+const MAX_REPORTED: usize = 256;
 
 impl Bus {
     pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
@@ -67,8 +70,13 @@ impl Bus {
     }
 
     fn report_unhandled(&self, what: &str, addr: u64, len: usize) {
-        if self.reported.lock().unwrap().insert(addr) {
-            tracing::info!("unhandled {len}-byte {what} at {addr:#x} (reported once)");
+        let mut reported = self.reported.lock().unwrap();
+        if reported.len() >= MAX_REPORTED || !reported.insert(addr) {
+            return;
+        }
+        tracing::info!("unhandled {len}-byte {what} at {addr:#x} (reported once)");
+        if reported.len() == MAX_REPORTED {
+            tracing::info!("{MAX_REPORTED} unhandled addresses reported: no more will be");
         }
     }
 }
@@ -112,6 +120,18 @@ mod tests {
         assert_eq!(word, [0xff, 0xff]);
         bus.read(0x1000, &mut word);
         assert_eq!(word, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn a_guest_probing_every_address_is_remembered_within_bounds() {
+        let bus = Bus::default();
+        let mut byte = [0u8; 1];
+        for addr in 0..100_000 {
+            bus.read(addr * 8, &mut byte);
+            bus.write(addr * 8 + 1, &byte);
+        }
+        assert_eq!(byte, [0xff]);
+        assert_eq!(bus.reported.lock().unwrap().len(), MAX_REPORTED);
     }
 
     #[test]
