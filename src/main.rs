@@ -129,10 +129,6 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(request) => request,
         Err(e) => return fail(&format!("the current directory: {e}")),
     };
-    let ready = match rootfs::SandboxReady::listen(&vsock.uds_path) {
-        Ok(ready) => ready,
-        Err(e) => return fail(&e.to_string()),
-    };
     // The command's stdin, stdout and stderr are its own, not the console's.
     let (mut job, mut raw_terminal) = (None, None);
     let start_job = |vm: &mut Vm| {
@@ -146,9 +142,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(())
     };
     let vm_status = if args.cold || config.console != ConsoleDevice::Serial {
-        boot_sandbox(config, &ready, started, |_| Ok(()), start_job)
+        boot_sandbox(config, started, |_| Ok(()), start_job)
     } else {
-        warm_sandbox(config, &ready, started, start_job)
+        warm_sandbox(config, started, start_job)
     };
     // The guest sends the status before it reboots; it may still be on its way.
     let _raw_terminal = raw_terminal;
@@ -181,11 +177,15 @@ fn start_sandbox_job(
 /// cache's snapshot), then `start_job`.
 fn boot_sandbox(
     mut config: VmConfig,
-    ready: &rootfs::SandboxReady,
     started: Instant,
     on_ready: impl FnOnce(&mut Vm) -> Result<(), String>,
     start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
 ) -> ExitCode {
+    let Some(vsock) = &config.vsock else { return fail("lkvm sandbox needs a vsock device") };
+    let ready = match rootfs::SandboxReady::listen(&vsock.uds_path) {
+        Ok(ready) => ready,
+        Err(e) => return fail(&e.to_string()),
+    };
     let params = config.boot.params.take().unwrap_or_default();
     config.boot.params = Some(format!("{params} {}", ready.param()));
     let mut vm = match Vm::build(config, started) {
@@ -194,7 +194,9 @@ fn boot_sandbox(
     };
     vm.hold_console_input();
     serve_with(vm, None, |vm| {
-        if ready.wait(|| vm.has_ended()) {
+        let is_ready = ready.wait(|| vm.has_ended());
+        drop(ready); // nothing more to hear on it
+        if is_ready {
             on_ready(vm)?;
         }
         start_job(vm)
@@ -203,12 +205,7 @@ fn boot_sandbox(
 
 /// Runs a sandbox from the snapshot of a guest ready for its command, taking that snapshot
 /// first if the cache has none for this configuration.
-fn warm_sandbox(
-    config: VmConfig,
-    ready: &rootfs::SandboxReady,
-    started: Instant,
-    start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
-) -> ExitCode {
+fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut Vm) -> Result<(), String>) -> ExitCode {
     let cache = match WarmCache::for_config(&config) {
         Ok(cache) => cache,
         Err(e) => return fail(&e.to_string()),
@@ -238,7 +235,19 @@ fn warm_sandbox(
         }
         Ok(())
     };
-    boot_sandbox(config, ready, started, take_snapshot, start_job)
+    boot_sandbox(config, started, take_snapshot, start_job)
+}
+
+/// Shares hold a descriptor per file the guest has looked up: allow as many as the hard limit.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write this struct only.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -285,6 +294,7 @@ fn main() -> ExitCode {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return fail(&format!("PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error()));
     }
+    raise_open_file_limit();
     // A link named `firecracker` to this binary is a drop-in for Firecracker.
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if std::path::Path::new(&argv0).file_name().is_some_and(|name| name == "firecracker") {

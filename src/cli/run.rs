@@ -214,6 +214,11 @@ fn writable_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
     if canonical == std::path::Path::new("/") {
         return Err("--rw /: the host's / stays read-only; name the directories to write".into());
     }
+    // The guest must not write lkvm's own directory (its sockets, the rootfs of the next run).
+    let own = std::fs::canonicalize(lkvm_dir()).unwrap_or_else(|_| lkvm_dir());
+    if canonical.starts_with(&own) || own.starts_with(&canonical) {
+        return Err(format!("--rw {}: it holds lkvm's {}; name a directory beside it", dir.display(), own.display()));
+    }
     match canonical.to_str() {
         Some(path) if !path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') => Ok(canonical),
         _ => Err(format!("--rw {}: the path must be UTF-8 without spaces or quotes", canonical.display())),
@@ -331,7 +336,7 @@ impl RunArgs {
             .collect::<Result<Vec<_>, String>>()?;
         let mut root_share = None;
         let lkvm_rootfs = root_dir.as_ref().is_some_and(|(dir, _)| boots_default_rootfs || rootfs::is_lkvm_rootfs(dir));
-        if !self.writable.is_empty() && !lkvm_rootfs {
+        if !self.writable.is_empty() && (!lkvm_rootfs || self.initrd.is_some() || self.nodefaults) {
             return Err("--rw works on lkvm's root filesystem: give no disk image and no -i, or -d NAME of an \
                         `lkvm setup` guest"
                 .into());
@@ -507,6 +512,12 @@ mod tests {
         assert!(missing.contains("--rw /no/such"), "{missing}");
         let disk = RunArgs { cpus: Some(1), writable: vec![".".into()], disks: vec!["a.img".into()], ..base() };
         assert!(disk.into_config().unwrap_err().contains("lkvm's root filesystem"));
+        for ignored in [RunArgs { initrd: Some("i".into()), ..base() }, RunArgs { nodefaults: true, ..base() }] {
+            let args = RunArgs { cpus: Some(1), writable: vec![".".into()], ..ignored };
+            assert!(args.into_config().unwrap_err().contains("lkvm's root filesystem"), "--rw would do nothing");
+        }
+        let home = RunArgs { cpus: Some(1), writable: vec![crate::control::user_home()], ..base() };
+        assert!(home.into_config().unwrap_err().contains("it holds lkvm's"), "the guest would write ~/.lkvm");
         let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config().unwrap();
         assert!(
             !cmdline::compose(&initrd, &[]).contains("root=")

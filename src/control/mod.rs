@@ -216,7 +216,12 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
 /// `~/.lkvm`, kvmtool's directory for sockets and rootfs directories. Without HOME it is the
 /// user's home from the password database, never a shared directory such as /tmp.
 pub fn lkvm_dir() -> PathBuf {
-    home_dir(std::env::var_os("HOME"), passwd_home).join(".lkvm")
+    user_home().join(".lkvm")
+}
+
+/// The user's home: HOME, or the password database's.
+pub fn user_home() -> PathBuf {
+    home_dir(std::env::var_os("HOME"), passwd_home)
 }
 
 /// An absolute HOME, else the password database's; else a path that cannot be created (as

@@ -154,8 +154,8 @@ impl SandboxReady {
     /// Listens beside the VM's vsock socket `uds`.
     pub fn listen(uds: &Path) -> io::Result<SandboxReady> {
         let path = PathBuf::from(format!("{}_{READY_PORT}", uds.display()));
-        let listener =
-            UnixListener::bind(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let listener = crate::control::bind_replacing_stale(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         listener.set_nonblocking(true)?;
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let nonce = format!("{}-{}", std::process::id(), since_epoch.subsec_nanos());

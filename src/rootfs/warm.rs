@@ -16,11 +16,13 @@ pub struct WarmCache {
     dir: PathBuf,
 }
 
-/// `$XDG_CACHE_HOME/lkvm/sandbox`, or `~/.cache/lkvm/sandbox`.
+/// `$XDG_CACHE_HOME/lkvm/sandbox`, or `~/.cache/lkvm/sandbox` (never under /tmp, where another
+/// user could plant a snapshot).
 fn cache_root() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp")).join(".cache")
-    });
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| crate::control::user_home().join(".cache"));
     base.join("lkvm/sandbox")
 }
 

@@ -49,6 +49,11 @@ impl RunStats {
         self.exits[kind].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// KVM_RUN came back early for a signal (a pause, a stop, a kick).
+    pub fn count_interrupted(&self) {
+        self.exits[4].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// `start-up 12.3 ms to the first KVM_RUN; boot marker at 1.234 s; exits: io-in 3, ...`.
     pub fn summary(&self) -> String {
         let ms = |d: &Duration| d.as_secs_f64() * 1000.0;

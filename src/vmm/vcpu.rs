@@ -371,6 +371,7 @@ impl Vcpu {
                 }
                 Ok(exit) => handle_exit(exit, &self.pio, &self.mmio).map_err(Some),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.stats.count_interrupted();
                     self.fd.set_kvm_immediate_exit(0);
                     Ok(())
                 }

@@ -251,11 +251,12 @@ fn main() {
     std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     std::env::set_var("HOME", "/root");
     std::env::set_var("TERM", "linux");
-    if let Some(init) = params(&cmdline, "init=").next() {
+    let sandbox_nonce = params(&cmdline, "lkvm.sandbox=").next();
+    if let Some(init) = params(&cmdline, "init=").next().filter(|_| sandbox_nonce.is_none()) {
         let e = Command::new(init).exec();
         eprintln!("lkvm init: cannot run init={init}: {e}");
     }
-    match params(&cmdline, "lkvm.sandbox=").next() {
+    match sandbox_nonce {
         Some(nonce) => sandbox(nonce),
         None => {
             start_exec_server();
