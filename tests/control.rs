@@ -13,8 +13,12 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn start(home: &Path, name: &str, kernel: &Path) -> CountingProcess {
-    let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "2", "-n", "mode=none", "--name", name];
-    let guest = spawn_counting(Path::new(lkvm()), &args, home);
+    start_with(home, &["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "2", "-n", "mode=none", "--name", name])
+}
+
+/// Starts lkvm with `args` and waits until its guest prints.
+fn start_with(home: &Path, args: &[&str]) -> CountingProcess {
+    let guest = spawn_counting(Path::new(lkvm()), args, home);
     wait_for("the guest to print", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > 0);
     guest
 }
@@ -124,9 +128,8 @@ fn a_flat_binary_gets_no_rootfs_and_no_network_thread() {
     }
     let home = temp_dir();
     let kernel = write_file(&home, "ticker.bin", &ticker());
-    let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "1", "--name", "flat"];
-    let mut guest = spawn_counting(Path::new(lkvm()), &args, &home);
-    wait_for("the guest to print", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > 0);
+    let mut guest =
+        start_with(&home, &["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "1", "--name", "flat"]);
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", guest.child.id()))
         .unwrap()
         .flatten()
@@ -166,8 +169,7 @@ fn no_new_privs_cloexec_descriptors_and_guest_memory_out_of_core_dumps() {
         "--name",
         "contained",
     ];
-    let mut guest = spawn_counting(Path::new(lkvm()), &args, &home);
-    wait_for("the guest to print", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > 0);
+    let mut guest = start_with(&home, &args);
     let proc_dir = format!("/proc/{}", guest.child.id());
     let status = std::fs::read_to_string(format!("{proc_dir}/status")).unwrap();
     assert!(status.lines().any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])), "{status}");

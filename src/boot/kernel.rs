@@ -84,10 +84,17 @@ pub struct LoadedKernel {
 /// Whether `path` holds a flat real-mode binary rather than Linux (false if it cannot be read:
 /// loading it says why).
 pub fn is_flat_binary(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else { return false };
+    let Ok(mut file) = File::open(path) else { return false };
     let size = file.metadata().map_or(0, |m| if m.is_file() { m.len() } else { 0 });
+    read_head(&mut file).is_ok_and(|head| detect(&head, size) == Ok(KernelFormat::Flat))
+}
+
+/// The first bytes `detect` looks at; the file is left at its start.
+fn read_head(file: &mut File) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(0x240);
-    file.take(0x240).read_to_end(&mut head).is_ok() && detect(&head, size) == Ok(KernelFormat::Flat)
+    file.take(0x240).read_to_end(&mut head)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(head)
 }
 
 pub fn load(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, Error> {
@@ -97,9 +104,7 @@ pub fn load(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, Error> {
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
         return Err(bad("is a directory".into()));
     }
-    let mut head = Vec::with_capacity(0x240);
-    (&mut file).take(0x240).read_to_end(&mut head).map_err(|e| bad(e.to_string()))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| bad(e.to_string()))?;
+    let head = read_head(&mut file).map_err(|e| bad(e.to_string()))?;
 
     match detect(&head, size).map_err(bad)? {
         KernelFormat::Elf => {

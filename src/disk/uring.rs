@@ -41,7 +41,7 @@ impl<T: Send> Uring<T> {
     /// An engine with up to `depth` requests in flight.
     pub fn new(depth: u32) -> io::Result<Uring<T>> {
         let ring = IoUring::new(depth)?;
-        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let eventfd = crate::devices::eventfd()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let depth = depth as usize;
         Ok(Uring { ring, eventfd, slots: (0..depth).map(|_| None).collect(), free: (0..depth).rev().collect() })

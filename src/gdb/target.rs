@@ -26,7 +26,7 @@ use kvm_bindings::{
     KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{readable, Stream, POLL_INTERVAL};
 use crate::arch::x86_64::gdb::{self, HwPoint, KvmRegisters, VcpuRegisters, X86_64Kvm, DEBUG_SLOTS};
@@ -71,7 +71,7 @@ impl GuestDebugger {
             continued: None,
             exits,
             exit_sender,
-            exit_ready: Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
+            exit_ready: Arc::new(crate::devices::eventfd()?),
         })
     }
 

@@ -254,8 +254,7 @@ impl Slirp {
         let (ours, theirs) = seqpacket_pair().map_err(|e| format!("user-mode network: {e}"))?;
         set_nonblocking(ours.as_raw_fd());
         set_nonblocking(theirs.as_raw_fd());
-        let stop =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| format!("user-mode network: {e}"))?;
+        let stop = crate::devices::eventfd().map_err(|e| format!("user-mode network: {e}"))?;
         let stop_fd = stop.try_clone().map_err(|e| format!("user-mode network: {e}"))?;
         let lib = libslirp()?;
         let (spec, (ready_tx, ready_rx)) = (spec.clone(), std::sync::mpsc::channel());

@@ -106,7 +106,7 @@ impl Trigger for ExitTrigger {
 }
 
 fn eventfd() -> Result<EventFd, Error> {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| Error::Host("eventfd", e))
+    crate::devices::eventfd().map_err(|e| Error::Host("eventfd", e))
 }
 
 /// The host files and directories a VM's devices serve, opened (and checked) before the VM is.

@@ -128,7 +128,7 @@ impl Balloon {
             interrupt: Mutex::new(None),
             stats: Mutex::new(StatsState::default()),
             stats_updated: Condvar::new(),
-            stats_request: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            stats_request: crate::devices::eventfd()?,
         });
         Ok(Balloon { control, deflate_on_oom, worker: None })
     }

@@ -52,10 +52,7 @@ pub struct Console {
 
 impl Console {
     pub fn new(output: Box<dyn Write + Send>) -> std::io::Result<Self> {
-        let inbox = Arc::new(Inbox {
-            bytes: Mutex::new(VecDeque::new()),
-            ready: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-        });
+        let inbox = Arc::new(Inbox { bytes: Mutex::new(VecDeque::new()), ready: crate::devices::eventfd()? });
         Ok(Console { inbox, output: Arc::new(Mutex::new(output)), worker: None })
     }
 

@@ -114,7 +114,7 @@ impl<S: Send + 'static> Worker<S> {
     }
 
     fn start(&self, mut state: S, events: Vec<EventFd>) -> io::Result<Run<S>> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let stop = crate::devices::eventfd()?;
         let epoll = Epoll::new()?;
         let fd_token = events.len() as u64;
         let stop_token = fd_token + 1;
@@ -190,8 +190,7 @@ mod tests {
 
     #[test]
     fn runs_the_handler_per_kicked_queue_and_stops_on_drop() {
-        let kicks: Vec<EventFd> =
-            (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap()).collect();
+        let kicks: Vec<EventFd> = (0..2).map(|_| crate::devices::eventfd().unwrap()).collect();
         let second = kicks[1].try_clone().unwrap();
         let (tx, rx) = channel();
         let worker = Worker::spawn("test".into(), kicks, tx, |tx, q, _| tx.send(q).unwrap()).unwrap();
@@ -203,7 +202,7 @@ mod tests {
 
     #[test]
     fn paused_workers_keep_state_and_notifications_for_resume() {
-        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+        let kick = crate::devices::eventfd().unwrap();
         let poke = kick.try_clone().unwrap();
         let (tx, rx) = channel();
         let count = |(tx, n): &mut (Sender<u32>, u32), _: usize, _: &Watch| {
@@ -224,7 +223,7 @@ mod tests {
 
     #[test]
     fn host_fd_is_reported_until_unwatched() {
-        let host = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+        let host = crate::devices::eventfd().unwrap();
         host.write(1).unwrap(); // stays readable: the handler does not drain it
         let (tx, rx) = channel();
         let _worker = Worker::spawn_with_fd("test".into(), vec![], host.as_raw_fd(), tx, |tx, i, watch| {
