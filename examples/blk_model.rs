@@ -85,7 +85,7 @@ fn main() {
     println!("|---|---|---|---|");
     for (format, path) in images {
         let spec = DiskSpec { io_engine: IoEngine::Sync, ..DiskSpec::new(&path) };
-        let block = Block::new(DiskImage::open(&spec).unwrap(), "bench");
+        let block = Block::new(DiskImage::open(&spec).unwrap(), "bench", &Default::default()).unwrap();
         // Writes first: on qcow2 they allocate the clusters the reads then find.
         for (name, request_type, len) in [("write 4 KiB", 1, 4096), ("read 4 KiB", 0, 4096), ("read 64 KiB", 0, 65536)]
         {
@@ -104,7 +104,7 @@ fn main() {
     for depth in [1u16, 32] {
         for io_engine in [IoEngine::Sync, IoEngine::Async] {
             let spec = DiskSpec { direct: true, io_engine, ..DiskSpec::new(&on_disk) };
-            let block = Block::new(DiskImage::open(&spec).unwrap(), "bench");
+            let block = Block::new(DiskImage::open(&spec).unwrap(), "bench", &Default::default()).unwrap();
             let rounds = 4096 / depth as usize;
             let rate = bench_depth(&block, 0, 4096, depth, rounds, 65536);
             println!("| {io_engine:?} | {depth} | {rate:.0} |");

@@ -25,6 +25,9 @@ const EXIT_USAGE: u8 = 2;
 
 fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
     logging::init(logging::parse_level(&args.loglevel).unwrap_or(2));
+    if let Err(msg) = threads::confine_with(args.seccomp) {
+        return fail(&msg);
+    }
     let api_sock = args.api_sock.clone();
     if let Some(dir) = &args.restore {
         let vm = args.restore_spec(dir).and_then(|spec| Vm::restore(&spec, started).map_err(|e| e.to_string()));
@@ -109,16 +112,24 @@ fn exit_status(exit: &VmExit) -> ExitCode {
 /// and exits with the command's status.
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     logging::init(logging::parse_level(&args.run.loglevel).unwrap_or(2));
+    if let Err(msg) = threads::confine_with(args.run.seccomp) {
+        return fail(&msg);
+    }
     if args.run.initrd.is_some() || args.run.nodefaults {
         return fail("lkvm sandbox runs the command from lkvm's root filesystem: drop -i and --nodefaults");
     }
     // Only the command's output, unless the user asks the kernel for more.
     args.run.params = Some(format!("quiet {}", args.run.params.as_deref().unwrap_or("")));
     // Its warm start restores a snapshot, which virtio-fs shares cannot be part of.
-    let config = match prepare(args.run, RootfsTransports::NinePOnly) {
+    let mut config = match prepare(args.run, RootfsTransports::NinePOnly) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
+    // The command does not reach services on the host's loopback unless asked
+    // (`-n mode=user,host_loopback=on`).
+    for net in config.nets.iter_mut().filter(|n| n.spec.mode == lkvm::net::NetMode::User) {
+        net.spec.host_loopback.get_or_insert(false);
+    }
     let (Some(_), Some(vsock)) = (config.lkvm_rootfs(), config.vsock.clone()) else {
         return fail(
             "lkvm sandbox needs lkvm's root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",

@@ -67,6 +67,9 @@ fn command_line_errors_are_one_clear_line() {
     let err =
         String::from_utf8_lossy(&run(&["--no-api", "--config-file", missing.to_str().unwrap()]).stderr).into_owned();
     assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    let filter = run(&["--seccomp-filter", "/tmp/filter.bpf"]);
+    let err = String::from_utf8_lossy(&filter.stderr);
+    assert!(filter.status.code() == Some(1) && err.contains("built in") && err.lines().count() == 1, "{err}");
     let version = run(&["--version"]);
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("Firecracker v"));
 }
@@ -109,7 +112,13 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
         .contains("/nonexistent/disk.img"));
     // The process survives a failed start; fix the config and start.
     let empty = write_file(&dir, "empty.img", &vec![0u8; 65536]);
-    let drive = format!(r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#, empty.display());
+    let limiter = r#"{"bandwidth": {"size": 1048576, "one_time_burst": 4096, "refill_time": 100}}"#;
+    let drive = format!(
+        r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false, "rate_limiter": {limiter}}}"#,
+        empty.display()
+    );
+    let bad_limiter = drive.replace("refill_time", "refill_ms");
+    assert!(fault(curl(&sock, "PUT", "/drives/d", Some(&bad_limiter)), 400).contains("unknown field"));
     assert_eq!(curl(&sock, "PUT", "/drives/d", Some(&drive)).0, 204);
     assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400)
         .contains("/nonexistent/kernel"));
@@ -132,6 +141,14 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
     assert_eq!(config["machine-config"]["vcpu_count"], 2);
     assert_eq!(config["drives"][0]["path_on_host"], empty.to_str().unwrap(), "a failed swap keeps the old image");
+    assert_eq!(config["drives"][0]["rate_limiter"]["bandwidth"]["one_time_burst"], 4096);
+    // New limits while it runs.
+    let ops_only = r#"{"drive_id": "d", "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#;
+    assert_eq!(curl(&sock, "PATCH", "/drives/d", Some(ops_only)).0, 204);
+    let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
+    assert_eq!(config["drives"][0]["rate_limiter"]["ops"]["size"], 100, "{config}");
+    assert!(config["drives"][0]["rate_limiter"].get("bandwidth").is_none(), "{config}");
+    assert!(fault(curl(&sock, "PATCH", "/drives/d", Some(r#"{"drive_id": "d"}"#)), 400).contains("nothing to update"));
 
     // Pause stops the guest's output, resume continues it.
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);

@@ -24,6 +24,19 @@ fn flat_kernel() -> String {
 }
 
 #[test]
+fn bad_seccomp_rate_limit_and_network_options() {
+    let kernel = flat_kernel();
+    let out = run_lkvm(&["run", "-k", &kernel, "--seccomp", "maybe"], None, TIMEOUT);
+    assert_one_line_error(&out, "--seccomp");
+    let out = run_lkvm(&["run", "-k", &kernel, "-d", "/nonexistent.img,bw=10M"], None, TIMEOUT);
+    assert_one_line_error(&out, "bw=10M: use SIZE[+BURST]/MILLISECONDS");
+    let out = run_lkvm(&["run", "-k", &kernel, "--rng=ops=5/0"], None, TIMEOUT);
+    assert_one_line_error(&out, "--rng: ops=5/0");
+    let out = run_lkvm(&["run", "-k", &kernel, "-n", "mode=tap,restrict=on"], None, TIMEOUT);
+    assert_one_line_error(&out, "restrict and host_loopback need mode=user");
+}
+
+#[test]
 fn missing_kernel_file() {
     let out = run_lkvm(&["run", "-k", "/nonexistent/vmlinux"], None, TIMEOUT);
     assert_one_line_error(&out, "kernel /nonexistent/vmlinux: No such file");

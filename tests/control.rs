@@ -146,11 +146,11 @@ fn a_flat_binary_gets_no_rootfs_and_no_network_thread() {
 }
 
 /// Containment a user cannot see until it matters: lkvm never gains privileges through what it
-/// runs (no_new_privs), keeps its descriptors out of children (a tap script, helpers), and keeps
+/// runs (no_new_privs), confines its threads (seccomp), keeps its descriptors out of children (a tap script, helpers), and keeps
 /// guest memory out of its core dumps.
 #[test]
-fn no_new_privs_cloexec_descriptors_and_guest_memory_out_of_core_dumps() {
-    if !kvm_available("no_new_privs_cloexec_descriptors_and_guest_memory_out_of_core_dumps") {
+fn no_new_privs_seccomp_cloexec_descriptors_and_guest_memory_out_of_core_dumps() {
+    if !kvm_available("no_new_privs_seccomp_cloexec_descriptors_and_guest_memory_out_of_core_dumps") {
         return;
     }
     let home = temp_dir();
@@ -173,6 +173,22 @@ fn no_new_privs_cloexec_descriptors_and_guest_memory_out_of_core_dumps() {
     let proc_dir = format!("/proc/{}", guest.child.id());
     let status = std::fs::read_to_string(format!("{proc_dir}/status")).unwrap();
     assert!(status.lines().any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])), "{status}");
+
+    // Every thread lkvm started runs under a seccomp filter; only the main thread and the
+    // spawner that creates the others do not (and KVM's own workers, `kvm-*`, are the kernel's).
+    let mut confined = Vec::new();
+    for task in std::fs::read_dir(format!("{proc_dir}/task")).unwrap().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap().trim().to_string();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap().trim().to_string();
+        if name != "lkvm" && name != "spawner" && !name.starts_with("kvm-") {
+            assert_eq!(mode, "2", "thread {name} runs without a seccomp filter");
+            confined.push(name);
+        }
+    }
+    for expected in ["vcpu0", "slirp", "control"] {
+        assert!(confined.iter().any(|name| name == expected), "{expected} not among {confined:?}");
+    }
 
     let mut checked = Vec::new();
     for fd in std::fs::read_dir(format!("{proc_dir}/fd")).unwrap().flatten() {

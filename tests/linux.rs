@@ -62,9 +62,13 @@ fn disks_boot(transport: &str, console: &str) {
     let vda = write_file(&dir, "vda.img", &source);
     let vdb = write_file(&dir, "vdb.img", &vec![0u8; 1 << 20]);
     let vdc = write_file(&dir, "vdc.img", &vec![0x55u8; 1 << 20]);
+    let vdd = write_file(&dir, "vdd.img", &source);
     // vda and vdb through the io_uring engine (the default), vdc through the synchronous one.
     let (vda, vdb, vdc_ro) =
         (format!("{},async", vda.display()), vdb.to_str().unwrap().to_string(), format!("{},ro,sync", vdc.display()));
+    // vdd is held to 256 KiB/s (128 KiB buckets refilled every 500 ms), through either engine.
+    let engine = if transport == "pci" { "async" } else { "sync" };
+    let vdd_limited = format!("{},ro,{engine},bw=128K/500,ops=1000/1000", vdd.display());
     let (shared, shared_ro) = (dir.join("shared"), dir.join("shared-ro"));
     let host_file = pattern(300_000, 8);
     for share in [&shared, &shared_ro] {
@@ -77,7 +81,8 @@ fn disks_boot(transport: &str, console: &str) {
         (format!("{},hostdir", shared.display()), format!("{},hostro,ro", shared_ro.display()));
     let params = format!(
         "{HOST_GUEST_PARAMS} lkvm.read=/dev/vda:1048576 lkvm.write=/dev/vdb:65536:9 \
-         lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64 lkvm.9p=hostdir:hostro"
+         lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64 lkvm.9p=hostdir:hostro \
+         lkvm.timedread=/dev/vda:1048576 lkvm.timedread=/dev/vdd:1048576"
     );
     let args = [
         "run",
@@ -100,6 +105,8 @@ fn disks_boot(transport: &str, console: &str) {
         &vdb,
         "-d",
         &vdc_ro,
+        "-d",
+        &vdd_limited,
         "--9p",
         &share_arg,
         "--9p",
@@ -123,6 +130,22 @@ fn disks_boot(transport: &str, console: &str) {
     assert!(refused.starts_with("err:"), "read-only disk accepted a write: {refused}");
     assert!(std::fs::read(dir.join("vdc.img")).unwrap().iter().all(|b| *b == 0x55), "read-only image changed");
     assert_eq!(out.result("serial:vda").as_deref(), Some("lkvm-disk0"));
+
+    // The rate-limited disk: after the full bucket (128 KiB), 896 KiB at 256 KiB/s take 3.5 s.
+    // Never faster than the limit; slower by no more than 10% plus what the same read of an
+    // unlimited disk took (the guest's own cost, large where its kernel is emulated).
+    let micros = |dev: &str| {
+        let value = out.result(&format!("timedread:{dev}")).unwrap_or_else(|| panic!("{}", out.describe()));
+        let (len, micros) = value.split_once(':').unwrap_or_else(|| panic!("{dev}: {value}"));
+        assert_eq!(len, "1048576");
+        micros.parse::<f64>().unwrap()
+    };
+    let (unlimited, limited, expected) = (micros("/dev/vda"), micros("/dev/vdd"), 3.5e6);
+    assert!(limited >= expected * 0.9, "{engine}: 1 MiB in {limited} us, faster than 256 KiB/s allows");
+    assert!(
+        limited <= expected * 1.1 + unlimited,
+        "{engine}: 1 MiB in {limited} us; the limit allows 3.5 s, the unlimited disk took {unlimited} us"
+    );
 
     // The 9p shares: the guest reads the host's file, and its changes are the host's.
     let host_sum = format!("{:016x}", fnv1a(&host_file));

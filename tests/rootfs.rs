@@ -275,9 +275,18 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     write_file(&work, "data.txt", b"data-in-the-cwd\n");
     // Writes stay in the guest's overlay, but for the --rw directory's; the root and the host's /
     // came over 9p, which a snapshot can hold.
-    let script = "cat data.txt; echo out-$((2*3)) args=$#; echo err-line >&2; echo made > /root/made; \
-                  echo made > /usr/lkvm-made; echo built > built.txt; echo nine-p=$(grep -c \" 9p \" /proc/mounts); \
-                  read line; echo got-$line; exit 7";
+    // A sandbox does not reach services on the host's loopback unless asked.
+    let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    host_service.set_nonblocking(true).unwrap();
+    let probe = format!(
+        "bash -c \"echo hi > /dev/tcp/192.168.33.1/{}\" 2>/dev/null && echo loopback-reached || echo loopback-blocked",
+        host_service.local_addr().unwrap().port()
+    );
+    let script = format!(
+        "cat data.txt; echo out-$((2*3)) args=$#; echo err-line >&2; echo made > /root/made; \
+         echo made > /usr/lkvm-made; echo built > built.txt; echo nine-p=$(grep -c \" 9p \" /proc/mounts); \
+         {probe}; read line; echo got-$line; exit 7"
+    );
     let shell = format!(
         "cd {} && exec {} sandbox -d sbx --rw . -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
         work.display(),
@@ -289,7 +298,7 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     assert_eq!(out.code, Some(7), "lkvm returns the command's status: {}", out.describe());
     let lines: Vec<&str> = out.stdout.lines().collect();
     // `zero ''`: $0, and one empty argument that must arrive.
-    for expected in ["data-in-the-cwd", "out-6 args=1", "nine-p=1", "got-typed-in"] {
+    for expected in ["data-in-the-cwd", "out-6 args=1", "nine-p=1", "loopback-blocked", "got-typed-in"] {
         assert!(lines.contains(&expected), "want the line {expected:?} as printed (no \\r): {}", out.describe());
     }
     assert!(out.stderr.contains("err-line") && !out.stdout.contains("err-line"), "stderr apart: {}", out.describe());
@@ -315,9 +324,12 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     assert!(warm.stdout.contains("data-in-the-cwd") && warm.stderr.contains("warm-5"), "{}", warm.describe());
     assert!(warm.stderr.contains("restored the snapshot"), "no boot: {}", warm.describe());
     assert_eq!(std::fs::read_to_string(work.join("warm.txt")).unwrap(), "warm\n", "--rw after a restore");
-    let cold = sandbox("--rw . --cold", "echo cold; rm data.txt; exit 0");
+    assert!(host_service.accept().is_err(), "the sandbox reached the host's loopback");
+    let cold =
+        sandbox("--rw . --cold -n mode=user,host_loopback=on", &format!("echo cold; rm data.txt; {probe}; exit 0"));
     assert_eq!(cold.code, Some(0), "{}", cold.describe());
-    assert!(cold.stdout.contains("cold"), "{}", cold.describe());
+    assert!(cold.stdout.contains("cold") && cold.stdout.contains("loopback-reached"), "{}", cold.describe());
+    assert!(host_service.accept().is_ok(), "host_loopback=on: the host's service was reached");
     assert!(!work.join("data.txt").exists(), "--rw: the guest deletes host files too");
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "--cold neither uses nor adds snapshots");
     let leftovers: Vec<_> = std::fs::read_dir(home.join(".lkvm")).unwrap().flatten().map(|e| e.file_name()).collect();

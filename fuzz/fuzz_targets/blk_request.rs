@@ -20,7 +20,7 @@ fn block(io_engine: IoEngine) -> &'static Block {
             let path = std::env::temp_dir().join(format!("lkvm-fuzz-blk-{}-{io_engine:?}.img", std::process::id()));
             std::fs::write(&path, vec![0u8; IMAGE_SIZE]).unwrap();
             let disk = DiskImage::open(&DiskSpec { io_engine, ..DiskSpec::new(path) }).unwrap();
-            Block::new(disk, "fuzz")
+            Block::new(disk, "fuzz", &Default::default()).unwrap()
         })
     });
     &blocks[usize::from(io_engine == IoEngine::Async)]

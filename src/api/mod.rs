@@ -120,7 +120,7 @@ pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, S
     })?;
     let open = Arc::new(AtomicUsize::new(0));
     thread::spawn(ThreadKind::Api, "fc_api".into(), move || {
-        for mut stream in listener.incoming().flatten() {
+        for mut stream in crate::control::connections(|| listener.accept().map(|(stream, _)| stream)) {
             // A client that keeps its connection open must not block the others; a bounded
             // number are served at once.
             if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {

@@ -12,8 +12,8 @@ use super::http::{Method, Request, Response};
 use super::{Api, Metrics, Phase, VmmRequest, FIRECRACKER_API_VERSION};
 use crate::config::firecracker::{
     check_id, Balloon, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger,
-    MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface, SnapshotCreate,
-    SnapshotLoad, Vsock, VSOCK_ID,
+    MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
+    NetworkInterfaceUpdate, SnapshotCreate, SnapshotLoad, Vsock, VSOCK_ID,
 };
 use crate::control::Controller;
 use crate::logging;
@@ -99,8 +99,12 @@ fn route(api: &Api, request: &Request) -> Reply {
             same_id(id, &iface.iface_id)?;
             configure(api, |c| c.put_network_interface(iface))
         }
-        (Method::Patch, "network-interfaces", Some(_)) => {
-            Err("network rate limiters are not supported by lkvm yet".into())
+        (Method::Patch, "network-interfaces", Some(id)) => {
+            let update: NetworkInterfaceUpdate = body(request)?;
+            same_id(id, &update.iface_id)?;
+            let vm = running(api)?;
+            vm.update_nic(id, update.rx_rate_limiter.as_ref(), update.tx_rate_limiter.as_ref())?;
+            Ok(Response::no_content())
         }
         (Method::Put, "balloon", None) => {
             let balloon: Balloon = body(request)?;
@@ -230,12 +234,11 @@ pub fn apply_logger_and_metrics(api: &Api, full: &FullConfig) -> Result<(), Stri
 
 fn update_drive(api: &Api, id: &str, update: DriveUpdate) -> Reply {
     same_id(id, &update.drive_id)?;
-    if update.rate_limiter.is_some() {
-        return Err("rate limiters are not supported by lkvm yet".into());
-    }
     let vm = running(api)?;
-    let path = update.path_on_host.ok_or("nothing to update: give path_on_host")?;
-    vm.update_drive(id, &path)?;
+    if update.path_on_host.is_none() && update.rate_limiter.is_none() {
+        return Err("nothing to update: give path_on_host or rate_limiter".into());
+    }
+    vm.update_drive(id, update.path_on_host.as_deref(), update.rate_limiter.as_ref())?;
     Metrics::count(&api.metrics.drive_updates);
     Ok(Response::no_content())
 }

@@ -1,6 +1,7 @@
 //! Firecracker's command line (`lkvm firecracker ...`, or this binary invoked as `firecracker`):
 //! the API socket, a config file, logging and metrics; the guest console on stdin/stdout.
 
+use crate::thread::Seccomp;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -57,9 +58,12 @@ pub struct FirecrackerArgs {
     /// Largest API request body, in bytes
     #[arg(long, value_name = "BYTES", default_value_t = api::http::DEFAULT_MAX_BODY)]
     pub http_api_max_payload_size: usize,
-    /// No seccomp filters (lkvm has none yet: accepted)
+    /// Run without seccomp filters (lkvm's own per-thread filters are on by default)
     #[arg(long)]
     pub no_seccomp: bool,
+    /// A compiled seccomp filter file: refused, lkvm's filters are built in
+    #[arg(long, value_name = "FILE", conflicts_with = "no_seccomp")]
+    pub seccomp_filter: Option<PathBuf>,
     /// Print the version and the Firecracker API version lkvm follows
     #[arg(long)]
     pub version: bool,
@@ -80,6 +84,14 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
         level = level.max(logging::INFO); // the boot timer reports at info level
     }
     logging::init(level);
+    if let Some(file) = &args.seccomp_filter {
+        return Err(format!(
+            "--seccomp-filter {}: custom filter files are not supported; lkvm's per-thread filters are built in \
+             (--no-seccomp turns them off)",
+            file.display()
+        ));
+    }
+    crate::thread::confine_with(if args.no_seccomp { Seccomp::Off } else { Seccomp::On })?;
     if let Some(path) = &args.log_path {
         logging::set_file(path).map_err(|e| format!("--log-path {}: {e}", path.display()))?;
     }

@@ -8,10 +8,11 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::config::firecracker::{FullConfig, VSOCK_ID};
 use crate::config::{
-    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, FsConfig, MachineConfig, NetConfig,
-    RootShare, ShareConfig, Transport, VmConfig, VsockConfig,
+    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DriveConfig, EntropyConfig, FsConfig, MachineConfig,
+    NetConfig, RootShare, ShareConfig, Transport, VmConfig, VsockConfig,
 };
 use crate::control::lkvm_dir;
+use crate::devices::rate_limiter::RateLimit;
 use crate::disk::DiskSpec;
 use crate::gdb::GdbConfig;
 use crate::net::{NetMode, NetSpec};
@@ -79,9 +80,10 @@ pub struct RunArgs {
     /// Where the guest console is: serial (ttyS0) or virtio (hvc0)
     #[arg(long, value_name = "DEVICE", default_value = "serial", value_parser = ["serial", "virtio"])]
     pub console: String,
-    /// Add a virtio-rng device fed from the host's getrandom
-    #[arg(long)]
-    pub rng: bool,
+    /// Add a virtio-rng device fed from the host's getrandom; `--rng=bw=SIZE/MS,ops=N/MS` holds
+    /// the guest to token-bucket rate limits
+    #[arg(long, value_name = "LIMITS", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    pub rng: Option<String>,
     /// Add a virtio-balloon device (lkvm balloon, lkvm stat)
     #[arg(long)]
     pub balloon: bool,
@@ -103,6 +105,10 @@ pub struct RunArgs {
     /// Log level: error, warning, info, debug
     #[arg(long, value_name = "LEVEL", default_value = "warning", value_parser = ["error", "warning", "info", "debug"])]
     pub loglevel: String,
+    /// seccomp filters per thread: on (a forbidden system call stops lkvm), log (allowed, and
+    /// logged by the kernel), off
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: crate::thread::Seccomp,
     /// Also serve Firecracker's API for this VM on a UNIX socket
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -400,7 +406,7 @@ impl RunArgs {
             root_share,
             nets,
             console: if self.console == "virtio" { ConsoleDevice::Virtio } else { ConsoleDevice::Serial },
-            entropy: self.rng.then(|| DeviceId { id: "rng0".into() }),
+            entropy: self.rng.as_deref().map(parse_rng).transpose()?,
             balloon: self.balloon.then(|| BalloonConfig {
                 id: "balloon0".into(),
                 amount_mib: 0,
@@ -615,4 +621,19 @@ mod tests {
             PathBuf::from("/proc/self/status")
         );
     }
+}
+
+/// `--rng[=bw=SIZE/MS,ops=N/MS]`.
+fn parse_rng(limits: &str) -> Result<EntropyConfig, String> {
+    let mut rate_limit = RateLimit::default();
+    for option in limits.split(',').filter(|o| !o.is_empty()) {
+        let known = match option.split_once('=') {
+            Some((key, value)) => rate_limit.parse_option(key, value).map_err(|e| format!("--rng: {e}"))?,
+            None => false,
+        };
+        if !known {
+            return Err(format!("--rng: unknown option '{option}' (known: bw=SIZE/MS, ops=N/MS)"));
+        }
+    }
+    Ok(EntropyConfig { id: "rng0".into(), rate_limit })
 }

@@ -1,12 +1,13 @@
 //! Firecracker's configuration, as its API bodies and `--config-file` spell it (field names,
 //! required fields, unknown fields refused), and its translation to and from `VmConfig`.
 
+use crate::devices::rate_limiter::RateLimit;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DeviceId, DriveConfig, MachineConfig, NetConfig,
+    BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DriveConfig, EntropyConfig, MachineConfig, NetConfig,
     Transport, VmConfig, VsockConfig,
 };
 use crate::arch::x86_64::mptable::MAX_CPUS;
@@ -122,7 +123,7 @@ pub struct Drive {
     #[serde(default = "sync_engine")]
     pub io_engine: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
 }
@@ -150,14 +151,11 @@ impl Drive {
         if !matches!(self.io_engine.as_str(), "Sync" | "Async") {
             return Err(format!("io_engine '{}': use Sync or Async", self.io_engine));
         }
-        if self.rate_limiter.is_some() {
-            return Err("rate limiters are not supported by lkvm yet".into());
-        }
         Ok(())
     }
 }
 
-/// `PATCH /drives/{id}`: a new backing file (rate limiters are not supported).
+/// `PATCH /drives/{id}`: a new backing file, new rate limits, or both.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
@@ -227,7 +225,7 @@ impl SnapshotLoad {
 pub struct DriveUpdate {
     pub drive_id: String,
     pub path_on_host: Option<PathBuf>,
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimit>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,17 +238,28 @@ pub struct NetworkInterface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<serde_json::Value>,
+    pub rx_rate_limiter: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimit>,
+}
+
+/// `PATCH /network-interfaces/{id}`: new rate limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    pub rx_rate_limiter: Option<RateLimit>,
+    pub tx_rate_limiter: Option<RateLimit>,
+}
+
+/// A limit as the API shows it: absent when it limits nothing.
+fn shown(limit: &RateLimit) -> Option<RateLimit> {
+    limit.limits().then_some(*limit)
 }
 
 impl NetworkInterface {
     fn spec(&self) -> Result<NetSpec, String> {
         check_id(&self.iface_id)?;
-        if self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some() {
-            return Err("rate limiters are not supported by lkvm yet".into());
-        }
         if self.mtu.is_some() {
             return Err("mtu is not supported by lkvm".into());
         }
@@ -261,7 +270,14 @@ impl NetworkInterface {
             Some(mac) => Some(parse_mac(mac).ok_or_else(|| format!("guest_mac '{mac}' is not a unicast MAC address"))?),
             None => None,
         };
-        Ok(NetSpec { mode: NetMode::Tap, tapif: Some(self.host_dev_name.clone()), guest_mac, ..NetSpec::default() })
+        Ok(NetSpec {
+            mode: NetMode::Tap,
+            tapif: Some(self.host_dev_name.clone()),
+            guest_mac,
+            rx_rate_limit: self.rx_rate_limiter.unwrap_or_default(),
+            tx_rate_limit: self.tx_rate_limiter.unwrap_or_default(),
+            ..NetSpec::default()
+        })
     }
 }
 
@@ -323,7 +339,7 @@ pub struct VsockOverride {
 #[serde(deny_unknown_fields)]
 pub struct Entropy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimit>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -435,7 +451,8 @@ impl FullConfig {
             drive.check()?;
             let path = drive.path_on_host.clone().unwrap_or_default();
             let io_engine = if drive.io_engine == "Async" { IoEngine::Async } else { IoEngine::Sync };
-            let spec = DiskSpec { read_only: drive.is_read_only, io_engine, ..DiskSpec::new(path) };
+            let rate_limit = drive.rate_limiter.unwrap_or_default();
+            let spec = DiskSpec { read_only: drive.is_read_only, io_engine, rate_limit, ..DiskSpec::new(path) };
             let config = DriveConfig {
                 id: drive.drive_id.clone(),
                 spec,
@@ -471,9 +488,6 @@ impl FullConfig {
             }
             None => None,
         };
-        if self.entropy.as_ref().is_some_and(|e| e.rate_limiter.is_some()) {
-            return Err("rate limiters are not supported by lkvm yet".into());
-        }
         let config = VmConfig {
             vsock: self.vsock.as_ref().map(Vsock::to_config),
             name: name.to_string(),
@@ -496,7 +510,10 @@ impl FullConfig {
             gdb: None,
             nets,
             console: ConsoleDevice::Serial,
-            entropy: self.entropy.as_ref().map(|_| DeviceId { id: "entropy".into() }),
+            entropy: self
+                .entropy
+                .as_ref()
+                .map(|e| EntropyConfig { id: "entropy".into(), rate_limit: e.rate_limiter.unwrap_or_default() }),
             balloon,
             transport,
         };
@@ -518,7 +535,7 @@ impl FullConfig {
                 partuuid: d.partuuid.clone(),
                 cache_type: unsafe_cache(),
                 io_engine: format!("{:?}", d.spec.io_engine),
-                rate_limiter: None,
+                rate_limiter: shown(&d.spec.rate_limit),
                 socket: None,
             })
             .collect();
@@ -531,8 +548,8 @@ impl FullConfig {
                 host_dev_name: n.spec.tapif.clone().unwrap_or_default(),
                 guest_mac: n.spec.guest_mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                 mtu: None,
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
+                rx_rate_limiter: shown(&n.spec.rx_rate_limit),
+                tx_rate_limiter: shown(&n.spec.tx_rate_limit),
             })
             .collect();
         FullConfig {
@@ -555,7 +572,7 @@ impl FullConfig {
                 free_page_hinting: false,
                 free_page_reporting: false,
             }),
-            entropy: config.entropy.as_ref().map(|_| Entropy::default()),
+            entropy: config.entropy.as_ref().map(|e| Entropy { rate_limiter: shown(&e.rate_limit) }),
             vsock: config.vsock.as_ref().map(|v| Vsock {
                 vsock_id: None,
                 guest_cid: v.guest_cid,
@@ -572,6 +589,13 @@ impl FullConfig {
         for drive in &mut full.drives {
             if let Some(now) = running.drives.iter().find(|d| d.id == drive.drive_id) {
                 drive.path_on_host = Some(now.spec.path.clone());
+                drive.rate_limiter = shown(&now.spec.rate_limit);
+            }
+        }
+        for iface in &mut full.network_interfaces {
+            if let Some(now) = running.nets.iter().find(|n| n.id == iface.iface_id) {
+                iface.rx_rate_limiter = shown(&now.spec.rx_rate_limit);
+                iface.tx_rate_limiter = shown(&now.spec.tx_rate_limit);
             }
         }
         if let (Some(balloon), Some(now)) = (&mut full.balloon, &running.balloon) {

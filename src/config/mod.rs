@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::rate_limiter::RateLimit;
 use crate::disk::DiskSpec;
 use crate::gdb::GdbConfig;
 use crate::net::NetSpec;
@@ -113,6 +114,14 @@ pub struct DeviceId {
     pub id: String,
 }
 
+/// virtio-rng, its requests held to `rate_limit`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntropyConfig {
+    pub id: String,
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+}
+
 /// A 9p directory booted as the root filesystem (`-d DIR`, or lkvm's own rootfs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootShare {
@@ -141,7 +150,7 @@ pub struct VmConfig {
     pub root_share: Option<RootShare>,
     pub nets: Vec<NetConfig>,
     pub console: ConsoleDevice,
-    pub entropy: Option<DeviceId>,
+    pub entropy: Option<EntropyConfig>,
     pub balloon: Option<BalloonConfig>,
     pub vsock: Option<VsockConfig>,
     pub transport: Transport,

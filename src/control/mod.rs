@@ -295,6 +295,24 @@ pub fn bind_replacing_stale(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
+/// The pause after a failed accept. Out of descriptors (EMFILE) it fails until one is closed,
+/// and retrying at once would spin a core meanwhile.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The connections `accept` yields, pausing after each failure.
+pub fn connections<S>(mut accept: impl FnMut() -> io::Result<S>) -> impl Iterator<Item = S> {
+    std::iter::from_fn(move || loop {
+        match accept() {
+            Ok(stream) => return Some(stream),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!("accept: {e}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
+    })
+}
+
 pub fn socket_path(name: &str) -> PathBuf {
     lkvm_dir().join(format!("{name}.sock"))
 }
@@ -395,7 +413,7 @@ impl Server {
         let answering = Arc::new((Mutex::new(false), Condvar::new()));
         let busy = answering.clone();
         crate::thread::spawn(crate::thread::ThreadKind::Control, "control".into(), move || {
-            for stream in listener.incoming().flatten() {
+            for stream in connections(|| listener.accept().map(|(stream, _)| stream)) {
                 *busy.0.lock().unwrap() = true;
                 serve(stream, &name, &*controller);
                 *busy.0.lock().unwrap() = false;
@@ -570,6 +588,28 @@ mod tests {
         let old = handle(r#"{"version":0,"command":"status"}"#, "g", &fake);
         assert!(old.error.unwrap().contains("version 0"));
         assert!(!*fake.stopped.lock().unwrap());
+    }
+
+    #[test]
+    fn a_failing_accept_is_retried_after_a_pause_not_at_once() {
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (counted, stopping) = (attempts.clone(), stop.clone());
+        let acceptor = std::thread::spawn(move || {
+            let accept = || {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    true => Ok(()),
+                    false => Err(io::Error::from_raw_os_error(libc::EMFILE)),
+                }
+            };
+            connections(accept).next()
+        });
+        std::thread::sleep(Duration::from_millis(350));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(acceptor.join().unwrap(), Some(()), "a connection after the failures");
+        let made = attempts.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((2..=6).contains(&made), "{made} accept attempts in 350 ms");
     }
 
     #[test]

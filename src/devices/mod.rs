@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod rate_limiter;
 pub mod virtio;
 
 /// An eventfd as lkvm uses them: non-blocking, and close-on-exec so that no child (a tap

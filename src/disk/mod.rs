@@ -4,6 +4,7 @@
 pub mod qcow2;
 pub mod uring;
 
+use crate::devices::rate_limiter::RateLimit;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -43,6 +44,9 @@ pub struct DiskSpec {
     pub backing: Option<PathBuf>,
     #[serde(default)]
     pub io_engine: IoEngine,
+    /// Token buckets on the guest's requests (`bw=`, `ops=`; Firecracker's `rate_limiter`).
+    #[serde(default)]
+    pub rate_limit: RateLimit,
 }
 
 impl DiskSpec {
@@ -62,9 +66,10 @@ impl DiskSpec {
                 None if option == "async" => spec.io_engine = IoEngine::Async,
                 None if option == "sync" => spec.io_engine = IoEngine::Sync,
                 Some(("backing", file)) if !file.is_empty() => spec.backing = Some(file.into()),
+                Some((key, value)) if spec.rate_limit.parse_option(key, value).map_err(|e| format!("-d {arg}: {e}"))? => {}
                 _ => {
                     return Err(format!(
-                    "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH, async, sync)"
+                    "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH, async, sync, bw=SIZE/MS, ops=N/MS)"
                 ))
                 }
             }

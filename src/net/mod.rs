@@ -9,6 +9,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
+use crate::devices::rate_limiter::RateLimit;
+
 /// Where the guest's Ethernet frames go.
 pub trait NetBackend: Send + AsRawFd {
     /// Whether frames to and from the backend start with a struct virtio_net_hdr_v1 (a tap with
@@ -75,6 +77,19 @@ pub struct NetSpec {
     pub forwards: Vec<PortForward>,
     /// Queue pairs (`mq=N`, tap only): one tap queue and one host thread each.
     pub queue_pairs: u16,
+    /// Token buckets on received and sent frames (`rx_bw=`, `tx_ops=`, ...; Firecracker's
+    /// `rx_rate_limiter`, `tx_rate_limiter`), per queue pair.
+    #[serde(default)]
+    pub rx_rate_limit: RateLimit,
+    #[serde(default)]
+    pub tx_rate_limit: RateLimit,
+    /// User mode: the guest reaches nothing outside (only DHCP, DNS and forwarded ports).
+    #[serde(default)]
+    pub restrict: bool,
+    /// User mode: whether the host address reaches the host's loopback; unset, yes for `run`
+    /// and no for `sandbox`.
+    #[serde(default)]
+    pub host_loopback: Option<bool>,
 }
 
 /// The most queue pairs `mq=` takes, as a 16-vCPU guest would use.
@@ -97,6 +112,10 @@ impl Default for NetSpec {
             script: None,
             forwards: Vec::new(),
             queue_pairs: 1,
+            rx_rate_limit: RateLimit::default(),
+            tx_rate_limit: RateLimit::default(),
+            restrict: false,
+            host_loopback: None,
         }
     }
 }
@@ -159,11 +178,31 @@ impl NetSpec {
                         .ok_or_else(|| bad(&format!("mq={value}: queue pairs must be 1 to {MAX_QUEUE_PAIRS}")))?
                 }
                 "vhost" => return Err(bad("vhost is not supported yet (lkvm's own virtio-net serves the tap)")),
+                "restrict" | "host_loopback" => {
+                    let on = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(&format!("{key}={value}: use on or off"))),
+                    };
+                    match key {
+                        "restrict" => spec.restrict = on,
+                        _ => spec.host_loopback = Some(on),
+                    }
+                }
+                _ if key.starts_with("rx_") || key.starts_with("tx_") => {
+                    let limit = if key.starts_with("rx_") { &mut spec.rx_rate_limit } else { &mut spec.tx_rate_limit };
+                    if !limit.parse_option(&key[3..], value).map_err(|e| bad(&e))? {
+                        return Err(bad(&format!("unknown option '{key}' (rx_bw, rx_ops, tx_bw, tx_ops)")));
+                    }
+                }
                 _ => return Err(bad(&format!("unknown option '{key}'"))),
             }
         }
         if spec.mode != NetMode::User && !spec.forwards.is_empty() {
             return Err(bad("hostfwd needs mode=user"));
+        }
+        if spec.mode != NetMode::User && (spec.restrict || spec.host_loopback.is_some()) {
+            return Err(bad("restrict and host_loopback need mode=user"));
         }
         if spec.mode != NetMode::Tap && spec.queue_pairs > 1 {
             return Err(bad("mq needs mode=tap"));
@@ -217,6 +256,14 @@ mod tests {
         assert!(NetSpec::parse("hostfwd=tcp:localhost:80:80").unwrap_err().contains("bad forward"));
         assert!(NetSpec::parse("hostfwd=tcp:1:2:3:4").unwrap_err().contains("bad forward"));
         assert!(NetSpec::parse("mode=tap,hostfwd=tcp:1:2").unwrap_err().contains("needs mode=user"));
+        let confined = NetSpec::parse("mode=user,restrict=on,host_loopback=off").unwrap();
+        assert_eq!((confined.restrict, confined.host_loopback), (true, Some(false)));
+        assert_eq!(NetSpec::parse("mode=user").unwrap().host_loopback, None, "up to the command");
+        assert!(NetSpec::parse("restrict=yes").unwrap_err().contains("use on or off"));
+        assert!(NetSpec::parse("mode=tap,restrict=on").unwrap_err().contains("need mode=user"));
+        let limited = NetSpec::parse("mode=tap,rx_bw=1M/100,tx_ops=10/1000").unwrap();
+        assert!(limited.rx_rate_limit.limits() && limited.tx_rate_limit.limits());
+        assert!(NetSpec::parse("rx_speed=1/1").unwrap_err().contains("unknown option"));
         assert!(NetSpec::parse("mode=tap,tapif=averyveryverylongname").unwrap_err().contains("tapif"));
         assert!(NetSpec::parse("vhost=1").unwrap_err().contains("not supported"));
         assert!(NetSpec::parse("mode=user,mq=2").unwrap_err().contains("mq needs mode=tap"));

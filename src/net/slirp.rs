@@ -282,7 +282,7 @@ fn run(
     let no_ipv6: libc::in6_addr = unsafe { std::mem::zeroed() };
     let config = SlirpConfig {
         version: SLIRP_CONFIG_VERSION,
-        restricted: 0,
+        restricted: c_int::from(spec.restrict),
         in_enabled: true,
         vnetwork: in_addr(network),
         vnetmask: in_addr(NETMASK),
@@ -302,8 +302,8 @@ fn run(
         vdomainname: std::ptr::null(),
         if_mtu: MTU,
         if_mru: MTU,
-        // Traffic to the host address goes to the host's loopback.
-        disable_host_loopback: false,
+        // Unless disabled, traffic to the host address goes to the host's loopback.
+        disable_host_loopback: spec.host_loopback == Some(false),
         enable_emu: false,
         outbound_addr: std::ptr::null(),
         outbound_addr6: std::ptr::null(),

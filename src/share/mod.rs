@@ -9,8 +9,11 @@
 //!   neither `..`, symlinks (absolute or relative, never followed; opening one fails with
 //!   ELOOP) nor a concurrent rename can take a lookup outside the share;
 //! - on a read-only share every message that writes is answered EROFS;
-//! - set-user-ID and set-group-ID bits are cleared from the modes the guest sets, so a guest
-//!   cannot plant a set-id program for host users.
+//! - set-user-ID and set-group-ID bits are cleared from the modes the guest sets, and from a
+//!   file the guest writes or truncates (as the host kernel does for an unprivileged writer;
+//!   lkvm may run as root, which keeps them), so a guest can neither plant a set-id program for
+//!   host users nor change one;
+//! - the owner and group of host files cannot change (a no-op chown passes).
 //!
 //! The server refuses symlink and mknod; lkvm serves those itself, in the directory of the fid
 //! named, which it knows by mirroring the guest's attaches, walks, creates and renames. A
@@ -61,6 +64,9 @@ const P9_ACCESS_MASK: u32 = 0o3;
 const P9_WRITING_FLAGS: u32 = 0o100 | 0o1000 | 0o2000;
 const P9_NONBLOCK: u32 = 0o4000;
 const P9_SETATTR_MODE: u32 = 1;
+const P9_SETATTR_UID: u32 = 2;
+const P9_SETATTR_GID: u32 = 4;
+const P9_SETATTR_SIZE: u32 = 8;
 const P9_GETATTR_BASIC: u64 = 0x7ff;
 const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 const QID_SYMLINK: u8 = 0x02;
@@ -328,6 +334,11 @@ impl Share {
     /// it would open, whatever became of the path): opening one, or truncating or chmod-ing
     /// it, would let the guest drive a host device (a share of / holds /dev). Fails closed.
     fn is_device(&mut self, fid: u32) -> bool {
+        self.attributes(fid).is_none_or(|(mode, ..)| matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK))
+    }
+
+    /// The mode, owner and group of `fid`'s inode as the server sees it.
+    fn attributes(&mut self, fid: u32) -> Option<(u32, u32, u32)> {
         let mut getattr = 19u32.to_le_bytes().to_vec();
         getattr.push(TGETATTR);
         getattr.extend_from_slice(&[0xff, 0xff]);
@@ -335,12 +346,32 @@ impl Share {
         getattr.extend_from_slice(&P9_GETATTR_BASIC.to_le_bytes());
         let mut reply = Vec::new();
         if self.server.handle_message(&mut &getattr[..], &mut reply).is_err() || reply.get(4) != Some(&RGETATTR) {
-            return true;
+            return None;
         }
-        // Rgetattr: size[4] type[1] tag[2] valid[8] qid[13] mode[4] ...
-        let Some(mode) = reply.get(28..32) else { return true };
-        let kind = u32::from_le_bytes([mode[0], mode[1], mode[2], mode[3]]) & libc::S_IFMT;
-        kind == libc::S_IFCHR || kind == libc::S_IFBLK
+        // Rgetattr: size[4] type[1] tag[2] valid[8] qid[13] mode[4] uid[4] gid[4] ...
+        let word = |at: usize| reply.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        Some((word(28)?, word(32)?, word(36)?))
+    }
+
+    /// Before the guest writes or truncates `fid`: a set-id file loses those bits, through the
+    /// server's own setattr (failing that, the write is refused).
+    fn drop_set_id(&mut self, fid: u32) -> Result<(), Stop> {
+        let Some((mode, ..)) = self.attributes(fid) else { return Ok(()) }; // the server refuses the fid
+        if mode & libc::S_IFMT != libc::S_IFREG || mode & SET_ID_BITS == 0 {
+            return Ok(());
+        }
+        let mut setattr = 67u32.to_le_bytes().to_vec();
+        setattr.push(TSETATTR);
+        setattr.extend_from_slice(&[0xff, 0xff]);
+        for word in [fid, P9_SETATTR_MODE, mode & 0o7777 & !SET_ID_BITS, 0, 0] {
+            setattr.extend_from_slice(&word.to_le_bytes());
+        }
+        setattr.extend_from_slice(&[0; 40]); // size, atime, mtime (unused)
+        let mut reply = Vec::new();
+        match self.server.handle_message(&mut &setattr[..], &mut reply) {
+            Ok(()) if reply.get(4) == Some(&(TSETATTR + 1)) => Ok(()),
+            _ => Err(Stop::Refused(libc::EPERM)),
+        }
     }
 
     /// Tsymlink (dfid, name, target, gid) and Tmknod (dfid, name, mode, major, minor, gid):
@@ -447,13 +478,29 @@ impl Share {
                 fields.clear_set_id()?;
             }
             TSETATTR => {
-                if self.is_device(fields.u32()?) {
+                let fid = fields.u32()?;
+                if self.is_device(fid) {
                     return Err(Stop::Refused(libc::EPERM));
                 }
-                if fields.u32()? & P9_SETATTR_MODE != 0 {
+                let valid = fields.u32()?;
+                if valid & P9_SETATTR_MODE != 0 {
                     fields.clear_set_id()?;
+                } else {
+                    fields.skip(4)?;
+                }
+                let (uid, gid) = (fields.u32()?, fields.u32()?);
+                if valid & (P9_SETATTR_UID | P9_SETATTR_GID) != 0 {
+                    let (_, owner, group) = self.attributes(fid).ok_or(Stop::Refused(libc::EPERM))?;
+                    let changes_owner = valid & P9_SETATTR_UID != 0 && uid != owner;
+                    if changes_owner || (valid & P9_SETATTR_GID != 0 && gid != group) {
+                        return Err(Stop::Refused(libc::EPERM));
+                    }
+                }
+                if valid & P9_SETATTR_SIZE != 0 {
+                    self.drop_set_id(fid)?;
                 }
             }
+            TWRITE => self.drop_set_id(fields.u32()?)?,
             TSYMLINK | TMKNOD | TUNLINKAT => {
                 fields.skip(4)?;
                 fields.name()?;

@@ -395,6 +395,36 @@ fn the_guest_cannot_plant_set_id_programs() {
 }
 
 #[test]
+fn writing_a_set_id_file_clears_the_bits_and_owners_do_not_change() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("setid-write");
+    let share = dir.share();
+    for name in ["tool", "truncated"] {
+        fs::write(share.join(name), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(share.join(name), fs::Permissions::from_mode(0o6755)).unwrap();
+    }
+    let mut c = Client::attach(&share, false);
+    c.walk(ROOT, 1, &["tool"]).unwrap();
+    c.lopen(1, P9_RDWR).unwrap();
+    c.write(1, 0, b"#!/bin/sh\nid\n").unwrap();
+    assert_eq!(mode_of(&share.join("tool")), 0o755, "written: no longer set-id");
+    c.walk(ROOT, 2, &["truncated"]).unwrap();
+    c.set_size(2, 0).unwrap();
+    assert_eq!(mode_of(&share.join("truncated")), 0o755, "truncated: no longer set-id");
+
+    let meta = fs::metadata(share.join("tool")).unwrap();
+    let chown = |c: &mut Client, valid: u32, uid: u32, gid: u32| {
+        let msg = Msg::default().u32(1).u32(valid).u32(0).u32(uid).u32(gid);
+        c.call(TSETATTR, msg.u64(0).u64(0).u64(0).u64(0).u64(0))
+    };
+    assert_eq!(chown(&mut c, P9_SETATTR_UID, 4242, 0), Err(libc::EPERM as u32));
+    assert_eq!(chown(&mut c, P9_SETATTR_GID, 0, 4242), Err(libc::EPERM as u32));
+    assert!(chown(&mut c, P9_SETATTR_UID | P9_SETATTR_GID, meta.uid(), meta.gid()).is_ok(), "a no-op chown");
+    let after = fs::metadata(share.join("tool")).unwrap();
+    assert_eq!((after.uid(), after.gid()), (meta.uid(), meta.gid()));
+}
+
+#[test]
 fn malformed_messages_get_errors() {
     let dir = TempDir::new("malformed");
     let mut c = Client::attach(&dir.share(), false);

@@ -28,7 +28,7 @@ use crate::devices::virtio::block::{Block, DriveMedia};
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{self, MmioTransport};
-use crate::devices::virtio::net::Net;
+use crate::devices::virtio::net::{Net, NicLimiters};
 use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::rng::Rng;
@@ -65,11 +65,13 @@ pub enum DeviceEntry {
     /// A virtio-blk drive, whose image can be swapped.
     Drive(Arc<DriveMedia>),
     Balloon(Arc<BalloonControl>),
+    /// A NIC, whose rate limits can change.
+    Nic(Arc<NicLimiters>),
     /// COM1, for SysRq.
     Serial(Arc<Mutex<serial::SerialPort>>),
     /// The i8042, for Ctrl+Alt+Del.
     Keyboard(Arc<Mutex<Keyboard>>),
-    /// A device the VMM needs no handle on (network, 9p, entropy, console).
+    /// A device the VMM needs no handle on (9p, entropy, console).
     Plain,
 }
 
@@ -134,7 +136,8 @@ pub fn create_devices(
     let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     let HostResources { disks, shares, fs_shares } = host;
     for (drive, disk) in config.drives.iter().zip(disks) {
-        let block = Block::new(disk, &drive.id);
+        let block =
+            Block::new(disk, &drive.id, &drive.spec.rate_limit).map_err(|e| Error::Host("rate limiter timer", e))?;
         registry.insert(drive.id.clone(), DeviceEntry::Drive(block.media()));
         virtio.push((drive.id.clone(), Box::new(block)));
     }
@@ -159,8 +162,10 @@ pub fn create_devices(
         if spec.guest_mac.is_none() {
             mac[5] = mac[5].wrapping_add(index as u8);
         }
-        virtio.push((net.id.clone(), Box::new(Net::new(mac, backends))));
-        registry.insert(net.id.clone(), DeviceEntry::Plain);
+        let nic = Net::new(mac, backends, &spec.rx_rate_limit, &spec.tx_rate_limit)
+            .map_err(|e| Error::Host("rate limiter timer", e))?;
+        registry.insert(net.id.clone(), DeviceEntry::Nic(nic.limiters()));
+        virtio.push((net.id.clone(), Box::new(nic)));
     }
     if config.console == ConsoleDevice::Virtio {
         let console = Console::new(Box::new(serial::Stdout)).map_err(|e| Error::Host("virtio console", e))?;
@@ -170,7 +175,7 @@ pub fn create_devices(
         registry.insert(CONSOLE_ID.into(), DeviceEntry::Plain);
     }
     if let Some(entropy) = &config.entropy {
-        virtio.push((entropy.id.clone(), Box::new(Rng::default())));
+        virtio.push((entropy.id.clone(), Box::new(Rng::new(entropy.rate_limit))));
         registry.insert(entropy.id.clone(), DeviceEntry::Plain);
     }
     if let Some(config) = &config.balloon {

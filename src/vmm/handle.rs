@@ -1,6 +1,7 @@
 //! `VmHandle`: what other threads (control socket, API) may do to a built VM, and its devices
 //! by id.
 
+use crate::devices::rate_limiter::RateLimit;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -142,17 +143,41 @@ impl VmHandle {
         Ok((balloon.target_mib(), balloon.actual_mib()))
     }
 
-    /// Points drive `id` at another image; the guest sees the new contents and size.
-    pub fn update_drive(&self, id: &str, path: &Path) -> Result<(), String> {
+    /// Points drive `id` at another image (the guest sees the new contents and size) and/or
+    /// gives it new rate limits.
+    pub fn update_drive(&self, id: &str, path: Option<&Path>, limit: Option<&RateLimit>) -> Result<(), String> {
         let Some(DeviceEntry::Drive(media)) = self.registry.get(id) else {
             return Err(format!("no drive with id '{id}'"));
         };
         let mut config = self.config.lock().unwrap();
         let drive = config.drives.iter_mut().find(|d| d.id == id).ok_or_else(|| format!("no drive with id '{id}'"))?;
-        let spec = DiskSpec { path: path.to_path_buf(), ..drive.spec.clone() };
-        let disk = DiskImage::open(&spec).map_err(|e| e.to_string())?;
-        media.replace(disk);
-        drive.spec = spec;
+        if let Some(path) = path {
+            let spec = DiskSpec { path: path.to_path_buf(), ..drive.spec.clone() };
+            let disk = DiskImage::open(&spec).map_err(|e| e.to_string())?;
+            media.replace(disk);
+            drive.spec = spec;
+        }
+        if let Some(limit) = limit {
+            media.set_rate_limit(limit);
+            drive.spec.rate_limit = *limit;
+        }
+        Ok(())
+    }
+
+    /// New rate limits for NIC `id`'s received and/or sent frames.
+    pub fn update_nic(&self, id: &str, rx: Option<&RateLimit>, tx: Option<&RateLimit>) -> Result<(), String> {
+        let Some(DeviceEntry::Nic(limiters)) = self.registry.get(id) else {
+            return Err(format!("no network interface with id '{id}'"));
+        };
+        if rx.is_none() && tx.is_none() {
+            return Err("nothing to update: give rx_rate_limiter or tx_rate_limiter".into());
+        }
+        limiters.update(rx, tx);
+        let mut config = self.config.lock().unwrap();
+        if let Some(net) = config.nets.iter_mut().find(|n| n.id == id) {
+            rx.inspect(|limit| net.spec.rx_rate_limit = **limit);
+            tx.inspect(|limit| net.spec.tx_rate_limit = **limit);
+        }
         Ok(())
     }
 

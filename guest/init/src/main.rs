@@ -18,6 +18,8 @@
 //! - `lkvm.balloon=SECONDS:MIB`: touch 2*MIB MiB of memory and free it again (so the host
 //!   backs it), print `balloon_ready`, wait up to SECONDS for MemTotal to shrink by MIB (the host
 //!   inflating the balloon), print the new MemTotal, and stay up 8 s more for the host to look.
+//! - `lkvm.timedread=DEV:LEN`: read DEV's first LEN bytes (O_DIRECT, 64 KiB requests); print
+//!   LEN and the microseconds it took.
 //! - `lkvm.blkbench=DEV:MIB`: O_DIRECT throughput of DEV (sequential 1 MiB and random 4 KiB
 //!   reads and writes over its first MIB MiB; the data on DEV is overwritten).
 //! - `lkvm.9p=TAG:ROTAG`: mount the 9p shares TAG (read-write, msize 512000) and ROTAG
@@ -441,6 +443,24 @@ fn blk_bench(arg: &str) {
     run("seq_read", span, &mut || (0..span >> 20).try_for_each(|i| file.read_exact_at(big, i << 20)));
     run("rand_write_4k", random_ops * 4096, &mut || (0..random_ops).try_for_each(|_| file.write_all_at(small, random_offset())));
     run("rand_read_4k", random_ops * 4096, &mut || (0..random_ops).try_for_each(|_| file.read_exact_at(small, random_offset())));
+}
+
+/// Reads the first LEN bytes of DEV with O_DIRECT in 64 KiB requests; prints LEN and the
+/// microseconds it took (a rate-limited disk's rate, as the guest sees it).
+fn timed_read(arg: &str) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Some((dev, len)) = arg.split_once(':') else { return result("timedread", "bad-arg") };
+    let len: u64 = len.parse().unwrap_or(0);
+    let chunk = aligned(64 << 10);
+    let outcome = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev).and_then(|file| {
+        let start = std::time::Instant::now();
+        (0..len / chunk.len() as u64).try_for_each(|i| file.read_exact_at(chunk, i * chunk.len() as u64))?;
+        Ok(start.elapsed())
+    });
+    match outcome {
+        Ok(took) => result(&format!("timedread:{dev}"), &format!("{len}:{}", took.as_micros())),
+        Err(e) => result(&format!("timedread:{dev}"), &format!("err:{e}")),
+    }
 }
 
 const NET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -897,6 +917,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.blkbench=", blk_bench),
     ("lkvm.9p=", share_check),
     ("lkvm.netstats=", net_stats),
+    ("lkvm.timedread=", timed_read),
     ("lkvm.p9bench=", p9_bench),
     ("lkvm.fsbench=", fs_bench),
     ("lkvm.swap=", swap_wait),

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{Lifecycle, Worker};
 use super::*;
+use crate::thread::DeviceIo;
 
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
 const INFLATE: usize = 0;
@@ -257,13 +258,19 @@ impl VirtioDevice for Balloon {
             control: self.control.clone(),
         };
         let events = vec![inflate.kick, deflate.kick, stats.kick, request];
-        self.worker = Some(Worker::spawn("virtio-balloon".into(), events, queues, |queues, event, _| match event {
-            INFLATE => queues.inflate(),
-            DEFLATE => queues.deflate(),
-            STATS => queues.collect_stats(),
-            STATS_REQUESTED => queues.request_stats(),
-            _ => {}
-        })?);
+        self.worker = Some(Worker::spawn(
+            DeviceIo::Memory,
+            "virtio-balloon".into(),
+            events,
+            queues,
+            |queues, event, _| match event {
+                INFLATE => queues.inflate(),
+                DEFLATE => queues.deflate(),
+                STATS => queues.collect_stats(),
+                STATS_REQUESTED => queues.request_stats(),
+                _ => {}
+            },
+        )?);
         Ok(())
     }
 

@@ -3,16 +3,19 @@
 //! an error status and touches neither the image outside its bounds nor host memory.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, RwLock};
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
+use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::disk::uring::{Done, Uring};
 use crate::disk::{DiskImage, SECTOR_SIZE};
+use crate::thread::DeviceIo;
 
 pub const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
@@ -69,6 +72,8 @@ impl BounceBuffer {
 pub struct DriveMedia {
     disk: RwLock<Arc<DiskImage>>,
     interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+    /// Every drive has one (unlimited unless configured), so a limit can be set while it runs.
+    limiter: Mutex<RateLimiter>,
 }
 
 impl DriveMedia {
@@ -79,6 +84,11 @@ impl DriveMedia {
     /// Writes what the image format caches (qcow2 metadata) and syncs it.
     pub fn flush(&self) -> std::io::Result<()> {
         self.current().flush()
+    }
+
+    /// New rate limits from the next request on (Firecracker's `PATCH /drives`).
+    pub fn set_rate_limit(&self, limit: &RateLimit) {
+        self.limiter.lock().unwrap().update(limit);
     }
 
     /// Serves `disk` from the next request on; requests in flight finish on the old image.
@@ -102,13 +112,17 @@ pub struct Block {
 
 impl Block {
     /// `id` is what the guest reads as the disk's serial (truncated to 20 bytes).
-    pub fn new(disk: DiskImage, id: &str) -> Self {
+    pub fn new(disk: DiskImage, id: &str, limit: &RateLimit) -> std::io::Result<Self> {
         let mut serial = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
         let read_only = disk.read_only();
-        let media = Arc::new(DriveMedia { disk: RwLock::new(Arc::new(disk)), interrupt: Mutex::new(None) });
-        Block { media, read_only, id: serial, worker: None }
+        let media = Arc::new(DriveMedia {
+            disk: RwLock::new(Arc::new(disk)),
+            interrupt: Mutex::new(None),
+            limiter: Mutex::new(RateLimiter::new(limit)?),
+        });
+        Ok(Block { media, read_only, id: serial, worker: None })
     }
 
     pub fn media(&self) -> Arc<DriveMedia> {
@@ -178,15 +192,20 @@ impl VirtioDevice for Block {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
         let handler = self.request_handler();
         *self.media.interrupt.lock().unwrap() = Some(interrupt.clone());
-        let completions = handler.uring.as_ref().map(Uring::eventfd);
+        // Events: the queue's kick (0), the async engine's completions, the limiter's timer.
+        let mut fds: Vec<_> = handler.uring.as_ref().map(Uring::eventfd).into_iter().collect();
+        fds.push(self.media.limiter.lock().unwrap().as_raw_fd());
         let state = (queue, mem, interrupt, handler);
-        self.worker = Some(match completions {
-            Some(fd) => Worker::spawn_quiescing("virtio-blk".into(), vec![kick], fd, state, serve, |state| {
-                let (queue, mem, interrupt, handler) = state;
-                handler.drain(queue, mem, &**interrupt)
-            })?,
-            None => Worker::spawn("virtio-blk".into(), vec![kick], state, serve)?,
-        });
+        let drain: fn(&mut BlockQueue) = |(queue, mem, interrupt, handler)| handler.drain(queue, mem, &**interrupt);
+        self.worker = Some(Worker::spawn_with_fds(
+            DeviceIo::Disk,
+            "virtio-blk".into(),
+            vec![kick],
+            fds,
+            state,
+            serve,
+            Some(drain),
+        )?);
         Ok(())
     }
 
@@ -199,12 +218,29 @@ impl VirtioDevice for Block {
     }
 }
 
-/// The worker's handler: a queue notification (0), or completions of the async engine (1).
+/// The worker's handler: a queue notification (0), completions of the async engine (1, with
+/// one), or the rate limiter's timer (last).
 fn serve((queue, mem, interrupt, handler): &mut BlockQueue, event: usize, _: &Watch) {
-    if event == 0 {
-        handler.process_queue(queue, mem, &**interrupt)
-    } else {
-        handler.complete(queue, mem, &**interrupt)
+    match event {
+        0 => handler.process_queue(queue, mem, &**interrupt),
+        1 if handler.uring.is_some() => handler.complete(queue, mem, &**interrupt),
+        _ => {
+            handler.media.limiter.lock().unwrap().timer_fired();
+            handler.process_queue(queue, mem, &**interrupt)
+        }
+    }
+}
+
+/// What a request costs the rate limiter: its data bytes (reads and writes only), and one
+/// operation.
+fn request_bytes(chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u64 {
+    let header = chain.clone().reader(mem).ok().and_then(|mut r| r.read_obj::<RequestHeader>().ok());
+    match header.map(|h| h.request_type) {
+        Some(VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT) => {
+            let total: u64 = chain.clone().map(|desc| u64::from(desc.len())).sum();
+            total.saturating_sub(std::mem::size_of::<RequestHeader>() as u64 + 1)
+        }
+        _ => 0,
     }
 }
 
@@ -275,7 +311,11 @@ impl RequestHandler {
     pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
         self.disk = self.media.current();
         if self.uring.is_none() || self.disk.async_fd().is_none() {
-            serve_queue(queue, mem, interrupt, 0, |chain| self.handle(chain, mem));
+            let media = self.media.clone();
+            serve_queue_limited(queue, mem, interrupt, 0, |chain| {
+                let allowed = media.limiter.lock().unwrap().consume(request_bytes(&chain, mem));
+                allowed.then(|| self.handle(chain, mem))
+            });
             return;
         }
         let (mut used, mut stalled) = (false, false);
@@ -286,6 +326,10 @@ impl RequestHandler {
             let mut progressed = false;
             while self.uring.as_ref().is_some_and(Uring::has_room) {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+                if !self.media.limiter.lock().unwrap().consume(request_bytes(&chain, mem)) {
+                    queue.go_to_previous_position(); // taken again when the limiter's timer fires
+                    break 'drain;
+                }
                 progressed = true;
                 let head = chain.head_index();
                 if let Some(len) = self.start(chain, mem) {
@@ -535,7 +579,7 @@ pub(crate) mod tests {
         let image: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(&path, image).unwrap();
         let disk = DiskImage::open(&DiskSpec { read_only, direct, io_engine, ..DiskSpec::new(&path) }).unwrap();
-        let block = Block::new(disk, "serial-0123456789abcdefXYZ");
+        let block = Block::new(disk, "serial-0123456789abcdefXYZ", &RateLimit::default()).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Harness { mem, handler: block.request_handler(), block, path }
     }
@@ -594,6 +638,44 @@ pub(crate) mod tests {
         let mut data = vec![0u8; 1024];
         h.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert!(data[..512].iter().all(|b| *b == 3) && data[512..].iter().all(|b| *b == 4));
+    }
+
+    #[test]
+    fn a_rate_limited_disk_holds_requests_in_the_ring_until_tokens_return() {
+        for engine in [IoEngine::Sync, IoEngine::Async] {
+            let mut h = harness_engine(false, false, engine);
+            let one_page_a_minute = RateLimit {
+                bandwidth: Some(crate::devices::rate_limiter::BucketConfig {
+                    size: 4096,
+                    one_time_burst: None,
+                    refill_time: 60_000,
+                }),
+                ..RateLimit::default()
+            };
+            h.block.media().set_rate_limit(&one_page_a_minute);
+            let mock = MockSplitQueue::new(&h.mem, 16);
+            h.header(VIRTIO_BLK_T_IN, 0);
+            for i in 0..2u16 {
+                let chain = [
+                    desc(HEADER, 16, NEXT, 3 * i + 1),
+                    desc(DATA + 0x1000 * u64::from(i), 4096, NEXT | WRITE, 3 * i + 2),
+                    desc(STATUS + u64::from(i), 1, WRITE, 0),
+                ];
+                mock.add_desc_chains(&chain, 3 * i).unwrap();
+            }
+            let mut queue: Queue = mock.create_queue().unwrap();
+            let interrupt = CountingInterrupt::default();
+            h.handler.process_queue(&mut queue, &h.mem, &interrupt);
+            h.handler.drain(&mut queue, &h.mem, &interrupt);
+            assert_eq!(mock.used().idx().load(), 1, "{engine:?}: one page passes, the second waits");
+            h.handler.process_queue(&mut queue, &h.mem, &interrupt);
+            assert_eq!(mock.used().idx().load(), 1, "{engine:?}: still waiting");
+            h.block.media().set_rate_limit(&RateLimit::default());
+            h.block.media().limiter.lock().unwrap().timer_fired();
+            h.handler.process_queue(&mut queue, &h.mem, &interrupt);
+            h.handler.drain(&mut queue, &h.mem, &interrupt);
+            assert_eq!(mock.used().idx().load(), 2, "{engine:?}: served once the limit is lifted");
+        }
     }
 
     #[test]
@@ -790,13 +872,18 @@ pub(crate) mod tests {
     #[test]
     fn features_and_config_follow_the_image() {
         let rw = harness(false);
-        let block = Block::new(DiskImage::open(&DiskSpec::new(&rw.path)).unwrap(), "x");
+        let block = Block::new(DiskImage::open(&DiskSpec::new(&rw.path)).unwrap(), "x", &RateLimit::default()).unwrap();
         assert_eq!(block.features() & feature(VIRTIO_BLK_F_RO), 0);
         assert_ne!(block.features() & feature(VIRTIO_BLK_F_DISCARD), 0);
         let mut capacity = [0u8; 8];
         block.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
-        let ro = Block::new(DiskImage::open(&DiskSpec { read_only: true, ..DiskSpec::new(&rw.path) }).unwrap(), "x");
+        let ro = Block::new(
+            DiskImage::open(&DiskSpec { read_only: true, ..DiskSpec::new(&rw.path) }).unwrap(),
+            "x",
+            &RateLimit::default(),
+        )
+        .unwrap();
         assert_ne!(ro.features() & feature(VIRTIO_BLK_F_RO), 0);
         assert_eq!(ro.features() & (feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)), 0);
         let mut beyond = [0xffu8; 4];

@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{Lifecycle, Worker};
 use super::*;
+use crate::thread::DeviceIo;
 
 const QUEUE_SIZES: &[u16] = &[256, 256];
 const RX_QUEUE: usize = 0;
@@ -149,14 +150,17 @@ impl VirtioDevice for Console {
         let output = self.output.clone();
         let ready = self.inbox.ready.try_clone()?;
         let port = Port { rx: rx.queue, tx: tx.queue, mem, inbox: self.inbox.clone(), output, interrupt };
-        self.worker =
-            Some(Worker::spawn("virtio-console".into(), vec![rx.kick, tx.kick, ready], port, |port, event, _| {
-                match event {
-                    TX_QUEUE => port.transmit(),
-                    RX_QUEUE | INPUT_READY => port.receive(),
-                    _ => {}
-                }
-            })?);
+        self.worker = Some(Worker::spawn(
+            DeviceIo::Memory,
+            "virtio-console".into(),
+            vec![rx.kick, tx.kick, ready],
+            port,
+            |port, event, _| match event {
+                TX_QUEUE => port.transmit(),
+                RX_QUEUE | INPUT_READY => port.receive(),
+                _ => {}
+            },
+        )?);
         Ok(())
     }
 

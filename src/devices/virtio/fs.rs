@@ -18,6 +18,7 @@ use vm_memory_fuse::{Bytes as _, GuestAddress as FuseAddress};
 use super::worker::{Lifecycle, Worker};
 use super::*;
 use crate::share::virtiofs::{self, FsShare, MAX_REQUEST};
+use crate::thread::DeviceIo;
 
 pub const VIRTIO_ID_FS: u32 = 26;
 /// The high-priority queue (FORGET, INTERRUPT), then one request queue.
@@ -178,8 +179,9 @@ impl VirtioDevice for Fs {
             request: Vec::with_capacity(64 * 1024),
         };
         let kicks = vec![hiprio.kick, requests.kick];
-        self.worker =
-            Some(Worker::spawn("virtio-fs".into(), kicks, state, |state, index, _| process_queue(state, index))?);
+        self.worker = Some(Worker::spawn(DeviceIo::Files, "virtio-fs".into(), kicks, state, |state, index, _| {
+            process_queue(state, index)
+        })?);
         Ok(())
     }
 

@@ -249,6 +249,22 @@ mod tests {
     }
 
     #[test]
+    fn clearing_driver_ok_neither_reopens_queue_setup_nor_activates_again() {
+        let mut t = transport();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0x1000);
+        let running = u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        write(&mut t, 0x70, running);
+        write(&mut t, 0x70, running & !u32::from(STATUS_DRIVER_OK));
+        assert_eq!(read(&mut t, 0x70), running, "a cleared bit stays set until reset");
+        // Rings moved outside guest memory would fail a second activation.
+        setup_queue(&mut t, 0xffff_f000_0000);
+        write(&mut t, 0x70, running);
+        assert_eq!(read(&mut t, 0x70), running, "no second activation");
+        assert_eq!(t.state.queues[0].desc, 0x1000, "queue setup closed while running");
+    }
+
+    #[test]
     fn notifications_and_interrupt_acknowledgement() {
         let mut t = transport();
         write(&mut t, QUEUE_NOTIFY_OFFSET, 0);

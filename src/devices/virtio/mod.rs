@@ -16,7 +16,7 @@ pub mod worker;
 
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -106,6 +106,20 @@ pub fn serve_queue<F>(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn 
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
+    serve_queue_limited(queue, mem, interrupt, index, |chain| Some(serve(chain)))
+}
+
+/// Like `serve_queue`, but `serve` may decline a request (`None`: its rate limiter is out of
+/// tokens): it stays in the ring and serving stops until the device is woken again.
+pub fn serve_queue_limited<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn Interrupt,
+    index: u16,
+    mut serve: F,
+) where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+{
     let mut used = false;
     let mut stalled = false;
     'drain: loop {
@@ -115,7 +129,10 @@ where
         let mut progressed = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = serve(chain);
+            let Some(len) = serve(chain) else {
+                queue.go_to_previous_position();
+                break 'drain;
+            };
             if queue.add_used(mem, head, len).is_err() {
                 break 'drain;
             }

@@ -9,6 +9,7 @@
 //! as many guest buffers as it needs.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -16,13 +17,18 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
+use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::net::NetBackend;
+use crate::thread::DeviceIo;
 
 const QUEUE_SIZE: u16 = 256;
-/// Worker events of a queue pair: its queues' notifications, then the backend being readable.
+/// Worker events of a queue pair: its queues' notifications, the backend being readable, and
+/// the rate limiters' timers.
 const RX_EVENT: usize = 0;
 const TX_EVENT: usize = 1;
 const BACKEND_READY: usize = 2;
+const RX_LIMIT_TIMER: usize = 3;
+const TX_LIMIT_TIMER: usize = 4;
 /// struct virtio_net_hdr_v1: with VERSION_1 it always includes num_buffers.
 pub const HEADER_LEN: usize = 12;
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -61,6 +67,26 @@ const VIRTIO_NET_ERR: u8 = 1;
 
 pub type SharedBackend = Arc<Mutex<Box<dyn NetBackend>>>;
 
+/// A queue pair's rate limiters: frames received and sent.
+pub struct PairLimiters {
+    rx: Mutex<RateLimiter>,
+    tx: Mutex<RateLimiter>,
+}
+
+/// A NIC's rate limiters, one pair per queue pair (Firecracker's NICs have one), which the VMM
+/// can change while the guest runs.
+pub struct NicLimiters(Vec<Arc<PairLimiters>>);
+
+impl NicLimiters {
+    /// New limits for received and/or sent frames, from the next frame on.
+    pub fn update(&self, rx: Option<&RateLimit>, tx: Option<&RateLimit>) {
+        for pair in &self.0 {
+            rx.inspect(|limit| pair.rx.lock().unwrap().update(limit));
+            tx.inspect(|limit| pair.tx.lock().unwrap().update(limit));
+        }
+    }
+}
+
 /// What the control queue's worker owns: the queue, its index, and the backends it steers.
 type ControlQueue = (Queue, u16, GuestMemoryMmap, Arc<dyn Interrupt>, Vec<SharedBackend>);
 
@@ -71,10 +97,16 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     workers: Vec<Worker<NetPort>>,
     control: Option<Worker<ControlQueue>>,
+    limiters: Arc<NicLimiters>,
 }
 
 impl Net {
-    pub fn new(mac: [u8; 6], backends: Vec<Box<dyn NetBackend>>) -> Self {
+    pub fn new(
+        mac: [u8; 6],
+        backends: Vec<Box<dyn NetBackend>>,
+        rx: &RateLimit,
+        tx: &RateLimit,
+    ) -> std::io::Result<Self> {
         assert!(!backends.is_empty(), "a NIC needs a backend");
         let pairs = backends.len() as u16;
         let mut config = mac.to_vec();
@@ -82,8 +114,27 @@ impl Net {
         config.extend_from_slice(&pairs.to_le_bytes()); // max_virtqueue_pairs
         let control_queue = usize::from(pairs > 1);
         let queue_sizes = vec![QUEUE_SIZE; 2 * backends.len() + control_queue];
+        let limiters = (0..backends.len())
+            .map(|_| {
+                Ok(Arc::new(PairLimiters {
+                    rx: Mutex::new(RateLimiter::new(rx)?),
+                    tx: Mutex::new(RateLimiter::new(tx)?),
+                }))
+            })
+            .collect::<std::io::Result<_>>()?;
         let backends = backends.into_iter().map(|b| Arc::new(Mutex::new(b))).collect();
-        Net { config, backends, queue_sizes, workers: Vec::new(), control: None }
+        Ok(Net {
+            config,
+            backends,
+            queue_sizes,
+            workers: Vec::new(),
+            control: None,
+            limiters: Arc::new(NicLimiters(limiters)),
+        })
+    }
+
+    pub fn limiters(&self) -> Arc<NicLimiters> {
+        self.limiters.clone()
     }
 
     fn vnet_header(&self) -> bool {
@@ -100,6 +151,9 @@ pub struct NetPort {
     mem: GuestMemoryMmap,
     backend: SharedBackend,
     interrupt: Arc<dyn Interrupt>,
+    limiters: Arc<PairLimiters>,
+    /// The pending received packet got past the rx limiter already.
+    pending_paid: bool,
     /// Frames pass to and from the backend with their virtio-net header.
     vnet_header: bool,
     mergeable: bool,
@@ -136,6 +190,7 @@ impl NetPort {
         mem: GuestMemoryMmap,
         backend: SharedBackend,
         interrupt: Arc<dyn Interrupt>,
+        limiters: Arc<PairLimiters>,
         features: u64,
     ) -> Self {
         let vnet_header = backend.lock().unwrap().has_vnet_header();
@@ -147,6 +202,8 @@ impl NetPort {
             mem,
             backend,
             interrupt,
+            limiters,
+            pending_paid: false,
             vnet_header,
             mergeable: features & VIRTIO_NET_F_MRG_RXBUF != 0,
             packet: vec![0; HEADER_LEN + MAX_FRAME],
@@ -158,21 +215,28 @@ impl NetPort {
         }
     }
 
-    /// Sends every frame the guest queued; malformed ones (shorter than the header, longer
-    /// than a frame) are dropped.
+    /// Sends every frame the guest queued, while the tx limiter allows; malformed ones
+    /// (shorter than the header, longer than a frame) are dropped.
     pub fn transmit(&mut self) {
         let (mem, backend, packet, vnet_header) = (&self.mem, &self.backend, &mut self.tx_packet, self.vnet_header);
-        serve_queue(&mut self.tx, mem, &*self.interrupt, self.tx_index, |chain| {
-            let Ok(mut reader) = chain.reader(mem) else { return 0 };
+        let limiter = &self.limiters.tx;
+        serve_queue_limited(&mut self.tx, mem, &*self.interrupt, self.tx_index, |chain| {
+            let Ok(mut reader) = chain.reader(mem) else { return Some(0) };
             let len = reader.available_bytes();
-            if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) || reader.read_exact(&mut packet[..len]).is_err() {
-                return 0;
+            if !(HEADER_LEN..=HEADER_LEN + MAX_FRAME).contains(&len) {
+                return Some(0);
+            }
+            if !limiter.lock().unwrap().consume((len - HEADER_LEN) as u64) {
+                return None;
+            }
+            if reader.read_exact(&mut packet[..len]).is_err() {
+                return Some(0);
             }
             let start = if vnet_header { 0 } else { HEADER_LEN };
             if let Err(e) = backend.lock().unwrap().send(&packet[start..len]) {
                 tracing::debug!("virtio-net: frame dropped: {e}");
             }
-            0
+            Some(0)
         });
     }
 
@@ -266,9 +330,18 @@ impl NetPort {
                 },
             };
             self.pending = Some(len);
+            if !self.pending_paid {
+                // Over the rx limit: the frame waits here, and the backend is not read, until
+                // the limiter's timer.
+                if !self.limiters.rx.lock().unwrap().consume((len - HEADER_LEN) as u64) {
+                    break false;
+                }
+                self.pending_paid = true;
+            }
             match self.deliver(len) {
                 Delivery::Done => {
                     self.pending = None;
+                    self.pending_paid = false;
                     used = true;
                     stalled = false;
                 }
@@ -285,7 +358,14 @@ impl NetPort {
     fn handle(&mut self, event: usize, watch: &Watch) {
         match event {
             TX_EVENT => self.transmit(),
-            RX_EVENT | BACKEND_READY => {
+            TX_LIMIT_TIMER => {
+                self.limiters.tx.lock().unwrap().timer_fired();
+                self.transmit()
+            }
+            RX_EVENT | BACKEND_READY | RX_LIMIT_TIMER => {
+                if event == RX_LIMIT_TIMER {
+                    self.limiters.rx.lock().unwrap().timer_fired();
+                }
                 let keep_watching = self.receive();
                 watch.host_fd(keep_watching);
             }
@@ -375,7 +455,12 @@ impl VirtioDevice for Net {
         }
         for (pair, backend) in self.backends.iter().take(pairs).enumerate() {
             let (rx, tx) = (queues.next().expect("counted"), queues.next().expect("counted"));
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&**backend.lock().unwrap());
+            let limiters = self.limiters.0[pair].clone();
+            let fds = vec![
+                backend.lock().unwrap().as_raw_fd(),
+                limiters.rx.lock().unwrap().as_raw_fd(),
+                limiters.tx.lock().unwrap().as_raw_fd(),
+            ];
             let port = NetPort::new(
                 rx.queue,
                 tx.queue,
@@ -383,16 +468,18 @@ impl VirtioDevice for Net {
                 mem.clone(),
                 backend.clone(),
                 interrupt.clone(),
+                limiters,
                 acked_features,
             );
             let name = format!("virtio-net-q{pair}");
-            workers.push(Worker::spawn_with_fd(name, vec![rx.kick, tx.kick], fd, port, |port, event, watch| {
-                port.handle(event, watch)
-            })?);
+            let serve: fn(&mut NetPort, usize, &Watch) = |port, event, watch| port.handle(event, watch);
+            let events = vec![rx.kick, tx.kick];
+            workers.push(Worker::spawn_with_fds(DeviceIo::Network, name, events, fds, port, serve, None)?);
         }
         if let Some(ActiveQueue { queue, kick }) = queues.next() {
             let state = (queue, (2 * pairs) as u16, mem.clone(), interrupt.clone(), self.backends.clone());
             self.control = Some(Worker::spawn(
+                DeviceIo::Network,
                 "virtio-net-ctrl".into(),
                 vec![kick],
                 state,
@@ -466,6 +553,15 @@ mod tests {
         }
     }
 
+    fn limiters(rx: &RateLimit, tx: &RateLimit) -> Arc<PairLimiters> {
+        let (rx, tx) = (RateLimiter::new(rx).unwrap(), RateLimiter::new(tx).unwrap());
+        Arc::new(PairLimiters { rx: Mutex::new(rx), tx: Mutex::new(tx) })
+    }
+
+    fn unlimited() -> Arc<PairLimiters> {
+        limiters(&RateLimit::default(), &RateLimit::default())
+    }
+
     fn backend(vnet: bool) -> (SharedBackend, Arc<Mutex<Wire>>) {
         let wire = Arc::new(Mutex::new(Wire::default()));
         let backend: Box<dyn NetBackend> = Box::new(TestBackend { wire: wire.clone(), vnet });
@@ -510,6 +606,7 @@ mod tests {
                 mem.clone(),
                 shared,
                 interrupt,
+                limiters(&RateLimit::default(), &RateLimit::default()),
                 0,
             );
             port.transmit();
@@ -532,8 +629,16 @@ mod tests {
         wire.lock().unwrap().to_guest.extend([frame.clone(), b"second".to_vec()]);
         let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port =
-            NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
+        let mut port = NetPort::new(
+            rx,
+            Queue::new(16).unwrap(),
+            0,
+            mem.clone(),
+            shared,
+            interrupt,
+            unlimited(),
+            VIRTIO_NET_F_MRG_RXBUF,
+        );
         // The second frame finds one buffer left: enough for it.
         assert!(port.receive());
         let used = mock.used();
@@ -557,8 +662,16 @@ mod tests {
         wire.lock().unwrap().to_guest.extend([vec![7u8; 3000], vec![8u8; 100]]);
         let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port =
-            NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, VIRTIO_NET_F_MRG_RXBUF);
+        let mut port = NetPort::new(
+            rx,
+            Queue::new(16).unwrap(),
+            0,
+            mem.clone(),
+            shared,
+            interrupt,
+            unlimited(),
+            VIRTIO_NET_F_MRG_RXBUF,
+        );
         assert!(!port.receive(), "no room: stop watching the backend");
         assert_eq!(mock.used().idx().load(), 0, "the lone buffer is held for the frame");
         // Every offered buffer was taken, so with EVENT_IDX the driver's next buffer notifies.
@@ -576,6 +689,54 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_hold_frames_back_without_losing_them() {
+        let one_frame_a_minute = RateLimit {
+            ops: Some(crate::devices::rate_limiter::BucketConfig {
+                size: 1,
+                one_time_burst: None,
+                refill_time: 60_000,
+            }),
+            ..RateLimit::default()
+        };
+        // Received: one frame passes, the next waits (the backend is not watched meanwhile).
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        rx_buffers(&mock, 4, 1500, 0);
+        let (shared, wire) = backend(false);
+        wire.lock().unwrap().to_guest.extend([vec![1u8; 100], vec![2u8; 100]]);
+        let limits = limiters(&one_frame_a_minute, &RateLimit::default());
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let rx = mock.create_queue().unwrap();
+        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, limits.clone(), 0);
+        assert!(!port.receive(), "over the limit: stop watching the backend");
+        assert!(!port.receive(), "still over it");
+        assert_eq!(mock.used().idx().load(), 1);
+        limits.rx.lock().unwrap().update(&RateLimit::default());
+        limits.rx.lock().unwrap().timer_fired();
+        assert!(port.receive());
+        assert_eq!(mock.used().idx().load(), 2, "the held frame, not lost");
+        let mut byte = [0u8; 1];
+        mem.read_slice(&mut byte, GuestAddress(0x20000 + HEADER_LEN as u64)).unwrap();
+        assert_eq!(byte[0], 2);
+
+        // Sent: one frame goes out, the next stays in the ring.
+        let mock = MockSplitQueue::new(&mem, 16);
+        for (i, at) in [0x30000u64, 0x40000].into_iter().enumerate() {
+            mem.write_slice(&[0u8; HEADER_LEN + 60], GuestAddress(at)).unwrap();
+            mock.add_desc_chains(&[desc(at, (HEADER_LEN + 60) as u32, 0, 0)], i as u16).unwrap();
+        }
+        let (shared, wire) = backend(false);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let limits = limiters(&RateLimit::default(), &one_frame_a_minute);
+        let tx = mock.create_queue().unwrap();
+        let mut port = NetPort::new(Queue::new(16).unwrap(), tx, 0, mem.clone(), shared, interrupt, limits, 0);
+        port.transmit();
+        assert_eq!((mock.used().idx().load(), wire.lock().unwrap().from_guest.len()), (1, 1));
+        port.transmit();
+        assert_eq!(mock.used().idx().load(), 1, "held in the ring until the limiter's timer");
+    }
+
+    #[test]
     fn without_mergeable_buffers_a_frame_too_large_is_dropped() {
         let mem = memory();
         let mock = MockSplitQueue::new(&mem, 16);
@@ -586,7 +747,7 @@ mod tests {
         wire.lock().unwrap().to_guest.extend([vec![1u8; 3000], small]);
         let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, 0);
+        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, unlimited(), 0);
         port.receive();
         let used = mock.used();
         assert_eq!(used.ring().ref_at(0).unwrap().load().len(), 0, "dropped");

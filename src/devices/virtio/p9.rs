@@ -11,6 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use super::worker::{Lifecycle, Worker};
 use super::*;
 use crate::share::{Session, Share, MAX_MESSAGE_SIZE};
+use crate::thread::DeviceIo;
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// The device's config space carries the mount tag.
@@ -81,10 +82,13 @@ impl VirtioDevice for P9 {
     ) -> Result<(), ActivateError> {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
         let state = (queue, mem, interrupt, self.share.clone());
-        self.worker =
-            Some(Worker::spawn("virtio-9p".into(), vec![kick], state, |(queue, mem, interrupt, share), _, _| {
-                process_queue(queue, mem, &**interrupt, share)
-            })?);
+        self.worker = Some(Worker::spawn(
+            DeviceIo::Files,
+            "virtio-9p".into(),
+            vec![kick],
+            state,
+            |(queue, mem, interrupt, share), _, _| process_queue(queue, mem, &**interrupt, share),
+        )?);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! virtio-rng: entropy for the guest's /dev/hwrng, from the host's getrandom(2).
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -7,6 +8,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::worker::{Lifecycle, Worker};
 use super::*;
+use crate::devices::rate_limiter::{RateLimit, RateLimiter};
+use crate::thread::DeviceIo;
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// Bytes served per request at most, so one request cannot keep the worker busy for long.
@@ -14,10 +17,18 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Default)]
 pub struct Rng {
+    limit: RateLimit,
     worker: Option<Worker<RequestQueue>>,
 }
 
-type RequestQueue = (Queue, GuestMemoryMmap, Arc<dyn Interrupt>);
+impl Rng {
+    /// Bytes and requests held to `limit` (full buckets at each activation).
+    pub fn new(limit: RateLimit) -> Rng {
+        Rng { limit, worker: None }
+    }
+}
+
+type RequestQueue = (Queue, GuestMemoryMmap, Arc<dyn Interrupt>, RateLimiter);
 
 fn fill_random(buf: &mut [u8]) -> bool {
     let mut done = 0;
@@ -32,10 +43,14 @@ fn fill_random(buf: &mut [u8]) -> bool {
     true
 }
 
-/// Fills every available request with random bytes.
-pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
+/// Fills every available request with random bytes, while `limiter` allows.
+pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt, limiter: &mut RateLimiter) {
     let mut buf = vec![0u8; MAX_REQUEST];
-    serve_queue(queue, mem, interrupt, 0, |chain| {
+    serve_queue_limited(queue, mem, interrupt, 0, |chain| {
+        let wanted: u64 = chain.clone().writable().map(|desc| u64::from(desc.len())).sum();
+        if !limiter.consume(wanted.min(MAX_REQUEST as u64)) {
+            return None;
+        }
         let mut written = 0usize;
         for desc in chain.writable() {
             let len = (desc.len() as usize).min(MAX_REQUEST - written);
@@ -44,7 +59,7 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn I
             }
             written += len;
         }
-        written as u32
+        Some(written as u32)
     });
 }
 
@@ -69,11 +84,22 @@ impl VirtioDevice for Rng {
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
-        self.worker = Some(Worker::spawn(
+        let limiter = RateLimiter::new(&self.limit)?;
+        let timer = vec![limiter.as_raw_fd()];
+        // Events: the queue's kick (0) and the limiter's timer (1).
+        self.worker = Some(Worker::spawn_with_fds(
+            DeviceIo::Memory,
             "virtio-rng".into(),
             vec![kick],
-            (queue, mem, interrupt),
-            |(queue, mem, interrupt), _, _| process_queue(queue, mem, &**interrupt),
+            timer,
+            (queue, mem, interrupt, limiter),
+            |(queue, mem, interrupt, limiter), event, _| {
+                if event == 1 {
+                    limiter.timer_fired();
+                }
+                process_queue(queue, mem, &**interrupt, limiter)
+            },
+            None,
         )?);
         Ok(())
     }
@@ -105,7 +131,8 @@ mod tests {
         mock.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x20000, 64, 0, 0))], 1).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         let interrupt = CountingInterrupt::default();
-        process_queue(&mut queue, &mem, &interrupt);
+        let mut unlimited = RateLimiter::new(&RateLimit::default()).unwrap();
+        process_queue(&mut queue, &mem, &interrupt, &mut unlimited);
         assert_eq!(mock.used().idx().load(), 2);
         assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 64);
         assert_eq!(mock.used().ring().ref_at(1).unwrap().load().len(), 0);
@@ -113,5 +140,17 @@ mod tests {
         mem.read_slice(&mut bytes, GuestAddress(0x10000)).unwrap();
         assert!(bytes.iter().collect::<std::collections::HashSet<_>>().len() > 16, "{bytes:?}");
         assert_eq!(Rng::default().features() & VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1);
+
+        // Rate-limited to 64 bytes a minute: the next request waits in the ring.
+        let mock = MockSplitQueue::new(&mem, 16);
+        for i in 0..2u16 {
+            let buffer = Descriptor::new(0x10000 + 0x100 * u64::from(i), 64, write, 0);
+            mock.add_desc_chains(&[RawDescriptor::from(buffer)], i).unwrap();
+        }
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let bucket = crate::devices::rate_limiter::BucketConfig { size: 64, one_time_burst: None, refill_time: 60_000 };
+        let mut limited = RateLimiter::new(&RateLimit { bandwidth: Some(bucket), ops: None }).unwrap();
+        process_queue(&mut queue, &mem, &interrupt, &mut limited);
+        assert_eq!(mock.used().idx().load(), 1);
     }
 }

@@ -130,6 +130,9 @@ impl TransportState {
             self.reset();
             return;
         }
+        // Bits only accumulate until a reset: a driver clearing one (DRIVER_OK, to set it again)
+        // must not reopen queue setup under a running device or activate it twice.
+        let status = status | self.status;
         let newly_set = status & !self.status;
         if newly_set & STATUS_FEATURES_OK != 0 && self.driver_features & !self.device.features() != 0 {
             // The driver accepted a feature that was never offered: refuse FEATURES_OK.

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
+use crate::thread::DeviceIo;
 use crate::vsock::{Header, Muxer, MAX_PAYLOAD};
 
 pub const VIRTIO_ID_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -242,7 +243,8 @@ impl VirtioDevice for Vsock {
         port.announce_reset = std::mem::take(&mut self.announce_reset);
         port.send_reset_event();
         let kicks = vec![rx.kick, tx.kick, events.kick];
-        self.worker = Some(Worker::spawn_with_fd("virtio-vsock".into(), kicks, fd, port, VsockPort::handle)?);
+        self.worker =
+            Some(Worker::spawn_with_fd(DeviceIo::Sockets, "virtio-vsock".into(), kicks, fd, port, VsockPort::handle)?);
         Ok(())
     }
 

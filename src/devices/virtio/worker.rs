@@ -8,12 +8,17 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::thread::{DeviceIo, ThreadKind};
+
 /// A device's I/O thread. While it runs it owns the device's queue state `S`; pausing or
 /// stopping it hands the state back (so the device can resume, or be saved), and notifications
 /// that arrive meanwhile wait in their eventfds.
 pub struct Worker<S: Send + 'static> {
+    io: DeviceIo,
     name: String,
-    fd: Option<RawFd>,
+    /// Host descriptors watched besides the eventfds (a socket or tap, completions, a rate
+    /// limiter's timer), reported as indices `events.len()` on.
+    fds: Vec<RawFd>,
     handle: Handler<S>,
     /// Run on the thread when it is told to stop, before it hands the state back.
     quiesce: Option<fn(&mut S)>,
@@ -21,7 +26,7 @@ pub struct Worker<S: Send + 'static> {
 }
 
 /// What a worker does with one event: `S` is its state, the index says which eventfd fired
-/// (or `events.len()` for the host descriptor).
+/// (or `events.len() + i` for host descriptor `i`).
 pub type Handler<S> = fn(&mut S, usize, &Watch);
 
 enum Run<S> {
@@ -37,8 +42,8 @@ enum Run<S> {
     Lost,
 }
 
-/// Lets a handler stop and resume watching the host descriptor (`spawn_with_fd`), say while
-/// the guest has no buffer to put its data in.
+/// Lets a handler stop and resume watching the (first) host descriptor, say while the guest
+/// has no buffer to put its data in.
 pub struct Watch<'a> {
     epoll: &'a Epoll,
     fd: Option<(RawFd, u64)>,
@@ -62,25 +67,27 @@ pub trait Lifecycle: Send {
 impl<S: Send + 'static> Worker<S> {
     /// Runs `handle(state, i)` on a new thread each time `events[i]` fires: the queues'
     /// notification eventfds, and any of the device's own (say, host input ready).
-    pub fn spawn(name: String, events: Vec<EventFd>, state: S, handle: Handler<S>) -> io::Result<Self> {
-        Self::spawn_with(name, events, None, state, handle, None)
+    pub fn spawn(io: DeviceIo, name: String, events: Vec<EventFd>, state: S, handle: Handler<S>) -> io::Result<Self> {
+        Self::spawn_with_fds(io, name, events, Vec::new(), state, handle, None)
     }
 
     /// Like `spawn`, plus a host descriptor (a socket or tap) reported as index
     /// `events.len()` while readable; the handler reads it itself.
     pub fn spawn_with_fd(
+        io: DeviceIo,
         name: String,
         events: Vec<EventFd>,
         fd: RawFd,
         state: S,
         handle: Handler<S>,
     ) -> io::Result<Self> {
-        Self::spawn_with(name, events, Some(fd), state, handle, None)
+        Self::spawn_with_fds(io, name, events, vec![fd], state, handle, None)
     }
 
     /// Like `spawn_with_fd`, running `quiesce` on the state whenever the thread stops (pause,
     /// reset, drop): work the device has in flight is finished before anyone sees the state.
     pub fn spawn_quiescing(
+        io: DeviceIo,
         name: String,
         events: Vec<EventFd>,
         fd: RawFd,
@@ -88,18 +95,20 @@ impl<S: Send + 'static> Worker<S> {
         handle: Handler<S>,
         quiesce: fn(&mut S),
     ) -> io::Result<Self> {
-        Self::spawn_with(name, events, Some(fd), state, handle, Some(quiesce))
+        Self::spawn_with_fds(io, name, events, vec![fd], state, handle, Some(quiesce))
     }
 
-    fn spawn_with(
+    /// The general form: any number of host descriptors, and an optional `quiesce`.
+    pub fn spawn_with_fds(
+        io: DeviceIo,
         name: String,
         events: Vec<EventFd>,
-        fd: Option<RawFd>,
+        fds: Vec<RawFd>,
         state: S,
         handle: Handler<S>,
         quiesce: Option<fn(&mut S)>,
     ) -> io::Result<Self> {
-        let mut worker = Worker { name, fd, handle, quiesce, run: Run::Parked { state, events } };
+        let mut worker = Worker { io, name, fds, handle, quiesce, run: Run::Parked { state, events } };
         worker.resume()?;
         Ok(worker)
     }
@@ -117,18 +126,18 @@ impl<S: Send + 'static> Worker<S> {
         let stop = crate::devices::eventfd()?;
         let epoll = Epoll::new()?;
         let fd_token = events.len() as u64;
-        let stop_token = fd_token + 1;
+        let stop_token = fd_token + self.fds.len() as u64;
         for (i, evt) in events.iter().enumerate() {
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
         }
-        if let Some(fd) = self.fd {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd_token))?;
+        for (token, fd) in (fd_token..).zip(&self.fds) {
+            epoll.ctl(ControlOperation::Add, *fd, EpollEvent::new(EventSet::IN, token))?;
         }
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
-        let (fd, handle, quiesce) = (self.fd, self.handle, self.quiesce);
-        let thread = crate::thread::spawn(crate::thread::ThreadKind::Device, self.name.clone(), move || {
+        let (fd, handle, quiesce) = (self.fds.first().copied(), self.handle, self.quiesce);
+        let thread = crate::thread::spawn(ThreadKind::Device(self.io), self.name.clone(), move || {
             let watch = Watch { epoll: &epoll, fd: fd.map(|fd| (fd, fd_token)) };
-            let mut ready = vec![EpollEvent::default(); events.len() + 2];
+            let mut ready = vec![EpollEvent::default(); stop_token as usize + 1];
             loop {
                 let n = match epoll.wait(-1, &mut ready) {
                     Ok(n) => n,
@@ -193,7 +202,7 @@ mod tests {
         let kicks: Vec<EventFd> = (0..2).map(|_| crate::devices::eventfd().unwrap()).collect();
         let second = kicks[1].try_clone().unwrap();
         let (tx, rx) = channel();
-        let worker = Worker::spawn("test".into(), kicks, tx, |tx, q, _| tx.send(q).unwrap()).unwrap();
+        let worker = Worker::spawn(DeviceIo::Memory, "test".into(), kicks, tx, |tx, q, _| tx.send(q).unwrap()).unwrap();
         second.write(1).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         drop(worker);
@@ -209,7 +218,7 @@ mod tests {
             *n += 1;
             tx.send(*n).unwrap();
         };
-        let mut worker = Worker::spawn("test".into(), vec![kick], (tx, 0), count).unwrap();
+        let mut worker = Worker::spawn(DeviceIo::Memory, "test".into(), vec![kick], (tx, 0), count).unwrap();
         poke.write(1).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         worker.pause();
@@ -226,11 +235,12 @@ mod tests {
         let host = crate::devices::eventfd().unwrap();
         host.write(1).unwrap(); // stays readable: the handler does not drain it
         let (tx, rx) = channel();
-        let _worker = Worker::spawn_with_fd("test".into(), vec![], host.as_raw_fd(), tx, |tx, i, watch| {
-            tx.send(i).unwrap();
-            watch.host_fd(false);
-        })
-        .unwrap();
+        let _worker =
+            Worker::spawn_with_fd(DeviceIo::Sockets, "test".into(), vec![], host.as_raw_fd(), tx, |tx, i, watch| {
+                tx.send(i).unwrap();
+                watch.host_fd(false);
+            })
+            .unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "unwatched descriptor still reported");
     }

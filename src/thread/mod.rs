@@ -1,0 +1,121 @@
+//! Every lkvm thread is spawned here, tagged with its kind, and confined to that kind's
+//! system calls (seccomp) before it runs any of its own code.
+
+mod seccomp;
+
+pub use seccomp::Seccomp;
+
+use std::io;
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ThreadKind {
+    /// Runs KVM_RUN for one vCPU and dispatches its exits (and activates devices).
+    Vcpu,
+    /// A virtio device's worker: serves its queues with the host resource it names.
+    Device(DeviceIo),
+    /// A network backend's host side (user-mode stack).
+    NetBackend,
+    /// The Firecracker-compatible HTTP API.
+    Api,
+    /// The control socket (`lkvm list/stop/...`).
+    Control,
+    /// Feeds the terminal to the guest console.
+    Console,
+    /// Writes metrics periodically.
+    Metrics,
+    /// Relays a command run in the guest (`lkvm exec`, `lkvm sandbox`): stdin to it, its
+    /// output and status back.
+    Exec,
+    /// The gdb stub: serves one gdb at a time.
+    Gdb,
+}
+
+/// What a device worker reaches on the host besides guest memory and its eventfds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DeviceIo {
+    /// Nothing more (rng, console, balloon).
+    Memory,
+    /// A disk image.
+    Disk,
+    /// A tap or the user-mode stack's socket (and the net control queue, which steers taps).
+    Network,
+    /// A shared host directory (9p, virtio-fs).
+    Files,
+    /// Host UNIX sockets (vsock).
+    Sockets,
+}
+
+impl ThreadKind {
+    /// How the kind is named in messages (`device worker (disk)`).
+    pub fn describe(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Device(DeviceIo::Memory) => "device worker",
+            ThreadKind::Device(DeviceIo::Disk) => "disk worker",
+            ThreadKind::Device(DeviceIo::Network) => "network worker",
+            ThreadKind::Device(DeviceIo::Files) => "shared-directory worker",
+            ThreadKind::Device(DeviceIo::Sockets) => "vsock worker",
+            ThreadKind::NetBackend => "network backend",
+            ThreadKind::Api => "API",
+            ThreadKind::Control => "control",
+            ThreadKind::Console => "console",
+            ThreadKind::Metrics => "metrics",
+            ThreadKind::Exec => "exec",
+            ThreadKind::Gdb => "gdb",
+        }
+    }
+}
+
+/// Sets how the threads spawned from now on are confined. Frontends call it once, before the
+/// VM is built; until then (library use, unit tests) threads run unconfined.
+pub fn confine_with(mode: Seccomp) -> Result<(), String> {
+    if mode == Seccomp::Off {
+        tracing::warn!("seccomp filters are off: a guest that takes over lkvm can make any system call");
+    }
+    seccomp::set_mode(mode).map_err(|e| format!("seccomp: {e}"))
+}
+
+/// Spawns a thread of `kind` named `name` (shown by `ps -L` and in panics).
+///
+/// Under seccomp a confined thread may not create threads itself, and a thread inherits its
+/// creator's filter, so threads are created by one unconfined spawner thread.
+pub fn spawn<F, T>(kind: ThreadKind, name: String, body: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tracing::debug!("starting {kind:?} thread {name}");
+    let Some(filter) = seccomp::filter(kind)? else {
+        return std::thread::Builder::new().name(name).spawn(body);
+    };
+    let (sender, receiver) = mpsc::sync_channel(1);
+    let start = move || {
+        let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+            seccomp::confine(kind, &name, &filter);
+            body()
+        });
+        let _ = sender.send(thread);
+    };
+    spawner().send(Box::new(start)).map_err(|_| io::Error::other("the thread spawner has ended"))?;
+    receiver.recv().map_err(|_| io::Error::other("the thread spawner has ended"))?
+}
+
+type Start = Box<dyn FnOnce() + Send>;
+
+/// The spawner is started by the first confined spawn. That is an unconfined thread: every
+/// confined thread was itself made by the spawner, so it exists before any of them.
+fn spawner() -> &'static mpsc::Sender<Start> {
+    static SPAWNER: OnceLock<mpsc::Sender<Start>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (sender, starts) = mpsc::channel::<Start>();
+        let spawner =
+            std::thread::Builder::new().name("spawner".into()).spawn(move || starts.iter().for_each(|start| start()));
+        if let Err(e) = spawner {
+            tracing::error!("cannot start the thread spawner: {e}"); // every spawn then fails
+        }
+        sender
+    })
+}

@@ -1,0 +1,332 @@
+//! seccomp filters per thread kind: each kind may make only the system calls its work needs.
+//! A forbidden call stops lkvm with one line naming the thread and the call.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+};
+use syscalls::Sysno;
+
+use super::{DeviceIo, ThreadKind};
+
+/// lkvm's exit status when a thread made a forbidden system call (Firecracker's too).
+pub const EXIT_FORBIDDEN_SYSCALL: i32 = 148;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Seccomp {
+    /// A forbidden call stops lkvm.
+    #[default]
+    On,
+    /// A forbidden call is allowed and logged by the kernel (`dmesg`, audit): for finding what
+    /// a filter lacks.
+    Log,
+    Off,
+}
+
+impl FromStr for Seccomp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(Seccomp::On),
+            "log" => Ok(Seccomp::Log),
+            "off" => Ok(Seccomp::Off),
+            _ => Err(format!("--seccomp {s}: use on, log or off")),
+        }
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(Seccomp::Off as u8);
+
+pub(super) fn set_mode(mode: Seccomp) -> io::Result<()> {
+    if mode == Seccomp::On {
+        vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, forbidden_call)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    }
+    MODE.store(mode as u8, Ordering::Relaxed);
+    Ok(())
+}
+
+fn mode() -> Seccomp {
+    match MODE.load(Ordering::Relaxed) {
+        m if m == Seccomp::On as u8 => Seccomp::On,
+        m if m == Seccomp::Log as u8 => Seccomp::Log,
+        _ => Seccomp::Off,
+    }
+}
+
+/// The compiled filter for `kind`, or `None` when threads run unconfined.
+pub(super) fn filter(kind: ThreadKind) -> io::Result<Option<BpfProgram>> {
+    let mismatch = match mode() {
+        Seccomp::On => SeccompAction::Trap,
+        Seccomp::Log => SeccompAction::Log,
+        Seccomp::Off => return Ok(None),
+    };
+    let arch = std::env::consts::ARCH.try_into().map_err(io::Error::other)?;
+    let filter = SeccompFilter::new(rules(kind), mismatch, SeccompAction::Allow, arch).map_err(io::Error::other)?;
+    BpfProgram::try_from(filter).map(Some).map_err(io::Error::other)
+}
+
+thread_local! {
+    /// This thread's kind and name, for the SIGSYS handler (a plain TLS read).
+    static CONFINED: Cell<Option<(ThreadKind, [u8; 16])>> = const { Cell::new(None) };
+}
+
+/// Installs `filter` on the calling thread. A thread that cannot be confined must not run
+/// unconfined: lkvm stops.
+pub(super) fn confine(kind: ThreadKind, name: &str, filter: &BpfProgram) {
+    let mut short = [0u8; 16];
+    let len = name.len().min(short.len());
+    short[..len].copy_from_slice(&name.as_bytes()[..len]);
+    CONFINED.set(Some((kind, short)));
+    if let Err(e) = seccompiler::apply_filter(filter) {
+        eprintln!("lkvm: error: cannot install the seccomp filter of the {} thread {name}: {e}", kind.describe());
+        std::process::exit(1);
+    }
+}
+
+/// SIGSYS from a filter: says which thread made which call, and ends lkvm. Runs on the
+/// offending thread under its filter, so it only writes and exits.
+extern "C" fn forbidden_call(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SIGSYS's siginfo: after the 16-byte header, the call's address (8 bytes) and its number.
+    // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers.
+    let number = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    let call = usize::try_from(number).ok().and_then(Sysno::new).map_or("unknown", |s| s.name());
+    let mut line = Line::default();
+    let _ = match CONFINED.get() {
+        Some((kind, name)) => {
+            let name = std::str::from_utf8(&name).unwrap_or("?").trim_end_matches('\0');
+            write!(line, "lkvm: error: seccomp: the {} thread {name} made a forbidden system call", kind.describe())
+        }
+        None => write!(line, "lkvm: error: seccomp: a thread made a forbidden system call"),
+    };
+    let _ = writeln!(line, ", {call} ({number}); lkvm stops (--seccomp off runs without filters)");
+    // SAFETY: write and _exit are async-signal-safe and allowed by every filter.
+    unsafe {
+        libc::write(libc::STDERR_FILENO, line.bytes.as_ptr().cast(), line.len);
+        libc::_exit(EXIT_FORBIDDEN_SYSCALL);
+    }
+}
+
+/// A message formatted without allocating (the handler runs in a signal).
+struct Line {
+    bytes: [u8; 256],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line { bytes: [0; 256], len: 0 }
+    }
+}
+
+impl std::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let n = s.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// Every thread: memory, its eventfds and epoll, time, signals, and ending (or aborting).
+const BASE: &[Sysno] = &[
+    Sysno::read,
+    Sysno::write,
+    Sysno::readv,
+    Sysno::writev,
+    Sysno::close,
+    Sysno::futex,
+    Sysno::mmap,
+    Sysno::munmap,
+    Sysno::mprotect,
+    Sysno::madvise,
+    Sysno::mremap,
+    Sysno::brk,
+    Sysno::rt_sigreturn,
+    Sysno::rt_sigprocmask,
+    Sysno::sigaltstack,
+    Sysno::exit,
+    Sysno::exit_group,
+    Sysno::clock_gettime,
+    Sysno::clock_nanosleep,
+    Sysno::nanosleep,
+    Sysno::sched_yield,
+    Sysno::getrandom,
+    Sysno::gettid,
+    Sysno::getpid,
+    Sysno::fstat,
+    Sysno::newfstatat,
+    Sysno::statx,
+    Sysno::fcntl,
+    Sysno::lseek,
+    Sysno::epoll_create1,
+    Sysno::epoll_ctl,
+    Sysno::epoll_wait,
+    Sysno::epoll_pwait,
+    Sysno::eventfd2,
+    Sysno::timerfd_settime,
+    Sysno::poll,
+    Sysno::ppoll,
+    Sysno::restart_syscall,
+    Sysno::sched_getaffinity,
+];
+
+/// Host sockets: accepted, connected, or made.
+const SOCKETS: &[Sysno] = &[
+    Sysno::socket,
+    Sysno::socketpair,
+    Sysno::connect,
+    Sysno::bind,
+    Sysno::listen,
+    Sysno::accept,
+    Sysno::accept4,
+    Sysno::sendto,
+    Sysno::recvfrom,
+    Sysno::sendmsg,
+    Sysno::recvmsg,
+    Sysno::shutdown,
+    Sysno::getsockname,
+    Sysno::getpeername,
+    Sysno::getsockopt,
+    Sysno::setsockopt,
+];
+
+/// Reading and writing disk images.
+const DISK: &[Sysno] = &[
+    Sysno::pread64,
+    Sysno::pwrite64,
+    Sysno::preadv,
+    Sysno::pwritev,
+    Sysno::preadv2,
+    Sysno::pwritev2,
+    Sysno::fsync,
+    Sysno::fdatasync,
+    Sysno::fallocate,
+    Sysno::ftruncate,
+    Sysno::io_uring_enter,
+];
+
+/// Files by path, under a directory descriptor: shares, and the VMM's own files (snapshots,
+/// core dumps, sockets).
+const FILES: &[Sysno] = &[
+    Sysno::openat,
+    Sysno::getdents64,
+    Sysno::mkdirat,
+    Sysno::mknodat,
+    Sysno::unlinkat,
+    Sysno::renameat,
+    Sysno::renameat2,
+    Sysno::linkat,
+    Sysno::symlinkat,
+    Sysno::readlinkat,
+    Sysno::fchmod,
+    Sysno::fchmodat,
+    Sysno::fchown,
+    Sysno::fchownat,
+    Sysno::utimensat,
+    Sysno::statfs,
+    Sysno::fstatfs,
+    Sysno::faccessat,
+    Sysno::faccessat2,
+    Sysno::flock,
+    Sysno::dup,
+    Sysno::dup3,
+    Sysno::fgetxattr,
+    Sysno::fsetxattr,
+    Sysno::flistxattr,
+    Sysno::fremovexattr,
+    Sysno::lgetxattr,
+    Sysno::llistxattr,
+    Sysno::copy_file_range,
+    // The path-only forms the C library uses on x86_64 (std's rename, remove_file, ...).
+    Sysno::rename,
+    Sysno::unlink,
+    Sysno::mkdir,
+    Sysno::rmdir,
+    Sysno::access,
+    Sysno::readlink,
+    Sysno::symlink,
+    Sysno::link,
+    Sysno::chmod,
+    Sysno::umask,
+];
+
+/// The file-system server acts with the guest user's ids (when lkvm runs as root).
+const CREDENTIALS: &[Sysno] =
+    &[Sysno::setresuid, Sysno::setresgid, Sysno::setfsuid, Sysno::setfsgid, Sysno::capget, Sysno::capset];
+
+/// The ioctls a thread may make, by request number.
+#[derive(Clone, Copy)]
+enum Ioctls {
+    /// Every KVM ioctl (type 0xAE): system, VM and vCPU.
+    Kvm,
+    /// The terminal's size and mode.
+    Terminal,
+    /// Non-blocking mode and bytes waiting, on sockets.
+    Sockets,
+    /// A tap's offloads, header size and queue attachment.
+    Tap,
+}
+
+impl Ioctls {
+    fn rules(self) -> Vec<SeccompRule> {
+        let request =
+            |op, value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value).expect("valid ioctl rule");
+        let exact = |value| SeccompRule::new(vec![request(SeccompCmpOp::Eq, value)]).expect("valid ioctl rule");
+        match self {
+            Ioctls::Kvm => {
+                vec![SeccompRule::new(vec![request(SeccompCmpOp::MaskedEq(0xff00), 0xae00)]).expect("valid ioctl rule")]
+            }
+            Ioctls::Terminal => [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TIOCGWINSZ, libc::TIOCSWINSZ]
+                .map(|r| exact(r as u64))
+                .to_vec(),
+            Ioctls::Sockets => [libc::FIONBIO, libc::FIONREAD].map(|r| exact(r as u64)).to_vec(),
+            Ioctls::Tap => {
+                [libc::TUNSETOFFLOAD, libc::TUNSETVNETHDRSZ, libc::TUNSETQUEUE].map(|r| exact(r as u64)).to_vec()
+            }
+        }
+    }
+}
+
+/// What `kind` may call: system call number -> the rules one of which its arguments must
+/// match (none: any arguments).
+fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+    use ThreadKind::*;
+    let (calls, ioctls): (Vec<&[Sysno]>, &[Ioctls]) = match kind {
+        // A vCPU also activates and resets devices (a register write), which opens their host
+        // side: a disk's io_uring, vsock's listening socket, an rng's rate-limit timer.
+        Vcpu => (
+            vec![SOCKETS, &[Sysno::io_uring_setup, Sysno::io_uring_register, Sysno::timerfd_create]],
+            &[Ioctls::Kvm, Ioctls::Tap],
+        ),
+        Device(DeviceIo::Memory) => (vec![], &[]),
+        Device(DeviceIo::Disk) => (vec![DISK], &[]),
+        Device(DeviceIo::Network) => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Tap]),
+        Device(DeviceIo::Files) => (vec![FILES, DISK, CREDENTIALS], &[]),
+        Device(DeviceIo::Sockets) => (vec![SOCKETS], &[Ioctls::Sockets]),
+        NetBackend => (vec![SOCKETS, &[Sysno::openat]], &[Ioctls::Sockets]),
+        // They pause, snapshot, dump and change the VM, and talk to their clients.
+        Api | Control => (vec![SOCKETS, FILES, DISK], &[Ioctls::Kvm, Ioctls::Sockets]),
+        Console => (vec![], &[Ioctls::Terminal]),
+        Metrics => (vec![FILES], &[]),
+        Exec => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Terminal]),
+        Gdb => (vec![SOCKETS], &[Ioctls::Kvm, Ioctls::Sockets]),
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        BASE.iter().chain(calls.into_iter().flatten()).map(|call| (i64::from(call.id()), Vec::new())).collect();
+    // Signals only to lkvm's own threads (kicking a vCPU; abort()).
+    let own_process =
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, u64::from(std::process::id()))
+            .expect("valid tgkill rule");
+    rules.insert(i64::from(Sysno::tgkill.id()), vec![SeccompRule::new(vec![own_process]).expect("valid tgkill rule")]);
+    if !ioctls.is_empty() {
+        rules.insert(i64::from(Sysno::ioctl.id()), ioctls.iter().flat_map(|i| i.rules()).collect());
+    }
+    rules
+}
