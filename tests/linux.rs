@@ -141,6 +141,7 @@ fn disks_boot(transport: &str, console: &str) {
         micros.parse::<f64>().unwrap()
     };
     let (unlimited, limited, expected) = (micros("/dev/vda"), micros("/dev/vdd"), 3.5e6);
+    eprintln!("{engine}: 1 MiB from the 256 KiB/s disk in {limited} us (the limit: 3.5 s), unlimited {unlimited} us");
     assert!(limited >= expected * 0.9, "{engine}: 1 MiB in {limited} us, faster than 256 KiB/s allows");
     assert!(
         limited <= expected * 1.1 + unlimited,

@@ -36,7 +36,7 @@ fuzz_target!(|input: &[u8]| {
         2 => Box::new(SerialPort::new(eventfd(), Box::new(std::io::sink()))),
         _ => {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * 1024)]).unwrap();
-            Box::new(MmioTransport::new(Box::new(Rng::default()), mem, eventfd()).unwrap())
+            Box::new(MmioTransport::new(Box::new(Rng::new(&Default::default()).unwrap()), mem, eventfd()).unwrap())
         }
     };
     if device.restore(state).is_ok() {

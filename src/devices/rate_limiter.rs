@@ -31,6 +31,13 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// Takes the buckets `update` names and keeps the others, as Firecracker's `PATCH` does (a
+    /// bucket of size 0 removes that limit).
+    pub fn merge(&mut self, update: &RateLimit) {
+        self.bandwidth = update.bandwidth.or(self.bandwidth);
+        self.ops = update.ops.or(self.ops);
+    }
+
     /// Whether it limits anything: a bucket of size 0 or refill time 0 is no limit.
     pub fn limits(&self) -> bool {
         [self.bandwidth, self.ops].iter().flatten().any(|b| b.size > 0 && b.refill_time > 0)
@@ -95,12 +102,13 @@ impl TokenBucket {
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.refilled_at).as_nanos();
         let size = u128::from(self.size);
-        let tokens = elapsed * size / self.refill_ns;
+        let tokens = (elapsed.saturating_mul(size) / self.refill_ns).min(size * 2);
         if tokens == 0 {
             return;
         }
         // Whole tokens only; the remainder of the time counts towards the next one.
-        self.refilled_at += Duration::from_nanos((tokens * self.refill_ns / size) as u64);
+        let spent = tokens.saturating_mul(self.refill_ns) / size;
+        self.refilled_at += Duration::from_nanos(spent.min(u128::from(u64::MAX)) as u64);
         self.budget = (self.budget + tokens as i128).min(size as i128);
         if self.budget == size as i128 {
             self.refilled_at = now;
@@ -115,7 +123,7 @@ impl TokenBucket {
         }
         let missing = (needed - self.budget) as u128;
         let size = u128::from(self.size);
-        Duration::from_nanos((missing * self.refill_ns).div_ceil(size).min(u128::from(u64::MAX)) as u64)
+        Duration::from_nanos((missing.saturating_mul(self.refill_ns)).div_ceil(size).min(u128::from(u64::MAX)) as u64)
     }
 
     fn take(&mut self, n: u64) {
@@ -136,15 +144,26 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: &RateLimit) -> std::io::Result<RateLimiter> {
-        let mut limiter = RateLimiter { bandwidth: None, ops: None, timer: TimerFd::new()?, waiting: false };
+        let timer = TimerFd::new()?;
+        // Non-blocking: the worker reads it only when epoll says it fired, but an update may
+        // have re-armed it since.
+        // SAFETY: fcntl on the descriptor the timer owns.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut limiter = RateLimiter { bandwidth: None, ops: None, timer, waiting: false };
         limiter.update(limit);
         Ok(limiter)
     }
 
-    /// New buckets (full) from now on, as Firecracker's `PATCH` does.
+    /// New buckets (full) for those `limit` names, from now on; the others are kept.
     pub fn update(&mut self, limit: &RateLimit) {
-        self.bandwidth = limit.bandwidth.as_ref().and_then(TokenBucket::new);
-        self.ops = limit.ops.as_ref().and_then(TokenBucket::new);
+        if let Some(bucket) = &limit.bandwidth {
+            self.bandwidth = TokenBucket::new(bucket);
+        }
+        if let Some(bucket) = &limit.ops {
+            self.ops = TokenBucket::new(bucket);
+        }
         if self.waiting {
             self.waiting = false;
             let _ = self.timer.reset(Duration::from_nanos(1), None); // wake the device now
@@ -210,7 +229,8 @@ mod tests {
         assert!(limiter.consume(400));
         assert!(!limiter.consume(100), "empty");
         assert!(!limiter.consume(1), "waits for the timer, whatever the size");
-        limiter.timer_fired(); // blocks until the timer (about 10 ms for 100 tokens)
+        std::thread::sleep(Duration::from_millis(20)); // 100 tokens take 10 ms
+        limiter.timer_fired();
         assert!(limiter.consume(100));
     }
 
@@ -245,13 +265,29 @@ mod tests {
     }
 
     #[test]
-    fn update_replaces_the_buckets_and_wakes_a_waiting_device() {
-        let mut limiter = RateLimiter::new(&limit(Some((10, 0, 60_000)), None)).unwrap();
+    fn update_replaces_the_buckets_it_names_and_wakes_a_waiting_device() {
+        let mut limiter = RateLimiter::new(&limit(Some((10, 0, 60_000)), Some((100, 0, 60_000)))).unwrap();
         assert!(limiter.consume(10));
         assert!(!limiter.consume(10));
+        limiter.update(&limit(Some((0, 0, 0)), None)); // size 0: no bandwidth limit
+        std::thread::sleep(Duration::from_millis(5));
+        limiter.timer_fired();
+        assert!(limiter.consume(1 << 30), "no bandwidth limit now");
+        assert_eq!(limiter.ops.as_ref().unwrap().budget, 98, "the ops bucket was kept");
         limiter.update(&RateLimit::default());
-        limiter.timer_fired(); // fires at once
-        assert!(limiter.consume(1 << 30), "unlimited now");
+        assert!(limiter.ops.is_some(), "an empty update changes nothing");
+        let mut kept = limit(Some((1, 0, 1)), Some((2, 0, 2)));
+        kept.merge(&limit(None, Some((3, 0, 3))));
+        assert_eq!(kept, limit(Some((1, 0, 1)), Some((3, 0, 3))));
+    }
+
+    #[test]
+    fn a_timer_read_before_it_fires_does_not_block() {
+        let mut limiter = RateLimiter::new(&limit(Some((10, 0, 60_000)), None)).unwrap();
+        assert!(limiter.consume(10));
+        assert!(!limiter.consume(10)); // armed for about a minute
+        limiter.timer_fired(); // returns at once
+        assert!(!limiter.consume(10), "still no tokens: armed again");
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub struct NetSpec {
     pub rx_rate_limit: RateLimit,
     #[serde(default)]
     pub tx_rate_limit: RateLimit,
-    /// User mode: the guest reaches nothing outside (only DHCP, DNS and forwarded ports).
+    /// User mode: the guest reaches nothing outside, DNS included (DHCP and forwarded ports
+    /// still work).
     #[serde(default)]
     pub restrict: bool,
     /// User mode: whether the host address reaches the host's loopback; unset, yes for `run`

@@ -411,6 +411,10 @@ fn writing_a_set_id_file_clears_the_bits_and_owners_do_not_change() {
     c.walk(ROOT, 2, &["truncated"]).unwrap();
     c.set_size(2, 0).unwrap();
     assert_eq!(mode_of(&share.join("truncated")), 0o755, "truncated: no longer set-id");
+    fs::set_permissions(share.join("truncated"), fs::Permissions::from_mode(0o4755)).unwrap();
+    c.walk(ROOT, 3, &["truncated"]).unwrap();
+    c.lopen(3, P9_RDWR | P9_TRUNC).unwrap();
+    assert_eq!(mode_of(&share.join("truncated")), 0o755, "opened with O_TRUNC: no longer set-id");
 
     let meta = fs::metadata(share.join("tool")).unwrap();
     let chown = |c: &mut Client, valid: u32, uid: u32, gid: u32| {

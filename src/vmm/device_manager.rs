@@ -175,7 +175,10 @@ pub fn create_devices(
         registry.insert(CONSOLE_ID.into(), DeviceEntry::Plain);
     }
     if let Some(entropy) = &config.entropy {
-        virtio.push((entropy.id.clone(), Box::new(Rng::new(entropy.rate_limit))));
+        virtio.push((
+            entropy.id.clone(),
+            Box::new(Rng::new(&entropy.rate_limit).map_err(|e| Error::Host("rate limiter timer", e))?),
+        ));
         registry.insert(entropy.id.clone(), DeviceEntry::Plain);
     }
     if let Some(config) = &config.balloon {

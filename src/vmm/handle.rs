@@ -159,7 +159,7 @@ impl VmHandle {
         }
         if let Some(limit) = limit {
             media.set_rate_limit(limit);
-            drive.spec.rate_limit = *limit;
+            drive.spec.rate_limit.merge(limit);
         }
         Ok(())
     }
@@ -175,8 +175,8 @@ impl VmHandle {
         limiters.update(rx, tx);
         let mut config = self.config.lock().unwrap();
         if let Some(net) = config.nets.iter_mut().find(|n| n.id == id) {
-            rx.inspect(|limit| net.spec.rx_rate_limit = **limit);
-            tx.inspect(|limit| net.spec.tx_rate_limit = **limit);
+            rx.inspect(|limit| net.spec.rx_rate_limit.merge(limit));
+            tx.inspect(|limit| net.spec.tx_rate_limit.merge(limit));
         }
         Ok(())
     }

@@ -86,7 +86,8 @@ impl DriveMedia {
         self.current().flush()
     }
 
-    /// New rate limits from the next request on (Firecracker's `PATCH /drives`).
+    /// New rate limits from the next request on (Firecracker's `PATCH /drives`: the buckets
+    /// named replace theirs).
     pub fn set_rate_limit(&self, limit: &RateLimit) {
         self.limiter.lock().unwrap().update(limit);
     }
@@ -670,7 +671,8 @@ pub(crate) mod tests {
             assert_eq!(mock.used().idx().load(), 1, "{engine:?}: one page passes, the second waits");
             h.handler.process_queue(&mut queue, &h.mem, &interrupt);
             assert_eq!(mock.used().idx().load(), 1, "{engine:?}: still waiting");
-            h.block.media().set_rate_limit(&RateLimit::default());
+            let unlimited = crate::devices::rate_limiter::BucketConfig::default(); // size 0: no limit
+            h.block.media().set_rate_limit(&RateLimit { bandwidth: Some(unlimited), ops: None });
             h.block.media().limiter.lock().unwrap().timer_fired();
             h.handler.process_queue(&mut queue, &h.mem, &interrupt);
             h.handler.drain(&mut queue, &h.mem, &interrupt);

@@ -181,7 +181,8 @@ mod tests {
 
     fn transport() -> MmioTransport {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        MmioTransport::new(Box::new(Rng::default()), mem, crate::devices::eventfd().unwrap()).unwrap()
+        MmioTransport::new(Box::new(Rng::new(&Default::default()).unwrap()), mem, crate::devices::eventfd().unwrap())
+            .unwrap()
     }
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {

@@ -711,7 +711,8 @@ mod tests {
         assert!(!port.receive(), "over the limit: stop watching the backend");
         assert!(!port.receive(), "still over it");
         assert_eq!(mock.used().idx().load(), 1);
-        limits.rx.lock().unwrap().update(&RateLimit::default());
+        let unlimited = crate::devices::rate_limiter::BucketConfig::default(); // size 0: no limit
+        limits.rx.lock().unwrap().update(&RateLimit { ops: Some(unlimited), bandwidth: None });
         limits.rx.lock().unwrap().timer_fired();
         assert!(port.receive());
         assert_eq!(mock.used().idx().load(), 2, "the held frame, not lost");

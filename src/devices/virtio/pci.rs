@@ -350,7 +350,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let vectors = (0..2).map(|i| Vector { gsi: 24 + i, irqfd: crate::devices::eventfd().unwrap() }).collect();
         let msix = MsixState::new(vectors, Arc::new(NoRouting));
-        VirtioPciTransport::new(Box::new(Rng::default()), mem, 0xe000_0000, msix).unwrap()
+        VirtioPciTransport::new(Box::new(Rng::new(&Default::default()).unwrap()), mem, 0xe000_0000, msix).unwrap()
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! virtio-rng: entropy for the guest's /dev/hwrng, from the host's getrandom(2).
 
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -15,20 +15,20 @@ const QUEUE_SIZES: &[u16] = &[256];
 /// Bytes served per request at most, so one request cannot keep the worker busy for long.
 const MAX_REQUEST: usize = 64 * 1024;
 
-#[derive(Default)]
 pub struct Rng {
-    limit: RateLimit,
+    /// Kept across resets, so a guest cannot refill its buckets by resetting the device.
+    limiter: Arc<Mutex<RateLimiter>>,
     worker: Option<Worker<RequestQueue>>,
 }
 
 impl Rng {
-    /// Bytes and requests held to `limit` (full buckets at each activation).
-    pub fn new(limit: RateLimit) -> Rng {
-        Rng { limit, worker: None }
+    /// Bytes and requests held to `limit`.
+    pub fn new(limit: &RateLimit) -> std::io::Result<Rng> {
+        Ok(Rng { limiter: Arc::new(Mutex::new(RateLimiter::new(limit)?)), worker: None })
     }
 }
 
-type RequestQueue = (Queue, GuestMemoryMmap, Arc<dyn Interrupt>, RateLimiter);
+type RequestQueue = (Queue, GuestMemoryMmap, Arc<dyn Interrupt>, Arc<Mutex<RateLimiter>>);
 
 fn fill_random(buf: &mut [u8]) -> bool {
     let mut done = 0;
@@ -84,8 +84,8 @@ impl VirtioDevice for Rng {
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
-        let limiter = RateLimiter::new(&self.limit)?;
-        let timer = vec![limiter.as_raw_fd()];
+        let limiter = self.limiter.clone();
+        let timer = vec![limiter.lock().unwrap().as_raw_fd()];
         // Events: the queue's kick (0) and the limiter's timer (1).
         self.worker = Some(Worker::spawn_with_fds(
             DeviceIo::Memory,
@@ -94,10 +94,11 @@ impl VirtioDevice for Rng {
             timer,
             (queue, mem, interrupt, limiter),
             |(queue, mem, interrupt, limiter), event, _| {
+                let mut limiter = limiter.lock().unwrap();
                 if event == 1 {
                     limiter.timer_fired();
                 }
-                process_queue(queue, mem, &**interrupt, limiter)
+                process_queue(queue, mem, &**interrupt, &mut limiter)
             },
             None,
         )?);
@@ -139,7 +140,7 @@ mod tests {
         let mut bytes = [0u8; 64];
         mem.read_slice(&mut bytes, GuestAddress(0x10000)).unwrap();
         assert!(bytes.iter().collect::<std::collections::HashSet<_>>().len() > 16, "{bytes:?}");
-        assert_eq!(Rng::default().features() & VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1);
+        assert_eq!(Rng::new(&RateLimit::default()).unwrap().features() & VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1);
 
         // Rate-limited to 64 bytes a minute: the next request waits in the ring.
         let mock = MockSplitQueue::new(&mem, 16);

@@ -84,21 +84,9 @@ impl<S: Send + 'static> Worker<S> {
         Self::spawn_with_fds(io, name, events, vec![fd], state, handle, None)
     }
 
-    /// Like `spawn_with_fd`, running `quiesce` on the state whenever the thread stops (pause,
-    /// reset, drop): work the device has in flight is finished before anyone sees the state.
-    pub fn spawn_quiescing(
-        io: DeviceIo,
-        name: String,
-        events: Vec<EventFd>,
-        fd: RawFd,
-        state: S,
-        handle: Handler<S>,
-        quiesce: fn(&mut S),
-    ) -> io::Result<Self> {
-        Self::spawn_with_fds(io, name, events, vec![fd], state, handle, Some(quiesce))
-    }
-
-    /// The general form: any number of host descriptors, and an optional `quiesce`.
+    /// The general form: any number of host descriptors, and an optional `quiesce` run on the
+    /// state whenever the thread stops (pause, reset, drop), so work the device has in flight
+    /// is finished before anyone sees the state.
     pub fn spawn_with_fds(
         io: DeviceIo,
         name: String,
