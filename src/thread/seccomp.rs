@@ -44,6 +44,13 @@ impl FromStr for Seccomp {
 static MODE: AtomicU8 = AtomicU8::new(Seccomp::Off as u8);
 
 pub(super) fn set_mode(mode: Seccomp) -> io::Result<()> {
+    if mode != Seccomp::Off {
+        // One malloc arena for every thread: a thread arena's heap, when it shrinks, makes glibc
+        // read /proc/sys/vm/overcommit_memory (once), an open confined threads may not make.
+        // The main arena never does.
+        // SAFETY: mallopt with integer arguments.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    }
     if mode == Seccomp::On {
         vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, forbidden_call)
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
@@ -304,8 +311,11 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     use ThreadKind::*;
     let (calls, ioctls): (Vec<&[Sysno]>, &[Ioctls]) = match kind {
         // A vCPU also activates and resets devices (a register write), which opens their host
-        // side: a disk's io_uring, a tap's queues.
-        Vcpu => (vec![&[Sysno::io_uring_setup, Sysno::io_uring_register]], &[Ioctls::Kvm, Ioctls::Tap]),
+        // side: a disk's io_uring, a tap's queues, vsock's connection timer.
+        Vcpu => (
+            vec![&[Sysno::io_uring_setup, Sysno::io_uring_register, Sysno::timerfd_create]],
+            &[Ioctls::Kvm, Ioctls::Tap],
+        ),
         Device(DeviceIo::Memory) => (vec![], &[]),
         Device(DeviceIo::Disk) => (vec![DISK], &[]),
         Device(DeviceIo::Network) => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Tap]),
