@@ -562,6 +562,18 @@ mod tests {
         limiters(&RateLimit::default(), &RateLimit::default())
     }
 
+    /// A port that receives on `rx` from `backend`.
+    fn rx_port(
+        rx: Queue,
+        mem: &GuestMemoryMmap,
+        backend: SharedBackend,
+        limits: Arc<PairLimiters>,
+        features: u64,
+    ) -> NetPort {
+        let interrupt = Arc::new(CountingInterrupt::default());
+        NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), backend, interrupt, limits, features)
+    }
+
     fn backend(vnet: bool) -> (SharedBackend, Arc<Mutex<Wire>>) {
         let wire = Arc::new(Mutex::new(Wire::default()));
         let backend: Box<dyn NetBackend> = Box::new(TestBackend { wire: wire.clone(), vnet });
@@ -627,18 +639,8 @@ mod tests {
         let (shared, wire) = backend(false);
         let frame: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
         wire.lock().unwrap().to_guest.extend([frame.clone(), b"second".to_vec()]);
-        let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(
-            rx,
-            Queue::new(16).unwrap(),
-            0,
-            mem.clone(),
-            shared,
-            interrupt,
-            unlimited(),
-            VIRTIO_NET_F_MRG_RXBUF,
-        );
+        let mut port = rx_port(rx, &mem, shared, unlimited(), VIRTIO_NET_F_MRG_RXBUF);
         // The second frame finds one buffer left: enough for it.
         assert!(port.receive());
         let used = mock.used();
@@ -660,18 +662,8 @@ mod tests {
         rx_buffers(&mock, 1, 1500, 0);
         let (shared, wire) = backend(false);
         wire.lock().unwrap().to_guest.extend([vec![7u8; 3000], vec![8u8; 100]]);
-        let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(
-            rx,
-            Queue::new(16).unwrap(),
-            0,
-            mem.clone(),
-            shared,
-            interrupt,
-            unlimited(),
-            VIRTIO_NET_F_MRG_RXBUF,
-        );
+        let mut port = rx_port(rx, &mem, shared, unlimited(), VIRTIO_NET_F_MRG_RXBUF);
         assert!(!port.receive(), "no room: stop watching the backend");
         assert_eq!(mock.used().idx().load(), 0, "the lone buffer is held for the frame");
         // Every offered buffer was taken, so with EVENT_IDX the driver's next buffer notifies.
@@ -705,9 +697,8 @@ mod tests {
         let (shared, wire) = backend(false);
         wire.lock().unwrap().to_guest.extend([vec![1u8; 100], vec![2u8; 100]]);
         let limits = limiters(&one_frame_a_minute, &RateLimit::default());
-        let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, limits.clone(), 0);
+        let mut port = rx_port(rx, &mem, shared, limits.clone(), 0);
         assert!(!port.receive(), "over the limit: stop watching the backend");
         assert!(!port.receive(), "still over it");
         assert_eq!(mock.used().idx().load(), 1);
@@ -746,9 +737,8 @@ mod tests {
         let mut small = vec![0u8; HEADER_LEN + 60];
         small[HEADER_LEN] = 0xab;
         wire.lock().unwrap().to_guest.extend([vec![1u8; 3000], small]);
-        let interrupt = Arc::new(CountingInterrupt::default());
         let rx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), shared, interrupt, unlimited(), 0);
+        let mut port = rx_port(rx, &mem, shared, unlimited(), 0);
         port.receive();
         let used = mock.used();
         assert_eq!(used.ring().ref_at(0).unwrap().load().len(), 0, "dropped");
