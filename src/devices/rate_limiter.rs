@@ -176,6 +176,10 @@ impl RateLimiter {
         if self.waiting {
             return false;
         }
+        // Every drive and NIC has a limiter; an unlimited one costs no clock read per request.
+        if self.bandwidth.is_none() && self.ops.is_none() {
+            return true;
+        }
         let now = Instant::now();
         let mut wait = Duration::ZERO;
         for (bucket, n) in [(&mut self.bandwidth, bytes), (&mut self.ops, 1)] {
