@@ -10,6 +10,7 @@ use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
 use lkvm::control::{self, Command as Request, Controller};
+use lkvm::jail::User;
 use lkvm::rootfs::warm::WarmCache;
 use lkvm::thread::{self as threads, ThreadKind};
 use lkvm::vmm::exit::VmExit;
@@ -28,11 +29,15 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
     if let Err(msg) = threads::confine_with(args.seccomp) {
         return fail(&msg);
     }
+    let user = match User::target(args.uid, args.gid) {
+        Ok(user) => user,
+        Err(msg) => return fail(&msg),
+    };
     let api_sock = args.api_sock.clone();
     if let Some(dir) = &args.restore {
         let vm = args.restore_spec(dir).and_then(|spec| Vm::restore(&spec, started).map_err(|e| e.to_string()));
         return match vm {
-            Ok(vm) => serve(vm, api_sock.as_deref()),
+            Ok(vm) => serve(vm, api_sock.as_deref(), user),
             Err(msg) => fail(&msg),
         };
     }
@@ -40,7 +45,10 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    boot_with_api(config, started, api_sock.as_deref())
+    match Vm::build(config, started) {
+        Ok(vm) => serve(vm, api_sock.as_deref(), user),
+        Err(e) => fail(&e.to_string()),
+    }
 }
 
 /// Validates the options and creates or refreshes the `lkvm setup` root directory booted.
@@ -54,22 +62,20 @@ fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Resu
     Ok(config)
 }
 
-/// Builds and runs the VM, reachable through the control socket (and Firecracker's API on
-/// `api_sock`), until it ends.
-fn boot_with_api(config: VmConfig, started: Instant, api_sock: Option<&Path>) -> ExitCode {
-    match Vm::build(config, started) {
-        Ok(vm) => serve(vm, api_sock),
-        Err(e) => fail(&e.to_string()),
-    }
+/// Runs a built VM until it ends, reachable through the control socket (and Firecracker's API
+/// on `api_sock`).
+fn serve(vm: Vm, api_sock: Option<&Path>, user: Option<User>) -> ExitCode {
+    serve_with(vm, api_sock, user, |_| Ok(()))
 }
 
-/// Runs a built VM until it ends, reachable through the control socket and the API.
-fn serve(vm: Vm, api_sock: Option<&Path>) -> ExitCode {
-    serve_with(vm, api_sock, |_| Ok(()))
-}
-
-/// Like `serve`, running `on_running` once the VM runs; if it fails, the VM is stopped.
-fn serve_with(mut vm: Vm, api_sock: Option<&Path>, on_running: impl FnOnce(&mut Vm) -> Result<(), String>) -> ExitCode {
+/// Like `serve`, running `on_running` once the VM runs; if it fails, the VM is stopped. Once
+/// every host resource is open (the sockets too), lkvm becomes `user`, before the guest runs.
+fn serve_with(
+    mut vm: Vm,
+    api_sock: Option<&Path>,
+    user: Option<User>,
+    on_running: impl FnOnce(&mut Vm) -> Result<(), String>,
+) -> ExitCode {
     let config = vm.handle().config();
     let (name, transport, described) = (config.name.clone(), config.transport, FullConfig::describe(&config));
     let _control_socket = match control::Server::start(&name, vm.handle()) {
@@ -86,6 +92,9 @@ fn serve_with(mut vm: Vm, api_sock: Option<&Path>, on_running: impl FnOnce(&mut 
         }
         None => None,
     };
+    if let Err(msg) = user.map_or(Ok(()), User::become_user) {
+        return fail(&msg);
+    }
     if let Err(e) = vm.start() {
         return fail(&e.to_string());
     }
@@ -115,6 +124,10 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     if let Err(msg) = threads::confine_with(args.run.seccomp) {
         return fail(&msg);
     }
+    let user = match User::target(args.run.uid, args.run.gid) {
+        Ok(user) => user,
+        Err(msg) => return fail(&msg),
+    };
     if args.run.initrd.is_some() || args.run.nodefaults {
         return fail("lkvm sandbox runs the command from lkvm's root filesystem: drop -i and --nodefaults");
     }
@@ -153,9 +166,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(())
     };
     let vm_status = if args.cold || config.console != ConsoleDevice::Serial {
-        boot_sandbox(config, started, |_| Ok(()), start_job)
+        boot_sandbox(config, started, user, |_| Ok(()), start_job)
     } else {
-        warm_sandbox(config, started, start_job)
+        warm_sandbox(config, started, user, start_job)
     };
     // The guest sends the status before it reboots; it may still be on its way.
     let _raw_terminal = raw_terminal;
@@ -189,6 +202,7 @@ fn start_sandbox_job(
 fn boot_sandbox(
     mut config: VmConfig,
     started: Instant,
+    user: Option<User>,
     on_ready: impl FnOnce(&mut Vm) -> Result<(), String>,
     start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
 ) -> ExitCode {
@@ -204,7 +218,7 @@ fn boot_sandbox(
         Err(e) => return fail(&e.to_string()),
     };
     vm.hold_console_input();
-    serve_with(vm, None, |vm| {
+    serve_with(vm, None, user, |vm| {
         let is_ready = ready.wait(|| vm.has_ended());
         drop(ready); // nothing more to hear on it
         if is_ready {
@@ -216,7 +230,12 @@ fn boot_sandbox(
 
 /// Runs a sandbox from the snapshot of a guest ready for its command, taking that snapshot
 /// first if the cache has none for this configuration.
-fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut Vm) -> Result<(), String>) -> ExitCode {
+fn warm_sandbox(
+    config: VmConfig,
+    started: Instant,
+    user: Option<User>,
+    start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
+) -> ExitCode {
     let cache = match WarmCache::for_config(&config) {
         Ok(cache) => cache,
         Err(e) => return fail(&e.to_string()),
@@ -225,7 +244,7 @@ fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut 
         match Vm::restore(&cache.restore_spec(&config), started) {
             Ok(mut vm) => {
                 vm.hold_console_input();
-                return serve_with(vm, None, start_job);
+                return serve_with(vm, None, user, start_job);
             }
             Err(e) => {
                 tracing::warn!("{}: {e}; booting instead", cache.dir().display());
@@ -246,7 +265,7 @@ fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut 
         }
         Ok(())
     };
-    boot_sandbox(config, started, take_snapshot, start_job)
+    boot_sandbox(config, started, user, take_snapshot, start_job)
 }
 
 /// Shares hold a descriptor per file the guest has looked up: allow as many as the hard limit.

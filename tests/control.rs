@@ -18,7 +18,11 @@ fn start(home: &Path, name: &str, kernel: &Path) -> CountingProcess {
 
 /// Starts lkvm with `args` and waits until its guest prints.
 fn start_with(home: &Path, args: &[&str]) -> CountingProcess {
-    let guest = spawn_counting(Path::new(lkvm()), args, home);
+    start_with_env(home, args, &[])
+}
+
+fn start_with_env(home: &Path, args: &[&str], env: &[(&str, &str)]) -> CountingProcess {
+    let guest = spawn_counting_with_env(Path::new(lkvm()), args, home, env);
     wait_for("the guest to print", Duration::from_secs(20), || guest.output.load(Ordering::SeqCst) > 0);
     guest
 }
@@ -146,11 +150,12 @@ fn a_flat_binary_gets_no_rootfs_and_no_network_thread() {
 }
 
 /// Containment a user cannot see until it matters: lkvm never gains privileges through what it
-/// runs (no_new_privs), confines its threads (seccomp), keeps its descriptors out of children (a tap script, helpers), and keeps
-/// guest memory out of its core dumps.
+/// runs (no_new_privs), gives up root under sudo, confines its threads (seccomp), keeps its
+/// descriptors out of children (a tap script, helpers), and keeps guest memory out of its core
+/// dumps.
 #[test]
-fn no_new_privs_seccomp_cloexec_descriptors_and_guest_memory_out_of_core_dumps() {
-    if !kvm_available("no_new_privs_seccomp_cloexec_descriptors_and_guest_memory_out_of_core_dumps") {
+fn no_new_privs_root_dropped_seccomp_cloexec_descriptors_and_guest_memory_out_of_core_dumps() {
+    if !kvm_available("no_new_privs_root_dropped_seccomp_cloexec_descriptors_and_guest_memory_out_of_core_dumps") {
         return;
     }
     let home = temp_dir();
@@ -169,10 +174,25 @@ fn no_new_privs_seccomp_cloexec_descriptors_and_guest_memory_out_of_core_dumps()
         "--name",
         "contained",
     ];
-    let mut guest = start_with(&home, &args);
+    // As if run by `sudo`: lkvm, as root, becomes the invoking user before the guest runs.
+    let mut guest = start_with_env(&home, &args, &[("SUDO_UID", "65534"), ("SUDO_GID", "65534")]);
     let proc_dir = format!("/proc/{}", guest.child.id());
     let status = std::fs::read_to_string(format!("{proc_dir}/status")).unwrap();
     assert!(status.lines().any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])), "{status}");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        for task in std::fs::read_dir(format!("{proc_dir}/task")).unwrap().flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            let field = |name: &str| {
+                status.lines().find_map(|l| l.strip_prefix(name)).unwrap().split_whitespace().collect::<Vec<_>>()
+            };
+            assert_eq!(field("Uid:"), ["65534"; 4], "{status}");
+            assert_eq!(field("Gid:"), ["65534"; 4], "{status}");
+            assert!(field("Groups:").is_empty(), "{status}");
+            assert_eq!(field("CapEff:"), ["0000000000000000"], "{status}");
+            assert_eq!(field("CapPrm:"), ["0000000000000000"], "{status}");
+        }
+    }
 
     // Every thread lkvm started runs under a seccomp filter; only the main thread and the
     // spawner that creates the others do not (and KVM's own workers, `kvm-*`, are the kernel's).

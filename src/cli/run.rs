@@ -109,6 +109,13 @@ pub struct RunArgs {
     /// logged by the kernel), off
     #[arg(long, value_name = "on|log|off", default_value = "on")]
     pub seccomp: crate::thread::Seccomp,
+    /// Run as this user once the VM's host resources are open (lkvm started as root, e.g. for a
+    /// tap) [default under sudo: SUDO_UID]
+    #[arg(long, value_name = "UID", requires = "gid")]
+    pub uid: Option<u32>,
+    /// With --uid: the group [default under sudo: SUDO_GID]
+    #[arg(long, value_name = "GID", requires = "uid")]
+    pub gid: Option<u32>,
     /// Also serve Firecracker's API for this VM on a UNIX socket
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,

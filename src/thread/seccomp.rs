@@ -182,6 +182,11 @@ const BASE: &[Sysno] = &[
     Sysno::ppoll,
     Sysno::restart_syscall,
     Sysno::sched_getaffinity,
+    // When lkvm drops root (`crate::jail`), glibc has every thread repeat the change. Once
+    // dropped, these can only set the ids the thread already has.
+    Sysno::setgroups,
+    Sysno::setresuid,
+    Sysno::setresgid,
 ];
 
 /// Host sockets: accepted, connected, or made.
@@ -265,8 +270,7 @@ const FILES: &[Sysno] = &[
 ];
 
 /// The file-system server acts with the guest user's ids (when lkvm runs as root).
-const CREDENTIALS: &[Sysno] =
-    &[Sysno::setresuid, Sysno::setresgid, Sysno::setfsuid, Sysno::setfsgid, Sysno::capget, Sysno::capset];
+const CREDENTIALS: &[Sysno] = &[Sysno::setfsuid, Sysno::setfsgid, Sysno::capget, Sysno::capset];
 
 /// The ioctls a thread may make, by request number.
 #[derive(Clone, Copy)]

@@ -343,9 +343,15 @@ pub struct CountingProcess {
 
 /// Starts `program` with `args` and HOME=`home`, counting its stdout bytes.
 pub fn spawn_counting(program: &Path, args: &[&str], home: &Path) -> CountingProcess {
+    spawn_counting_with_env(program, args, home, &[])
+}
+
+/// `spawn_counting` with more environment variables.
+pub fn spawn_counting_with_env(program: &Path, args: &[&str], home: &Path, env: &[(&str, &str)]) -> CountingProcess {
     let mut child = Command::new(program)
         .args(args)
         .env("HOME", home)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
