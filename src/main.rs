@@ -10,7 +10,7 @@ use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
 use lkvm::control::{self, Command as Request, Controller};
-use lkvm::jail::User;
+use lkvm::jail::{landlock, User};
 use lkvm::rootfs::warm::WarmCache;
 use lkvm::thread::{self as threads, ThreadKind};
 use lkvm::vmm::exit::VmExit;
@@ -41,10 +41,14 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
             Err(msg) => fail(&msg),
         };
     }
-    let config = match prepare(args, RootfsTransports::VirtioFsOr9p) {
-        Ok(config) => config,
-        Err(msg) => return fail(&msg),
-    };
+    let config =
+        match args.landlock_rules().and_then(|rules| Ok((rules, prepare(args, RootfsTransports::VirtioFsOr9p)?))) {
+            Ok((rules, config)) => match confine_files(rules, &config) {
+                Ok(()) => config,
+                Err(msg) => return fail(&msg),
+            },
+            Err(msg) => return fail(&msg),
+        };
     match Vm::build(config, started) {
         Ok(vm) => serve(vm, api_sock.as_deref(), user),
         Err(e) => fail(&e.to_string()),
@@ -60,6 +64,15 @@ fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Resu
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
     }
     Ok(config)
+}
+
+/// With --landlock, confines the threads lkvm spawns from now on, and the main thread once the
+/// VM is built, to the files `config` uses and the `extra` paths.
+fn confine_files(extra: Option<Vec<landlock::Rule>>, config: &VmConfig) -> Result<(), String> {
+    let Some(extra) = extra else { return Ok(()) };
+    let mut rules = landlock::rules_for(config);
+    rules.extend(extra);
+    landlock::prepare(&rules)
 }
 
 /// Runs a built VM until it ends, reachable through the control socket (and Firecracker's API
@@ -92,7 +105,7 @@ fn serve_with(
         }
         None => None,
     };
-    if let Err(msg) = user.map_or(Ok(()), User::become_user) {
+    if let Err(msg) = user.map_or(Ok(()), User::become_user).and_then(|()| landlock::enter()) {
         return fail(&msg);
     }
     if let Err(e) = vm.start() {
@@ -133,6 +146,10 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     }
     // Only the command's output, unless the user asks the kernel for more.
     args.run.params = Some(format!("quiet {}", args.run.params.as_deref().unwrap_or("")));
+    let landlock_rules = match args.run.landlock_rules() {
+        Ok(rules) => rules,
+        Err(msg) => return fail(&msg),
+    };
     // Its warm start restores a snapshot, which virtio-fs shares cannot be part of.
     let mut config = match prepare(args.run, RootfsTransports::NinePOnly) {
         Ok(config) => config,
@@ -148,6 +165,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
             "lkvm sandbox needs lkvm's root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",
         );
     };
+    if let Err(msg) = confine_files(landlock_rules, &config) {
+        return fail(&msg);
+    }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdin()).then(exec::terminal_size);
     let request = match rootfs::sandbox_request(&args.command, tty) {
         Ok(request) => request,
@@ -293,10 +313,12 @@ fn done(result: Result<(), String>) -> ExitCode {
 fn parse<C: Parser>(program: &str) -> Result<C, ExitCode> {
     C::try_parse().map_err(|e| {
         if e.use_stderr() {
-            // One line: clap's first line names the problem; the usage text is a --help away.
+            // One line: clap's first paragraph names the problem (a missing argument on the lines
+            // after the first); the usage text is a --help away.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid command line");
-            eprintln!("{program}: {} (see {program} --help)", first.trim_start_matches("error: "));
+            let problem: Vec<&str> = rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let problem = if problem.is_empty() { "invalid command line".to_string() } else { problem.join(" ") };
+            eprintln!("{program}: {} (see {program} --help)", problem.trim_start_matches("error: "));
             ExitCode::from(EXIT_USAGE)
         } else {
             let _ = e.print();

@@ -244,3 +244,41 @@ fn no_new_privs_root_dropped_seccomp_cloexec_descriptors_and_guest_memory_out_of
     assert_eq!(lkvm_ctl(&home, &["stop", "-n", "contained"]).0, 0);
     exits_zero(&mut guest);
 }
+
+/// With --landlock, lkvm's threads open only what the VM uses and the paths --landlock-rules
+/// adds: a core dump (the control thread writes it) is refused elsewhere, with one line saying
+/// how to allow it, and written where allowed.
+#[test]
+fn landlock_keeps_lkvm_to_the_paths_it_was_given() {
+    if !kvm_available("landlock_keeps_lkvm_to_the_paths_it_was_given") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let (allowed, elsewhere) = (home.join("allowed"), home.join("elsewhere"));
+    std::fs::create_dir(&allowed).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    let rule = format!("path={},access=rw", allowed.display());
+    let args = ["run", "-k", kernel.to_str().unwrap(), "-m", "16", "-c", "1", "-n", "mode=none", "--name", "fenced"];
+    let args = [&args[..], &["--landlock", "--landlock-rules", &rule]].concat();
+    // SAFETY: landlock_create_ruleset with LANDLOCK_CREATE_RULESET_VERSION reads no memory.
+    let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32) };
+    if abi < 1 {
+        let (code, _, stderr) = lkvm_ctl(&home, &args);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains("this kernel has no Landlock"), "{stderr}");
+        return;
+    }
+    let mut guest = start_with(&home, &args);
+    let refused = elsewhere.join("core");
+    let (code, _, stderr) = lkvm_ctl(&home, &["debug", "-n", "fenced", "--dump", refused.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("Permission denied") && stderr.contains("--landlock-rules path=DIR,access=rw"), "{stderr}");
+    assert!(!refused.exists());
+    let core = allowed.join("core");
+    let (code, stdout, stderr) = lkvm_ctl(&home, &["debug", "-n", "fenced", "--dump", core.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(&std::fs::read(&core).unwrap()[..4], b"\x7fELF");
+    assert_eq!(lkvm_ctl(&home, &["stop", "-n", "fenced"]).0, 0);
+    exits_zero(&mut guest);
+}

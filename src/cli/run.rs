@@ -15,6 +15,7 @@ use crate::control::lkvm_dir;
 use crate::devices::rate_limiter::RateLimit;
 use crate::disk::DiskSpec;
 use crate::gdb::GdbConfig;
+use crate::jail::landlock::Rule;
 use crate::net::{NetMode, NetSpec};
 use crate::rootfs;
 use crate::share::virtiofs::FsSpec;
@@ -116,6 +117,14 @@ pub struct RunArgs {
     /// With --uid: the group [default under sudo: SUDO_GID]
     #[arg(long, value_name = "GID", requires = "uid")]
     pub gid: Option<u32>,
+    /// Once the VM is built, lkvm opens only its shares, images and ~/.lkvm (Landlock), and the
+    /// paths --landlock-rules adds
+    #[arg(long, conflicts_with = "restore")]
+    pub landlock: bool,
+    /// With --landlock: also allow `path=PATH,access=r|rw` (snapshot or dump directories, drive
+    /// images swapped in later); repeatable
+    #[arg(long, value_name = "path=PATH,access=r|rw", requires = "landlock")]
+    pub landlock_rules: Vec<String>,
     /// Also serve Firecracker's API for this VM on a UNIX socket
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -262,6 +271,14 @@ impl RunArgs {
             name,
             overrides,
         })
+    }
+
+    /// With --landlock, the paths --landlock-rules adds; None without --landlock.
+    pub fn landlock_rules(&self) -> Result<Option<Vec<Rule>>, String> {
+        if !self.landlock {
+            return Ok(None);
+        }
+        self.landlock_rules.iter().map(|r| Rule::parse(r)).collect::<Result<_, _>>().map(Some)
     }
 
     /// Validates the options and builds the VM configuration, or says in one line what is wrong.

@@ -2,5 +2,6 @@
 //! user it runs as once the VM's host resources are open, and the files it may still reach.
 
 mod credentials;
+pub mod landlock;
 
 pub use credentials::User;

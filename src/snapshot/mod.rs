@@ -58,7 +58,7 @@ mod as_json {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}: {1}")]
+    #[error("{0}: {1}{hint}", hint = crate::jail::landlock::hint(.1))]
     Io(PathBuf, io::Error),
     #[error("{0}: not an lkvm snapshot")]
     NotASnapshot(PathBuf),

@@ -1,5 +1,6 @@
 //! Every lkvm thread is spawned here, tagged with its kind, and confined to that kind's
-//! system calls (seccomp) before it runs any of its own code.
+//! system calls (seccomp), and to the VM's files (Landlock, when on), before it runs any of its
+//! own code.
 
 mod seccomp;
 
@@ -88,12 +89,25 @@ where
     T: Send + 'static,
 {
     tracing::debug!("starting {kind:?} thread {name}");
+    let domain = crate::jail::landlock::for_new_thread()?;
+    // Landlock first: a filter need not allow entering the domain.
+    let enter = move |name: &str| {
+        if let Some(Err(e)) = domain.map(|d| d.enter()) {
+            eprintln!("lkvm: error: the {} thread {name}: {e}", kind.describe());
+            std::process::exit(1);
+        }
+    };
     let Some(filter) = seccomp::filter(kind)? else {
-        return std::thread::Builder::new().name(name).spawn(body);
+        let thread_name = name.clone();
+        return std::thread::Builder::new().name(name).spawn(move || {
+            enter(&thread_name);
+            body()
+        });
     };
     let (sender, receiver) = mpsc::sync_channel(1);
     let start = move || {
         let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+            enter(&name);
             seccomp::confine(kind, &name, &filter);
             body()
         });

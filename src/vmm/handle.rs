@@ -265,7 +265,7 @@ impl Controller for VmHandle {
             .truncate(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| format!("{}: {e}{}", path.display(), crate::jail::landlock::hint(&e)))?;
         let was_paused = self.paused();
         if !was_paused {
             self.pause()?;

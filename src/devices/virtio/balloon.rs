@@ -139,7 +139,8 @@ impl Balloon {
     }
 }
 
-struct Queues {
+/// The balloon's queues, served by its worker (and by the fuzz target).
+pub struct Queues {
     inflate: Queue,
     deflate: Queue,
     stats: Queue,
@@ -149,6 +150,26 @@ struct Queues {
 }
 
 impl Queues {
+    pub fn new(
+        [inflate, deflate, stats]: [Queue; 3],
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        control: Arc<BalloonControl>,
+    ) -> Queues {
+        Queues { inflate, deflate, stats, mem, interrupt, control }
+    }
+
+    /// Serves the queue (or the host's stats request) that `event` names.
+    pub fn handle(&mut self, event: usize) {
+        match event {
+            INFLATE => self.inflate(),
+            DEFLATE => self.deflate(),
+            STATS => self.collect_stats(),
+            STATS_REQUESTED => self.request_stats(),
+            _ => {}
+        }
+    }
+
     /// Gives the pages named by each page frame number back to the host. Frames outside guest
     /// RAM are skipped.
     fn inflate(&mut self) {
@@ -249,28 +270,12 @@ impl VirtioDevice for Balloon {
         let [inflate, deflate, stats] = expect_queues(queues)?;
         *self.control.interrupt.lock().unwrap() = Some(interrupt.clone());
         let request = self.control.stats_request.try_clone()?;
-        let queues = Queues {
-            inflate: inflate.queue,
-            deflate: deflate.queue,
-            stats: stats.queue,
-            mem,
-            interrupt,
-            control: self.control.clone(),
-        };
+        let queues = Queues::new([inflate.queue, deflate.queue, stats.queue], mem, interrupt, self.control.clone());
         let events = vec![inflate.kick, deflate.kick, stats.kick, request];
-        self.worker = Some(Worker::spawn(
-            DeviceIo::Memory,
-            "virtio-balloon".into(),
-            events,
-            queues,
-            |queues, event, _| match event {
-                INFLATE => queues.inflate(),
-                DEFLATE => queues.deflate(),
-                STATS => queues.collect_stats(),
-                STATS_REQUESTED => queues.request_stats(),
-                _ => {}
-            },
-        )?);
+        self.worker =
+            Some(Worker::spawn(DeviceIo::Memory, "virtio-balloon".into(), events, queues, |queues, event, _| {
+                queues.handle(event)
+            })?);
         Ok(())
     }
 

@@ -62,7 +62,8 @@ impl Console {
     }
 }
 
-struct Port {
+/// The console's port 0, served by its worker (and by the fuzz target).
+pub struct Port {
     rx: Queue,
     tx: Queue,
     mem: GuestMemoryMmap,
@@ -72,6 +73,20 @@ struct Port {
 }
 
 impl Port {
+    /// The port of `console` over its `[rx, tx]` queues.
+    pub fn new(console: &Console, [rx, tx]: [Queue; 2], mem: GuestMemoryMmap, interrupt: Arc<dyn Interrupt>) -> Port {
+        Port { rx, tx, mem, inbox: console.inbox.clone(), output: console.output.clone(), interrupt }
+    }
+
+    /// Serves the queue (or the input) that `event` names.
+    pub fn handle(&mut self, event: usize) {
+        match event {
+            TX_QUEUE => self.transmit(),
+            RX_QUEUE | INPUT_READY => self.receive(),
+            _ => {}
+        }
+    }
+
     fn transmit(&mut self) {
         let (mem, output) = (&self.mem, &self.output);
         serve_queue(&mut self.tx, mem, &*self.interrupt, TX_QUEUE as u16, |chain| {
@@ -147,19 +162,14 @@ impl VirtioDevice for Console {
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
         let [rx, tx] = expect_queues(queues)?;
-        let output = self.output.clone();
         let ready = self.inbox.ready.try_clone()?;
-        let port = Port { rx: rx.queue, tx: tx.queue, mem, inbox: self.inbox.clone(), output, interrupt };
+        let port = Port::new(self, [rx.queue, tx.queue], mem, interrupt);
         self.worker = Some(Worker::spawn(
             DeviceIo::Memory,
             "virtio-console".into(),
             vec![rx.kick, tx.kick, ready],
             port,
-            |port, event, _| match event {
-                TX_QUEUE => port.transmit(),
-                RX_QUEUE | INPUT_READY => port.receive(),
-                _ => {}
-            },
+            |port, event, _| port.handle(event),
         )?);
         Ok(())
     }
