@@ -30,6 +30,8 @@ pub const MAX_REQUEST: usize = (1 << 20) + 4096;
 const IN_HEADER: usize = std::mem::size_of::<InHeader>();
 const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 const FATTR_MODE: u32 = 1;
+const FATTR_UID: u32 = 1 << 1;
+const FATTR_GID: u32 = 1 << 2;
 const TMPFILE: u32 = 51;
 /// Where each mode field sits in its request, after the header.
 const MKNOD_MODE: usize = IN_HEADER;
@@ -39,6 +41,9 @@ const OPEN_FLAGS: usize = IN_HEADER;
 const SETATTR_VALID: usize = IN_HEADER;
 /// fuse_setattr_in: valid, padding, fh, size, lock_owner, atime, mtime, ctime, three nsecs, mode.
 const SETATTR_MODE: usize = IN_HEADER + 4 + 4 + 6 * 8 + 3 * 4;
+/// ... then unused4, uid, gid.
+const SETATTR_UID: usize = SETATTR_MODE + 8;
+const SETATTR_GID: usize = SETATTR_MODE + 12;
 
 /// How the user asked for a virtio-fs share.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -155,10 +160,22 @@ impl FsShare {
             }
             o if o == Opcode::Mkdir as u32 => clear_set_id(request, MKDIR_MODE),
             o if o == Opcode::Create as u32 || o == TMPFILE => clear_set_id(request, CREATE_MODE),
-            o if o == Opcode::Setattr as u32
-                && read_u32(request, SETATTR_VALID).is_some_and(|valid| valid & FATTR_MODE != 0) =>
-            {
-                clear_set_id(request, SETATTR_MODE)
+            o if o == Opcode::Setattr as u32 => {
+                let valid = read_u32(request, SETATTR_VALID).unwrap_or(0);
+                // The owner and group of host files stay; a chown to the current ones passes.
+                if valid & (FATTR_UID | FATTR_GID) != 0 {
+                    let node = read_u64(request, 16).ok_or(libc::EINVAL)?;
+                    let (stat, _) = self.fs.getattr(&Context::default(), node, None).map_err(|e| errno(&e))?;
+                    let changes = |flag: u32, at: usize, current: u32| -> Result<bool, i32> {
+                        Ok(valid & flag != 0 && read_u32(request, at).ok_or(libc::EINVAL)? != current)
+                    };
+                    if changes(FATTR_UID, SETATTR_UID, stat.st_uid)? || changes(FATTR_GID, SETATTR_GID, stat.st_gid)? {
+                        return Err(libc::EPERM);
+                    }
+                }
+                if valid & FATTR_MODE != 0 {
+                    clear_set_id(request, SETATTR_MODE);
+                }
             }
             o if o == Opcode::Open as u32 => {
                 let flags = read_u32(request, OPEN_FLAGS).ok_or(libc::EINVAL)? as i32;
@@ -262,6 +279,31 @@ mod tests {
         assert_eq!(share.check(Opcode::Setattr as u32, &mut short), Ok(()));
         let mut headless = vec![0u8; 10];
         assert_eq!(share.check(Opcode::Mknod as u32, &mut headless), Err(libc::EINVAL));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn owners_of_host_files_stay() {
+        let (share, dir) = share(false);
+        let owner = std::fs::metadata(&dir).unwrap();
+        let (uid, gid) = (std::os::unix::fs::MetadataExt::uid(&owner), std::os::unix::fs::MetadataExt::gid(&owner));
+        let setattr = |valid: u32, uid: u32, gid: u32| {
+            let mut body = vec![0u8; SETATTR_GID + 8 - IN_HEADER];
+            body[..4].copy_from_slice(&valid.to_le_bytes());
+            body[SETATTR_UID - IN_HEADER..][..4].copy_from_slice(&uid.to_le_bytes());
+            body[SETATTR_GID - IN_HEADER..][..4].copy_from_slice(&gid.to_le_bytes());
+            request(Opcode::Setattr, 1, &body)
+        };
+        let check = |mut request: Vec<u8>| share.check(Opcode::Setattr as u32, &mut request);
+        assert_eq!(check(setattr(FATTR_UID, uid + 1, gid)), Err(libc::EPERM));
+        assert_eq!(check(setattr(FATTR_GID, uid, gid + 1)), Err(libc::EPERM));
+        assert_eq!(check(setattr(FATTR_UID | FATTR_GID, uid, gid)), Ok(()));
+        // Only the fields named in `valid` count.
+        assert_eq!(check(setattr(FATTR_MODE, uid + 1, gid + 1)), Ok(()));
+        // A request cut short before the owner it names: refused, nothing read out of bounds.
+        let mut short = setattr(FATTR_UID, uid + 1, gid);
+        short.truncate(SETATTR_UID);
+        assert_eq!(share.check(Opcode::Setattr as u32, &mut short), Err(libc::EINVAL));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
