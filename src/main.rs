@@ -105,7 +105,15 @@ fn serve_with(
         }
         None => None,
     };
-    if let Err(msg) = user.map_or(Ok(()), User::become_user).and_then(|()| landlock::enter()) {
+    let vsock_uds = vm.handle().vsock_uds();
+    let control_socket = control::socket_path(&name);
+    let sockets: Vec<&Path> =
+        [Some(control_socket.as_path()), api_sock, vsock_uds.as_deref()].into_iter().flatten().collect();
+    let confined = user
+        .map_or(Ok(()), |user| user.become_user(&sockets))
+        .and_then(|()| landlock::enter())
+        .and_then(|()| threads::confine_current(ThreadKind::Vmm, "lkvm").map_err(|e| format!("seccomp: {e}")));
+    if let Err(msg) = confined {
         return fail(&msg);
     }
     if let Err(e) = vm.start() {
@@ -137,10 +145,11 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     if let Err(msg) = threads::confine_with(args.run.seccomp) {
         return fail(&msg);
     }
-    let user = match User::target(args.run.uid, args.run.gid) {
-        Ok(user) => user,
-        Err(msg) => return fail(&msg),
-    };
+    // The sandbox's guest reaches lkvm through sockets in the starting user's ~/.lkvm, which
+    // another user may not enter: it runs as the user who started it.
+    if args.run.uid.is_some() {
+        return fail("lkvm sandbox runs as the user who starts it: drop --uid and --gid");
+    }
     if args.run.initrd.is_some() || args.run.nodefaults {
         return fail("lkvm sandbox runs the command from lkvm's root filesystem: drop -i and --nodefaults");
     }
@@ -165,6 +174,18 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
             "lkvm sandbox needs lkvm's root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",
         );
     };
+    // A warm start writes its snapshot into the cache, which must exist for Landlock to allow it.
+    let landlock_rules = match landlock_rules {
+        Some(mut rules) if !args.cold => {
+            let root = lkvm::rootfs::warm::cache_root();
+            if let Err(e) = std::fs::create_dir_all(&root) {
+                return fail(&format!("{}: {e}", root.display()));
+            }
+            rules.push(landlock::Rule { path: root, access: landlock::Access::ReadWrite });
+            Some(rules)
+        }
+        rules => rules,
+    };
     if let Err(msg) = confine_files(landlock_rules, &config) {
         return fail(&msg);
     }
@@ -186,9 +207,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(())
     };
     let vm_status = if args.cold || config.console != ConsoleDevice::Serial {
-        boot_sandbox(config, started, user, |_| Ok(()), start_job)
+        boot_sandbox(config, started, |_| Ok(()), start_job)
     } else {
-        warm_sandbox(config, started, user, start_job)
+        warm_sandbox(config, started, start_job)
     };
     // The guest sends the status before it reboots; it may still be on its way.
     let _raw_terminal = raw_terminal;
@@ -222,7 +243,6 @@ fn start_sandbox_job(
 fn boot_sandbox(
     mut config: VmConfig,
     started: Instant,
-    user: Option<User>,
     on_ready: impl FnOnce(&mut Vm) -> Result<(), String>,
     start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
 ) -> ExitCode {
@@ -238,7 +258,7 @@ fn boot_sandbox(
         Err(e) => return fail(&e.to_string()),
     };
     vm.hold_console_input();
-    serve_with(vm, None, user, |vm| {
+    serve_with(vm, None, None, |vm| {
         let is_ready = ready.wait(|| vm.has_ended());
         drop(ready); // nothing more to hear on it
         if is_ready {
@@ -250,12 +270,7 @@ fn boot_sandbox(
 
 /// Runs a sandbox from the snapshot of a guest ready for its command, taking that snapshot
 /// first if the cache has none for this configuration.
-fn warm_sandbox(
-    config: VmConfig,
-    started: Instant,
-    user: Option<User>,
-    start_job: impl FnOnce(&mut Vm) -> Result<(), String>,
-) -> ExitCode {
+fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut Vm) -> Result<(), String>) -> ExitCode {
     let cache = match WarmCache::for_config(&config) {
         Ok(cache) => cache,
         Err(e) => return fail(&e.to_string()),
@@ -264,7 +279,7 @@ fn warm_sandbox(
         match Vm::restore(&cache.restore_spec(&config), started) {
             Ok(mut vm) => {
                 vm.hold_console_input();
-                return serve_with(vm, None, user, start_job);
+                return serve_with(vm, None, None, start_job);
             }
             Err(e) => {
                 tracing::warn!("{}: {e}; booting instead", cache.dir().display());
@@ -285,7 +300,7 @@ fn warm_sandbox(
         }
         Ok(())
     };
-    boot_sandbox(config, started, user, take_snapshot, start_job)
+    boot_sandbox(config, started, take_snapshot, start_job)
 }
 
 /// Shares hold a descriptor per file the guest has looked up: allow as many as the hard limit.

@@ -194,19 +194,19 @@ fn no_new_privs_root_dropped_seccomp_cloexec_descriptors_and_guest_memory_out_of
         }
     }
 
-    // Every thread lkvm started runs under a seccomp filter; only the main thread and the
-    // spawner that creates the others do not (and KVM's own workers, `kvm-*`, are the kernel's).
+    // Every thread runs under a seccomp filter, the main thread too once the VM is built; only
+    // the spawner that creates the others does not (KVM's own workers, `kvm-*`, are the kernel's).
     let mut confined = Vec::new();
     for task in std::fs::read_dir(format!("{proc_dir}/task")).unwrap().flatten() {
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap().trim().to_string();
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
         let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap().trim().to_string();
-        if name != "lkvm" && name != "spawner" && !name.starts_with("kvm-") {
+        if name != "spawner" && !name.starts_with("kvm-") {
             assert_eq!(mode, "2", "thread {name} runs without a seccomp filter");
             confined.push(name);
         }
     }
-    for expected in ["vcpu0", "slirp", "control"] {
+    for expected in ["lkvm", "vcpu0", "slirp", "control"] {
         assert!(confined.iter().any(|name| name == expected), "{expected} not among {confined:?}");
     }
 

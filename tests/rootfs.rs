@@ -274,7 +274,8 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     let work = temp_dir();
     write_file(&work, "data.txt", b"data-in-the-cwd\n");
     // Writes stay in the guest's overlay, but for the --rw directory's; the root and the host's /
-    // came over 9p, which a snapshot can hold.
+    // came over 9p, which a snapshot can hold. Under --landlock, lkvm still serves them, writes
+    // through to --rw and writes the warm snapshot.
     // A sandbox does not reach services on the host's loopback unless asked.
     let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     host_service.set_nonblocking(true).unwrap();
@@ -288,7 +289,7 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
          {probe}; read line; echo got-$line; exit 7"
     );
     let shell = format!(
-        "cd {} && exec {} sandbox -d sbx --rw . -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
+        "cd {} && exec {} sandbox -d sbx --rw . --landlock -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
         work.display(),
         lkvm(),
         guest().vmlinux.display()

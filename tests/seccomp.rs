@@ -27,6 +27,7 @@ fn kind(name: &str) -> ThreadKind {
         "metrics" => ThreadKind::Metrics,
         "exec" => ThreadKind::Exec,
         "gdb" => ThreadKind::Gdb,
+        "vmm" => ThreadKind::Vmm,
         other => panic!("unknown kind {other}"),
     }
 }
@@ -107,6 +108,7 @@ fn forbidden_calls_stop_lkvm_naming_the_thread() {
         ("metrics", "socket", "metrics thread metrics-test", "socket (41)"),
         ("exec", "openat", "exec thread exec-test", "openat (257)"),
         ("gdb", "openat", "gdb thread gdb-test", "openat (257)"),
+        ("vmm", "execve", "VMM thread vmm-test", "execve (59)"),
     ];
     for (kind, call, thread, named) in forbidden {
         let outcome = run_child(kind, call, "on");
@@ -120,7 +122,13 @@ fn forbidden_calls_stop_lkvm_naming_the_thread() {
 #[test]
 fn each_kind_may_make_its_own_calls_and_log_mode_only_logs() {
     // Calls a kind needs pass its filter (their results do not matter here: no descriptor).
-    let allowed = [("vcpu", "ioctl-kvm"), ("files", "openat"), ("console", "ioctl-terminal"), ("vsock", "socket")];
+    let allowed = [
+        ("vcpu", "ioctl-kvm"),
+        ("files", "openat"),
+        ("console", "ioctl-terminal"),
+        ("vsock", "socket"),
+        ("vmm", "openat"),
+    ];
     for (kind, call) in allowed {
         let outcome = run_child(kind, call, "on");
         assert_eq!(outcome.status, Some(0), "{kind} {call}: {}{}", outcome.stdout, outcome.stderr);

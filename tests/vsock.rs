@@ -98,6 +98,15 @@ fn guest_and_host_programs_talk_over_vsock_both_ways() {
     let dir = temp_dir();
     let uds = dir.join("vsock");
     host_listener(&uds);
+    // Run as root, lkvm runs the guest as nobody, as under sudo: the socket directory and the
+    // listener are that user's own, and lkvm hands its vsock socket to that user.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        for path in [dir.clone(), PathBuf::from(format!("{}_{HOST_PORT}", uds.display()))] {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        }
+    }
     let params = format!(
         "{HOST_GUEST_PARAMS} lkvm.vsockconnect={HOST_PORT}:{CONNECTIONS}:{LEN} lkvm.vsockconnect={DEAD_HOST_PORT}:1:16 \
          lkvm.vsocklisten={GUEST_PORT}:{CONNECTIONS}:{LEN}"
@@ -105,7 +114,7 @@ fn guest_and_host_programs_talk_over_vsock_both_ways() {
     let vsock = format!("3,uds={}", uds.display());
     let (report, reports) = channel();
     let clients_uds = uds.clone();
-    let args = [
+    let mut args = vec![
         "run",
         "-k",
         guest.vmlinux.to_str().unwrap(),
@@ -122,8 +131,15 @@ fn guest_and_host_programs_talk_over_vsock_both_ways() {
         "-p",
         &params,
     ];
+    if root {
+        args.extend(["--uid", "65534", "--gid", "65534"]);
+    }
+    let socket_owner = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let owner_seen = socket_owner.clone();
     let out = run_command(lkvm(), &args, None, boot_timeout(), move |line| {
         if line.contains("LKVM-RESULT vsock_listening=") {
+            let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::symlink_metadata(&clients_uds).unwrap());
+            owner_seen.store(owner, std::sync::atomic::Ordering::SeqCst);
             let (uds, report) = (clients_uds.clone(), report.clone());
             thread::spawn(move || host_clients(uds, report));
         }
@@ -139,5 +155,9 @@ fn guest_and_host_programs_talk_over_vsock_both_ways() {
     assert_eq!(answers.first().map(String::as_str), Some("dead-port answer \"\""), "closed without OK");
     assert_eq!(answers[1..], vec!["ok".to_string(); CONNECTIONS], "{}", out.describe());
     assert!(!uds.exists(), "lkvm removes its socket when it ends");
+    if root {
+        // Handed over before the guest ran, so the user's own programs may connect.
+        assert_eq!(socket_owner.load(std::sync::atomic::Ordering::SeqCst), 65534);
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

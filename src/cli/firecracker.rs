@@ -140,6 +140,8 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
             }
         },
     };
+    crate::thread::confine_current(crate::thread::ThreadKind::Vmm, "firecracker")
+        .map_err(|e| format!("seccomp: {e}"))?;
     Ok(vm.wait())
 }
 

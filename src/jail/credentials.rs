@@ -2,6 +2,7 @@
 //! invoking user, once the host resources that need root are open.
 
 use std::io;
+use std::path::Path;
 
 /// The user and group lkvm becomes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,9 +37,14 @@ impl User {
         }
     }
 
-    /// Becomes this user for good, every thread: no supplementary groups, and real, effective
+    /// Hands the `sockets` lkvm listens on to this user (who may then connect to them), then
+    /// becomes this user for good, every thread: no supplementary groups, and real, effective
     /// and saved ids all changed, which also clears every capability.
-    pub fn become_user(self) -> Result<(), String> {
+    pub fn become_user(self, sockets: &[&Path]) -> Result<(), String> {
+        for socket in sockets {
+            std::os::unix::fs::lchown(socket, Some(self.uid), Some(self.gid))
+                .map_err(|e| format!("handing {} to uid {}: {e}", socket.display(), self.uid))?;
+        }
         let fail = |what: &str| {
             format!("running as uid {} gid {}: {what}: {}", self.uid, self.gid, io::Error::last_os_error())
         };

@@ -18,7 +18,7 @@ pub struct WarmCache {
 
 /// `$XDG_CACHE_HOME/lkvm/sandbox`, or `~/.cache/lkvm/sandbox` (never under /tmp, where another
 /// user could plant a snapshot).
-fn cache_root() -> PathBuf {
+pub fn cache_root() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .filter(|d| d.is_absolute())

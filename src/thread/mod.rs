@@ -32,6 +32,8 @@ pub enum ThreadKind {
     Exec,
     /// The gdb stub: serves one gdb at a time.
     Gdb,
+    /// The main thread, confined once it has built the VM (`confine_current`).
+    Vmm,
 }
 
 /// What a device worker reaches on the host besides guest memory and its eventfds.
@@ -66,6 +68,7 @@ impl ThreadKind {
             ThreadKind::Metrics => "metrics",
             ThreadKind::Exec => "exec",
             ThreadKind::Gdb => "gdb",
+            ThreadKind::Vmm => "VMM",
         }
     }
 }
@@ -77,6 +80,15 @@ pub fn confine_with(mode: Seccomp) -> Result<(), String> {
         tracing::warn!("seccomp filters are off: a guest that takes over lkvm can make any system call");
     }
     seccomp::set_mode(mode).map_err(|e| format!("seccomp: {e}"))
+}
+
+/// Confines the calling thread as `kind`: the main thread, once the VM is built (it created
+/// its host resources unconfined). Threads made after this by `spawn` are unaffected.
+pub fn confine_current(kind: ThreadKind, name: &str) -> io::Result<()> {
+    if let Some(filter) = seccomp::filter(kind)? {
+        seccomp::confine(kind, name, &filter);
+    }
+    Ok(())
 }
 
 /// Spawns a thread of `kind` named `name` (shown by `ps -L` and in panics).

@@ -332,6 +332,12 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         Metrics => (vec![FILES], &[]),
         Exec => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Terminal]),
         Gdb => (vec![SOCKETS], &[Ioctls::Kvm, Ioctls::Sockets]),
+        // The main thread, once the VM runs: it waits for the VM's end, takes the warm sandbox
+        // snapshot, and tears the VM down (joins, closes, unlinks its sockets, the terminal).
+        Vmm => (
+            vec![SOCKETS, FILES, DISK, &[Sysno::rt_sigaction]],
+            &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::Terminal, Ioctls::BlockDevice, Ioctls::Tap],
+        ),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         BASE.iter().chain(calls.into_iter().flatten()).map(|call| (i64::from(call.id()), Vec::new())).collect();

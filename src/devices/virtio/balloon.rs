@@ -29,6 +29,10 @@ const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
 pub const PAGE_SIZE: u64 = 4096;
 const STAT_ENTRY: usize = 10;
 const STATS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Linux posts at most 256 page frame numbers per buffer and about a dozen statistics; what a
+/// buffer holds beyond these bounds is ignored, so one request costs the host bounded work.
+const MAX_PFNS: usize = 1024;
+const MAX_STATS: usize = 64;
 const STAT_NAMES: [&str; 10] = [
     "swap_in",
     "swap_out",
@@ -177,7 +181,10 @@ impl Queues {
         serve_queue(&mut self.inflate, mem, &*self.interrupt, INFLATE as u16, |chain| {
             let Ok(mut reader) = chain.reader(mem) else { return 0 };
             let mut pfn = [0u8; 4];
-            while reader.read_exact(&mut pfn).is_ok() {
+            for _ in 0..MAX_PFNS {
+                if reader.read_exact(&mut pfn).is_err() {
+                    break;
+                }
                 let addr = GuestAddress(u64::from(u32::from_le_bytes(pfn)) * PAGE_SIZE);
                 if let Ok(slice) = mem.get_slice(addr, PAGE_SIZE as usize) {
                     // SAFETY: a page of guest RAM, which the guest gave up; the mapping stays
@@ -203,7 +210,10 @@ impl Queues {
             let mut latest = BTreeMap::new();
             if let Ok(mut reader) = chain.reader(&self.mem) {
                 let mut entry = [0u8; STAT_ENTRY];
-                while reader.read_exact(&mut entry).is_ok() {
+                for _ in 0..MAX_STATS {
+                    if reader.read_exact(&mut entry).is_err() {
+                        break;
+                    }
                     let tag = u16::from_le_bytes([entry[0], entry[1]]);
                     let value = u64::from_le_bytes(entry[2..].try_into().unwrap());
                     let name = STAT_NAMES.get(usize::from(tag)).map_or(format!("tag_{tag}"), |n| n.to_string());
@@ -336,6 +346,28 @@ mod tests {
         assert!(page.iter().all(|b| *b == 0), "inflated page was not released");
         mem.read_slice(&mut page, GuestAddress(0x81000)).unwrap();
         assert!(page.iter().all(|b| *b == 0xaa), "neighbouring page touched");
+    }
+
+    #[test]
+    fn one_buffer_gives_back_at_most_max_pfns_pages() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(&[0xaa; 4096], GuestAddress(0x80000)).unwrap();
+        // MAX_PFNS frames naming page 0x90, then one naming page 0x80: that one is ignored.
+        let mut pfns: Vec<u8> = std::iter::repeat_n(0x90u32, MAX_PFNS).flat_map(|p| p.to_le_bytes()).collect();
+        pfns.extend_from_slice(&0x80u32.to_le_bytes());
+        mem.write_slice(&pfns, GuestAddress(0x40000)).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let len = pfns.len() as u32;
+        mock.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x40000, len, 0, 0))], 0).unwrap();
+        let balloon = Balloon::new(0, false).unwrap();
+        let idle = |at| MockSplitQueue::create(&mem, GuestAddress(at), 16).create_queue().unwrap();
+        let queues = [mock.create_queue().unwrap(), idle(0x10000), idle(0x20000)];
+        let mut queues = Queues::new(queues, mem.clone(), Arc::new(CountingInterrupt::default()), balloon.control());
+        queues.handle(INFLATE);
+        assert_eq!(mock.used().idx().load(), 1);
+        let mut page = [0u8; 4096];
+        mem.read_slice(&mut page, GuestAddress(0x80000)).unwrap();
+        assert!(page.iter().all(|b| *b == 0xaa), "a frame past the bound was given back");
     }
 
     #[test]
