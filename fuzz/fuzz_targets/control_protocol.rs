@@ -32,7 +32,11 @@ impl Controller for Recorder {
         Ok(BTreeMap::new())
     }
     fn nmi(&self, cpu: u32) -> Result<(), String> {
-        if cpu < 2 { Ok(()) } else { Err(format!("no vCPU {cpu}")) }
+        if cpu < 2 {
+            Ok(())
+        } else {
+            Err(format!("no vCPU {cpu}"))
+        }
     }
     fn sysrq(&self, _key: char) -> Result<(), String> {
         Ok(())

@@ -27,7 +27,8 @@ impl Trigger for Resets {
 
 fn bus(cmos_memory: (u64, u64)) -> Bus {
     let mut bus = Bus::default();
-    let mut add = |device: Arc<Mutex<dyn BusDevice>>, base: u16, len: u64| bus.insert(device, u64::from(base), len).unwrap();
+    let mut add =
+        |device: Arc<Mutex<dyn BusDevice>>, base: u16, len: u64| bus.insert(device, u64::from(base), len).unwrap();
     for (port, _) in serial::PORTS {
         let uart = serial::SerialPort::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
         add(Arc::new(Mutex::new(uart)), port, serial::PORT_LEN);
@@ -57,13 +58,16 @@ fuzz_target!(|input: &[u8]| {
             bus.write(port, &data[..len]);
         } else {
             bus.read(port, &mut data[..len]);
-            let mapped = [serial::PORTS.map(|(p, _)| (p, serial::PORT_LEN)).as_slice(), &[
-                (i8042::BASE, i8042::LEN),
-                (cmos::BASE, cmos::LEN),
-                (stub::POST_PORT, 1),
-                (stub::SYSTEM_CONTROL_A, 1),
-                (boot_marker::PORT, 1),
-            ]]
+            let mapped = [
+                serial::PORTS.map(|(p, _)| (p, serial::PORT_LEN)).as_slice(),
+                &[
+                    (i8042::BASE, i8042::LEN),
+                    (cmos::BASE, cmos::LEN),
+                    (stub::POST_PORT, 1),
+                    (stub::SYSTEM_CONTROL_A, 1),
+                    (boot_marker::PORT, 1),
+                ],
+            ]
             .concat()
             .iter()
             .any(|&(base, n)| port >= u64::from(base) && port + len as u64 <= u64::from(base) + n);

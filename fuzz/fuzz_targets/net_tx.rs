@@ -12,7 +12,6 @@ use lkvm::devices::virtio::net::{NetPort, MAX_FRAME};
 use lkvm::net::NetBackend;
 use virtio_queue::{Queue, QueueT};
 
-
 struct Sink;
 
 impl NetBackend for Sink {
