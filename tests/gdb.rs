@@ -109,10 +109,10 @@ fn gdb_debugs_a_booting_guest_and_attaches_again_later() {
             seen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    let mut stderr = lkvm.stderr.take().unwrap();
-    let mut waiting = [0u8; 256];
-    let n = stderr.read(&mut waiting).unwrap();
-    let waiting = String::from_utf8_lossy(&waiting[..n]).to_string();
+    // The line may come in several writes (stderr is unbuffered): read it whole.
+    let mut stderr = std::io::BufReader::new(lkvm.stderr.take().unwrap());
+    let mut waiting = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut waiting).unwrap();
     assert!(waiting.contains(&format!("waits for gdb on 127.0.0.1:{port}")), "{waiting}");
 
     let (start_kernel, setup_arch, banner) = (sym["start_kernel"], sym["setup_arch"], sym["linux_banner"]);
