@@ -41,17 +41,15 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
             Err(msg) => fail(&msg),
         };
     }
-    let config =
-        match args.landlock_rules().and_then(|rules| Ok((rules, prepare(args, RootfsTransports::VirtioFsOr9p)?))) {
-            Ok((rules, config)) => match confine_files(rules, &config) {
-                Ok(()) => config,
-                Err(msg) => return fail(&msg),
-            },
-            Err(msg) => return fail(&msg),
-        };
-    match Vm::build(config, started) {
+    let landlock_rules = match args.landlock_rules() {
+        Ok(rules) => rules,
+        Err(msg) => return fail(&msg),
+    };
+    let config = prepare(args, RootfsTransports::VirtioFsOr9p)
+        .and_then(|config| confine_files(landlock_rules, &config).map(|()| config));
+    match config.and_then(|config| Vm::build(config, started).map_err(|e| e.to_string())) {
         Ok(vm) => serve(vm, api_sock.as_deref(), user),
-        Err(e) => fail(&e.to_string()),
+        Err(msg) => fail(&msg),
     }
 }
 
