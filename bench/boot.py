@@ -5,15 +5,12 @@ side in one run, reported as medians and ratios.
 Per VMM and run: wall time from process start to the guest init's first result line on the
 serial console (the same point for both VMMs), wall time to process exit, peak RSS, and peak
 RSS less the resident part of the guest RAM mapping (the VMM's own overhead). For lkvm also
-its boot-marker time, and start-to-exit for a flat real-mode payload.
+its boot-marker time. (bench/start.py measures start-up on a flat payload against kvmtool.)
 
 Usage: bench/boot.py [--runs N] (after scripts/install-deps.sh --bench and guest/build.sh)
 """
 import argparse
-import os
-import statistics
 import sys
-import tempfile
 
 from common import GUEST, HOST_PARAMS, LKVM, LKVM_DEFAULTS, MEM_MIB, med, qemu_base, run
 
@@ -23,18 +20,9 @@ def lkvm_cmd():
             "-c", "1", "--loglevel", "info", "-p", HOST_PARAMS]
 
 
-
 def qemu_cmd():
     return qemu_base() + ["-append", f"{LKVM_DEFAULTS} {HOST_PARAMS}"]
 
-
-def flat_payload():
-    # Prints "hi" on COM1, then resets through the i8042.
-    code = bytes([0xba, 0xf8, 0x03, 0xb0, ord("h"), 0xee, 0xb0, ord("i"), 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe])
-    f = tempfile.NamedTemporaryFile(suffix=".bin", delete=False)
-    f.write(code)
-    f.close()
-    return f.name
 
 
 def fmt(v, unit):
@@ -53,9 +41,6 @@ def main():
             results[name].append(r)
             print(f"run {i + 1} {name}: " + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 2)}"
                                                     for k, v in r.items() if k != "lines"), file=sys.stderr)
-    flat = flat_payload()
-    flat_runs = [run([LKVM, "run", "-k", flat, "-m", "16", "-c", "1"])["exit"] for _ in range(20)]
-    os.unlink(flat)
 
     rows = [("start to init (s)", "init", " s"), ("start to exit (s)", "exit", " s"),
             ("peak RSS (MiB)", "rss", " MiB"), ("RSS less guest RAM (MiB)", "overhead", " MiB")]
@@ -67,7 +52,6 @@ def main():
         ratio = f"{a / b:.2f}" if a is not None and b else "-"
         print(f"| {label} | {fmt(a, unit)} | {fmt(b, unit)} | {ratio} |")
     print(f"| lkvm boot marker (s) | {fmt(med(r['marker'] for r in results['lkvm']), ' s')} | | |")
-    print(f"| flat payload start to exit, lkvm, 20 runs (ms) | {statistics.median(flat_runs) * 1000:.1f} | | |")
     bad = [(n, r["code"]) for n in results for r in results[n] if r["code"] != 0]
     if bad:
         print(f"non-zero exits: {bad}", file=sys.stderr)

@@ -42,8 +42,9 @@ fn kvmtool_defaults(config: &VmConfig, given: &KernelCmdline) -> KernelCmdline {
     if config.console == ConsoleDevice::Virtio {
         cmdline.set_console("hvc0");
     }
+    let on_lkvm_rootfs = config.root_share.as_ref().is_some_and(|root| root.lkvm_rootfs.is_some());
     if let Some(root) = &config.root_share {
-        if root.lkvm_rootfs.is_some() {
+        if on_lkvm_rootfs {
             // lkvm's initramfs mounts the root; its init reads where the --rw directories go.
             for dir in &root.writable {
                 cmdline.push(format!("{}{}", rootfs::WRITABLE_PARAM, dir.display()));
@@ -56,8 +57,10 @@ fn kvmtool_defaults(config: &VmConfig, given: &KernelCmdline) -> KernelCmdline {
             cmdline.push(format!("root=/dev/{} rw", disk_name(index)));
         }
     }
-    // The kernel configures a user-mode NIC itself; a tap is the user's to configure.
-    if config.nets.iter().any(|n| n.spec.mode == NetMode::User) && !given.has_key("ip") {
+    // lkvm's rootfs leaves a user-mode NIC to the kernel's DHCP client, as kvmtool's does. Any
+    // other guest configures its own network: the kernel's wait for a lease would only slow
+    // its boot. A tap is the user's to configure.
+    if on_lkvm_rootfs && config.nets.iter().any(|n| n.spec.mode == NetMode::User) && !given.has_key("ip") {
         cmdline.push("ip=dhcp");
     }
     cmdline
@@ -134,10 +137,10 @@ pub(crate) mod tests {
         config.console = ConsoleDevice::Virtio;
         let line = compose(&config, &["4K@0xd0000000:5".into()]);
         assert!(line.starts_with("console=hvc0 reboot=k panic=1"), "{line}");
-        assert!(line.ends_with("root=/dev/vdb rw ip=dhcp virtio_mmio.device=4K@0xd0000000:5 quiet"), "{line}");
-        config.boot.params = Some("root=/dev/vda ip=off".into());
+        assert!(line.ends_with("root=/dev/vdb rw virtio_mmio.device=4K@0xd0000000:5 quiet"), "{line}");
+        config.boot.params = Some("root=/dev/vda".into());
         let own = compose(&config, &[]);
-        assert!(!own.contains("vdb") && !own.contains("dhcp"), "{own}");
+        assert!(!own.contains("vdb"), "{own}");
     }
 
     #[test]
@@ -150,9 +153,16 @@ pub(crate) mod tests {
         // lkvm's rootfs is mounted by its initramfs, which learns where the --rw directories go.
         let writable = vec!["/src/linux".into(), "/tmp/out".into()];
         config.root_share = Some(RootShare { share_id: "9p0".into(), lkvm_rootfs: Some("/x".into()), writable });
+        config.nets = vec![NetConfig { id: "net0".into(), spec: NetSpec::default() }];
         let line = compose(&config, &[]);
         assert!(!line.contains("root=") && !line.contains("init="), "{line}");
-        assert!(line.contains("lkvm.rw=/src/linux lkvm.rw=/tmp/out"), "{line}");
+        assert!(line.contains("lkvm.rw=/src/linux lkvm.rw=/tmp/out ip=dhcp"), "{line}");
+        // Only the user-mode NIC's lease is the kernel's to get, and only without the user's ip=.
+        config.nets[0].spec.mode = NetMode::Tap;
+        assert!(!compose(&config, &[]).contains("ip=dhcp"));
+        config.nets[0].spec.mode = NetMode::User;
+        config.boot.params = Some("ip=off".into());
+        assert!(!compose(&config, &[]).contains("ip=dhcp"));
     }
 
     #[test]
