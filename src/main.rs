@@ -10,7 +10,7 @@ use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
 use lkvm::control::{self, Command as Request, Controller};
-use lkvm::jail::{landlock, User};
+use lkvm::jail::{landlock, namespaces, User};
 use lkvm::rootfs::warm::WarmCache;
 use lkvm::thread::{self as threads, ThreadKind};
 use lkvm::vmm::exit::VmExit;
@@ -45,7 +45,9 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
         Ok(rules) => rules,
         Err(msg) => return fail(&msg),
     };
+    let jail = args.jail.clone();
     let config = prepare(args, RootfsTransports::VirtioFsOr9p)
+        .and_then(|config| enter_jail(jail.as_deref(), api_sock.as_deref(), &config).map(|()| config))
         .and_then(|config| confine_files(landlock_rules, &config).map(|()| config));
     match config.and_then(|config| Vm::build(config, started).map_err(|e| e.to_string())) {
         Ok(vm) => serve(vm, api_sock.as_deref(), user),
@@ -62,6 +64,17 @@ fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Resu
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
     }
     Ok(config)
+}
+
+/// With --jail, moves lkvm into its jail on `dir`, holding what `config` uses; the process that
+/// started waits outside.
+fn enter_jail(dir: Option<&Path>, api_sock: Option<&Path>, config: &VmConfig) -> Result<(), String> {
+    let Some(dir) = dir else { return Ok(()) };
+    control::ensure_lkvm_dir()?; // bound into the jail, for the control socket
+    if config.nets.iter().any(|n| n.spec.mode == lkvm::net::NetMode::User) {
+        lkvm::net::slirp::load()?;
+    }
+    namespaces::enter(dir, &namespaces::paths_for(config, api_sock)?)
 }
 
 /// With --landlock, confines the threads lkvm spawns from now on, and the main thread once the
@@ -147,6 +160,9 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     // another user may not enter: it runs as the user who started it.
     if args.run.uid.is_some() {
         return fail("lkvm sandbox runs as the user who starts it: drop --uid and --gid");
+    }
+    if args.run.jail.is_some() {
+        return fail("lkvm sandbox runs on lkvm's root filesystem, the host's /, which --jail would hide: drop --jail");
     }
     if args.run.initrd.is_some() || args.run.nodefaults {
         return fail("lkvm sandbox runs the command from lkvm's root filesystem: drop -i and --nodefaults");

@@ -282,3 +282,91 @@ fn landlock_keeps_lkvm_to_the_paths_it_was_given() {
     assert_eq!(lkvm_ctl(&home, &["stop", "-n", "fenced"]).0, 0);
     exits_zero(&mut guest);
 }
+
+/// With --jail, lkvm runs in mount, PID, IPC and UTS namespaces of its own, its root a tmpfs
+/// holding only what the VM uses: the host's other files are out of its reach, what it only
+/// reads is read-only, it dumps no core, and the host still controls it by name.
+#[test]
+fn a_jailed_lkvm_holds_only_what_the_vm_uses() {
+    if !kvm_available("a_jailed_lkvm_holds_only_what_the_vm_uses") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let disk = write_file(&home, "disk.img", &[0u8; 65536]);
+    let secret = write_file(&home, "secret", b"the host's");
+    let jail = home.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let args = [
+        "run",
+        "-k",
+        kernel.to_str().unwrap(),
+        "-d",
+        disk.to_str().unwrap(),
+        "-m",
+        "16",
+        "-c",
+        "1",
+        "-n",
+        "mode=none",
+        "--name",
+        "jailed",
+        "--jail",
+        jail.to_str().unwrap(),
+    ];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let (code, _, stderr) = lkvm_ctl(&home, &args);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains("--jail needs root"), "{stderr}");
+        return;
+    }
+    let mut guest = start_with(&home, &args);
+    // The process started stays outside and waits; the jailed lkvm is its child.
+    let outside = guest.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{outside}/task/{outside}/children")).unwrap();
+    let jailed: u32 = children.split_whitespace().next().expect("a jailed lkvm").parse().unwrap();
+    for ns in ["mnt", "pid", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{jailed}/ns/{ns}")).unwrap();
+        assert_ne!(theirs, std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(), "{ns} namespace shared");
+    }
+    let root = Path::new("/proc").join(jailed.to_string()).join("root");
+    let seen = |path: &Path| root.join(path.strip_prefix("/").unwrap()).exists();
+    for held in [kernel.as_path(), disk.as_path(), Path::new("/dev/kvm"), &home.join(".lkvm")] {
+        assert!(seen(held), "{} is not in the jail", held.display());
+    }
+    for hidden in ["/etc/passwd", "/usr", "/dev/null", "/proc/sys", "/proc/kcore"] {
+        assert!(!seen(Path::new(hidden)), "{hidden} is in the jail");
+    }
+    // Its /proc shows the jail's processes only: lkvm, pid 1 there.
+    let pids: Vec<String> = std::fs::read_dir(root.join("proc"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|name| name.parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(pids, ["1"]);
+    assert!(!seen(&secret), "the home directory is in the jail whole");
+    // The kernel is only read: bound read-only. The disk is written: bound read-write.
+    let open_rw =
+        |path: &Path| std::fs::OpenOptions::new().write(true).open(root.join(path.strip_prefix("/").unwrap()));
+    assert_eq!(open_rw(&kernel).unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert!(open_rw(&disk).is_ok());
+    let limits = std::fs::read_to_string(format!("/proc/{jailed}/limits")).unwrap();
+    assert!(limits.lines().any(|l| l.starts_with("Max core file size") && l.contains(" 0 ")), "{limits}");
+    // Nothing of the jail is left in DIR on the host.
+    assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
+
+    // A dump goes only where the jail has a writable directory: ~/.lkvm, not the home directory.
+    let outside_jail = home.join("core");
+    let (code, _, stderr) = lkvm_ctl(&home, &["debug", "-n", "jailed", "--dump", outside_jail.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!outside_jail.exists());
+    let core = home.join(".lkvm").join("core");
+    let (code, stdout, stderr) = lkvm_ctl(&home, &["debug", "-n", "jailed", "--dump", core.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(&std::fs::read(&core).unwrap()[..4], b"\x7fELF");
+
+    assert_eq!(lkvm_ctl(&home, &["stop", "-n", "jailed"]).0, 0);
+    exits_zero(&mut guest);
+}

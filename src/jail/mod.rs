@@ -1,7 +1,9 @@
 //! What confines lkvm as a whole, beyond each thread's seccomp filter (`crate::thread`): the
-//! user it runs as once the VM's host resources are open, and the files it may still reach.
+//! namespaces and root it runs in (`--jail`), the user it runs as once the VM's host resources
+//! are open, and the files it may still reach.
 
 mod credentials;
 pub mod landlock;
+pub mod namespaces;
 
 pub use credentials::User;

@@ -96,6 +96,11 @@ struct LibSlirp {
     _library: libloading::Library,
 }
 
+/// Loads libslirp now, while the host's libraries are in reach (`--jail` hides them).
+pub fn load() -> Result<(), String> {
+    libslirp().map(|_| ())
+}
+
 fn libslirp() -> Result<&'static LibSlirp, String> {
     static LIBSLIRP: OnceLock<Result<LibSlirp, String>> = OnceLock::new();
     LIBSLIRP.get_or_init(load_libslirp).as_ref().map_err(Clone::clone)

@@ -14,6 +14,8 @@ use crate::devices::virtio::net::{
 };
 
 // From linux/if_tun.h.
+/// The device a tap's queues are opened through.
+pub const TUN_DEVICE: &str = "/dev/net/tun";
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
@@ -121,7 +123,7 @@ impl Tap {
                 .read(true)
                 .write(true)
                 .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open("/dev/net/tun")
+                .open(TUN_DEVICE)
                 .map_err(|e| fail("opening /dev/net/tun", e))?;
             let mut req = ifreq(&name);
             req.ifr_ifru.ifru_flags = flags;
