@@ -232,17 +232,14 @@ fn serve((queue, mem, interrupt, handler): &mut BlockQueue, event: usize, _: &Wa
     }
 }
 
-/// What a request costs the rate limiter: its data bytes (reads and writes only), and one
-/// operation.
-fn request_bytes(chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u64 {
-    let header = chain.clone().reader(mem).ok().and_then(|mut r| r.read_obj::<RequestHeader>().ok());
-    match header.map(|h| h.request_type) {
-        Some(VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT) => {
-            let total: u64 = chain.clone().map(|desc| u64::from(desc.len())).sum();
-            total.saturating_sub(std::mem::size_of::<RequestHeader>() as u64 + 1)
-        }
-        _ => 0,
-    }
+/// What happened to a request taken from the ring.
+enum Outcome {
+    /// Done: the bytes written into the driver's buffers (data + status).
+    Done(u32),
+    /// Handed to the async engine; its completion reports it.
+    Started,
+    /// The rate limiter holds it: back into the ring, taken again when its timer fires.
+    Held,
 }
 
 pub struct RequestHandler {
@@ -313,10 +310,7 @@ impl RequestHandler {
         self.disk = self.media.current();
         if self.uring.is_none() || self.disk.async_fd().is_none() {
             let media = self.media.clone();
-            serve_queue_limited(queue, mem, interrupt, 0, |chain| {
-                let allowed = media.limiter.lock().unwrap().consume(request_bytes(&chain, mem));
-                allowed.then(|| self.handle(chain, mem))
-            });
+            serve_queue_limited(queue, mem, interrupt, 0, |chain| self.handle(chain, mem, &media));
             return;
         }
         let (mut used, mut stalled) = (false, false);
@@ -327,17 +321,20 @@ impl RequestHandler {
             let mut progressed = false;
             while self.uring.as_ref().is_some_and(Uring::has_room) {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
-                if !self.media.limiter.lock().unwrap().consume(request_bytes(&chain, mem)) {
-                    queue.go_to_previous_position(); // taken again when the limiter's timer fires
-                    break 'drain;
-                }
-                progressed = true;
                 let head = chain.head_index();
-                if let Some(len) = self.start(chain, mem) {
-                    if queue.add_used(mem, head, len).is_err() {
+                match self.start(chain, mem) {
+                    Outcome::Held => {
+                        queue.go_to_previous_position(); // taken again when the limiter's timer fires
                         break 'drain;
                     }
-                    used = true;
+                    Outcome::Started => progressed = true,
+                    Outcome::Done(len) => {
+                        progressed = true;
+                        if queue.add_used(mem, head, len).is_err() {
+                            break 'drain;
+                        }
+                        used = true;
+                    }
                 }
             }
             // Full: the next completion comes back here.
@@ -380,10 +377,12 @@ impl RequestHandler {
         }
     }
 
-    /// Starts a read, write or flush on the async engine (`None`: it completes later); any
-    /// other request, and any the engine cannot take as it is, runs synchronously (`Some`
-    /// bytes used), which also gives malformed ones their error status.
-    fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<u32> {
+    /// Starts a read, write or flush on the async engine; any other request, and any the
+    /// engine cannot take as it is, runs synchronously, which also gives malformed ones their
+    /// error status. The guest's header and buffers are read once: what the limiter charges is
+    /// what the engine is given, whatever the guest writes into its ring meanwhile.
+    fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Outcome {
+        let media = self.media.clone();
         let submitted = (|| {
             let header: RequestHeader = chain.clone().reader(mem).ok()?.read_obj().ok()?;
             let layout = Layout::of(chain.clone())?;
@@ -396,7 +395,10 @@ impl RequestHandler {
                 VIRTIO_BLK_T_FLUSH => {
                     let token = Pending { head: chain.head_index(), status, used_len: 1, _disk: self.disk.clone() };
                     let fd = self.disk.async_fd()?;
-                    return self.uring.as_mut()?.sync(fd, token).ok();
+                    if !media.limiter.lock().unwrap().consume(0) {
+                        return Some(Outcome::Held);
+                    }
+                    return self.uring.as_mut()?.sync(fd, token).ok().map(|()| Outcome::Started);
                 }
                 _ => return None,
             };
@@ -419,34 +421,50 @@ impl RequestHandler {
             let used_len = if write { 1 } else { len as u32 + 1 };
             let token = Pending { head: chain.head_index(), status, used_len, _disk: self.disk.clone() };
             let fd = self.disk.async_fd()?;
+            if !media.limiter.lock().unwrap().consume(len as u64) {
+                return Some(Outcome::Held);
+            }
             // SAFETY: the iovecs point into guest memory, mapped for the VM's life; the
             // engine waits for every request before it is dropped.
-            unsafe { self.uring.as_mut()?.read_write(fd, write, offset, iovecs, token) }.ok()
+            unsafe { self.uring.as_mut()?.read_write(fd, write, offset, iovecs, token) }.ok().map(|()| Outcome::Started)
         })();
-        match submitted {
-            Some(()) => None,
-            None => Some(self.handle(chain, mem)),
-        }
+        submitted.unwrap_or_else(|| self.handle(chain, mem, &media).map_or(Outcome::Held, Outcome::Done))
     }
 
-    /// Runs one request; returns the bytes written into the driver's buffers (data + status),
-    /// 0 when the chain has nowhere to put a status.
-    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
-        let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
-            return 0;
+    /// Runs one request, charging `media`'s limiter one operation and the data bytes it
+    /// moves, counted from the same read of the header and buffers that it runs (None when the
+    /// limiter says no: nothing is read or written). Returns the bytes written into the
+    /// driver's buffers (data + status), 0 when the chain has nowhere to put a status.
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        media: &DriveMedia,
+    ) -> Option<u32> {
+        let parsed = (chain.clone().reader(mem), chain.writer(mem));
+        let (Ok(mut reader), Ok(mut writer)) = parsed else {
+            return media.limiter.lock().unwrap().consume(0).then_some(0);
         };
-        let Some(data_len) = writer.available_bytes().checked_sub(1) else {
-            return 0;
+        let header = reader.read_obj::<RequestHeader>();
+        let data_len = writer.available_bytes().checked_sub(1);
+        let bytes = match (&header, data_len) {
+            (Ok(h), Some(len)) if h.request_type == VIRTIO_BLK_T_IN => len,
+            (Ok(h), Some(_)) if h.request_type == VIRTIO_BLK_T_OUT => reader.available_bytes(),
+            _ => 0,
         };
+        if !media.limiter.lock().unwrap().consume(bytes as u64) {
+            return None;
+        }
+        let Some(data_len) = data_len else { return Some(0) };
         let Ok(mut status_writer) = writer.split_at(data_len) else {
-            return 0;
+            return Some(0);
         };
-        let status = match reader.read_obj::<RequestHeader>() {
+        let status = match header {
             Ok(header) => self.execute(header, &mut reader, &mut writer),
             Err(_) => VIRTIO_BLK_S_IOERR,
         };
         let _ = status_writer.write_all(&[status as u8]);
-        (writer.bytes_written() + 1) as u32
+        Some((writer.bytes_written() + 1) as u32)
     }
 
     fn execute(
