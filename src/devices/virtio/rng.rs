@@ -4,7 +4,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::worker::{Lifecycle, Worker};
 use super::*;
@@ -47,14 +47,16 @@ fn fill_random(buf: &mut [u8]) -> bool {
 pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt, limiter: &mut RateLimiter) {
     let mut buf = vec![0u8; MAX_REQUEST];
     serve_queue_limited(queue, mem, interrupt, 0, |chain| {
-        let wanted: u64 = chain.clone().writable().map(|desc| u64::from(desc.len())).sum();
-        if !limiter.consume(wanted.min(MAX_REQUEST as u64)) {
+        // The descriptors are read once: the limiter charges for the buffers that are filled.
+        let buffers: Vec<(GuestAddress, usize)> = chain.writable().map(|d| (d.addr(), d.len() as usize)).collect();
+        let wanted: usize = buffers.iter().map(|&(_, len)| len).sum();
+        if !limiter.consume(wanted.min(MAX_REQUEST) as u64) {
             return None;
         }
         let mut written = 0usize;
-        for desc in chain.writable() {
-            let len = (desc.len() as usize).min(MAX_REQUEST - written);
-            if len == 0 || !fill_random(&mut buf[..len]) || mem.write_slice(&buf[..len], desc.addr()).is_err() {
+        for (addr, len) in buffers {
+            let len = len.min(MAX_REQUEST - written);
+            if len == 0 || !fill_random(&mut buf[..len]) || mem.write_slice(&buf[..len], addr).is_err() {
                 break;
             }
             written += len;
