@@ -60,6 +60,11 @@ p9_seeds = {
     + p9(16, struct.pack("<I", 1) + s("ln2") + s("/") + struct.pack("<I", 0)),
     "setattr_link": walk(0, 1, "file") + p9(26, struct.pack("<IIIIIQQQQQ", 1, 9, 0o4755, 0, 0, 3, 0, 0, 0, 0))
     + p9(70, struct.pack("<II", 0, 1) + s("hard")) + p9(8, struct.pack("<I", 0)) + p9(24, struct.pack("<IQ", 1, 0x7FF)),
+    # Down the deep tree (long fid paths), then back up past the share through its symlink.
+    "deep": walk(0, 1, *"deeptreesaredeep") + walk(1, 2, "up", "outside", "secret") + p9(12, struct.pack("<II", 2, 0))
+    + p9(116, struct.pack("<IQI", 2, 0, 64)) + walk(1, 3, "..", "..") + p9(40, struct.pack("<IQI", 3, 0, 4096)),
+    # The outside file's owner, mode and times, asked to change through the absolute symlink.
+    "setattr_outside": walk(0, 1, "abs") + p9(26, struct.pack("<IIIIIQQQQQ", 1, 0x7F, 0o777, 1, 1, 0, 1, 0, 1, 0)),
 }
 os.makedirs("corpus/p9_message", exist_ok=True)
 for name, data in p9_seeds.items():

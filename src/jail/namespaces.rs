@@ -2,8 +2,9 @@
 //! only what the VM uses, each bound in at its own path (read-only unless the VM writes it), in
 //! the spirit of Firecracker's jailer. Entered while lkvm still has one thread, before the VM is
 //! built: a mount namespace (pivot_root into the tmpfs, the host's tree detached, a /proc of the
-//! jail's processes only), new PID, IPC and UTS namespaces, no core dumps. The process that started stays outside, waits for the
-//! jailed lkvm (pid 1 of its PID namespace) and exits with its status.
+//! jail's processes only), new PID, IPC and UTS namespaces, no core dumps. The process that
+//! started stays outside, waits for the jailed lkvm (pid 1 of its PID namespace) and exits with
+//! its status.
 
 use std::ffi::CString;
 use std::io;
@@ -90,19 +91,17 @@ pub fn enter(dir: &Path, paths: &[Rule]) -> Result<(), String> {
     if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
         return Err(fail("unshare", io::Error::last_os_error()));
     }
-    // Opened in the new mount namespace (a bind's source must be in it).
-    let binds = paths
-        .iter()
-        .map(|rule| {
-            let path = std::path::absolute(&rule.path).map_err(|e| fail(&rule.path.display().to_string(), e))?;
-            let source = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| fail(&path.display().to_string(), e))?;
-            Ok(Bind { path, access: rule.access, source: source.into() })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    // Opened in the new mount namespace (a bind's source must be in it). A missing path is
+    // left out: what needs it then fails in the jail as it would outside.
+    let mut binds = Vec::new();
+    for rule in paths {
+        let path = std::path::absolute(&rule.path).map_err(|e| fail(&rule.path.display().to_string(), e))?;
+        match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC).open(&path) {
+            Ok(source) => binds.push(Bind { path, access: rule.access, source: source.into() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(&path.display().to_string(), e)),
+        }
+    }
     // SAFETY: fork in a process of one thread; prctl takes integers.
     unsafe {
         match libc::fork() {
