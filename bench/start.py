@@ -119,6 +119,11 @@ def main():
                many["kvmtool"][1][kind]) for kind, label in (("rss", "RSS"), ("pss", "PSS"), ("private", "private")))]
     for label, a, b in rows:
         print(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    # The kernel's teardown of a VM waits for SRCU grace periods, expedited or not by timing:
+    # start to exit can be bimodal, hence the quartiles.
+    for name, r in runs.items():
+        quartiles = statistics.quantiles(sorted(w for w, _ in r), n=4)
+        print(f"{name}: start to exit, wall quartiles {' / '.join(f'{q:.1f}' for q in quartiles)} ms")
     for name, (_, _, died) in many.items():
         if died:
             print(f"{name}: {len(died)} of {args.many} VMs died before starting (exit statuses {died})")
