@@ -64,7 +64,8 @@ fn dirs() -> &'static Dirs {
         std::fs::write(share.join("file"), b"file contents").unwrap();
         let _ = std::os::unix::fs::symlink("../outside", share.join("up"));
         let _ = std::os::unix::fs::symlink(outside.join("secret"), share.join("abs"));
-        let _ = std::os::unix::fs::symlink("../../../../../../../../../../../../../..", share.join("d/e/e/p/t/r/e/e/s/a/r/e/d/e/e/p/up"));
+        // From the bottom of the tree, 17 levels up is the share's parent, beside `outside`.
+        let _ = std::os::unix::fs::symlink("../".repeat(17), share.join("d/e/e/p/t/r/e/e/s/a/r/e/d/e/e/p/up"));
         let secret = secret_metadata(&outside);
         Dirs { share, outside, secret }
     })
