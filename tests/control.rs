@@ -356,6 +356,11 @@ fn a_jailed_lkvm_holds_only_what_the_vm_uses() {
     assert!(limits.lines().any(|l| l.starts_with("Max core file size") && l.contains(" 0 ")), "{limits}");
     // Nothing of the jail is left in DIR on the host.
     assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
+    // `lkvm list` names it by its pid on the host, not the 1 it has in its namespace.
+    let (code, listed, _) = lkvm_ctl(&home, &["list"]);
+    assert_eq!(code, 0);
+    let row = listed.lines().find(|l| l.contains("jailed")).unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(row.split_whitespace().next(), Some(jailed.to_string().as_str()), "{listed}");
 
     // A dump goes only where the jail has a writable directory: ~/.lkvm, not the home directory.
     let outside_jail = home.join("core");

@@ -344,6 +344,7 @@ pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
     let mut line = serde_json::to_string(&request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
+    let listener_pid = peer_pid(&stream);
     let mut reply = String::new();
     BufReader::new(stream.take(MAX_MESSAGE)).read_line(&mut reply).map_err(|e| {
         if e.kind() == io::ErrorKind::WouldBlock {
@@ -352,7 +353,33 @@ pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
             e
         }
     })?;
-    serde_json::from_str(&reply).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad response: {e}")))
+    let mut response: Response = serde_json::from_str(&reply)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad response: {e}")))?;
+    // A jailed lkvm knows only its pid in its own PID namespace (1); the kernel gives its
+    // listener's pid as this process numbers it.
+    if response.pid.is_some() {
+        response.pid = listener_pid.or(response.pid);
+    }
+    Ok(response)
+}
+
+/// The pid of the process that listens at `stream`'s other end, in this process's PID
+/// namespace; None where that process is not visible from here.
+fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
 /// The sockets of guests that answer, by name; stale sockets of dead guests are removed.
