@@ -42,7 +42,7 @@ fn kvmtool_defaults(config: &VmConfig, given: &KernelCmdline) -> KernelCmdline {
     if config.console == ConsoleDevice::Virtio {
         cmdline.set_console("hvc0");
     }
-    let on_lkvm_rootfs = config.root_share.as_ref().is_some_and(|root| root.lkvm_rootfs.is_some());
+    let on_lkvm_rootfs = config.lkvm_rootfs().is_some();
     if let Some(root) = &config.root_share {
         if on_lkvm_rootfs {
             // lkvm's initramfs mounts the root; its init reads where the --rw directories go.

@@ -6,13 +6,15 @@
 //! started stays outside, waits for the jailed lkvm (pid 1 of its PID namespace) and exits with
 //! its status.
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
+
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::process::{Resource, Rlimit, Signal};
+use rustix::thread::UnshareFlags;
 
 use super::landlock::{Access, Rule};
 use crate::config::VmConfig;
@@ -74,8 +76,7 @@ pub fn paths_for(config: &VmConfig, api_sock: Option<&Path>) -> Result<Vec<Rule>
 /// called it waits outside and exits with the jailed lkvm's status.
 pub fn enter(dir: &Path, paths: &[Rule]) -> Result<(), String> {
     let fail = |what: &str, e: io::Error| format!("--jail {}: {what}: {e}", dir.display());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err("--jail needs root (it mounts and makes namespaces); the guest can still run as \
                     another user (--uid/--gid, or the user who ran sudo)"
             .into());
@@ -87,10 +88,9 @@ pub fn enter(dir: &Path, paths: &[Rule]) -> Result<(), String> {
     if thread_count() != Some(1) {
         return Err("--jail: lkvm must still have one thread here (a bug)".into());
     }
-    // SAFETY: unshare takes flags only.
-    if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
-        return Err(fail("unshare", io::Error::last_os_error()));
-    }
+    let namespaces = UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS;
+    // SAFETY: no descriptor table is unshared, so every thread keeps seeing every descriptor.
+    unsafe { rustix::thread::unshare_unsafe(namespaces) }.map_err(|e| fail("unshare", e.into()))?;
     // Opened in the new mount namespace (a bind's source must be in it). A missing path is
     // left out: what needs it then fails in the jail as it would outside.
     let mut binds = Vec::new();
@@ -102,17 +102,17 @@ pub fn enter(dir: &Path, paths: &[Rule]) -> Result<(), String> {
             Err(e) => return Err(fail(&path.display().to_string(), e)),
         }
     }
-    // SAFETY: fork in a process of one thread; prctl takes integers.
-    unsafe {
-        match libc::fork() {
-            -1 => Err(fail("fork", io::Error::last_os_error())),
-            0 => {
-                // The jailed lkvm must not outlive the process that waits for it.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                build_root(dir, &binds).map_err(|e| format!("--jail {}: {e}", dir.display()))
-            }
-            child => wait_outside(child),
+    // SAFETY: fork in a process of one thread.
+    match unsafe { libc::fork() } {
+        -1 => Err(fail("fork", io::Error::last_os_error())),
+        0 => {
+            // The jailed lkvm must not outlive the process that waits for it.
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+                .map_err(io::Error::from)
+                .and_then(|()| build_root(dir, &binds))
+                .map_err(|e| format!("--jail {}: {e}", dir.display()))
         }
+        child => wait_outside(child),
     }
 }
 
@@ -151,8 +151,9 @@ fn wait_outside(child: libc::pid_t) -> ! {
 /// In the new namespaces: a tmpfs on `dir` with each bind at its path, made the root.
 fn build_root(dir: &Path, binds: &[Bind]) -> io::Result<()> {
     // Nothing mounted from here on reaches the host's namespace.
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
-    mount(Some(Path::new("tmpfs")), dir, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755,size=64k"))?;
+    rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)?;
+    let no_suid_dev = MountFlags::NOSUID | MountFlags::NODEV;
+    rustix::mount::mount("tmpfs", dir, "tmpfs", no_suid_dev, c"mode=0755,size=64k")?;
     // Parents first: a path inside a bound directory is then already there to bind over.
     let mut binds: Vec<&Bind> = binds.iter().collect();
     binds.sort_by_key(|b| b.path.components().count());
@@ -162,44 +163,36 @@ fn build_root(dir: &Path, binds: &[Bind]) -> io::Result<()> {
         let file_type = std::fs::metadata(&source)?.file_type();
         make_mount_point(dir, &target, file_type.is_dir())?;
         // Not recursive: mounts below a bound directory stay outside.
-        mount(Some(&source), &target, None, libc::MS_BIND, None)
+        rustix::mount::mount_bind(&source, &target)
             .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", bind.path.display())))?;
         // Device nodes (/dev/kvm, /dev/net/tun) keep working; nothing else may be one.
-        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
+        let mut flags = MountFlags::BIND | MountFlags::NOSUID;
         if !(file_type.is_char_device() || file_type.is_block_device()) {
-            flags |= libc::MS_NODEV;
+            flags |= MountFlags::NODEV;
         }
         if bind.access == Access::Read {
-            flags |= libc::MS_RDONLY;
+            flags |= MountFlags::RDONLY;
         }
-        mount(None, &target, None, flags, None)?;
+        rustix::mount::mount_remount(&target, flags, "")?;
     }
     // The share servers reopen files through /proc/self/fd. This procfs shows only the jail's
     // PID namespace, its processes and nothing else (no sysctls, no kcore).
     let proc = dir.join("proc");
     make_mount_point(dir, &proc, true)?;
-    let noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount(Some(Path::new("proc")), &proc, Some("proc"), noexec, Some("subset=pid"))?;
+    rustix::mount::mount("proc", &proc, "proc", no_suid_dev | MountFlags::NOEXEC, c"subset=pid")?;
     // Relative paths (a drive given as `disk.img`) keep meaning what they did.
     let cwd = std::env::current_dir()?;
     make_mount_point(dir, &in_jail(dir, &cwd), true)?;
     let old_root = dir.join(".host");
     std::fs::DirBuilder::new().mode(0o700).create(&old_root)?;
-    pivot_root(dir, &old_root)?;
+    rustix::process::pivot_root(dir, &old_root)?;
     std::env::set_current_dir("/")?;
-    // SAFETY: detaches a mount by path; the CString outlives the call.
-    if unsafe { libc::umount2(c"/.host".as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::mount::unmount("/.host", UnmountFlags::DETACH)?;
     std::fs::remove_dir("/.host")?;
     std::env::set_current_dir(&cwd)?;
     // The jail's own tree is read-only: lkvm writes only through what is bound writable.
-    mount(None, Path::new("/"), None, libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, None)?;
-    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: setrlimit reads this struct only.
-    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::mount::mount_remount("/", no_suid_dev | MountFlags::RDONLY, "")?;
+    rustix::process::setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })?;
     Ok(())
 }
 
@@ -223,40 +216,6 @@ fn make_mount_point(dir: &Path, target: &Path, is_dir: bool) -> io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
     if !is_dir {
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(target)?;
-    }
-    Ok(())
-}
-
-fn cstring(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn mount(
-    source: Option<&Path>,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> io::Result<()> {
-    let source = source.map(cstring).transpose()?;
-    let target_c = cstring(target)?;
-    let fstype = fstype.map(|t| CString::new(t).expect("no NUL"));
-    let data = data.map(|d| CString::new(d).expect("no NUL"));
-    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
-    let rc = unsafe { libc::mount(ptr(&source), target_c.as_ptr(), ptr(&fstype), flags, ptr(&data).cast()) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("mount on {}: {e}", target.display())));
-    }
-    Ok(())
-}
-
-fn pivot_root(new_root: &Path, put_old: &Path) -> io::Result<()> {
-    let (new_root, put_old) = (cstring(new_root)?, cstring(put_old)?);
-    // SAFETY: two NUL-terminated paths that outlive the call.
-    if unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

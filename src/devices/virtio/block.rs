@@ -309,8 +309,7 @@ impl RequestHandler {
     pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn Interrupt) {
         self.disk = self.media.current();
         if self.uring.is_none() || self.disk.async_fd().is_none() {
-            let media = self.media.clone();
-            serve_queue_limited(queue, mem, interrupt, 0, |chain| self.handle(chain, mem, &media));
+            serve_queue_limited(queue, mem, interrupt, 0, |chain| self.handle(chain, mem));
             return;
         }
         let (mut used, mut stalled) = (false, false);
@@ -382,7 +381,6 @@ impl RequestHandler {
     /// error status. The guest's header and buffers are read once: what the limiter charges is
     /// what the engine is given, whatever the guest writes into its ring meanwhile.
     fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Outcome {
-        let media = self.media.clone();
         let submitted = (|| {
             let header: RequestHeader = chain.clone().reader(mem).ok()?.read_obj().ok()?;
             let layout = Layout::of(chain.clone())?;
@@ -395,7 +393,7 @@ impl RequestHandler {
                 VIRTIO_BLK_T_FLUSH => {
                     let token = Pending { head: chain.head_index(), status, used_len: 1, _disk: self.disk.clone() };
                     let fd = self.disk.async_fd()?;
-                    if !media.limiter.lock().unwrap().consume(0) {
+                    if !self.media.limiter.lock().unwrap().consume(0) {
                         return Some(Outcome::Held);
                     }
                     return self.uring.as_mut()?.sync(fd, token).ok().map(|()| Outcome::Started);
@@ -421,29 +419,24 @@ impl RequestHandler {
             let used_len = if write { 1 } else { len as u32 + 1 };
             let token = Pending { head: chain.head_index(), status, used_len, _disk: self.disk.clone() };
             let fd = self.disk.async_fd()?;
-            if !media.limiter.lock().unwrap().consume(len as u64) {
+            if !self.media.limiter.lock().unwrap().consume(len as u64) {
                 return Some(Outcome::Held);
             }
             // SAFETY: the iovecs point into guest memory, mapped for the VM's life; the
             // engine waits for every request before it is dropped.
             unsafe { self.uring.as_mut()?.read_write(fd, write, offset, iovecs, token) }.ok().map(|()| Outcome::Started)
         })();
-        submitted.unwrap_or_else(|| self.handle(chain, mem, &media).map_or(Outcome::Held, Outcome::Done))
+        submitted.unwrap_or_else(|| self.handle(chain, mem).map_or(Outcome::Held, Outcome::Done))
     }
 
-    /// Runs one request, charging `media`'s limiter one operation and the data bytes it
+    /// Runs one request, charging the drive's limiter one operation and the data bytes it
     /// moves, counted from the same read of the header and buffers that it runs (None when the
     /// limiter says no: nothing is read or written). Returns the bytes written into the
     /// driver's buffers (data + status), 0 when the chain has nowhere to put a status.
-    fn handle(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-        media: &DriveMedia,
-    ) -> Option<u32> {
+    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<u32> {
         let parsed = (chain.clone().reader(mem), chain.writer(mem));
         let (Ok(mut reader), Ok(mut writer)) = parsed else {
-            return media.limiter.lock().unwrap().consume(0).then_some(0);
+            return self.media.limiter.lock().unwrap().consume(0).then_some(0);
         };
         let header = reader.read_obj::<RequestHeader>();
         let data_len = writer.available_bytes().checked_sub(1);
@@ -452,7 +445,7 @@ impl RequestHandler {
             (Ok(h), Some(_)) if h.request_type == VIRTIO_BLK_T_OUT => reader.available_bytes(),
             _ => 0,
         };
-        if !media.limiter.lock().unwrap().consume(bytes as u64) {
+        if !self.media.limiter.lock().unwrap().consume(bytes as u64) {
             return None;
         }
         let Some(data_len) = data_len else { return Some(0) };
