@@ -80,6 +80,32 @@ impl Drop for RawMode {
     }
 }
 
+/// Whether stdin has already ended, so that a thread reading it would only see end-of-file: the
+/// null device, a regular file read to its end, or an empty pipe or socket whose writer is gone.
+/// (Programs that start VMs often give them no input.)
+pub fn stdin_has_ended() -> bool {
+    let stdin = io::stdin();
+    let Ok(stat) = rustix::fs::fstat(&stdin) else { return false };
+    match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
+        rustix::fs::FileType::CharacterDevice => {
+            (rustix::fs::major(stat.st_rdev), rustix::fs::minor(stat.st_rdev)) == NULL_DEVICE
+        }
+        rustix::fs::FileType::RegularFile => {
+            rustix::fs::seek(&stdin, rustix::fs::SeekFrom::Current(0)).is_ok_and(|at| at >= stat.st_size as u64)
+        }
+        rustix::fs::FileType::Fifo | rustix::fs::FileType::Socket => {
+            let mut fds = [rustix::event::PollFd::new(&stdin, rustix::event::PollFlags::IN)];
+            let hung_up = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())).is_ok()
+                && fds[0].revents().contains(rustix::event::PollFlags::HUP);
+            hung_up && !fds[0].revents().contains(rustix::event::PollFlags::IN)
+        }
+        _ => false,
+    }
+}
+
+/// /dev/null's device number.
+const NULL_DEVICE: (u32, u32) = (1, 3);
+
 /// Reads stdin until EOF or a quit escape, handing guest bytes to `deliver`; calls `quit` on
 /// Ctrl-A x.
 pub fn pump_stdin(mut deliver: impl FnMut(&[u8]), quit: impl FnOnce()) {

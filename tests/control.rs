@@ -124,7 +124,8 @@ fn stat_without_a_balloon_answers_at_once() {
 }
 
 /// A flat binary is not Linux: lkvm makes no root filesystem for it and starts no network
-/// stack; nothing is left under HOME when it ends.
+/// stack; nothing is left under HOME when it ends. Its input is /dev/null, which needs no
+/// console thread.
 #[test]
 fn a_flat_binary_gets_no_rootfs_and_no_network_thread() {
     if !kvm_available("a_flat_binary_gets_no_rootfs_and_no_network_thread") {
@@ -142,6 +143,7 @@ fn a_flat_binary_gets_no_rootfs_and_no_network_thread() {
         .collect();
     assert!(threads.iter().any(|t| t.starts_with("vcpu")), "{threads:?}");
     assert!(!threads.iter().any(|t| t == "slirp"), "a network thread: {threads:?}");
+    assert!(!threads.iter().any(|t| t == "console"), "a console thread for /dev/null: {threads:?}");
     assert!(!home.join(".lkvm/default").exists(), "a root filesystem for a flat binary");
     assert_eq!(lkvm_ctl(&home, &["stop", "-n", "flat"]).0, 0);
     exits_zero(&mut guest);

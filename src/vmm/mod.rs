@@ -415,10 +415,12 @@ impl Vm {
         self.console_held = true;
     }
 
+    /// Lets the terminal reach the guest console; no thread is started for an input that has
+    /// already ended.
     pub fn release_console_input(&mut self) -> Result<(), Error> {
         match self.console_input.take() {
-            Some(input) => spawn_console_input(input, self.handle.clone()),
-            None => Ok(()),
+            Some(input) if !term::stdin_has_ended() => spawn_console_input(input, self.handle.clone()),
+            _ => Ok(()),
         }
     }
 
