@@ -116,3 +116,37 @@ fn four_vcpus_start_and_stop_100_times_without_hanging() {
         assert!(!out.timed_out && out.code == Some(0), "round {round}: {}", out.describe());
     }
 }
+
+/// Without -k, lkvm searches as kvmtool does, and in a kernel build tree boots the tree's own
+/// uncompressed vmlinux before arch/x86/boot/bzImage; `./bzImage` still comes first.
+#[test]
+fn without_a_kernel_a_build_tree_boots_its_vmlinux() {
+    if !kvm_available("without_a_kernel_a_build_tree_boots_its_vmlinux") {
+        return;
+    }
+    let tree = temp_dir();
+    let reset = [x86::i8042_reset(), x86::SPIN.to_vec()].concat();
+    write_file(&tree, "vmlinux", &elf64_kernel(&[x86_64::print("from vmlinux\n"), reset.clone()].concat()));
+    std::fs::create_dir_all(tree.join("arch/x86/boot")).unwrap();
+    write_file(
+        &tree.join("arch/x86/boot"),
+        "bzImage",
+        &[x86::print("from the tree's bzImage\n"), reset.clone()].concat(),
+    );
+    let run = || {
+        let out = std::process::Command::new(lkvm())
+            .args(["run", "-m", "16", "-c", "1", "--name", "tree"])
+            .current_dir(&tree)
+            .env("HOME", &tree)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (stdout, stderr) = run();
+    assert!(stdout.contains("from vmlinux") && stderr.contains("using ./vmlinux"), "{stdout}\n{stderr}");
+    write_file(&tree, "bzImage", &[x86::print("from ./bzImage\n"), reset].concat());
+    let (stdout, stderr) = run();
+    assert!(stdout.contains("from ./bzImage") && stderr.contains("using ./bzImage"), "{stdout}\n{stderr}");
+}

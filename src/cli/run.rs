@@ -179,12 +179,14 @@ pub fn parse_mem_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// kvmtool's kernel search order when -k is absent.
+/// kvmtool's kernel search order when -k is absent, with a kernel build tree's own `vmlinux`
+/// before its bzImage: the same build, booted without running its decompressor in the guest.
 fn default_kernel_paths() -> Vec<PathBuf> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
     vec![
         PathBuf::from("./bzImage"),
+        PathBuf::from("./vmlinux"),
         PathBuf::from("arch/x86/boot/bzImage"),
         PathBuf::from(format!("/boot/vmlinuz-{release}")),
         PathBuf::from(format!("/boot/bzImage-{release}")),
