@@ -102,10 +102,10 @@ fn serve_with(
 ) -> ExitCode {
     let config = vm.handle().config();
     let (name, transport, described) = (config.name.clone(), config.transport, FullConfig::describe(&config));
-    let _control_socket = match control::Server::start(&name, vm.handle()) {
-        Ok(server) => server,
+    match control::Server::start(&name, vm.handle()) {
+        Ok(server) => vm.serve_control(server),
         Err(msg) => return fail(&msg),
-    };
+    }
     let _api_socket = match api_sock {
         Some(path) => {
             let api = Api::for_running(&name, transport, described, vm.handle());

@@ -116,12 +116,12 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
         true => None,
         false => Some(api::serve(&args.api_sock, api.clone(), args.http_api_max_payload_size)?),
     };
-    let (vm, _control) = match file_config {
+    let vm = match file_config {
         Some(config) => {
-            let (vm, control) = start(config, started)?;
+            let vm = start(config, started)?;
             api.set_running(vm.handle());
             api.metrics().set_vm(vm.handle());
-            (vm, control)
+            vm
         }
         None => loop {
             let (built, reply) = match requests.recv() {
@@ -130,9 +130,9 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
                 Err(_) => return Err("the API thread ended".into()),
             };
             match built {
-                Ok((vm, control)) => {
+                Ok(vm) => {
                     let _ = reply.send(Ok(vm.handle()));
-                    break (vm, control);
+                    break vm;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -151,20 +151,20 @@ fn read_config_file(path: &PathBuf) -> Result<FullConfig, String> {
 }
 
 /// Builds and starts the VM on this (the VMM) thread, reachable by the control socket too.
-fn start(config: VmConfig, started: Instant) -> Result<(Vm, control::Server), String> {
+fn start(config: VmConfig, started: Instant) -> Result<Vm, String> {
     let name = config.name.clone();
     let mut vm = Vm::build(config, started).map_err(|e| e.to_string())?;
     let handle: Arc<dyn control::Controller> = vm.handle();
-    let control = control::Server::start(&name, handle)?;
+    vm.serve_control(control::Server::start(&name, handle)?);
     vm.start().map_err(|e| e.to_string())?;
-    Ok((vm, control))
+    Ok(vm)
 }
 
 /// Restores a snapshot on this thread; it runs at once if `resume`, else stays paused.
-fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<(Vm, control::Server), String> {
+fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<Vm, String> {
     let mut vm = Vm::restore(spec, started).map_err(|e| e.to_string())?;
     let handle: Arc<dyn control::Controller> = vm.handle();
-    let control = control::Server::start(&spec.name, handle)?;
+    vm.serve_control(control::Server::start(&spec.name, handle)?);
     if resume { vm.start() } else { vm.start_paused() }.map_err(|e| e.to_string())?;
-    Ok((vm, control))
+    Ok(vm)
 }

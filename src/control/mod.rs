@@ -12,7 +12,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -404,16 +404,14 @@ pub fn running_guests() -> Vec<(String, Response)> {
     guests
 }
 
-/// Listens for control requests for guest `name` until the process exits.
+/// The control socket of guest `name`. The VMM thread answers its requests (`serve_waiting`)
+/// while it waits for the VM's end: no thread of its own.
 pub struct Server {
     path: PathBuf,
-    /// Whether a request is being answered: a `stop` ends the VM before its answer is written,
-    /// and the process must not exit before that.
-    answering: Arc<(Mutex<bool>, Condvar)>,
+    listener: UnixListener,
+    name: String,
+    controller: Arc<dyn Controller>,
 }
-
-/// How long a dropped server waits for the answer in progress.
-const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 impl Server {
     /// Refuses a name a running guest has, before anything (sockets, devices) is made for it.
@@ -436,24 +434,40 @@ impl Server {
         // Only the owner may control the guest.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let name = name.to_string();
-        let answering = Arc::new((Mutex::new(false), Condvar::new()));
-        let busy = answering.clone();
-        crate::thread::spawn(crate::thread::ThreadKind::Control, "control".into(), move || {
-            for stream in connections(|| listener.accept().map(|(stream, _)| stream)) {
-                *busy.0.lock().unwrap() = true;
-                serve(stream, &name, &*controller);
-                *busy.0.lock().unwrap() = false;
-                busy.1.notify_all();
+        listener.set_nonblocking(true).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Server { path, listener, name: name.to_string(), controller })
+    }
+
+    /// Answers every connection waiting, one after the other; returns when none is left.
+    pub fn serve_waiting(&self) {
+        loop {
+            match self.listener.accept() {
+                // The accepted socket blocks (Linux does not pass O_NONBLOCK on); `serve` bounds it.
+                Ok((stream, _)) => serve(stream, &self.name, &*self.controller),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Out of descriptors, say: the socket stays readable, so wait before the next try.
+                    tracing::debug!("accept: {e}");
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    return;
+                }
             }
-        })
-        .map_err(|e| format!("control thread: {e}"))?;
-        Ok(Server { path, answering })
+        }
     }
 }
 
+impl std::os::fd::AsFd for Server {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+}
+
+/// Answers one request. A client that does not send or read its line within `TIMEOUT` is
+/// dropped, so that it cannot hold the VMM thread for longer.
 fn serve(stream: UnixStream, name: &str, controller: &dyn Controller) {
     let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let _ = stream.set_write_timeout(Some(TIMEOUT));
     let mut line = String::new();
     let response = match BufReader::new((&stream).take(MAX_MESSAGE)).read_line(&mut line) {
         Ok(_) => handle(line.trim(), name, controller),
@@ -468,8 +482,6 @@ fn serve(stream: UnixStream, name: &str, controller: &dyn Controller) {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-        let (answering, done) = &*self.answering;
-        let _ = done.wait_timeout_while(answering.lock().unwrap(), ANSWER_GRACE, |busy| *busy);
     }
 }
 
@@ -508,6 +520,7 @@ mod tests {
     }
 
     use super::*;
+    use std::sync::Mutex;
 
     #[derive(Default)]
     struct Fake {

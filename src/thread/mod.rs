@@ -21,8 +21,6 @@ pub enum ThreadKind {
     NetBackend,
     /// The Firecracker-compatible HTTP API.
     Api,
-    /// The control socket (`lkvm list/stop/...`).
-    Control,
     /// Feeds the terminal to the guest console.
     Console,
     /// Writes metrics periodically.
@@ -63,7 +61,6 @@ impl ThreadKind {
             ThreadKind::Device(DeviceIo::Sockets) => "vsock worker",
             ThreadKind::NetBackend => "network backend",
             ThreadKind::Api => "API",
-            ThreadKind::Control => "control",
             ThreadKind::Console => "console",
             ThreadKind::Metrics => "metrics",
             ThreadKind::Exec => "exec",
@@ -86,6 +83,8 @@ pub fn confine_with(mode: Seccomp) -> Result<(), String> {
 /// its host resources unconfined). Threads made after this by `spawn` are unaffected.
 pub fn confine_current(kind: ThreadKind, name: &str) -> io::Result<()> {
     if let Some(filter) = seccomp::filter(kind)? {
+        // Confined, this thread could no longer start the spawner that later spawns need.
+        spawner();
         seccomp::confine(kind, name, &filter);
     }
     Ok(())

@@ -327,13 +327,14 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         Device(DeviceIo::Sockets) => (vec![SOCKETS], &[Ioctls::Sockets]),
         NetBackend => (vec![SOCKETS, &[Sysno::openat]], &[Ioctls::Sockets]),
         // They pause, snapshot, dump and change the VM, and talk to their clients.
-        Api | Control => (vec![SOCKETS, FILES, DISK], &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::BlockDevice]),
+        Api => (vec![SOCKETS, FILES, DISK], &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::BlockDevice]),
         Console => (vec![], &[Ioctls::Terminal]),
         Metrics => (vec![FILES], &[]),
         Exec => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Terminal]),
         Gdb => (vec![SOCKETS], &[Ioctls::Kvm, Ioctls::Sockets]),
-        // The main thread, once the VM runs: it waits for the VM's end, takes the warm sandbox
-        // snapshot, and tears the VM down (joins, closes, unlinks its sockets, the terminal).
+        // The main thread, once the VM runs: it waits for the VM's end, answers the control
+        // socket (pause, snapshot, dump, ...), takes the warm sandbox snapshot, and tears the VM
+        // down (joins, closes, unlinks its sockets, the terminal).
         Vmm => (
             vec![SOCKETS, FILES, DISK, &[Sysno::rt_sigaction]],
             &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::Terminal, Ioctls::BlockDevice, Ioctls::Tap],

@@ -4,7 +4,6 @@
 use super::stats::RunStats;
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -13,7 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::exit::VmExit;
+use super::exit::{ExitSender, VmExit};
 use super::irq_routing::{KvmMsiRouting, FIRST_MSI_GSI};
 use super::{kvm_err, Error};
 use crate::arch::x86_64::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
@@ -96,14 +95,14 @@ pub struct Devices {
 
 /// Ends the VM with a fixed reason when triggered (the i8042 reset line).
 pub struct ExitTrigger {
-    events: Mutex<Sender<VmExit>>,
+    events: ExitSender,
     reason: VmExit,
 }
 
 impl Trigger for ExitTrigger {
     type E = ();
     fn trigger(&self) -> Result<(), ()> {
-        self.events.lock().unwrap().send(self.reason.clone()).map_err(|_| ())
+        self.events.send(self.reason.clone()).then_some(()).ok_or(())
     }
 }
 
@@ -123,7 +122,7 @@ pub fn create_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     host: HostResources,
-    events: &Sender<VmExit>,
+    events: &ExitSender,
     stats: &Arc<RunStats>,
 ) -> Result<Devices, Error> {
     let mut pio = Bus::default();
@@ -295,7 +294,7 @@ fn add_virtio_mmio(
 fn add_legacy_devices(
     vm: &VmFd,
     config: &VmConfig,
-    events: &Sender<VmExit>,
+    events: &ExitSender,
     stats: &Arc<RunStats>,
     pio: &mut Bus,
     registry: &mut Registry,
@@ -311,7 +310,7 @@ fn add_legacy_devices(
         persistent.insert(format!("{LEGACY}com{}", i + 1), uart.clone());
         console.get_or_insert(uart);
     }
-    let reset = ExitTrigger { events: Mutex::new(events.clone()), reason: VmExit::Reset };
+    let reset = ExitTrigger { events: events.clone(), reason: VmExit::Reset };
     let keyboard_irq = eventfd()?;
     vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ).map_err(kvm_err("register keyboard irqfd"))?;
     let keyboard = Arc::new(Mutex::new(i8042::I8042::new(reset, i8042::IrqLine(keyboard_irq))));

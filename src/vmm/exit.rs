@@ -1,6 +1,14 @@
-//! How a VM ended, and what that means for lkvm's exit status.
+//! How a VM ended, what that means for lkvm's exit status, and how its threads tell the VMM
+//! thread.
 
 use std::fmt;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+
+use crate::control;
 
 /// Exit status when the guest crashed or KVM could not run it.
 pub const EXIT_GUEST_FAILED: i32 = 3;
@@ -44,6 +52,64 @@ impl VmExit {
         match self {
             VmExit::Reset | VmExit::Poweroff | VmExit::UserQuit | VmExit::Stopped => 0,
             _ => EXIT_GUEST_FAILED,
+        }
+    }
+}
+
+/// Tells the VMM thread that the VM ended: the reason on a channel, and a count on an eventfd
+/// that the VMM thread polls beside the control socket.
+#[derive(Clone)]
+pub struct ExitSender {
+    reasons: Sender<VmExit>,
+    signal: Arc<OwnedFd>,
+}
+
+impl ExitSender {
+    /// False once the VMM thread no longer listens.
+    pub fn send(&self, reason: VmExit) -> bool {
+        let sent = self.reasons.send(reason).is_ok();
+        if sent {
+            let _ = rustix::io::write(&*self.signal, &1u64.to_ne_bytes());
+        }
+        sent
+    }
+}
+
+/// The VMM thread's end of the `ExitSender`s.
+pub struct Exits {
+    reasons: Receiver<VmExit>,
+    signal: Arc<OwnedFd>,
+}
+
+pub fn channel() -> std::io::Result<(ExitSender, Exits)> {
+    let signal = Arc::new(rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
+    let (sender, reasons) = mpsc::channel();
+    Ok((ExitSender { reasons: sender, signal: signal.clone() }, Exits { reasons, signal }))
+}
+
+impl Exits {
+    pub fn try_recv(&self) -> Option<VmExit> {
+        self.reasons.try_recv().ok()
+    }
+
+    /// Waits for the VM's end, answering the control socket's requests on this thread meanwhile.
+    pub fn recv_serving(&self, control: Option<&control::Server>) -> VmExit {
+        loop {
+            match self.reasons.try_recv() {
+                Ok(reason) => return reason,
+                Err(TryRecvError::Disconnected) => return VmExit::Stopped,
+                Err(TryRecvError::Empty) => {}
+            }
+            let mut fds = vec![PollFd::new(&*self.signal, PollFlags::IN)];
+            fds.extend(control.map(|server| PollFd::new(server, PollFlags::IN)));
+            if rustix::event::poll(&mut fds, None).is_err() {
+                continue; // interrupted
+            }
+            let requests = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
+            let _ = rustix::io::read(&*self.signal, &mut [0u8; 8]);
+            if let (true, Some(server)) = (requests, control) {
+                server.serve_waiting();
+            }
         }
     }
 }

@@ -5,14 +5,13 @@ use crate::devices::rate_limiter::RateLimit;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
 use super::device_manager::{DeviceEntry, Persistent, Registry, VirtioDevices};
-use super::exit::VmExit;
+use super::exit::{ExitSender, VmExit};
 use super::vcpu::VcpuControl;
 use crate::arch::x86_64::coredump::{self, CpuRegisters};
 use crate::config::VmConfig;
@@ -23,7 +22,7 @@ use crate::snapshot::{self, VmState, MEMORY_FILE, STATE_FILE};
 
 pub struct VmHandle {
     pub(super) vcpus: Arc<VcpuControl>,
-    events: Mutex<Sender<VmExit>>,
+    events: ExitSender,
     registry: Registry,
     virtio: VirtioDevices,
     persistent: Persistent,
@@ -44,10 +43,10 @@ pub(super) struct Parts {
 }
 
 impl VmHandle {
-    pub(super) fn new(config: VmConfig, vcpus: Arc<VcpuControl>, events: Sender<VmExit>, parts: Parts) -> Self {
+    pub(super) fn new(config: VmConfig, vcpus: Arc<VcpuControl>, events: ExitSender, parts: Parts) -> Self {
         VmHandle {
             vcpus,
-            events: Mutex::new(events),
+            events,
             registry: parts.registry,
             virtio: parts.virtio,
             persistent: parts.persistent,
@@ -84,8 +83,8 @@ impl VmHandle {
         Ok(SnapshotReport { state_bytes, memory_bytes, millis: started.elapsed().as_millis() as u64 })
     }
 
-    pub(super) fn exit_sender(&self) -> Sender<VmExit> {
-        self.events.lock().unwrap().clone()
+    pub(super) fn exit_sender(&self) -> ExitSender {
+        self.events.clone()
     }
 
     pub(super) fn mark_started(&self) {
@@ -94,7 +93,7 @@ impl VmHandle {
 
     /// Ends the VM: `Vm::wait` returns `reason`.
     pub fn end(&self, reason: VmExit) {
-        let _ = self.events.lock().unwrap().send(reason);
+        self.events.send(reason);
     }
 
     pub fn config(&self) -> VmConfig {

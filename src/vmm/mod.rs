@@ -14,7 +14,6 @@ use stats::RunStats;
 use std::io;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use crate::arch::x86_64::regs;
 use crate::arch::x86_64::state;
 use crate::boot::{self, BootSpec, Initrd};
 use crate::config::{cmdline, VmConfig};
+use crate::control;
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
 use crate::gdb;
@@ -172,7 +172,9 @@ pub struct Vm {
     handle: Arc<VmHandle>,
     vcpus: Vec<Vcpu>,
     threads: Vec<JoinHandle<()>>,
-    exits: Receiver<VmExit>,
+    exits: exit::Exits,
+    /// The control socket, whose requests this (the VMM) thread answers while it waits.
+    control: Option<control::Server>,
     console_input: Option<device_manager::ConsoleInput>,
     /// The terminal reaches the console only once released (`hold_console_input`).
     console_held: bool,
@@ -282,7 +284,7 @@ impl Vm {
             }
         }
 
-        let (events, exits) = channel();
+        let (events, exits) = exit::channel().map_err(|e| Error::Host("exit eventfd", e))?;
         let stats = Arc::new(RunStats::new(started));
         let devices = device_manager::create_devices(&vm, &mem, &config, host, &events, &stats)?;
         match origin {
@@ -341,6 +343,7 @@ impl Vm {
             vcpus,
             threads: Vec::new(),
             exits,
+            control: None,
             console_input: Some(devices.console_input),
             console_held: false,
             ended: None,
@@ -424,10 +427,19 @@ impl Vm {
         }
     }
 
-    /// Whether the VM has ended (without waiting); `wait` then returns how.
+    /// Answers `server`'s requests from now on, in `has_ended` and `wait`.
+    pub fn serve_control(&mut self, server: control::Server) {
+        self.control = Some(server);
+    }
+
+    /// Whether the VM has ended (without waiting); `wait` then returns how. Answers the control
+    /// requests waiting.
     pub fn has_ended(&mut self) -> bool {
+        if let Some(server) = &self.control {
+            server.serve_waiting();
+        }
         if self.ended.is_none() {
-            self.ended = self.exits.try_recv().ok();
+            self.ended = self.exits.try_recv();
         }
         self.ended.is_some()
     }
@@ -436,7 +448,7 @@ impl Vm {
     pub fn wait(mut self) -> VmExit {
         // Raw only while the terminal feeds the console (a sandbox's command may own it).
         let _raw_terminal = if self.console_input.is_none() { term::RawMode::stdin() } else { None };
-        let reason = self.ended.take().or_else(|| self.exits.recv().ok()).unwrap_or(VmExit::Stopped);
+        let reason = self.ended.take().unwrap_or_else(|| self.exits.recv_serving(self.control.as_ref()));
         self.handle.vcpus.stop();
         for thread in self.threads {
             let _ = thread.join();

@@ -7,7 +7,6 @@
 use std::any::Any;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use super::exit::VmExit;
+use super::exit::{ExitSender, VmExit};
 use super::stats::RunStats;
 use crate::arch::x86_64::state::{self, VcpuState};
 use crate::devices::bus::Bus;
@@ -346,7 +345,7 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Runs until the guest ends or `control` says stop; reports an ending the guest caused.
-    pub fn run(mut self, control: &VcpuControl, events: &Sender<VmExit>) {
+    pub fn run(mut self, control: &VcpuControl, events: &ExitSender) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         while !control.stop.load(Ordering::Acquire) {
@@ -376,7 +375,7 @@ impl Vcpu {
                     Ok(())
                 }
                 Err(e) => {
-                    let _ = events.send(VmExit::RunFailed { cpu: self.index, error: e.to_string() });
+                    events.send(VmExit::RunFailed { cpu: self.index, error: e.to_string() });
                     Err(None)
                 }
             };
@@ -387,7 +386,7 @@ impl Vcpu {
                     control.debug_event(usize::from(self.index), DebugEvent::Failed { rip });
                 }
                 Err(Some(reason)) => {
-                    let _ = events.send(self.describe(reason));
+                    events.send(self.describe(reason));
                     break;
                 }
                 Err(None) => break,
