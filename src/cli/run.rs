@@ -465,6 +465,21 @@ fn find_default_kernel(candidates: &[PathBuf]) -> Result<PathBuf, String> {
     }
 }
 
+/// `--rng[=bw=SIZE/MS,ops=N/MS]`.
+fn parse_rng(limits: &str) -> Result<EntropyConfig, String> {
+    let mut rate_limit = RateLimit::default();
+    for option in limits.split(',').filter(|o| !o.is_empty()) {
+        let known = match option.split_once('=') {
+            Some((key, value)) => rate_limit.parse_option(key, value).map_err(|e| format!("--rng: {e}"))?,
+            None => false,
+        };
+        if !known {
+            return Err(format!("--rng: unknown option '{option}' (known: bw=SIZE/MS, ops=N/MS)"));
+        }
+    }
+    Ok(EntropyConfig { id: "rng0".into(), rate_limit })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,19 +665,4 @@ mod tests {
             PathBuf::from("/proc/self/status")
         );
     }
-}
-
-/// `--rng[=bw=SIZE/MS,ops=N/MS]`.
-fn parse_rng(limits: &str) -> Result<EntropyConfig, String> {
-    let mut rate_limit = RateLimit::default();
-    for option in limits.split(',').filter(|o| !o.is_empty()) {
-        let known = match option.split_once('=') {
-            Some((key, value)) => rate_limit.parse_option(key, value).map_err(|e| format!("--rng: {e}"))?,
-            None => false,
-        };
-        if !known {
-            return Err(format!("--rng: unknown option '{option}' (known: bw=SIZE/MS, ops=N/MS)"));
-        }
-    }
-    Ok(EntropyConfig { id: "rng0".into(), rate_limit })
 }

@@ -296,15 +296,13 @@ impl Ioctls {
             Ioctls::Kvm => {
                 vec![SeccompRule::new(vec![request(SeccompCmpOp::MaskedEq(0xff00), 0xae00)]).expect("valid ioctl rule")]
             }
-            Ioctls::Terminal => [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TIOCGWINSZ, libc::TIOCSWINSZ]
-                .map(|r| exact(r as u64))
-                .to_vec(),
-            Ioctls::Sockets => [libc::FIONBIO, libc::FIONREAD].map(|r| exact(r as u64)).to_vec(),
-            // BLKGETSIZE64 is _IOR(0x12, 114, u64); libc does not name it for x86_64.
-            Ioctls::BlockDevice => [0x8008_1272, libc::BLKSSZGET as u64].map(exact).to_vec(),
-            Ioctls::Tap => {
-                [libc::TUNSETOFFLOAD, libc::TUNSETVNETHDRSZ, libc::TUNSETQUEUE].map(|r| exact(r as u64)).to_vec()
+            Ioctls::Terminal => {
+                [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TIOCGWINSZ, libc::TIOCSWINSZ].map(exact).to_vec()
             }
+            Ioctls::Sockets => [libc::FIONBIO, libc::FIONREAD].map(exact).to_vec(),
+            // BLKGETSIZE64 is _IOR(0x12, 114, u64); libc does not name it for x86_64.
+            Ioctls::BlockDevice => [0x8008_1272, libc::BLKSSZGET].map(exact).to_vec(),
+            Ioctls::Tap => [libc::TUNSETOFFLOAD, libc::TUNSETVNETHDRSZ, libc::TUNSETQUEUE].map(exact).to_vec(),
         }
     }
 }
