@@ -2,7 +2,7 @@
 //! escape (Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A).
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 const CTRL_A: u8 = 0x01;
 
@@ -80,21 +80,25 @@ impl Drop for RawMode {
     }
 }
 
-/// Whether stdin has already ended, so that a thread reading it would only see end-of-file: the
-/// null device, a regular file read to its end, or an empty pipe or socket whose writer is gone.
+/// Whether stdin has already ended, so that a thread reading it would only see end-of-file.
 /// (Programs that start VMs often give them no input.)
 pub fn stdin_has_ended() -> bool {
-    let stdin = io::stdin();
-    let Ok(stat) = rustix::fs::fstat(&stdin) else { return false };
+    has_ended(io::stdin().as_fd())
+}
+
+/// Whether `input` has nothing more to give: the null device, a regular file read to its end,
+/// or an empty pipe or socket whose writer is gone.
+fn has_ended(input: BorrowedFd) -> bool {
+    let Ok(stat) = rustix::fs::fstat(input) else { return false };
     match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
         rustix::fs::FileType::CharacterDevice => {
             (rustix::fs::major(stat.st_rdev), rustix::fs::minor(stat.st_rdev)) == NULL_DEVICE
         }
         rustix::fs::FileType::RegularFile => {
-            rustix::fs::seek(&stdin, rustix::fs::SeekFrom::Current(0)).is_ok_and(|at| at >= stat.st_size as u64)
+            rustix::fs::seek(input, rustix::fs::SeekFrom::Current(0)).is_ok_and(|at| at >= stat.st_size as u64)
         }
         rustix::fs::FileType::Fifo | rustix::fs::FileType::Socket => {
-            let mut fds = [rustix::event::PollFd::new(&stdin, rustix::event::PollFlags::IN)];
+            let mut fds = [rustix::event::PollFd::new(&input, rustix::event::PollFlags::IN)];
             let hung_up = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())).is_ok()
                 && fds[0].revents().contains(rustix::event::PollFlags::HUP);
             hung_up && !fds[0].revents().contains(rustix::event::PollFlags::IN)
@@ -128,6 +132,30 @@ pub fn pump_stdin(mut deliver: impl FnMut(&[u8]), quit: impl FnOnce()) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_has_ended_only_when_nothing_more_can_come() {
+        use std::io::{Seek, Write};
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(has_ended(null.as_fd()), "/dev/null");
+
+        let (reader, writer) = std::io::pipe().unwrap();
+        assert!(!has_ended(reader.as_fd()), "an empty pipe whose writer may still write");
+        (&writer).write_all(b"ls\n").unwrap();
+        drop(writer);
+        assert!(!has_ended(reader.as_fd()), "a closed pipe with bytes left to read");
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(writer);
+        assert!(has_ended(reader.as_fd()), "an empty pipe whose writer is gone");
+
+        let path = std::env::temp_dir().join(format!("lkvm-term-test-{}", std::process::id()));
+        std::fs::write(&path, b"input").unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        assert!(!has_ended(file.as_fd()), "a file not yet read");
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        assert!(has_ended(file.as_fd()), "a file read to its end");
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn plain_bytes_pass_through() {
