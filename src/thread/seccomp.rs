@@ -324,7 +324,7 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         Device(DeviceIo::Files) => (vec![FILES, DISK, CREDENTIALS], &[]),
         Device(DeviceIo::Sockets) => (vec![SOCKETS], &[Ioctls::Sockets]),
         NetBackend => (vec![SOCKETS, &[Sysno::openat]], &[Ioctls::Sockets]),
-        // They pause, snapshot, dump and change the VM, and talk to their clients.
+        // It pauses, snapshots and changes the VM (drives, balloon), and talks to its clients.
         Api => (vec![SOCKETS, FILES, DISK], &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::BlockDevice]),
         Console => (vec![], &[Ioctls::Terminal]),
         Metrics => (vec![FILES], &[]),

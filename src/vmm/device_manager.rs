@@ -102,7 +102,11 @@ pub struct ExitTrigger {
 impl Trigger for ExitTrigger {
     type E = ();
     fn trigger(&self) -> Result<(), ()> {
-        self.events.send(self.reason.clone()).then_some(()).ok_or(())
+        if self.events.send(self.reason.clone()) {
+            Ok(())
+        } else {
+            Err(())
+        }
     }
 }
 
