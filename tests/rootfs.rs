@@ -66,9 +66,13 @@ sys($SYS_UMOUNT2, "/tmp/fs", 0);
 sys($SYS_UMOUNT2, "/tmp/ro", 0);
 "#;
 
+/// One boot of the zero-setup guest (a boot costs a minute or more where guest kernel code is
+/// emulated): the console's shell over the host's files, `lkvm exec` beside it, and virtio-fs
+/// shares: a writable one with links out of it (and a device node the host made) and a read-only
+/// one; the guest's file operations, what the host sees of them, and what the guest was refused.
 #[test]
-fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
-    if !kvm_available("run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec") {
+fn run_without_a_disk_gives_a_shell_over_the_hosts_files_lkvm_exec_and_virtio_fs_shares() {
+    if !kvm_available("run_without_a_disk_gives_a_shell_over_the_hosts_files_lkvm_exec_and_virtio_fs_shares") {
         return;
     }
     let _one_at_a_time = boot_lock();
@@ -76,8 +80,20 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     let env = home_env(&home);
     let host_file = write_file(&home, "note.txt", b"written-by-the-host-4711");
     let planted = format!("/tmp/lkvm-planted-{}", std::process::id());
-    let build_tree = home.join("build");
-    std::fs::create_dir(&build_tree).unwrap();
+    let (build_tree, fs_dir, ro_dir, outside) =
+        (home.join("build"), home.join("fs"), home.join("ro"), home.join("outside"));
+    for dir in [&build_tree, &fs_dir, &ro_dir, &outside] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    write_file(&ro_dir, "kept.txt", b"read-only-content");
+    write_file(&outside, "secret", b"outside-secret");
+    std::os::unix::fs::symlink(outside.join("secret"), fs_dir.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", fs_dir.join("rel-link")).unwrap();
+    // A device node in the share (root only can make one): the guest sees it, and opening it
+    // opens the guest's own device, as on any network filesystem.
+    let dev = std::ffi::CString::new(fs_dir.join("devnode").to_str().unwrap()).unwrap();
+    // SAFETY: mknod with a valid path; 1:3 is /dev/null, harmless if the check failed.
+    let has_dev = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
     // The guest writes anywhere, in an overlay in its memory; the --rw directory writes through.
     let input = format!(
         "echo shell-$((6*7)) mounts=$(grep -cE '^overlay /(host)? overlay ' /proc/mounts) \
@@ -90,10 +106,31 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     );
     let vmlinux = guest().vmlinux.to_str().unwrap();
     let rw = build_tree.to_str().unwrap();
-    let args = ["run", "-k", vmlinux, "-m", "256", "-c", "1", "--name", "ex1", "--rw", rw, "-p", HOST_GUEST_PARAMS];
+    let fs_arg = format!("{},hostdir", fs_dir.display());
+    let ro_arg = format!("{},rodir,ro", ro_dir.display());
+    let args = [
+        "run",
+        "-k",
+        vmlinux,
+        "-m",
+        "256",
+        "-c",
+        "1",
+        "--name",
+        "ex1",
+        "--rw",
+        rw,
+        "-p",
+        HOST_GUEST_PARAMS,
+        "--fs",
+        &fs_arg,
+        "--fs",
+        &ro_arg,
+    ];
     // While the console's shell waits, `lkvm exec` runs commands beside it.
     let exec_env = env.clone();
     let execs = std::sync::Mutex::new(Vec::new());
+    let script = std::sync::Mutex::new(None);
     let out = run_interactive_with(
         &args,
         &env,
@@ -117,6 +154,9 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
             results.push(exec(b"", &["/no/such/program"]));
             let tty: Vec<&str> = vec!["exec", "-n", "ex1", "-t", "--", "/bin/sh", "-c", "tty; stty size"];
             results.push(run_with_input(lkvm(), &tty, &exec_env, b"", Duration::from_secs(600)));
+            let perl = ["exec", "-n", "ex1", "--", "/usr/bin/perl"];
+            let run = run_with_input(lkvm(), &perl, &exec_env, VIRTIO_FS_SCRIPT.as_bytes(), Duration::from_secs(900));
+            *script.lock().unwrap() = Some(run);
             input
         },
         boot_timeout(),
@@ -153,74 +193,8 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_and_lkvm_exec() {
     assert_eq!(tty.code, Some(0), "{}", tty.describe());
     assert!(tty.stdout.contains("/dev/pts/") && tty.stdout.contains("24 80"), "a pty of 24x80: {}", tty.describe());
 
-    // Gone with the guest.
-    let gone = run_with_input(lkvm(), &["exec", "-n", "ex1", "--", "true"], &env, b"", Duration::from_secs(30));
-    assert_eq!(gone.code, Some(1));
-    assert!(gone.stderr.contains("ex1: no such running guest"), "{}", gone.describe());
-    std::fs::remove_dir_all(home).unwrap();
-}
-
-/// virtio-fs shares in a guest on lkvm's rootfs: a writable one with links out of it (and a
-/// device node the host made) and a read-only one; the guest's file operations, what the host
-/// sees of them, and what the guest was refused.
-#[test]
-fn virtio_fs_shares_behave_as_host_directories_and_stay_confined() {
-    if !kvm_available("virtio_fs_shares_behave_as_host_directories_and_stay_confined") {
-        return;
-    }
-    let _one_at_a_time = boot_lock();
-    let home = temp_dir();
-    let env = home_env(&home);
-    let vmlinux = guest().vmlinux.to_str().unwrap();
-    let (fs_dir, ro_dir, outside) = (home.join("fs"), home.join("ro"), home.join("outside"));
-    for dir in [&fs_dir, &ro_dir, &outside] {
-        std::fs::create_dir(dir).unwrap();
-    }
-    write_file(&ro_dir, "kept.txt", b"read-only-content");
-    write_file(&outside, "secret", b"outside-secret");
-    std::os::unix::fs::symlink(outside.join("secret"), fs_dir.join("abs-link")).unwrap();
-    std::os::unix::fs::symlink("../outside/secret", fs_dir.join("rel-link")).unwrap();
-    // A device node in the share (root only can make one): the guest sees it, and opening it
-    // opens the guest's own device, as on any network filesystem.
-    let dev = std::ffi::CString::new(fs_dir.join("devnode").to_str().unwrap()).unwrap();
-    // SAFETY: mknod with a valid path; 1:3 is /dev/null, harmless if the check failed.
-    let has_dev = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
-    let fs_arg = format!("{},hostdir", fs_dir.display());
-    let ro_arg = format!("{},rodir,ro", ro_dir.display());
-    let args = [
-        "run",
-        "-k",
-        vmlinux,
-        "-m",
-        "256",
-        "-c",
-        "1",
-        "--name",
-        "fs1",
-        "-p",
-        HOST_GUEST_PARAMS,
-        "--fs",
-        &fs_arg,
-        "--fs",
-        &ro_arg,
-    ];
-    let exec_env = env.clone();
-    let script = std::sync::Mutex::new(None);
-    let out = run_interactive_with(
-        &args,
-        &env,
-        "# ",
-        || {
-            let args = ["exec", "-n", "fs1", "--", "/usr/bin/perl"];
-            let run = run_with_input(lkvm(), &args, &exec_env, VIRTIO_FS_SCRIPT.as_bytes(), Duration::from_secs(900));
-            *script.lock().unwrap() = Some(run);
-            "exit\n".into()
-        },
-        boot_timeout(),
-    );
-    assert_eq!(out.code, Some(0), "the VM ends with the shell: {}", out.describe());
-    let fs = script.into_inner().unwrap().expect("the script ran");
     // virtio-fs: the guest's file operations, as the host sees them, and what it was refused.
+    let fs = script.into_inner().unwrap().expect("the script ran");
     assert_eq!(fs.code, Some(0), "{}", fs.describe());
     let lines: Vec<&str> = fs.stdout.lines().collect();
     for expected in [
@@ -252,6 +226,10 @@ fn virtio_fs_shares_behave_as_host_directories_and_stay_confined() {
     assert_eq!(std::fs::read_dir(&ro_dir).unwrap().count(), 1, "the read-only share is unchanged");
     assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"outside-secret");
 
+    // Gone with the guest.
+    let gone = run_with_input(lkvm(), &["exec", "-n", "ex1", "--", "true"], &env, b"", Duration::from_secs(30));
+    assert_eq!(gone.code, Some(1));
+    assert!(gone.stderr.contains("ex1: no such running guest"), "{}", gone.describe());
     std::fs::remove_dir_all(home).unwrap();
 }
 
