@@ -19,7 +19,6 @@ removed for this host.)
 """
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -47,11 +46,24 @@ def build_floor(directory):
     return binary
 
 
-def cmd(vmm, kernel, name):
-    if os.path.basename(vmm) == "floor":
-        return [vmm, kernel, str(GUEST_MIB)]
+def run_cmd(vmm):
+    """kvmtool's `run` command line, which lkvm shares: (kernel, name) -> argv."""
     # kvmtool gives a flat binary no NIC; lkvm follows it.
-    return [vmm, "run", "-k", kernel, "-m", str(GUEST_MIB), "-c", "1", "--name", name]
+    return lambda kernel, name: [vmm, "run", "-k", kernel, "-m", str(GUEST_MIB), "-c", "1", "--name", name]
+
+
+def floor_cmd(floor):
+    return lambda kernel, _name: [floor, kernel, str(GUEST_MIB)]
+
+
+def beyond_floor(lkvm, kvmtool, floor):
+    """lkvm's share beyond the floor against kvmtool's."""
+    return (lkvm - floor) / (kvmtool - floor)
+
+
+def time_per_vm_beyond_floor(lkvm, kvmtool, floor):
+    """For VMs per second (more is better): the time per VM beyond the floor's."""
+    return beyond_floor(1 / lkvm, 1 / kvmtool, 1 / floor)
 
 
 def start_to_exit(command):
@@ -81,11 +93,11 @@ def beyond_guest_mib(pid):
     return {k: v / 1024 for k, v in total.items()}
 
 
-def many_at_once(vmm, kernel, count):
+def many_at_once(cmd, kernel, count):
     """(VMs started per second per core, median MiB beyond guest RAM by kind, how many died) for
     `count` VMs started together."""
     start = time.monotonic()
-    procs = [subprocess.Popen(cmd(vmm, kernel, f"bench-start-{i}"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(cmd(kernel, f"bench-start-{i}"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL) for i in range(count)]
     try:
         # The payload prints "hi" from its first instructions: the VM is up.
@@ -108,19 +120,19 @@ def main():
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--many", type=int, default=20)
     args = ap.parse_args()
-    scratch = tempfile.mkdtemp(prefix="bench-start-")
-    vmms = {"lkvm": LKVM, "kvmtool": args.kvmtool, "floor": build_floor(scratch)}
     reset, halt = payload(HELLO + RESET), payload(HELLO + HALT)
     try:
-        runs = {name: [] for name in vmms}
-        for i in range(args.runs):
-            for name, vmm in vmms.items():  # alternating, so drift hits both alike
-                runs[name].append(start_to_exit(cmd(vmm, reset, f"bench-start-{i}")))
-        many = {name: many_at_once(vmm, halt, args.many) for name, vmm in vmms.items()}
+        with tempfile.TemporaryDirectory(prefix="bench-start-") as scratch:
+            vmms = {"lkvm": run_cmd(LKVM), "kvmtool": run_cmd(args.kvmtool),
+                    "floor": floor_cmd(build_floor(scratch))}
+            runs = {name: [] for name in vmms}
+            for i in range(args.runs):
+                for name, cmd in vmms.items():  # alternating, so drift hits all alike
+                    runs[name].append(start_to_exit(cmd(reset, f"bench-start-{i}")))
+            many = {name: many_at_once(cmd, halt, args.many) for name, cmd in vmms.items()}
     finally:
         os.unlink(reset)
         os.unlink(halt)
-        shutil.rmtree(scratch)
 
     medians = {name: {"wall": statistics.median(w for w, _ in r), "cpu": statistics.median(c for _, c in r)}
                for name, r in runs.items()}
@@ -128,21 +140,16 @@ def main():
           f"{args.many} VMs at once on {os.cpu_count()} cores")
     print("| metric | lkvm | kvmtool | floor | lkvm / kvmtool | lkvm's own / kvmtool's own |")
     print("|---|---|---|---|---|---|")
-    rows = [("start to exit, wall (ms)", *(medians[n]["wall"] for n in vmms)),
-            ("start to exit, CPU (ms)", *(medians[n]["cpu"] for n in vmms)),
-            (f"{args.many} at once: VMs started per second per core", *(many[n][0] for n in vmms)),
-            *((f"{args.many} at once: {label} beyond guest RAM per VM (MiB)", *(many[n][1][kind] for n in vmms))
-              for kind, label in (("rss", "RSS"), ("pss", "PSS"), ("private", "private")))]
-    for label, lkvm, kvmtool, floor in rows:
-        # "Own" is beyond the floor; for VMs per second (more is better) it is the time per VM
-        # beyond the floor's. Wall time has no floor: how long the kernel's VM teardown waits
-        # depends on timing (below), so the floor may take longer than a VMM.
-        if "wall" in label:
-            own = "-"
-        elif "per second" in label:
-            own = f"{(1 / lkvm - 1 / floor) / (1 / kvmtool - 1 / floor):.2f}"
-        else:
-            own = f"{(lkvm - floor) / (kvmtool - floor):.2f}"
+    # Wall time has no floor: how long the kernel's VM teardown waits depends on timing (below),
+    # so the floor may take longer than a VMM.
+    rows = [("start to exit, wall (ms)", None, [medians[n]["wall"] for n in vmms]),
+            ("start to exit, CPU (ms)", beyond_floor, [medians[n]["cpu"] for n in vmms]),
+            (f"{args.many} at once: VMs started per second per core", time_per_vm_beyond_floor,
+             [many[n][0] for n in vmms]),
+            *((f"{args.many} at once: {label} beyond guest RAM per VM (MiB)", beyond_floor,
+               [many[n][1][kind] for n in vmms]) for kind, label in (("rss", "RSS"), ("pss", "PSS"), ("private", "private")))]
+    for label, own_share, (lkvm, kvmtool, floor) in rows:
+        own = f"{own_share(lkvm, kvmtool, floor):.2f}" if own_share else "-"
         print(f"| {label} | {lkvm:.1f} | {kvmtool:.1f} | {floor:.1f} | {lkvm / kvmtool:.2f} | {own} |")
     # The kernel's teardown of a VM waits for SRCU grace periods, expedited or not by timing:
     # start to exit can be bimodal, hence the quartiles.
