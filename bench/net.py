@@ -93,7 +93,7 @@ def main():
         # Each VMM's user-mode host address maps to the host loopback.
         bench = lambda host: f"{HOST_PARAMS} lkvm.netbench={host}:{sink}:{source}:{echo}:{args.mib}"
         vmms = {
-            "lkvm": [LKVM, "run", *kernel, "--virtio-transport", "mmio", "-n", "mode=user",
+            "lkvm": [LKVM, "run", *kernel, "--virtio-transport", "mmio", "-n", "mode=user,host_loopback=on",
                      "-p", f"ip=dhcp {bench('192.168.33.1')}"],
             "QEMU": qemu_base() + ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0",
                                    "-append", f"{LKVM_DEFAULTS} ip=dhcp {bench('10.0.2.2')}"],

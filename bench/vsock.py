@@ -92,7 +92,7 @@ def main():
     for name in ["lkvm", "Firecracker"] if args.firecracker else ["lkvm"]:
         uds[name] = os.path.join(workdir, f"{name}.vsock")
         vsock_servers(uds[name], args.mib)
-    vmms["lkvm"] = [LKVM, "run", *kernel, "--virtio-transport", "mmio", "-n", "mode=user",
+    vmms["lkvm"] = [LKVM, "run", *kernel, "--virtio-transport", "mmio", "-n", "mode=user,host_loopback=on",
                     "--vsock", f"3,uds={uds['lkvm']}", "-p", f"{HOST_PARAMS} ip=dhcp {vsock} {tcp('192.168.33.1')}"]
     vmms["QEMU"] = qemu_base() + ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0",
                                   "-append", f"{LKVM_DEFAULTS} {HOST_PARAMS} ip=dhcp {tcp('10.0.2.2')}"]

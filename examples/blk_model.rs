@@ -38,7 +38,7 @@ fn bench(block: &Block, request_type: u32, len: u32) -> f64 {
 /// over `blocks` 4 KiB blocks.
 fn bench_depth(block: &Block, request_type: u32, len: u32, depth: u16, rounds: usize, blocks: usize) -> f64 {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-    let mut handler = block.request_handler();
+    let mut handler = block.request_handler(block.new_ring());
     let interrupt = Count(AtomicUsize::new(0));
     let start = Instant::now();
     for round in 0..rounds {

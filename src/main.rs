@@ -174,15 +174,10 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Err(msg) => return fail(&msg),
     };
     // Its warm start restores a snapshot, which virtio-fs shares cannot be part of.
-    let mut config = match prepare(args.run, RootfsTransports::NinePOnly) {
+    let config = match prepare(args.run, RootfsTransports::NinePOnly) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
-    // The command does not reach services on the host's loopback unless asked
-    // (`-n mode=user,host_loopback=on`).
-    for net in config.nets.iter_mut().filter(|n| n.spec.mode == lkvm::net::NetMode::User) {
-        net.spec.host_loopback.get_or_insert(false);
-    }
     let (Some(_), Some(vsock)) = (config.lkvm_rootfs(), config.vsock.clone()) else {
         return fail(
             "lkvm sandbox needs lkvm's root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",
@@ -290,6 +285,12 @@ fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut 
         Err(e) => return fail(&e.to_string()),
     };
     if cache.is_filled() {
+        if let Err(why) = cache.check() {
+            tracing::warn!("warm sandbox cache entry {}: {why}; dropped", cache.dir().display());
+            cache.discard();
+        }
+    }
+    if cache.is_filled() {
         match Vm::restore(&cache.restore_spec(&config), started) {
             Ok(mut vm) => {
                 vm.hold_console_input();
@@ -305,7 +306,8 @@ fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut 
         let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
         // Pauses, writes and resumes, as `lkvm snapshot` does.
         let written = vm.handle().snapshot(&staging, false);
-        match written.and_then(|_| cache.publish(&staging).map_err(|e| e.to_string())) {
+        let sealed = written.and_then(|_| cache.seal(&staging).map_err(|e| e.to_string()));
+        match sealed.and_then(|()| cache.publish(&staging).map_err(|e| e.to_string())) {
             Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),
             Err(e) => tracing::warn!("no warm sandbox snapshot: {e}"),
         }

@@ -196,19 +196,20 @@ fn no_new_privs_root_dropped_seccomp_cloexec_descriptors_and_guest_memory_out_of
         }
     }
 
-    // Every thread runs under a seccomp filter, the main thread too once the VM is built; only
-    // the spawner that creates the others does not (KVM's own workers, `kvm-*`, are the kernel's).
+    // Every thread runs under a seccomp filter, the main thread too once the VM is built, and
+    // the spawner that creates the others (KVM's own workers, `kvm-*`, are the kernel's).
     let mut confined = Vec::new();
     for task in std::fs::read_dir(format!("{proc_dir}/task")).unwrap().flatten() {
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap().trim().to_string();
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
-        let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap().trim().to_string();
-        if name != "spawner" && !name.starts_with("kvm-") {
-            assert_eq!(mode, "2", "thread {name} runs without a seccomp filter");
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).unwrap().trim().to_string();
+        if !name.starts_with("kvm-") {
+            assert_eq!(field("Seccomp:"), "2", "thread {name} runs without a seccomp filter");
+            assert_eq!(field("NoNewPrivs:"), "1", "thread {name}");
             confined.push(name);
         }
     }
-    for expected in ["lkvm", "vcpu0", "slirp"] {
+    for expected in ["lkvm", "vcpu0", "slirp", "spawner"] {
         assert!(confined.iter().any(|name| name == expected), "{expected} not among {confined:?}");
     }
     // The VMM thread (`lkvm`) answers the control socket: no thread of its own.

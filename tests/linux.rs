@@ -23,10 +23,15 @@ fn bzimage_boots_from_a_firecracker_config_file() {
     std::os::unix::fs::symlink(lkvm(), &link).unwrap();
     let root = pattern(1 << 20, 4);
     let root_img = write_file(&dir, "root.img", &root);
-    let boot_args = format!("console=ttyS0 reboot=k panic=1 pci=off {HOST_GUEST_PARAMS} lkvm.read=/dev/vda:1048576 lkvm.serial=vda lkvm.hwrng=64");
+    // A drive holding a planted qcow2 header is served as the raw image Firecracker's drives
+    // are: the guest reads the header, never the host file it names.
+    let secret = write_file(&dir, "secret", &pattern(1 << 20, 11));
+    let planted = planted_image(&dir, &secret);
+    let boot_args = format!("console=ttyS0 reboot=k panic=1 pci=off {HOST_GUEST_PARAMS} lkvm.read=/dev/vda:1048576 lkvm.read=/dev/vdb:1048576 lkvm.serial=vda lkvm.hwrng=64");
     let config = serde_json::json!({
         "boot-source": {"kernel_image_path": guest.bzimage, "initrd_path": guest.initramfs, "boot_args": boot_args},
-        "drives": [{"drive_id": "rootfs", "path_on_host": root_img, "is_root_device": true, "is_read_only": true}],
+        "drives": [{"drive_id": "rootfs", "path_on_host": root_img, "is_root_device": true, "is_read_only": true},
+                   {"drive_id": "planted", "path_on_host": planted, "is_root_device": false, "is_read_only": false}],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 96},
         "entropy": {},
     });
@@ -46,6 +51,8 @@ fn bzimage_boots_from_a_firecracker_config_file() {
         "{cmdline}"
     );
     assert_eq!(out.result("read:/dev/vda"), Some(format!("{:016x}", fnv1a(&root))), "{}", out.describe());
+    let planted_bytes = std::fs::read(&planted).unwrap();
+    assert_eq!(out.result("read:/dev/vdb"), Some(format!("{:016x}", fnv1a(&planted_bytes))), "{}", out.describe());
     assert_eq!(out.result("serial:vda").as_deref(), Some("rootfs"));
     let distinct: u32 = out.result("hwrng").and_then(|v| v.split_once(':')?.1.parse().ok()).expect("hwrng");
     assert!(distinct > 16, "64 random bytes with {distinct} distinct values");
@@ -69,6 +76,10 @@ fn disks_boot(transport: &str, console: &str) {
     // vdd is held to 256 KiB/s (128 KiB buckets refilled every 500 ms), through either engine.
     let engine = if transport == "pci" { "async" } else { "sync" };
     let vdd_limited = format!("{},ro,{engine},bw=128K/500,ops=1000/1000", vdd.display());
+    // vde, named raw, holds a qcow2 header naming a host file; the guest tries to plant it on
+    // vdb, whose format lkvm probed as raw, and is refused.
+    let secret = write_file(&dir, "secret", &pattern(1 << 20, 11));
+    let vde = format!("{},format=raw,ro", planted_image(&dir, &secret).display());
     let (shared, shared_ro) = (dir.join("shared"), dir.join("shared-ro"));
     let host_file = pattern(300_000, 8);
     for share in [&shared, &shared_ro] {
@@ -81,7 +92,7 @@ fn disks_boot(transport: &str, console: &str) {
         (format!("{},hostdir", shared.display()), format!("{},hostro,ro", shared_ro.display()));
     let params = format!(
         "{HOST_GUEST_PARAMS} lkvm.read=/dev/vda:1048576 lkvm.write=/dev/vdb:65536:9 \
-         lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64 lkvm.9p=hostdir:hostro \
+         lkvm.copy=/dev/vde:/dev/vdb:512 lkvm.write=/dev/vdc:4096:1 lkvm.serial=vda lkvm.hwrng=64 lkvm.9p=hostdir:hostro \
          lkvm.timedread=/dev/vda:1048576 lkvm.timedread=/dev/vdd:1048576"
     );
     let mut args = vec![
@@ -107,6 +118,8 @@ fn disks_boot(transport: &str, console: &str) {
         &vdc_ro,
         "-d",
         &vdd_limited,
+        "-d",
+        &vde,
         "--9p",
         &share_arg,
         "--9p",
@@ -136,6 +149,9 @@ fn disks_boot(transport: &str, console: &str) {
 
     assert_eq!(out.result("read:/dev/vda"), Some(format!("{:016x}", fnv1a(&source))), "{}", out.describe());
     assert_eq!(out.result("write:/dev/vdb").as_deref(), Some("ok"));
+    let planted = out.result("copy:/dev/vdb").unwrap();
+    assert!(planted.starts_with("err:"), "a qcow2 header planted on a probed raw disk: {planted}");
+    assert!(out.stderr.contains("probed as raw"), "a warning names the format to give: {}", out.describe());
     let written = std::fs::read(dir.join("vdb.img")).unwrap();
     assert_eq!(&written[..65536], &pattern(65536, 9)[..], "the guest's synced write is in the host file");
     assert!(written[65536..].iter().all(|b| *b == 0));

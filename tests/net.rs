@@ -80,7 +80,7 @@ fn user_mode_networking_reaches_host_services_and_forwards_a_port() {
          lkvm.send=192.168.33.1:{sink_port}:65536:3 lkvm.udp=192.168.33.1:{udp_port} lkvm.serve=8000:65536:4 \
          lkvm.ping=192.168.33.1"
     );
-    let net = format!("mode=user,hostfwd=tcp:{forward_port}:8000");
+    let net = format!("mode=user,host_loopback=on,hostfwd=tcp:{forward_port}:8000");
     let args = [
         "run",
         "-k",

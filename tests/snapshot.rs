@@ -180,6 +180,49 @@ fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
     std::fs::remove_file(bad.join("memory")).unwrap();
     write_file(&bad, "memory", &[0u8; 4096]);
     assert!(fails(&bad).contains("memory file"));
+    // A state file is data: one edited to share the host's / read-write, or to run a tap
+    // script, is refused before anything runs, its checksum notwithstanding.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(snap.clone(), 0o700), (snap.join("state"), 0o600), (snap.join("memory"), 0o600)] {
+        let found = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(found, mode, "{} is {found:o}", path.display());
+    }
+    let edited = |edit: &dyn Fn(&mut lkvm::config::VmConfig)| {
+        let mut state = lkvm::snapshot::read_state(&snap.join("state")).unwrap();
+        edit(&mut state.config);
+        lkvm::snapshot::write_state(&bad.join("state"), &state).unwrap();
+        fails(&bad)
+    };
+    std::fs::remove_file(bad.join("memory")).unwrap();
+    std::os::unix::fs::symlink(snap.join("memory"), bad.join("memory")).unwrap();
+    let slash = edited(&|config| {
+        let spec = lkvm::share::ShareSpec { read_only: false, ..lkvm::share::ShareSpec::new("/", "hostroot").unwrap() };
+        config.shares.push(lkvm::config::ShareConfig { id: "hostroot".into(), spec });
+    });
+    assert!(slash.contains("share 'hostroot'") && slash.contains("stays read-only"), "{slash}");
+    let ran = home.join("script-ran");
+    let script = write_file(
+        &home,
+        "script.sh",
+        format!(
+            "#!/bin/sh
+touch {}
+",
+            ran.display()
+        )
+        .as_bytes(),
+    );
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tap = edited(&|config| {
+        let spec = lkvm::net::NetSpec {
+            mode: lkvm::net::NetMode::Tap,
+            script: Some(script.clone()),
+            ..lkvm::net::NetSpec::default()
+        };
+        config.nets.push(lkvm::config::NetConfig { id: "planted".into(), spec });
+    });
+    assert!(tap.contains("may not run a host script"), "{tap}");
+    assert!(!ran.exists(), "the snapshot's script ran");
     let mut with_machine_options = restore_args(&snap, "bad");
     with_machine_options.extend(["-m".to_string(), "64".to_string()]);
     let (code, _, err) = lkvm_ctl(&home, &strs(&with_machine_options));

@@ -30,7 +30,8 @@ fuzz_target!(|input: &[u8]| {
     let Some((config, data)) = input.split_first_chunk::<8>() else { return };
     let io_engine = if config[7] & 0x80 != 0 { IoEngine::Async } else { IoEngine::Sync };
     let Some((mem, mut queue)) = common::setup(config, data) else { return };
-    let mut handler = block(io_engine).request_handler();
+    let block = block(io_engine);
+    let mut handler = block.request_handler(block.new_ring());
     handler.process_queue(&mut queue, &mem, &common::NoInterrupt);
     // Nothing may still be in flight into this input's memory when it is freed.
     handler.drain(&mut queue, &mem, &common::NoInterrupt);

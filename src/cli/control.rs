@@ -105,7 +105,7 @@ pub fn dump_core(target: &Target, file: &std::path::Path) -> Result<(), String> 
 /// `lkvm snapshot`: asks the guest to write itself into DIR; prints what was written.
 pub fn snapshot(args: &SnapshotArgs) -> Result<(), String> {
     control::check_name(&args.name)?;
-    std::fs::create_dir_all(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
+    crate::snapshot::create_private_dir(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let request =
         control::Request { path: Some(dir.clone()), stop: args.stop, ..control::Request::new(Command::Snapshot) };

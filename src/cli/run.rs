@@ -239,14 +239,7 @@ fn writable_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
     if !canonical.is_dir() {
         return Err(format!("--rw {}: not a directory", dir.display()));
     }
-    if canonical == std::path::Path::new("/") {
-        return Err("--rw /: the host's / stays read-only; name the directories to write".into());
-    }
-    // The guest must not write lkvm's own directory (its sockets, the rootfs of the next run).
-    let own = std::fs::canonicalize(lkvm_dir()).unwrap_or_else(|_| lkvm_dir());
-    if canonical.starts_with(&own) || own.starts_with(&canonical) {
-        return Err(format!("--rw {}: it holds lkvm's {}; name a directory beside it", dir.display(), own.display()));
-    }
+    crate::control::check_guest_writable(&canonical).map_err(|e| format!("--rw {}: {e}", dir.display()))?;
     match canonical.to_str() {
         Some(path) if !path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') => Ok(canonical),
         _ => Err(format!("--rw {}: the path must be UTF-8 without spaces or quotes", canonical.display())),

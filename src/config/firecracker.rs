@@ -11,7 +11,7 @@ use super::{
     Transport, VmConfig, VsockConfig,
 };
 use crate::arch::x86_64::mptable::MAX_CPUS;
-use crate::disk::{DiskSpec, IoEngine};
+use crate::disk::{DiskFormat, DiskSpec, IoEngine};
 use crate::net::{parse_mac, NetMode, NetSpec};
 use crate::snapshot::MemoryBackend;
 
@@ -126,6 +126,9 @@ pub struct Drive {
     pub rate_limiter: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// lkvm's: `"qcow2"` serves a qcow2 image; Firecracker's drives are raw, and so is the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
 }
 
 fn unsafe_cache() -> String {
@@ -452,7 +455,8 @@ impl FullConfig {
             let path = drive.path_on_host.clone().unwrap_or_default();
             let io_engine = if drive.io_engine == "Async" { IoEngine::Async } else { IoEngine::Sync };
             let rate_limit = drive.rate_limiter.unwrap_or_default();
-            let spec = DiskSpec { read_only: drive.is_read_only, io_engine, rate_limit, ..DiskSpec::new(path) };
+            let format = Some(drive.format.unwrap_or(DiskFormat::Raw));
+            let spec = DiskSpec { read_only: drive.is_read_only, format, io_engine, rate_limit, ..DiskSpec::new(path) };
             let config = DriveConfig {
                 id: drive.drive_id.clone(),
                 spec,
@@ -537,6 +541,7 @@ impl FullConfig {
                 io_engine: format!("{:?}", d.spec.io_engine),
                 rate_limiter: shown(&d.spec.rate_limit),
                 socket: None,
+                format: d.spec.format.filter(|f| *f == DiskFormat::Qcow2),
             })
             .collect();
         let network_interfaces = config

@@ -219,6 +219,23 @@ pub fn lkvm_dir() -> PathBuf {
     user_home().join(".lkvm")
 }
 
+/// Whether a guest may be given the host directory `dir` (canonical) to write: not the host's
+/// /, nor lkvm's own directory (its sockets, the rootfs of the next run) or the warm-sandbox
+/// cache (snapshots lkvm restores), nor a directory holding either.
+pub fn check_guest_writable(dir: &Path) -> Result<(), String> {
+    if dir == Path::new("/") {
+        return Err("the host's / stays read-only; name the directories to write".into());
+    }
+    let cache = crate::rootfs::warm::cache_root();
+    for own in [lkvm_dir(), cache.parent().unwrap_or(&cache).to_path_buf()] {
+        let own = std::fs::canonicalize(&own).unwrap_or(own);
+        if dir.starts_with(&own) || own.starts_with(dir) {
+            return Err(format!("it holds lkvm's {}; name a directory beside it", own.display()));
+        }
+    }
+    Ok(())
+}
+
 /// The user's home: HOME, or the password database's.
 pub fn user_home() -> PathBuf {
     home_dir(std::env::var_os("HOME"), passwd_home)
@@ -281,18 +298,24 @@ fn ensure_private_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Binds a UNIX socket at `path`, replacing one left by a process that died. A socket that
-/// answers is refused (`AddrInUse`), and so is anything at the path that is not a socket: it
-/// is never removed.
+/// Binds a UNIX socket at `path` that only its owner may connect to (mode 0600 whatever the
+/// umask), replacing one left by a process that died. A socket that answers is refused
+/// (`AddrInUse`), and so is anything at the path that is not a socket: it is never removed.
 pub fn bind_replacing_stale(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() || UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, "in use (or not a socket)"));
         }
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
+    let socket = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    rustix::net::bind(&socket, &SocketAddrUnix::new(path)?)?;
+    // Nobody can connect before listen: the mode is set while the socket takes no one.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    rustix::net::listen(&socket, 128)?;
+    Ok(UnixListener::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// The pause after a failed accept. Out of descriptors (EMFILE) it fails until one is closed,

@@ -30,10 +30,34 @@ pub enum IoEngine {
     Async,
 }
 
-/// How the user asked for a disk (`-d PATH[,ro][,direct][,snapshot][,backing=PATH][,sync|,async]`).
+/// An image's format as the user named it. Without one, lkvm probes the image's first bytes,
+/// as QEMU does, and guards a probed raw image against writes that would change what it probes as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<DiskFormat, String> {
+        match name {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            other => Err(format!("unknown disk format '{other}' (known: raw, qcow2)")),
+        }
+    }
+}
+
+/// How the user asked for a disk (`-d PATH[,format=F][,ro][,direct][,snapshot][,backing=PATH][,sync|,async]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     pub path: PathBuf,
+    /// None: probed from the image's first bytes.
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
     pub read_only: bool,
     pub direct: bool,
     /// The guest writes to a temporary overlay, discarded at exit; the image is not written.
@@ -66,10 +90,11 @@ impl DiskSpec {
                 None if option == "async" => spec.io_engine = IoEngine::Async,
                 None if option == "sync" => spec.io_engine = IoEngine::Sync,
                 Some(("backing", file)) if !file.is_empty() => spec.backing = Some(file.into()),
+                Some(("format", name)) => spec.format = Some(name.parse().map_err(|e| format!("-d {arg}: {e}"))?),
                 Some((key, value)) if spec.rate_limit.parse_option(key, value).map_err(|e| format!("-d {arg}: {e}"))? => {}
                 _ => {
                     return Err(format!(
-                    "-d {arg}: unknown disk option '{option}' (known: ro, direct, snapshot, backing=PATH, async, sync, bw=SIZE/MS, ops=N/MS)"
+                    "-d {arg}: unknown disk option '{option}' (known: format=raw|qcow2, ro, direct, snapshot, backing=PATH, async, sync, bw=SIZE/MS, ops=N/MS)"
                 ))
                 }
             }
@@ -111,11 +136,25 @@ pub struct DiskImage {
     read_only: bool,
     io_engine: IoEngine,
     direct: bool,
+    /// A writable image probed as raw: its head may not be written to look like another format
+    /// (a guest could otherwise plant a qcow2 header naming any host file as its backing file).
+    guard_head: bool,
 }
 
 /// Images of formats lkvm does not serve, by their magic: named rather than served as raw.
 const OTHER_FORMATS: &[(&[u8], &str)] =
     &[(b"QED\0", "QED"), (b"KDMV", "VMDK"), (b"vhdxfile", "VHDX"), (b"# Disk DescriptorFile", "VMDK")];
+
+/// How many leading bytes probing reads: enough for every magic above.
+const PROBE_LEN: usize = 32;
+
+/// The format an image's first bytes claim, if any but raw.
+fn probed_format(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(qcow2::MAGIC) {
+        return Some("qcow2");
+    }
+    OTHER_FORMATS.iter().find(|(magic, _)| head.starts_with(magic)).map(|(_, name)| *name)
+}
 
 impl DiskImage {
     pub fn open(spec: &DiskSpec) -> Result<DiskImage, OpenError> {
@@ -127,23 +166,43 @@ impl DiskImage {
         if !meta.is_file() && !meta.file_type().is_block_device() {
             return Err(fail("is neither a regular file nor a block device".into()));
         }
-        let probe = File::open(&spec.path).map_err(|e| fail(e.to_string()))?;
-        let mut head = [0u8; 32];
-        let n = probe.read_at(&mut head, 0).map_err(|e| fail(e.to_string()))?;
-        if let Some((_, name)) = OTHER_FORMATS.iter().find(|(magic, _)| head[..n].starts_with(magic)) {
-            return Err(fail(format!("a {name} image: lkvm takes raw and qcow2 images (qemu-img convert -O qcow2)")));
-        }
-        let is_qcow2 = head[..n].starts_with(qcow2::MAGIC);
-        drop(probe);
-        if spec.backing.is_some() && !is_qcow2 {
+        let format = match spec.format {
+            Some(format) => format,
+            None => {
+                let probe = File::open(&spec.path).map_err(|e| fail(e.to_string()))?;
+                let mut head = [0u8; PROBE_LEN];
+                let n = probe.read_at(&mut head, 0).map_err(|e| fail(e.to_string()))?;
+                let format = match probed_format(&head[..n]) {
+                    None => DiskFormat::Raw,
+                    Some("qcow2") => DiskFormat::Qcow2,
+                    Some(name) => {
+                        return Err(fail(format!(
+                            "a {name} image: lkvm takes raw and qcow2 images (qemu-img convert -O qcow2)"
+                        )))
+                    }
+                };
+                let name = if format == DiskFormat::Raw { "raw" } else { "qcow2" };
+                let guard = if format == DiskFormat::Raw && !spec.read_only && !spec.snapshot {
+                    "; the guest may not write its first sector to look like another format"
+                } else {
+                    ""
+                };
+                tracing::warn!(
+                    "disk {}: no format named, probed as {name}{guard}; add ,format={name} to name it",
+                    spec.path.display()
+                );
+                format
+            }
+        };
+        if spec.backing.is_some() && format != DiskFormat::Qcow2 {
             return Err(fail("backing= is for qcow2 images; this one is raw".into()));
         }
         let backing = spec.backing.as_deref();
         let (backend, size): (Box<dyn DiskBackend>, u64) = if spec.snapshot {
-            let overlay = qcow2::ImagoDisk::overlay(&spec.path, spec.direct, backing).map_err(fail)?;
+            let overlay = qcow2::ImagoDisk::overlay(&spec.path, format, spec.direct, backing).map_err(fail)?;
             let size = overlay.size();
             (Box::new(overlay), size)
-        } else if is_qcow2 {
+        } else if format == DiskFormat::Qcow2 {
             let image = qcow2::ImagoDisk::open(&spec.path, !spec.read_only, spec.direct, backing).map_err(fail)?;
             let size = image.size();
             (Box::new(image), size)
@@ -164,7 +223,15 @@ impl DiskImage {
                 spec.path.display()
             );
         }
-        Ok(DiskImage { backend, size, read_only: spec.read_only, io_engine: spec.io_engine, direct: spec.direct })
+        let guard_head = spec.format.is_none() && format == DiskFormat::Raw && !spec.read_only && !spec.snapshot;
+        Ok(DiskImage {
+            backend,
+            size,
+            read_only: spec.read_only,
+            io_engine: spec.io_engine,
+            direct: spec.direct,
+            guard_head,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -189,7 +256,26 @@ impl DiskImage {
         self.backend.read_at(buf, offset)
     }
 
+    /// Whether a write at `offset` must go through `write_at`'s check of the image's head
+    /// (the async engine leaves such writes to the synchronous path).
+    pub fn checks_write_at(&self, offset: u64) -> bool {
+        self.guard_head && offset < PROBE_LEN as u64
+    }
+
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.checks_write_at(offset) {
+            let mut head = [0u8; PROBE_LEN];
+            let _ = self.backend.read_at(&mut head, 0);
+            let start = offset as usize;
+            let n = buf.len().min(PROBE_LEN - start);
+            head[start..start + n].copy_from_slice(&buf[..n]);
+            if let Some(name) = probed_format(&head) {
+                crate::guest_warn!(
+                    "the guest wrote a {name} header to a disk probed as raw: refused (name the format with ,format=raw to allow it)"
+                );
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a write that changes the probed format"));
+            }
+        }
         self.backend.write_at(buf, offset)
     }
 
@@ -294,6 +380,39 @@ mod tests {
         assert_eq!(DiskSpec::parse("a.img").unwrap().io_engine, IoEngine::Async);
         assert_eq!(DiskSpec::parse("a.img,sync").unwrap().io_engine, IoEngine::Sync);
         assert!(DiskSpec::parse(",ro").is_err());
+        assert_eq!(DiskSpec::parse("a.img,format=qcow2").unwrap().format, Some(DiskFormat::Qcow2));
+        assert!(DiskSpec::parse("a.img,format=vmdk").unwrap_err().contains("unknown disk format 'vmdk'"));
+    }
+
+    #[test]
+    fn a_probed_raw_image_keeps_probing_as_raw_unless_its_format_is_named() {
+        let dir = std::env::temp_dir().join(format!("lkvm-disk-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.img");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let mut planted = vec![0u8; 512];
+        planted[..4].copy_from_slice(qcow2::MAGIC);
+        let probed = DiskImage::open(&DiskSpec::new(&path)).unwrap();
+        assert!(probed.checks_write_at(0) && !probed.checks_write_at(512));
+        let refused = probed.write_at(&planted, 0).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied);
+        // Its last bytes alone complete no magic either: the check merges them with the head.
+        probed.write_at(&planted[..2], 0).unwrap();
+        assert!(probed.write_at(&planted[2..4], 2).is_err());
+        probed.write_at(b"plain data", 0).unwrap();
+        probed.write_at(&planted, 4096).unwrap();
+        drop(probed);
+        assert!(!std::fs::read(&path).unwrap().starts_with(qcow2::MAGIC));
+
+        let named = DiskImage::open(&DiskSpec { format: Some(DiskFormat::Raw), ..DiskSpec::new(&path) }).unwrap();
+        assert!(!named.checks_write_at(0));
+        named.write_at(&planted, 0).unwrap();
+        let read_only =
+            DiskImage::open(&DiskSpec { read_only: true, format: Some(DiskFormat::Raw), ..DiskSpec::new(&path) });
+        let mut head = [0u8; 4];
+        read_only.unwrap().read_at(&mut head, 0).unwrap();
+        assert_eq!(&head, qcow2::MAGIC, "named raw: served as it is, header bytes and all");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -10,12 +10,11 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use imago::format::gate::ImplicitOpenGate;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, StorageOpenOptions};
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, StorageOpenOptions};
 
-use super::DiskBackend;
+use super::{DiskBackend, DiskFormat};
 
 type ImagoFile = imago::file::File;
 type Image = FormatAccess<ImagoFile>;
@@ -45,21 +44,16 @@ impl ImagoDisk {
     /// Opens the qcow2 image at `path` and its backing chain (`backing` replaces the one the
     /// image names). Errors are one line, for the user.
     pub fn open(path: &Path, writable: bool, direct: bool, backing: Option<&Path>) -> Result<ImagoDisk, String> {
-        let storage = open_file(path, writable, direct).map_err(|e| e.to_string())?;
-        let mut builder = Qcow2::<ImagoFile>::builder(storage).write(writable);
-        if let Some(backing) = backing {
-            builder = builder.backing(Some(open_any(backing, direct)?));
-        }
-        let image = builder.open(Gate).map_err(|e| explain(&e))?;
-        Ok(ImagoDisk { image: RwLock::new(FormatAccess::new(image)) })
+        let image = open_qcow2(path, writable, direct, backing, 0)?;
+        Ok(ImagoDisk { image: RwLock::new(image) })
     }
 
-    /// The image at `path` (qcow2 or raw, never written: it is locked as a reader) under a new
-    /// qcow2 overlay in the host's temporary directory, deleted as soon as it is made.
-    pub fn overlay(path: &Path, direct: bool, backing: Option<&Path>) -> Result<ImagoDisk, String> {
-        let base = Arc::new(match backing {
-            Some(_) => ImagoDisk::open(path, false, direct, backing)?.image.into_inner().unwrap(),
-            None => open_any(path, direct)?,
+    /// The image at `path` (never written: it is locked as a reader) under a new qcow2
+    /// overlay in the host's temporary directory, deleted as soon as it is made.
+    pub fn overlay(path: &Path, format: DiskFormat, direct: bool, backing: Option<&Path>) -> Result<ImagoDisk, String> {
+        let base = Arc::new(match format {
+            DiskFormat::Qcow2 => open_qcow2(path, false, direct, backing, 0)?,
+            DiskFormat::Raw => open_raw(path, direct)?,
         });
         let dir = std::env::temp_dir();
         let overlay = tempfile_in(&dir).map_err(|e| format!("a temporary overlay in {}: {e}", dir.display()))?;
@@ -112,27 +106,6 @@ impl DiskBackend for ImagoDisk {
     }
 }
 
-/// Opens a backing file named by an image: read-only, checked and locked as ours are.
-#[derive(Clone, Copy, Default)]
-struct Gate;
-
-impl ImplicitOpenGate<ImagoFile> for Gate {
-    fn open_format<F: FormatDriverBuilder<ImagoFile>>(&mut self, builder: F) -> io::Result<Image> {
-        Ok(FormatAccess::new(builder.open(*self)?))
-    }
-
-    fn open_storage(&mut self, options: StorageOpenOptions) -> io::Result<ImagoFile> {
-        let path = options.get_filename().ok_or_else(|| io::Error::other("a backing file without a name"))?;
-        if options.get_writable() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{}: qcow2 external data files are not supported", path.display()),
-            ));
-        }
-        open_file(path, false, options.get_direct())
-    }
-}
-
 /// Opens, checks and locks one file of an image chain.
 fn open_file(path: &Path, writable: bool, direct: bool) -> io::Result<ImagoFile> {
     open_checked(path, writable, direct).map(|(file, _)| file)
@@ -163,15 +136,85 @@ fn open_checked(path: &Path, writable: bool, direct: bool) -> io::Result<(ImagoF
     Ok((ImagoFile::from_open_file(file, options)?, qcow2))
 }
 
-/// Opens a qcow2 or raw image read-only, with its backing chain.
-fn open_any(path: &Path, direct: bool) -> Result<Image, String> {
-    let (storage, qcow2) = open_checked(path, false, direct).map_err(|e| e.to_string())?;
-    let image = if qcow2 {
-        FormatAccess::new(Qcow2::<ImagoFile>::builder(storage).write(false).open(Gate).map_err(|e| explain(&e))?)
-    } else {
-        FormatAccess::new(Raw::builder(storage).write(false).open(Gate).map_err(|e| explain(&e))?)
+/// Backing chains deeper than this are refused: a chain that names itself would never end.
+const MAX_CHAIN: usize = 16;
+
+/// Opens one qcow2 image and, read-only, the backing chain its header names (or `backing`).
+fn open_qcow2(
+    path: &Path,
+    writable: bool,
+    direct: bool,
+    backing: Option<&Path>,
+    depth: usize,
+) -> Result<Image, String> {
+    let storage = open_file(path, writable, direct).map_err(|e| explain(&e))?;
+    let mut qcow2 = Qcow2::<ImagoFile>::open_image(storage, writable).map_err(|e| explain(&e))?;
+    if qcow2.requires_external_data_file() {
+        return Err(format!("{}: qcow2 external data files are not supported", path.display()));
+    }
+    qcow2.set_data_file(None);
+    let backing = match backing {
+        Some(named) => Some(open_probed(named, direct, depth + 1)?),
+        None => open_implicit_backing(&qcow2, path, direct, depth + 1)?,
     };
-    Ok(image)
+    qcow2.set_backing(backing);
+    Ok(FormatAccess::new(qcow2))
+}
+
+/// The backing file a header names, in the format the header records. That format is never
+/// probed: a raw backing file that some guest once wrote could claim to be qcow2 and name any
+/// host file as its own backing file.
+fn open_implicit_backing(
+    qcow2: &Qcow2<ImagoFile>,
+    path: &Path,
+    direct: bool,
+    depth: usize,
+) -> Result<Option<Image>, String> {
+    let Some(name) = qcow2.implicit_backing_file() else { return Ok(None) };
+    if depth > MAX_CHAIN {
+        return Err(format!(
+            "{}: a backing chain of more than {MAX_CHAIN} images (does it name itself?)",
+            path.display()
+        ));
+    }
+    // Relative names are resolved beside the image, as QEMU resolves them.
+    let file = path.parent().unwrap_or(Path::new(".")).join(name);
+    match qcow2.implicit_backing_format().map(String::as_str) {
+        Some("qcow2") => open_qcow2(&file, false, direct, None, depth).map(Some),
+        Some("raw") | Some("file") => open_raw(&file, direct).map(Some),
+        Some(other) => {
+            Err(format!("{}: backing file {name} is a {other} image, which lkvm does not serve", path.display()))
+        }
+        None => {
+            let raw = open_raw(&file, direct)?;
+            let mut head = [0u8; 4];
+            if raw.read(&mut head[..], 0).is_ok() && &head == MAGIC {
+                return Err(format!(
+                    "{}: its header records no format for backing file {name}, which looks like qcow2; name it with `qemu-img rebase -u -F qcow2 -b {name} {}` (lkvm does not probe backing files)",
+                    path.display(),
+                    path.display()
+                ));
+            }
+            Ok(Some(raw))
+        }
+    }
+}
+
+/// A file the user named (`backing=`), read-only, in the format its first bytes give.
+fn open_probed(path: &Path, direct: bool, depth: usize) -> Result<Image, String> {
+    let (storage, qcow2) = open_checked(path, false, direct).map_err(|e| e.to_string())?;
+    drop(storage);
+    if qcow2 {
+        open_qcow2(path, false, direct, None, depth)
+    } else {
+        open_raw(path, direct)
+    }
+}
+
+fn open_raw(path: &Path, direct: bool) -> Result<Image, String> {
+    let storage = open_file(path, false, direct).map_err(|e| explain(&e))?;
+    let raw = Raw::builder(storage).write(false).open(DenyImplicitOpenGate::default()).map_err(|e| explain(&e))?;
+    Ok(FormatAccess::new(raw))
 }
 
 /// imago's errors carry their context; a missing backing file is the common case to name.
@@ -243,6 +286,13 @@ mod tests {
     use std::path::PathBuf;
     use std::process::Command;
 
+    /// One test at a time: a qemu-img that another test forks holds, until it execs, copies of
+    /// this test's descriptors and with them its image locks.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn qemu_img(args: &[&str]) -> String {
         let out = Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils) is installed");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -277,6 +327,7 @@ mod tests {
 
     #[test]
     fn a_chain_reads_its_backing_and_writes_only_the_top_image_as_qemu_reads_it() {
+        let _serial = serial();
         let dir = scratch("chain");
         let base = dir.join("base.raw");
         std::fs::write(&base, pattern(4 << 20, 1)).unwrap();
@@ -339,7 +390,54 @@ mod tests {
     }
 
     #[test]
+    fn a_backing_chain_goes_only_where_headers_name_it_never_where_a_probe_would() {
+        let _serial = serial();
+        let dir = scratch("planted");
+        let secret = dir.join("secret");
+        std::fs::write(&secret, b"the host's secret").unwrap();
+        // A raw image a guest once wrote: a qcow2 header naming the secret as its backing file.
+        let planted = dir.join("planted.raw");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            secret.to_str().unwrap(),
+            "-F",
+            "raw",
+            planted.to_str().unwrap(),
+            "1M",
+        ]);
+        let header = std::fs::read(&planted).unwrap();
+        let top = dir.join("top.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", "planted.raw", "-F", "raw", top.to_str().unwrap(), "1M"]);
+        let disk = open(&top).unwrap();
+        assert_eq!(read(&disk, 0, 64), header[..64], "the backing file is served as the raw image it was named as");
+        drop(disk);
+
+        // Without a recorded backing format, a backing file with qcow2's magic is refused, not probed.
+        // (qemu-img no longer writes such headers: the format's header extension is renamed away.)
+        let mut header = std::fs::read(&top).unwrap();
+        let at = header.windows(4).position(|w| w == 0xe279_2acau32.to_be_bytes()).expect("a backing format extension");
+        header[at..at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        std::fs::write(&top, header).unwrap();
+        let refused = refusal(&top);
+        assert!(refused.contains("records no format") && refused.contains("qemu-img rebase"), "{refused}");
+
+        let looped = dir.join("loop.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", looped.to_str().unwrap(), "1M"]);
+        qemu_img(&["rebase", "-q", "-u", "-b", "loop.qcow2", "-F", "qcow2", looped.to_str().unwrap()]);
+        // Read-only, so the locks that stop a writer from being its own backing file allow it.
+        let looped =
+            DiskImage::open(&DiskSpec { read_only: true, ..DiskSpec::new(&looped) }).err().unwrap().to_string();
+        assert!(looped.contains("name itself"), "{looped}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn compressed_clusters_read_and_discard_deallocates() {
+        let _serial = serial();
         let dir = scratch("compressed");
         let raw = dir.join("data.raw");
         let mut data = pattern(2 << 20, 4);
@@ -365,6 +463,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_overlay_takes_the_writes_and_the_image_stays_as_it_was() {
+        let _serial = serial();
         let dir = scratch("overlay");
         let raw = dir.join("disk.raw");
         std::fs::write(&raw, pattern(1 << 20, 6)).unwrap();
@@ -387,6 +486,7 @@ mod tests {
 
     #[test]
     fn images_lkvm_cannot_serve_safely_are_refused_with_a_reason() {
+        let _serial = serial();
         let dir = scratch("refused");
         let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
         // crypt_method 2 (LUKS) in the header; qemu-img's own LUKS creation times its key

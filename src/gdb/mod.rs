@@ -74,15 +74,8 @@ impl Listener {
     pub fn bind(address: &GdbAddress) -> io::Result<Listener> {
         let listener = match address {
             GdbAddress::Tcp(port) => Listener::Tcp(TcpListener::bind((Ipv4Addr::LOCALHOST, *port))?),
-            GdbAddress::Unix(path) => {
-                // A stale socket from an earlier run is replaced; anything else is not.
-                if std::fs::symlink_metadata(path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    std::fs::remove_file(path)?;
-                }
-                Listener::Unix(UnixListener::bind(path)?, path.clone())
-            }
+            // Only its owner may connect: gdb can read and write the guest, and run it.
+            GdbAddress::Unix(path) => Listener::Unix(crate::control::bind_replacing_stale(path)?, path.clone()),
         };
         match &listener {
             Listener::Tcp(l) => l.set_nonblocking(true)?,

@@ -87,8 +87,7 @@ pub struct NetSpec {
     /// still work).
     #[serde(default)]
     pub restrict: bool,
-    /// User mode: whether the host address reaches the host's loopback; unset, yes for `run`
-    /// and no for `sandbox`.
+    /// User mode: whether the host address reaches the host's loopback (unset: no).
     #[serde(default)]
     pub host_loopback: Option<bool>,
 }
@@ -259,7 +258,7 @@ mod tests {
         assert!(NetSpec::parse("mode=tap,hostfwd=tcp:1:2").unwrap_err().contains("needs mode=user"));
         let confined = NetSpec::parse("mode=user,restrict=on,host_loopback=off").unwrap();
         assert_eq!((confined.restrict, confined.host_loopback), (true, Some(false)));
-        assert_eq!(NetSpec::parse("mode=user").unwrap().host_loopback, None, "up to the command");
+        assert_eq!(NetSpec::parse("mode=user").unwrap().host_loopback, None, "off unless asked");
         assert!(NetSpec::parse("restrict=yes").unwrap_err().contains("use on or off"));
         assert!(NetSpec::parse("mode=tap,restrict=on").unwrap_err().contains("need mode=user"));
         let limited = NetSpec::parse("mode=tap,rx_bw=1M/100,tx_ops=10/1000").unwrap();

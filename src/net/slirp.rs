@@ -308,7 +308,8 @@ fn run(
         if_mtu: MTU,
         if_mru: MTU,
         // Unless disabled, traffic to the host address goes to the host's loopback.
-        disable_host_loopback: spec.host_loopback == Some(false),
+        // The host's loopback services (a gdb stub, databases, agents) trust local users only.
+        disable_host_loopback: spec.host_loopback != Some(true),
         enable_emu: false,
         outbound_addr: std::ptr::null(),
         outbound_addr6: std::ptr::null(),

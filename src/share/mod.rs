@@ -128,6 +128,8 @@ pub struct Share {
     /// session is rebuilt from.
     open_flags: HashMap<u32, u32>,
     msize: Option<u32>,
+    /// How many fids the guest may hold (`fid_cap` when the share was opened).
+    max_fids: usize,
 }
 
 /// A guest's 9P session, as a snapshot keeps it: its fids by path, not by host descriptor.
@@ -145,6 +147,19 @@ const NOFID: u32 = u32::MAX;
 const SCRATCH_FID: u32 = u32::MAX - 1;
 /// Names per Twalk (P9_MAXWELEM).
 const MAX_WALK_NAMES: usize = 16;
+/// Fids a guest may hold on one share: each holds a host descriptor and a path copy, and a
+/// guest that never clunks must get errors, not exhaust lkvm's descriptors or memory. At most
+/// an eighth of the descriptors lkvm may open go to one share.
+pub const MAX_FIDS: usize = 16384;
+
+fn fid_cap() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes this struct only.
+    let open_files =
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 1024 };
+    (open_files as usize / 8).clamp(16, MAX_FIDS)
+}
+const TXATTRWALK: u8 = 30;
 
 impl Share {
     pub fn open(spec: &ShareSpec) -> Result<Share, OpenError> {
@@ -163,6 +178,7 @@ impl Share {
             fid_paths: HashMap::new(),
             open_flags: HashMap::new(),
             msize: None,
+            max_fids: fid_cap(),
         })
     }
 
@@ -420,6 +436,14 @@ impl Share {
 
     /// Refuses, with an errno, a message that names something outside one directory level or
     /// writes to a read-only share. Malformed messages pass: the server's decoder rejects them.
+    /// A message that makes `newfid` is refused once the guest holds as many fids as it may.
+    fn check_fid_room(&self, newfid: u32) -> Result<(), Stop> {
+        if self.fid_paths.len() >= self.max_fids && !self.fid_paths.contains_key(&newfid) {
+            return Err(Stop::Refused(libc::EMFILE));
+        }
+        Ok(())
+    }
+
     fn vet(&mut self, message: &mut [u8]) -> Result<(), i32> {
         match self.vet_fields(message) {
             Ok(()) | Err(Stop::Truncated) => Ok(()),
@@ -450,10 +474,20 @@ impl Share {
         // Fields follow size[4] type[1] tag[2]; layouts as in the Linux client.
         let mut fields = Fields { message, at: 7 };
         match kind {
+            TATTACH | TXATTRWALK => {
+                let newfid =
+                    if kind == TATTACH { fields.u32()? } else { fields.skip(4).and_then(|()| fields.u32())? };
+                self.check_fid_room(newfid)?;
+            }
             TWALK => {
-                fields.skip(8)?; // fid, newfid
+                let (fid, newfid) = (fields.u32()?, fields.u32()?);
+                self.check_fid_room(newfid)?;
+                let mut path_len = self.fid_paths.get(&fid).map_or(0, |p| p.as_os_str().len());
                 for _ in 0..fields.u16()? {
-                    fields.name()?;
+                    path_len += fields.name()?.len() + 1;
+                }
+                if path_len > libc::PATH_MAX as usize {
+                    return Err(Stop::Refused(libc::ENAMETOOLONG));
                 }
             }
             TLOPEN => {

@@ -500,3 +500,25 @@ fn a_saved_session_reopens_its_fids_by_path_on_a_new_server() {
     assert_eq!(restored.call(TGETATTR, Msg::default().u32(3).u64(P9_GETATTR_BASIC)), Err(libc::EBADF as u32));
     assert_eq!(fs::read(share.join("a/new")).unwrap(), b"created");
 }
+
+#[test]
+fn a_guest_that_never_clunks_gets_errors_not_lkvms_descriptors() {
+    let dir = TempDir::new("fids");
+    let share = dir.share();
+    fs::create_dir(share.join("d")).unwrap();
+    let mut c = Client::attach(&share, false);
+    let full = c.share.max_fids as u32;
+    assert!(full <= MAX_FIDS as u32);
+    for fid in 1..full {
+        c.walk(ROOT, fid, &["d"]).unwrap();
+    }
+    assert_eq!(c.walk(ROOT, full, &["d"]), Err(libc::EMFILE as u32), "one fid too many");
+    assert_eq!(c.call(TATTACH, Msg::default().u32(full).u32(!0).s("root").s("").u32(0)), Err(libc::EMFILE as u32));
+    c.call(TCLUNK, Msg::default().u32(1)).unwrap();
+    c.walk(ROOT, full, &["d"]).expect("room again after a clunk");
+    // Paths longer than the host's PATH_MAX are refused before anything is copied.
+    let long = "x".repeat(255);
+    let names: Vec<&str> = std::iter::repeat_n(long.as_str(), 16).collect();
+    c.call(TCLUNK, Msg::default().u32(2)).unwrap();
+    assert_eq!(c.walk(full, 2, &names), Err(libc::ENAMETOOLONG as u32), "from d/");
+}

@@ -8,13 +8,16 @@
 //! each request (a guest rewriting its buffer afterwards changes nothing):
 //! - device nodes: mknod of a character or block device is refused (EPERM), and a device node
 //!   already in the share cannot be opened (EACCES): a guest must not drive host devices;
-//! - set-user-ID and set-group-ID bits are cleared from every mode the guest sets;
+//! - set-user-ID and set-group-ID bits are cleared from every mode the guest sets, and from a
+//!   file the guest writes, truncates or allocates, whatever FUSE flags its kernel negotiated
+//!   (with lkvm as root the host kernel would keep them);
 //! - on a read-only share every request that writes is answered EROFS.
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use fuse_backend_rs::abi::fuse_abi::SetattrValid;
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use fuse_backend_rs::api::server::Server;
@@ -32,6 +35,7 @@ const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 const FATTR_MODE: u32 = 1;
 const FATTR_UID: u32 = 1 << 1;
 const FATTR_GID: u32 = 1 << 2;
+const FATTR_SIZE: u32 = 1 << 3;
 const TMPFILE: u32 = 51;
 /// Where each mode field sits in its request, after the header.
 const MKNOD_MODE: usize = IN_HEADER;
@@ -44,6 +48,9 @@ const SETATTR_MODE: usize = IN_HEADER + 4 + 4 + 6 * 8 + 3 * 4;
 /// ... then unused4, uid, gid.
 const SETATTR_UID: usize = SETATTR_MODE + 8;
 const SETATTR_GID: usize = SETATTR_MODE + 12;
+/// The request header's node id; fuse_copy_file_range_in: fh_in, off_in, then nodeid_out.
+const NODE_ID: usize = 16;
+const COPY_OUT_NODE: usize = IN_HEADER + 16;
 
 /// How the user asked for a virtio-fs share.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -160,8 +167,17 @@ impl FsShare {
             }
             o if o == Opcode::Mkdir as u32 => clear_set_id(request, MKDIR_MODE),
             o if o == Opcode::Create as u32 || o == TMPFILE => clear_set_id(request, CREATE_MODE),
+            o if o == Opcode::Write as u32 || o == Opcode::Fallocate as u32 => {
+                self.drop_set_id(read_u64(request, NODE_ID).ok_or(libc::EINVAL)?)?;
+            }
+            o if o == Opcode::CopyFileRange as u32 => {
+                self.drop_set_id(read_u64(request, COPY_OUT_NODE).ok_or(libc::EINVAL)?)?;
+            }
             o if o == Opcode::Setattr as u32 => {
                 let valid = read_u32(request, SETATTR_VALID).unwrap_or(0);
+                if valid & FATTR_SIZE != 0 {
+                    self.drop_set_id(read_u64(request, NODE_ID).ok_or(libc::EINVAL)?)?;
+                }
                 // The owner and group of host files stay; a chown to the current ones passes.
                 if valid & (FATTR_UID | FATTR_GID) != 0 {
                     let node = read_u64(request, 16).ok_or(libc::EINVAL)?;
@@ -187,10 +203,31 @@ impl FsShare {
                 if matches!(stat.st_mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
                     return Err(libc::EACCES);
                 }
+                if flags & libc::O_TRUNC != 0 {
+                    self.drop_set_id(node)?;
+                }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Before the guest changes a file's contents: a set-id file loses those bits (failing
+    /// that, the change is refused).
+    fn drop_set_id(&self, node: u64) -> Result<(), i32> {
+        let context = Context::default();
+        let Ok((mut stat, _)) = self.fs.getattr(&context, node, None) else { return Ok(()) }; // refused later
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG || stat.st_mode & SET_ID_BITS == 0 {
+            return Ok(());
+        }
+        stat.st_mode &= !SET_ID_BITS;
+        match self.fs.setattr(&context, node, stat, None, SetattrValid::MODE) {
+            Ok(_) => Ok(()),
+            // Not the owner: unless lkvm is root, the host kernel itself drops the bits.
+            // SAFETY: geteuid has no arguments.
+            Err(_) if unsafe { libc::geteuid() } != 0 => Ok(()),
+            Err(e) => Err(errno(&e)),
+        }
     }
 }
 
@@ -279,6 +316,39 @@ mod tests {
         assert_eq!(share.check(Opcode::Setattr as u32, &mut short), Ok(()));
         let mut headless = vec![0u8; 10];
         assert_eq!(share.check(Opcode::Mknod as u32, &mut headless), Err(libc::EINVAL));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn writing_truncating_or_allocating_a_set_id_file_clears_the_bits_whatever_the_guest_negotiated() {
+        use std::os::unix::fs::PermissionsExt;
+        let (share, dir) = share(false);
+        let mode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o7777;
+        let setattr_size = {
+            let mut body = vec![0u8; SETATTR_MODE + 16 - IN_HEADER];
+            body[..4].copy_from_slice(&FATTR_SIZE.to_le_bytes());
+            body
+        };
+        let cases: [(&str, Opcode, Vec<u8>); 4] = [
+            ("written", Opcode::Write, vec![0; 40]),
+            ("truncated", Opcode::Setattr, setattr_size),
+            ("opened", Opcode::Open, words(&[(libc::O_RDWR | libc::O_TRUNC) as u32, 0])),
+            ("allocated", Opcode::Fallocate, vec![0; 32]),
+        ];
+        for (name, opcode, body) in cases {
+            std::fs::write(dir.join(name), b"#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o6755)).unwrap();
+            let node = share.fs.lookup(&Context::default(), 1, &CString::new(name).unwrap()).unwrap().inode;
+            let mut message = request(opcode, node, &body);
+            assert_eq!(share.check(opcode as u32, &mut message), Ok(()), "{name}");
+            assert_eq!(mode(name), 0o755, "{name}: no longer set-id");
+        }
+        // Reading leaves the bits.
+        std::fs::set_permissions(dir.join("file"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let file = share.fs.lookup(&Context::default(), 1, c"file").unwrap().inode;
+        let mut open = request(Opcode::Open, file, &words(&[libc::O_RDONLY as u32, 0]));
+        share.check(Opcode::Open as u32, &mut open).unwrap();
+        assert_eq!(mode("file"), 0o4755);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -16,7 +16,7 @@ const PAGE: usize = 4096;
 pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, Error> {
     let fail = |e| Error::Io(path.to_path_buf(), e);
     let partial = path.with_extension("partial");
-    let file = File::create(&partial).map_err(fail)?;
+    let file = super::private_file(&partial).map_err(fail)?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total).map_err(fail)?;
     let mut file_offset = 0u64;

@@ -4,6 +4,7 @@
 //! one snapshot share the host's page cache.
 
 pub mod memory;
+pub mod trust;
 pub mod uffd;
 
 use std::collections::BTreeMap;
@@ -115,10 +116,22 @@ pub fn write_state(path: &Path, state: &VmState) -> Result<u64, Error> {
     let bytes = frame(&encode(state));
     let partial = path.with_extension("partial");
     let fail = |e| Error::Io(path.to_path_buf(), e);
-    let mut file = File::create(&partial).map_err(fail)?;
+    let mut file = private_file(&partial).map_err(fail)?;
     file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(fail)?;
     std::fs::rename(&partial, path).map_err(fail)?;
     Ok(bytes.len() as u64)
+}
+
+/// A new file only its owner can read: a snapshot holds the guest's memory and secrets.
+pub fn private_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+/// Creates `dir` (and its parents) for a snapshot; what is created is its owner's alone.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 /// Reads and checks a state file: magic, version, length and checksum before decoding.

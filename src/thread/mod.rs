@@ -32,6 +32,8 @@ pub enum ThreadKind {
     Gdb,
     /// The main thread, confined once it has built the VM (`confine_current`).
     Vmm,
+    /// Creates every other thread (a confined thread may not); see `spawner`.
+    Spawner,
 }
 
 /// What a device worker reaches on the host besides guest memory and its eventfds.
@@ -66,6 +68,7 @@ impl ThreadKind {
             ThreadKind::Exec => "exec",
             ThreadKind::Gdb => "gdb",
             ThreadKind::Vmm => "VMM",
+            ThreadKind::Spawner => "thread spawner",
         }
     }
 }
@@ -130,14 +133,25 @@ where
 
 type Start = Box<dyn FnOnce() + Send>;
 
-/// The spawner is started by the first confined spawn. That is an unconfined thread: every
-/// confined thread was itself made by the spawner, so it exists before any of them.
+/// The spawner is started by the first confined spawn, by a thread not yet confined. A thread
+/// inherits its creator's filter and adds its own, so the spawner's filter allows what some
+/// kind of thread it makes may call, and creating and confining threads; each thread it makes
+/// then narrows that to its own kind's calls before running any of its own code.
 fn spawner() -> &'static mpsc::Sender<Start> {
     static SPAWNER: OnceLock<mpsc::Sender<Start>> = OnceLock::new();
     SPAWNER.get_or_init(|| {
         let (sender, starts) = mpsc::channel::<Start>();
-        let spawner =
-            std::thread::Builder::new().name("spawner".into()).spawn(move || starts.iter().for_each(|start| start()));
+        let spawner = std::thread::Builder::new().name("spawner".into()).spawn(move || {
+            match seccomp::filter(ThreadKind::Spawner) {
+                Ok(Some(filter)) => seccomp::confine(ThreadKind::Spawner, "spawner", &filter),
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("lkvm: error: the thread spawner's seccomp filter: {e}");
+                    std::process::exit(1);
+                }
+            }
+            starts.iter().for_each(|start| start())
+        });
         if let Err(e) = spawner {
             tracing::error!("cannot start the thread spawner: {e}"); // every spawn then fails
         }

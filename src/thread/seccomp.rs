@@ -307,17 +307,62 @@ impl Ioctls {
     }
 }
 
+/// Every kind the spawner creates.
+const SPAWNED: &[ThreadKind] = &[
+    ThreadKind::Vcpu,
+    ThreadKind::Device(DeviceIo::Memory),
+    ThreadKind::Device(DeviceIo::Disk),
+    ThreadKind::Device(DeviceIo::Network),
+    ThreadKind::Device(DeviceIo::Files),
+    ThreadKind::Device(DeviceIo::Sockets),
+    ThreadKind::NetBackend,
+    ThreadKind::Api,
+    ThreadKind::Console,
+    ThreadKind::Metrics,
+    ThreadKind::Exec,
+    ThreadKind::Gdb,
+];
+
+/// Creating a thread, and what the new thread does before its own filter is in place: glibc's
+/// and std's thread start, entering the Landlock domain, installing the filter.
+const SPAWNING: &[Sysno] = &[
+    Sysno::clone,
+    Sysno::clone3,
+    Sysno::set_robust_list,
+    Sysno::rseq,
+    Sysno::prctl,
+    Sysno::seccomp,
+    Sysno::landlock_restrict_self,
+];
+
+/// The spawner's rules: creating threads, and what any kind it creates may call (a new thread
+/// runs under its creator's filter as well as its own).
+fn spawner_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    // None: any arguments.
+    let mut union: BTreeMap<i64, Option<Vec<SeccompRule>>> =
+        SPAWNING.iter().map(|call| (i64::from(call.id()), None)).collect();
+    for &kind in SPAWNED {
+        for (call, rules) in self::rules(kind) {
+            let entry = union.entry(call).or_insert_with(|| Some(Vec::new()));
+            match entry {
+                None => {}
+                Some(_) if rules.is_empty() => *entry = None,
+                Some(list) => list.extend(rules),
+            }
+        }
+    }
+    union.into_iter().map(|(call, rules)| (call, rules.unwrap_or_default())).collect()
+}
+
 /// What `kind` may call: system call number -> the rules one of which its arguments must
 /// match (none: any arguments).
 fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     use ThreadKind::*;
     let (calls, ioctls): (Vec<&[Sysno]>, &[Ioctls]) = match kind {
         // A vCPU also activates and resets devices (a register write), which opens their host
-        // side: a disk's io_uring, a tap's queues, vsock's connection timer.
-        Vcpu => (
-            vec![&[Sysno::io_uring_setup, Sysno::io_uring_register, Sysno::timerfd_create]],
-            &[Ioctls::Kvm, Ioctls::Tap],
-        ),
+        // side: a tap's queues, vsock's connection timer. A disk's io_uring is made with the
+        // device, before any thread is confined.
+        Vcpu => (vec![&[Sysno::timerfd_create]], &[Ioctls::Kvm, Ioctls::Tap]),
         Device(DeviceIo::Memory) => (vec![], &[]),
         Device(DeviceIo::Disk) => (vec![DISK], &[]),
         Device(DeviceIo::Network) => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Tap]),
@@ -337,6 +382,7 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             vec![SOCKETS, FILES, DISK, &[Sysno::rt_sigaction]],
             &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::Terminal, Ioctls::BlockDevice, Ioctls::Tap],
         ),
+        Spawner => return spawner_rules(),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         BASE.iter().chain(calls.into_iter().flatten()).map(|call| (i64::from(call.id()), Vec::new())).collect();

@@ -208,6 +208,8 @@ impl Vm {
         for (id, value) in &spec.overrides {
             state.config.override_host_resource(id, value).map_err(Error::Config)?;
         }
+        snapshot::trust::check_host_resources(&state.config)
+            .map_err(|e| Error::Config(format!("{}: {e}", spec.state.display())))?;
         let begun = Instant::now();
         let vm = Self::assemble(state.config.clone(), started, Origin::Snapshot(&state, &spec.memory))?;
         tracing::info!("restored the snapshot {} in {} us", spec.state.display(), begun.elapsed().as_micros());

@@ -277,6 +277,21 @@ pub fn guest() -> &'static Guest {
 }
 
 /// FNV-1a 64, as the test guest's init computes it.
+/// A 1 MiB raw image whose first bytes are a qcow2 header naming `secret` as its backing file:
+/// what a guest with a writable raw disk would plant to read a host file on a later run.
+pub fn planted_image(dir: &Path, secret: &Path) -> PathBuf {
+    let path = dir.join("planted.img");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b", secret.to_str().unwrap(), "-F", "raw"])
+        .arg(&path)
+        .arg("1M")
+        .status()
+        .expect("qemu-img (qemu-utils) is installed");
+    assert!(made.success());
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(1 << 20).unwrap();
+    path
+}
+
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
 }

@@ -5,6 +5,7 @@
 //! - `lkvm.shell`: run /bin/sh on the console instead of the checks, then reboot.
 //! - `lkvm.read=DEV:LEN`: checksum (FNV-1a 64) of the first LEN bytes of DEV.
 //! - `lkvm.write=DEV:LEN:SEED`: write LEN bytes of the test pattern for SEED to DEV and fsync.
+//! - `lkvm.copy=SRC:DST:LEN`: copy the first LEN bytes of SRC over DST's and fsync.
 //! - `lkvm.serial=NAME`: the virtio-blk serial of block device NAME.
 //! - `lkvm.hwrng=LEN`: read LEN bytes from /dev/hwrng.
 //! - `lkvm.ifaddr=IF`: the IPv4 address of interface IF.
@@ -288,6 +289,17 @@ fn write_check(arg: &str) {
         Ok(()) => result(&key, "ok"),
         Err(e) => result(&key, &format!("err:{e}")),
     }
+}
+
+fn copy_check(arg: &str) {
+    let [src, dst, len] = arg.split(':').collect::<Vec<_>>()[..] else { return result("copy", "bad-arg") };
+    let mut buf = vec![0u8; len.parse().unwrap_or(0)];
+    let copied = fs::File::open(src).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)).and_then(|()| {
+        let mut f = fs::OpenOptions::new().write(true).open(dst)?;
+        f.write_all(&buf)?;
+        f.sync_all()
+    });
+    result(&format!("copy:{dst}"), &outcome(copied));
 }
 
 fn outcome(r: std::io::Result<()>) -> String {
@@ -900,6 +912,7 @@ fn serial_check(name: &str) {
 const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.read=", read_check),
     ("lkvm.write=", write_check),
+    ("lkvm.copy=", copy_check),
     ("lkvm.serial=", serial_check),
     ("lkvm.hwrng=", hwrng_check),
     ("lkvm.ifaddr=", ifaddr),

@@ -27,7 +27,7 @@ impl BusDevice for BootMarker {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         self.marks += 1;
         let elapsed = self.stats.boot_marker();
-        tracing::info!(
+        crate::guest_info!(
             "boot marker {} (value {:#x}) at {}.{:03} s since start",
             self.marks,
             data[0],

@@ -131,7 +131,7 @@ impl PciConfig {
                 let requested = value & !(bar.size - 1);
                 // All-ones is the sizing probe; reading back gives !(size - 1).
                 if value != 0xffff_ffff && requested != bar.addr && bar.addr != !(bar.size - 1) {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         "guest moved PCI BAR {} to {requested:#x}; lkvm keeps BARs where it put them",
                         reg - REG_BAR0
                     );

@@ -108,6 +108,9 @@ pub struct Block {
     media: Arc<DriveMedia>,
     read_only: bool,
     id: [u8; ID_BYTES],
+    /// The async engine's ring, made with the device (before lkvm's threads are confined: no
+    /// thread that serves the guest may create rings) and lent to each activation's worker.
+    ring: Option<Uring<Pending>>,
     worker: Option<Worker<BlockQueue>>,
 }
 
@@ -123,21 +126,27 @@ impl Block {
             interrupt: Mutex::new(None),
             limiter: Mutex::new(RateLimiter::new(limit)?),
         });
-        Ok(Block { media, read_only, id: serial, worker: None })
+        let mut block = Block { media, read_only, id: serial, ring: None, worker: None };
+        block.ring = block.new_ring();
+        Ok(block)
     }
 
     pub fn media(&self) -> Arc<DriveMedia> {
         self.media.clone()
     }
 
-    /// A request handler over this disk, as the device's worker runs it.
-    pub fn request_handler(&self) -> RequestHandler {
-        let disk = self.media.current();
-        let uring = disk.async_fd().and_then(|_| {
+    /// A ring for the async engine, if the disk asks for it and the host has io_uring.
+    pub fn new_ring(&self) -> Option<Uring<Pending>> {
+        self.media.current().async_fd().and_then(|_| {
             Uring::new(u32::from(QUEUE_SIZE))
                 .inspect_err(|e| tracing::info!("io_uring unavailable ({e}): the disk is served synchronously"))
                 .ok()
-        });
+        })
+    }
+
+    /// A request handler over this disk, as the device's worker runs it, on `uring` if given.
+    pub fn request_handler(&self, uring: Option<Uring<Pending>>) -> RequestHandler {
+        let disk = self.media.current();
         RequestHandler { media: self.media.clone(), disk, id: self.id, buffer: BounceBuffer::new(), uring }
     }
 
@@ -191,7 +200,8 @@ impl VirtioDevice for Block {
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
-        let handler = self.request_handler();
+        let ring = self.ring.take();
+        let handler = self.request_handler(ring);
         *self.media.interrupt.lock().unwrap() = Some(interrupt.clone());
         // Events: the queue's kick (0), the async engine's completions, the limiter's timer.
         let mut fds: Vec<_> = handler.uring.as_ref().map(Uring::eventfd).into_iter().collect();
@@ -210,8 +220,11 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    /// Stops the worker (which waits for the requests in flight) and takes its ring back.
     fn reset(&mut self) {
-        self.worker = None;
+        if let Some((_, _, _, handler)) = self.worker.take().and_then(Worker::stop) {
+            self.ring = handler.uring;
+        }
     }
 
     fn workers(&mut self) -> Vec<&mut dyn Lifecycle> {
@@ -402,6 +415,9 @@ impl RequestHandler {
             };
             let len: usize = data.iter().map(|d| d.1).sum();
             let offset = self.range(header.sector, len)?;
+            if write && self.disk.checks_write_at(offset) {
+                return None;
+            }
             // O_DIRECT takes sector-aligned buffers; others go through the aligned bounce buffer.
             let aligned =
                 |&(addr, n): &(u64, usize)| addr.is_multiple_of(SECTOR_SIZE) && (n as u64).is_multiple_of(SECTOR_SIZE);
@@ -593,7 +609,7 @@ pub(crate) mod tests {
         let disk = DiskImage::open(&DiskSpec { read_only, direct, io_engine, ..DiskSpec::new(&path) }).unwrap();
         let block = Block::new(disk, "serial-0123456789abcdefXYZ", &RateLimit::default()).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        Harness { mem, handler: block.request_handler(), block, path }
+        Harness { mem, handler: block.request_handler(block.new_ring()), block, path }
     }
 
     impl Drop for Harness {

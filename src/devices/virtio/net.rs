@@ -392,7 +392,7 @@ pub fn process_control_queue(
                 let switched = (1..=backends.len()).contains(&pairs)
                     && backends.iter().enumerate().all(|(i, backend)| {
                         let result = backend.lock().unwrap().set_active(i < pairs);
-                        result.inspect_err(|e| tracing::warn!("virtio-net: using {pairs} queue pairs: {e}")).is_ok()
+                        result.inspect_err(|e| crate::guest_warn!("virtio-net: using {pairs} queue pairs: {e}")).is_ok()
                     });
                 if switched {
                     VIRTIO_NET_OK

@@ -142,7 +142,7 @@ impl TransportState {
         self.status = status;
         if newly_set & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 {
             if let Err(e) = self.activate(interrupt.clone(), false) {
-                tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+                crate::guest_warn!("virtio device type {}: {e}", self.device.device_type());
                 self.status |= STATUS_NEEDS_RESET;
             }
         }
