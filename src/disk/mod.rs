@@ -172,7 +172,7 @@ impl DiskImage {
                 let probe = File::open(&spec.path).map_err(|e| fail(e.to_string()))?;
                 let mut head = [0u8; PROBE_LEN];
                 let n = probe.read_at(&mut head, 0).map_err(|e| fail(e.to_string()))?;
-                let format = match probed_format(&head[..n]) {
+                match probed_format(&head[..n]) {
                     None => DiskFormat::Raw,
                     Some("qcow2") => DiskFormat::Qcow2,
                     Some(name) => {
@@ -180,18 +180,7 @@ impl DiskImage {
                             "a {name} image: lkvm takes raw and qcow2 images (qemu-img convert -O qcow2)"
                         )))
                     }
-                };
-                let name = if format == DiskFormat::Raw { "raw" } else { "qcow2" };
-                let guard = if format == DiskFormat::Raw && !spec.read_only && !spec.snapshot {
-                    "; the guest may not write its first sector to look like another format"
-                } else {
-                    ""
-                };
-                tracing::warn!(
-                    "disk {}: no format named, probed as {name}{guard}; add ,format={name} to name it",
-                    spec.path.display()
-                );
-                format
+                }
             }
         };
         if spec.backing.is_some() && format != DiskFormat::Qcow2 {
@@ -224,6 +213,15 @@ impl DiskImage {
             );
         }
         let guard_head = spec.format.is_none() && format == DiskFormat::Raw && !spec.read_only && !spec.snapshot;
+        if spec.format.is_none() {
+            let name = if format == DiskFormat::Raw { "raw" } else { "qcow2" };
+            let guard =
+                if guard_head { "; the guest may not write its first sector to look like another format" } else { "" };
+            tracing::warn!(
+                "disk {}: no format named, probed as {name}{guard}; add ,format={name} to name it",
+                spec.path.display()
+            );
+        }
         Ok(DiskImage {
             backend,
             size,
