@@ -85,6 +85,8 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let mut fc =
         spawn_counting(&firecracker_link(&dir), &["--api-sock", sock.to_str().unwrap(), "--id", "fc-payload"], &dir);
     wait_for("the API socket", Duration::from_secs(10), || sock.exists());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "only its owner may drive the VM");
     // A client that connects and says nothing does not hold up the others.
     let idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
 

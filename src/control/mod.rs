@@ -511,8 +511,36 @@ impl Drop for Server {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn sockets_are_their_owners_alone_whatever_the_umask() {
+        use super::*;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("lkvm-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = bind_replacing_stale(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let _client = UnixStream::connect(&path).unwrap();
+        assert!(listener.accept().is_ok(), "it listens");
+        drop(listener);
+        assert!(bind_replacing_stale(&path).is_ok(), "a dead socket is replaced");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_guest_writes_neither_the_hosts_root_nor_lkvms_own_directories() {
+        use super::*;
+        assert!(check_guest_writable(Path::new("/")).unwrap_err().contains("stays read-only"));
+        let cache = user_home().join(".cache");
+        assert!(check_guest_writable(&cache).unwrap_err().contains("it holds lkvm's"), "--rw ~/.cache");
+        assert!(check_guest_writable(&user_home()).is_err(), "--rw ~ holds ~/.lkvm");
+        assert!(check_guest_writable(&lkvm_dir().join("default")).is_err());
+        assert_eq!(check_guest_writable(&user_home().join("src")), Ok(()));
+    }
+
+    #[test]
     fn lkvm_dir_is_the_users_never_a_shared_one() {
         use super::*;
+
         use std::os::unix::fs::MetadataExt;
         let from_passwd = || Some(PathBuf::from("/home/me"));
         assert_eq!(home_dir(Some("/h".into()), from_passwd), Path::new("/h"));
