@@ -149,6 +149,10 @@ fn exit_status(exit: &VmExit) -> ExitCode {
     }
 }
 
+/// What `lkvm sandbox` shows of the host's / by default, besides the current and --rw
+/// directories: the system's programs, libraries and configuration (secrets hidden).
+const SANDBOX_VIEW: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc"];
+
 /// Boots (or restores) a guest on lkvm's root filesystem, runs the command in it over vsock
 /// and exits with the command's status.
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
@@ -173,11 +177,27 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
         Ok(rules) => rules,
         Err(msg) => return fail(&msg),
     };
+    let cwd = match std::env::current_dir().and_then(std::fs::canonicalize) {
+        Ok(cwd) => cwd,
+        Err(e) => return fail(&format!("the current directory: {e}")),
+    };
     // Its warm start restores a snapshot, which virtio-fs shares cannot be part of.
-    let config = match prepare(args.run, RootfsTransports::NinePOnly) {
+    let mut config = match prepare(args.run, RootfsTransports::NinePOnly) {
         Ok(config) => config,
         Err(msg) => return fail(&msg),
     };
+    if args.host_view == "system" {
+        let writable = config.root_share.as_ref().map(|r| r.writable.clone()).unwrap_or_default();
+        let view = SANDBOX_VIEW.iter().map(std::path::PathBuf::from).chain([cwd]).chain(writable).collect::<Vec<_>>();
+        for share in config.shares.iter_mut().filter(|s| s.spec.tag == lkvm::rootfs::HOST_TAG) {
+            share.spec.view = view.clone();
+        }
+    }
+    // The command reaches the internet, not the host's network neighbours, unless asked
+    // (`-n mode=user,lan=on`).
+    for net in config.nets.iter_mut().filter(|n| n.spec.mode == lkvm::net::NetMode::User) {
+        net.spec.lan.get_or_insert(false);
+    }
     let (Some(_), Some(vsock)) = (config.lkvm_rootfs(), config.vsock.clone()) else {
         return fail(
             "lkvm sandbox needs lkvm's root filesystem: give no disk image, or -d NAME of an `lkvm setup` guest",

@@ -33,7 +33,7 @@ fn bad_seccomp_rate_limit_and_network_options() {
     let out = run_lkvm(&["run", "-k", &kernel, "--rng=ops=5/0"], None, TIMEOUT);
     assert_one_line_error(&out, "--rng: ops=5/0");
     let out = run_lkvm(&["run", "-k", &kernel, "-n", "mode=tap,restrict=on"], None, TIMEOUT);
-    assert_one_line_error(&out, "restrict and host_loopback need mode=user");
+    assert_one_line_error(&out, "restrict, host_loopback and lan need mode=user");
     let out = run_lkvm(&["run", "-k", &kernel, "--landlock", "--landlock-rules", "path=/srv"], None, TIMEOUT);
     assert_one_line_error(&out, "--landlock-rules path=/srv: give path=PATH,access=r|rw");
     let out = run_lkvm(&["run", "-k", &kernel, "--uid", "1000"], None, TIMEOUT);

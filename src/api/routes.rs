@@ -340,7 +340,13 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
     if let Some(vsock) = &request.vsock_override {
         overrides.push((VSOCK_ID.to_string(), vsock.uds_path.display().to_string()));
     }
-    let spec = RestoreSpec { state: request.snapshot_path, memory, name: api.name.clone(), overrides };
+    let spec = RestoreSpec {
+        state: request.snapshot_path,
+        memory,
+        name: api.name.clone(),
+        overrides,
+        share_views: Vec::new(),
+    };
     let (reply, answer) = mpsc::channel();
     let restore = VmmRequest::Restore { spec: Box::new(spec), resume: request.resume_vm, reply };
     api.vmm.lock().unwrap().send(restore).map_err(|_| "the VMM thread is gone")?;

@@ -151,6 +151,10 @@ pub struct SandboxArgs {
     /// Boot the guest instead of restoring the cached snapshot of a ready one (see README)
     #[arg(long)]
     pub cold: bool,
+    /// What of the host's / the command sees: `system` (its programs, libraries and /etc
+    /// without secrets, the current directory and --rw directories) or `full`
+    #[arg(long, value_name = "system|full", default_value = "system", value_parser = ["system", "full"])]
+    pub host_view: String,
     /// The command to run in the guest, and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -269,6 +273,7 @@ impl RunArgs {
             memory: crate::snapshot::MemoryBackend::File(dir.join(crate::snapshot::MEMORY_FILE)),
             name,
             overrides,
+            share_views: Vec::new(),
         })
     }
 
@@ -639,7 +644,7 @@ mod tests {
             shares: vec!["/tmp,tmp".into()],
             ..Default::default()
         };
-        let spec = ShareSpec { path: "/tmp".into(), tag: "tmp".into(), read_only: false };
+        let spec = ShareSpec::new("/tmp", "tmp").unwrap();
         assert_eq!(shared.into_config().unwrap().shares, [ShareConfig { id: "9p0".into(), spec }]);
     }
 

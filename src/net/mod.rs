@@ -1,6 +1,7 @@
 //! Network backends behind virtio-net: user-mode networking through libslirp (no root needed)
 //! and tap devices; and the `-n` option that chooses between them.
 
+pub mod egress;
 pub mod slirp;
 pub mod tap;
 
@@ -90,6 +91,10 @@ pub struct NetSpec {
     /// User mode: whether the host address reaches the host's loopback (unset: no).
     #[serde(default)]
     pub host_loopback: Option<bool>,
+    /// User mode: whether the guest reaches the host's network neighbours (private, link-local
+    /// and metadata addresses, the host's own); unset, yes for `run` and no for `sandbox`.
+    #[serde(default)]
+    pub lan: Option<bool>,
 }
 
 /// The most queue pairs `mq=` takes, as a 16-vCPU guest would use.
@@ -116,6 +121,7 @@ impl Default for NetSpec {
             tx_rate_limit: RateLimit::default(),
             restrict: false,
             host_loopback: None,
+            lan: None,
         }
     }
 }
@@ -178,7 +184,7 @@ impl NetSpec {
                         .ok_or_else(|| bad(&format!("mq={value}: queue pairs must be 1 to {MAX_QUEUE_PAIRS}")))?
                 }
                 "vhost" => return Err(bad("vhost is not supported yet (lkvm's own virtio-net serves the tap)")),
-                "restrict" | "host_loopback" => {
+                "restrict" | "host_loopback" | "lan" => {
                     let on = match value {
                         "on" => true,
                         "off" => false,
@@ -186,6 +192,7 @@ impl NetSpec {
                     };
                     match key {
                         "restrict" => spec.restrict = on,
+                        "lan" => spec.lan = Some(on),
                         _ => spec.host_loopback = Some(on),
                     }
                 }
@@ -201,8 +208,8 @@ impl NetSpec {
         if spec.mode != NetMode::User && !spec.forwards.is_empty() {
             return Err(bad("hostfwd needs mode=user"));
         }
-        if spec.mode != NetMode::User && (spec.restrict || spec.host_loopback.is_some()) {
-            return Err(bad("restrict and host_loopback need mode=user"));
+        if spec.mode != NetMode::User && (spec.restrict || spec.host_loopback.is_some() || spec.lan.is_some()) {
+            return Err(bad("restrict, host_loopback and lan need mode=user"));
         }
         if spec.mode != NetMode::Tap && spec.queue_pairs > 1 {
             return Err(bad("mq needs mode=tap"));

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::egress::{Egress, Verdict};
 use super::{NetBackend, NetSpec, Protocol};
 
 const MTU: usize = 1500;
@@ -262,9 +263,11 @@ impl Slirp {
         let stop = crate::devices::eventfd().map_err(|e| format!("user-mode network: {e}"))?;
         let stop_fd = stop.try_clone().map_err(|e| format!("user-mode network: {e}"))?;
         let lib = libslirp()?;
+        let network = Ipv4Addr::from(u32::from(spec.host_ip) & u32::from(NETMASK));
+        let egress = (spec.lan == Some(false)).then(|| Egress::new(network, NETMASK, Egress::host_addresses()));
         let (spec, (ready_tx, ready_rx)) = (spec.clone(), std::sync::mpsc::channel());
         let thread = crate::thread::spawn(ThreadKind::NetBackend, "slirp".into(), move || {
-            run(lib, spec, theirs, stop_fd, ready_tx)
+            run(lib, spec, egress, theirs, stop_fd, ready_tx)
         })
         .map_err(|e| format!("user-mode network: {e}"))?;
         ready_rx.recv().unwrap_or_else(|_| Err("user-mode network thread died".into()))?;
@@ -277,6 +280,7 @@ impl Slirp {
 fn run(
     lib: &LibSlirp,
     spec: NetSpec,
+    egress: Option<Egress>,
     to_guest: OwnedFd,
     stop: EventFd,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -378,6 +382,18 @@ fn run(
                 };
                 if n <= 0 {
                     break;
+                }
+                if let Some(Verdict::Refuse { reply, to, port }) =
+                    egress.as_ref().map(|e| e.check(&frame[..n as usize]))
+                {
+                    crate::guest_info!("user-mode network: refused {to} port {port} (lan=off)");
+                    if let Some(reply) = reply {
+                        // SAFETY: sending from a valid buffer.
+                        unsafe {
+                            libc::send(to_guest.as_raw_fd(), reply.as_ptr().cast(), reply.len(), libc::MSG_DONTWAIT)
+                        };
+                    }
+                    continue;
                 }
                 // SAFETY: a live instance and n valid bytes.
                 unsafe { (lib.input)(slirp, frame.as_ptr(), n as c_int) };

@@ -94,6 +94,8 @@ impl WarmCache {
     pub fn for_config(config: &VmConfig) -> io::Result<WarmCache> {
         let mut keyed = config.clone();
         keyed.name = String::new();
+        // Restored with the sandbox's own view (its current directory): one entry for all.
+        keyed.shares.iter_mut().for_each(|s| s.spec.view.clear());
         if let Some(vsock) = &mut keyed.vsock {
             vsock.uds_path = PathBuf::new(); // follows the name
         }
@@ -162,6 +164,12 @@ impl WarmCache {
             memory: MemoryBackend::File(self.dir.join(MEMORY_FILE)),
             name: config.name.clone(),
             overrides: vsock.collect(),
+            share_views: config
+                .shares
+                .iter()
+                .filter(|s| !s.spec.view.is_empty())
+                .map(|s| (s.id.clone(), s.spec.view.clone()))
+                .collect(),
         }
     }
 

@@ -13,7 +13,11 @@
 //!   file the guest writes or truncates (as the host kernel does for an unprivileged writer;
 //!   lkvm may run as root, which keeps them), so a guest can neither plant a set-id program for
 //!   host users nor change one;
-//! - the owner and group of host files cannot change (a no-op chown passes).
+//! - the owner and group of host files cannot change (a no-op chown passes);
+//! - a share with a view (`lkvm sandbox`'s share of the host's /) lets the guest walk only to
+//!   the directories of the view, inside them, and through their ancestors, never to the
+//!   secrets below (password hashes, host keys, credential stores) nor to lkvm's own
+//!   directories; other names may be listed but not reached.
 //!
 //! The server refuses symlink and mknod; lkvm serves those itself, in the directory of the fid
 //! named, which it knows by mirroring the guest's attaches, walks, creates and renames. A
@@ -79,6 +83,9 @@ pub struct ShareSpec {
     pub path: PathBuf,
     pub tag: String,
     pub read_only: bool,
+    /// Host paths the guest may reach under `path` (empty: all of it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub view: Vec<PathBuf>,
 }
 
 impl ShareSpec {
@@ -91,7 +98,7 @@ impl ShareSpec {
         if tag.is_empty() || tag.len() > MAX_TAG_LEN {
             return Err(format!("9p mount tag '{tag}' must be 1 to {MAX_TAG_LEN} bytes"));
         }
-        Ok(ShareSpec { path: path.into(), tag: tag.to_string(), read_only: false })
+        Ok(ShareSpec { path: path.into(), tag: tag.to_string(), read_only: false, view: Vec::new() })
     }
 }
 
@@ -130,6 +137,53 @@ pub struct Share {
     msize: Option<u32>,
     /// How many fids the guest may hold (`fid_cap` when the share was opened).
     max_fids: usize,
+    /// The paths below the root the guest may reach, and those it may not even then; no view:
+    /// all of it.
+    view: Option<View>,
+}
+
+struct View {
+    visible: Vec<PathBuf>,
+    hidden: Vec<PathBuf>,
+}
+
+/// Below the host's /: what a view never shows, whatever it names.
+const SECRETS: &[&str] = &[
+    "etc/shadow",
+    "etc/shadow-",
+    "etc/gshadow",
+    "etc/gshadow-",
+    "etc/ssl/private",
+    "etc/krb5.keytab",
+    "etc/security/opasswd",
+    "etc/sudoers",
+    "etc/sudoers.d",
+    "etc/NetworkManager/system-connections",
+    "etc/wpa_supplicant",
+    "etc/ssh/ssh_host_dsa_key",
+    "etc/ssh/ssh_host_ecdsa_key",
+    "etc/ssh/ssh_host_ed25519_key",
+    "etc/ssh/ssh_host_rsa_key",
+];
+
+impl View {
+    fn new(root: &Path, visible: &[PathBuf]) -> View {
+        let below = |path: &Path| path.strip_prefix(root).ok().map(Path::to_path_buf);
+        let mut hidden: Vec<PathBuf> =
+            if root == Path::new("/") { SECRETS.iter().map(PathBuf::from).collect() } else { Vec::new() };
+        let cache = crate::rootfs::warm::cache_root();
+        for own in [crate::control::lkvm_dir(), cache.parent().unwrap_or(&cache).to_path_buf()] {
+            hidden.extend(below(&std::fs::canonicalize(&own).unwrap_or(own)));
+        }
+        View { visible: visible.iter().filter_map(|v| below(v)).collect(), hidden }
+    }
+
+    /// Whether `path` (below the root) may be reached: inside a visible path or on the way to
+    /// one, and not at or below a hidden one.
+    fn shows(&self, path: &Path) -> bool {
+        let on_the_way = self.visible.iter().any(|v| path.starts_with(v) || v.starts_with(path));
+        on_the_way && !self.hidden.iter().any(|h| path.starts_with(h))
+    }
 }
 
 /// A guest's 9P session, as a snapshot keeps it: its fids by path, not by host descriptor.
@@ -171,6 +225,7 @@ impl Share {
         }
         let config = p9::Config { root: root.clone().into(), msize: MAX_MESSAGE_SIZE, ..Default::default() };
         let server = p9::Server::with_config(config).map_err(|e| fail(format!("cannot start the 9p server: {e}")))?;
+        let view = (!spec.view.is_empty()).then(|| View::new(&root, &spec.view));
         Ok(Share {
             server,
             root,
@@ -179,6 +234,7 @@ impl Share {
             open_flags: HashMap::new(),
             msize: None,
             max_fids: fid_cap(),
+            view,
         })
     }
 
@@ -482,9 +538,19 @@ impl Share {
             TWALK => {
                 let (fid, newfid) = (fields.u32()?, fields.u32()?);
                 self.check_fid_room(newfid)?;
-                let mut path_len = self.fid_paths.get(&fid).map_or(0, |p| p.as_os_str().len());
+                let mut path = self.fid_paths.get(&fid).cloned();
+                let mut path_len = path.as_ref().map_or(0, |p| p.as_os_str().len());
                 for _ in 0..fields.u16()? {
-                    path_len += fields.name()?.len() + 1;
+                    let name = fields.name()?;
+                    path_len += name.len() + 1;
+                    if let Some(view) = &self.view {
+                        // A fid lkvm lost track of reaches nothing through a view.
+                        let path = path.as_mut().ok_or(Stop::Refused(libc::ENOENT))?;
+                        path.push(OsStr::from_bytes(&name));
+                        if !view.shows(path) {
+                            return Err(Stop::Refused(libc::ENOENT));
+                        }
+                    }
                 }
                 if path_len > libc::PATH_MAX as usize {
                     return Err(Stop::Refused(libc::ENAMETOOLONG));

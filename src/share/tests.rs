@@ -78,7 +78,7 @@ type Reply = Result<(u8, Vec<u8>), u32>;
 
 impl Client {
     fn attach(dir: &Path, read_only: bool) -> Client {
-        let spec = ShareSpec { path: dir.to_path_buf(), tag: "t".into(), read_only };
+        let spec = ShareSpec { read_only, ..ShareSpec::new(dir, "t").unwrap() };
         let mut client = Client { share: Share::open(&spec).unwrap() };
         let (kind, body) = client.call(TVERSION, Msg::default().u32(65536).s("9P2000.L")).unwrap();
         assert_eq!(kind, RVERSION);
@@ -484,7 +484,7 @@ fn a_saved_session_reopens_its_fids_by_path_on_a_new_server() {
     fs::remove_file(share.join("gone")).unwrap();
     fs::write(share.join("a/b/data"), b"kept by the host").unwrap();
 
-    let spec = ShareSpec { path: share.clone(), tag: "t".into(), read_only: false };
+    let spec = ShareSpec::new(&share, "t").unwrap();
     let mut restored = Client { share: Share::open(&spec).unwrap() };
     restored.share.resume_session(&session);
     // Reopened with their flags but without O_TRUNC/O_CREAT again: the data is still there.
@@ -521,4 +521,33 @@ fn a_guest_that_never_clunks_gets_errors_not_lkvms_descriptors() {
     let names: Vec<&str> = std::iter::repeat_n(long.as_str(), 16).collect();
     c.call(TCLUNK, Msg::default().u32(2)).unwrap();
     assert_eq!(c.walk(full, 2, &names), Err(libc::ENAMETOOLONG as u32), "from d/");
+}
+
+#[test]
+fn a_view_reaches_its_paths_and_their_ancestors_never_secrets_or_the_rest() {
+    let dir = TempDir::new("view");
+    let share = dir.share();
+    for path in ["usr/bin", "work/project/src", "work/other", "home/me"] {
+        fs::create_dir_all(share.join(path)).unwrap();
+    }
+    fs::write(share.join("home/me/secret"), b"s").unwrap();
+    let view = vec![share.join("usr"), share.join("work/project")];
+    let spec = ShareSpec { read_only: true, view, ..ShareSpec::new(&share, "t").unwrap() };
+    let mut c = Client { share: Share::open(&spec).unwrap() };
+    c.call(TVERSION, Msg::default().u32(65536).s("9P2000.L")).unwrap();
+    c.call(TATTACH, Msg::default().u32(ROOT).u32(!0).s("root").s("").u32(0)).unwrap();
+    c.walk(ROOT, 1, &["usr", "bin"]).expect("inside the view");
+    c.walk(ROOT, 2, &["work"]).expect("on the way to the view");
+    c.walk(2, 3, &["project", "src"]).expect("on into it");
+    assert_eq!(c.walk(2, 4, &["other"]), Err(libc::ENOENT as u32), "beside it");
+    assert_eq!(c.walk(ROOT, 4, &["home", "me", "secret"]), Err(libc::ENOENT as u32));
+
+    // The host's / in lkvm sandbox's view: /etc, but not its secrets; no /proc.
+    let host = ShareSpec { read_only: true, view: vec!["/etc".into()], ..ShareSpec::new("/", "t").unwrap() };
+    let mut c = Client { share: Share::open(&host).unwrap() };
+    c.call(TVERSION, Msg::default().u32(65536).s("9P2000.L")).unwrap();
+    c.call(TATTACH, Msg::default().u32(ROOT).u32(!0).s("root").s("").u32(0)).unwrap();
+    c.walk(ROOT, 1, &["etc", "passwd"]).expect("/etc/passwd");
+    assert_eq!(c.walk(ROOT, 2, &["etc", "shadow"]), Err(libc::ENOENT as u32));
+    assert_eq!(c.walk(ROOT, 2, &["proc", "self", "environ"]), Err(libc::ENOENT as u32));
 }

@@ -165,6 +165,8 @@ pub struct RestoreSpec {
     pub name: String,
     /// (device id, new drive image path or tap name)
     pub overrides: Vec<(String, String)>,
+    /// (share id, the host paths its guest may reach now): a warm sandbox's current view.
+    pub share_views: Vec<(String, Vec<PathBuf>)>,
 }
 
 /// A VM that exists before it runs: `build`, then `start`, then `wait` for its end.
@@ -207,6 +209,10 @@ impl Vm {
         state.config.name = spec.name.clone();
         for (id, value) in &spec.overrides {
             state.config.override_host_resource(id, value).map_err(Error::Config)?;
+        }
+        for (id, view) in &spec.share_views {
+            let share = state.config.shares.iter_mut().find(|s| &s.id == id);
+            share.ok_or_else(|| Error::Config(format!("the snapshot has no share '{id}'")))?.spec.view = view.clone();
         }
         snapshot::trust::check_host_resources(&state.config)
             .map_err(|e| Error::Config(format!("{}: {e}", spec.state.display())))?;
