@@ -9,6 +9,26 @@ use std::time::Duration;
 
 use common::*;
 
+/// Each thread of the lkvm running the guest `name`: its name, `Seccomp:` and `NoNewPrivs:`.
+fn thread_confinement(name: &str) -> Vec<(String, String, String)> {
+    let wanted = format!("--name\0{name}\0");
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&wanted)))
+        .expect("the running lkvm");
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(pid.path().join("task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).unwrap_or("?").trim().to_string();
+        if !comm.starts_with("kvm-") {
+            threads.push((comm, field("Seccomp:"), field("NoNewPrivs:")));
+        }
+    }
+    threads
+}
+
 fn home_env(home: &std::path::Path) -> Vec<(&'static str, String)> {
     // The warm sandbox cache follows XDG_CACHE_HOME when it is set: keep it under HOME here.
     vec![("HOME", home.to_str().unwrap().to_string()), ("XDG_CACHE_HOME", String::new())]
@@ -126,11 +146,14 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_lkvm_exec_and_virtio_fs
         &fs_arg,
         "--fs",
         &ro_arg,
+        "--rng",
+        "--balloon",
     ];
     // While the console's shell waits, `lkvm exec` runs commands beside it.
     let exec_env = env.clone();
     let execs = std::sync::Mutex::new(Vec::new());
     let script = std::sync::Mutex::new(None);
+    let threads = std::sync::Mutex::new(Vec::new());
     let out = run_interactive_with(
         &args,
         &env,
@@ -157,6 +180,7 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_lkvm_exec_and_virtio_fs
             let perl = ["exec", "-n", "ex1", "--", "/usr/bin/perl"];
             let run = run_with_input(lkvm(), &perl, &exec_env, VIRTIO_FS_SCRIPT.as_bytes(), Duration::from_secs(900));
             *script.lock().unwrap() = Some(run);
+            *threads.lock().unwrap() = thread_confinement("ex1");
             input
         },
         boot_timeout(),
@@ -178,6 +202,16 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_lkvm_exec_and_virtio_fs
     assert!(rootfs.join("etc/passwd").is_file());
     assert_eq!(std::fs::read_link(rootfs.join("bin")).unwrap(), std::path::Path::new("/host/bin"));
     assert_eq!(std::fs::read_to_string(build_tree.join("made")).unwrap(), "through\n", "--rw writes through");
+
+    // Every thread of the running VM, its device workers too, runs under a seccomp filter and
+    // cannot gain privileges (KVM's own workers, `kvm-*`, are the kernel's).
+    let threads = threads.into_inner().unwrap();
+    for (name, seccomp, no_new_privs) in &threads {
+        assert_eq!((seccomp.as_str(), no_new_privs.as_str()), ("2", "1"), "thread {name}: {threads:?}");
+    }
+    for expected in ["lkvm", "spawner", "vcpu0", "slirp", "virtio-fs", "virtio-rng", "virtio-balloon"] {
+        assert!(threads.iter().any(|(name, ..)| name.starts_with(expected)), "no {expected} thread: {threads:?}");
+    }
 
     let execs = execs.into_inner().unwrap();
     let [status, piped, fast, slow, missing, tty] = &execs[..] else { panic!("{} execs ran", execs.len()) };
@@ -261,10 +295,20 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
         "bash -c \"echo hi > /dev/tcp/192.168.33.1/{}\" 2>/dev/null && echo loopback-reached || echo loopback-blocked",
         host_service.local_addr().unwrap().port()
     );
+    // It sees the host's programs, the current and --rw directories, not the rest of the host:
+    // no /proc (other processes' environments, lkvm's memory), no home directory, no LAN or
+    // cloud metadata address.
+    write_file(&home, "secret", b"home-secret\n");
+    let hidden = format!(
+        "cat /host/proc/self/environ >/dev/null 2>&1 && echo proc-read || echo proc-hidden; \
+         cat /host{}/secret 2>/dev/null || echo home-hidden; \
+         bash -c \"echo hi > /dev/tcp/169.254.169.254/80\" 2>/dev/null && echo lan-reached || echo lan-blocked",
+        home.display()
+    );
     let script = format!(
         "cat data.txt; echo out-$((2*3)) args=$#; echo err-line >&2; echo made > /root/made; \
          echo made > /usr/lkvm-made; echo built > built.txt; echo nine-p=$(grep -c \" 9p \" /proc/mounts); \
-         {probe}; read line; echo got-$line; exit 7"
+         {probe}; {hidden}; read line; echo got-$line; exit 7"
     );
     let shell = format!(
         "cd {} && exec {} sandbox -d sbx --rw . --landlock -k {} -m 256 -c 1 -p '{HOST_GUEST_PARAMS}' -- /bin/sh -c '{script}' zero ''",
@@ -277,10 +321,20 @@ fn sandbox_runs_a_host_command_and_returns_its_status() {
     assert_eq!(out.code, Some(7), "lkvm returns the command's status: {}", out.describe());
     let lines: Vec<&str> = out.stdout.lines().collect();
     // `zero ''`: $0, and one empty argument that must arrive.
-    for expected in ["data-in-the-cwd", "out-6 args=1", "nine-p=1", "loopback-blocked", "got-typed-in"] {
+    let expected_lines = [
+        "data-in-the-cwd",
+        "out-6 args=1",
+        "nine-p=1",
+        "loopback-blocked",
+        "proc-hidden",
+        "home-hidden",
+        "lan-blocked",
+    ];
+    for expected in expected_lines.into_iter().chain(["got-typed-in"]) {
         assert!(lines.contains(&expected), "want the line {expected:?} as printed (no \\r): {}", out.describe());
     }
     assert!(out.stderr.contains("err-line") && !out.stdout.contains("err-line"), "stderr apart: {}", out.describe());
+    assert!(!out.stdout.contains("home-secret"), "{}", out.describe());
     let rootfs = home.join(".lkvm/sbx");
     assert!(!rootfs.join("root/made").exists() && !std::path::Path::new("/usr/lkvm-made").exists(), "in the overlay");
     assert_eq!(std::fs::read_to_string(work.join("built.txt")).unwrap(), "built\n", "--rw . writes through");
