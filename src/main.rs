@@ -33,6 +33,14 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
         Ok(user) => user,
         Err(msg) => return fail(&msg),
     };
+    // SAFETY: geteuid has no preconditions.
+    if args.jail.is_some() && user.is_none() && unsafe { libc::geteuid() } == 0 {
+        // A jail keeps lkvm from the host's files; root in it could still act as root.
+        return fail(
+            "--jail: give --uid and --gid, the unprivileged user the jailed lkvm runs as (e.g. --uid 65534 --gid 65534), \
+             or run lkvm through sudo as that user",
+        );
+    }
     let api_sock = args.api_sock.clone();
     if let Some(dir) = &args.restore {
         let vm = args.restore_spec(dir).and_then(|spec| Vm::restore(&spec, started).map_err(|e| e.to_string()));

@@ -107,11 +107,12 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let big = format!("{{\"kernel_image_path\": \"{}\"}}", "x".repeat(60_000));
     let (status, _) = curl(&sock, "PUT", "/boot-source", Some(&big));
     assert!((400..500).contains(&status), "oversized body: {status}");
+    // As Firecracker, a drive whose file cannot be opened is refused when it is put.
     let drive = r#"{"drive_id": "d", "path_on_host": "/nonexistent/disk.img", "is_root_device": false}"#;
-    assert_eq!(curl(&sock, "PUT", "/drives/d", Some(drive)).0, 204);
+    assert!(fault(curl(&sock, "PUT", "/drives/d", Some(drive)), 400).contains("/nonexistent/disk.img"));
     assert_eq!(curl(&sock, "PUT", "/boot-source", Some(r#"{"kernel_image_path": "/nonexistent/kernel"}"#)).0, 204);
     assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400)
-        .contains("/nonexistent/disk.img"));
+        .contains("/nonexistent/kernel"));
     // The process survives a failed start; fix the config and start.
     let empty = write_file(&dir, "empty.img", &vec![0u8; 65536]);
     let limiter = r#"{"bandwidth": {"size": 1048576, "one_time_burst": 4096, "refill_time": 100}}"#;
@@ -353,6 +354,42 @@ fn api_boots_linux_and_drives_it() {
     }
 }
 
+/// A tap set up as Firecracker's clients set theirs up: made, addressed and up; removed on drop.
+struct ClientTap {
+    name: &'static str,
+}
+
+impl ClientTap {
+    fn new(name: &'static str, address: &str) -> ClientTap {
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip").args(args).status().expect("ip (iproute2) is installed");
+            assert!(status.success(), "ip {args:?}");
+        };
+        let _ = std::process::Command::new("ip").args(["link", "del", name]).output();
+        ip(&["tuntap", "add", name, "mode", "tap"]);
+        ip(&["addr", "add", address, "dev", name]);
+        ip(&["link", "set", name, "up"]);
+        ClientTap { name }
+    }
+
+    /// Its IPv4 addresses, as `ip` shows them.
+    fn addresses(&self) -> Vec<String> {
+        let out =
+            std::process::Command::new("ip").args(["-4", "-o", "addr", "show", "dev", self.name]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for ClientTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", self.name]).output();
+    }
+}
+
 fn drive_linux_through_the_api() {
     let guest = guest();
     let dir = temp_dir();
@@ -395,6 +432,12 @@ fn drive_linux_through_the_api() {
     put("/drives/media", serde_json::json!({"drive_id": "media", "path_on_host": old_media, "is_root_device": false, "is_read_only": true}).to_string());
     put("/balloon", r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#.into());
     put("/entropy", "{}".into());
+    // A tap the client set up with its own address: Firecracker leaves it as it is.
+    // SAFETY: geteuid has no preconditions.
+    let tap = (unsafe { libc::geteuid() } == 0).then(|| ClientTap::new("fcltap0", "10.77.0.1/24"));
+    if let Some(tap) = &tap {
+        put("/network-interfaces/eth0", serde_json::json!({"iface_id": "eth0", "host_dev_name": tap.name}).to_string());
+    }
     put("/metrics", serde_json::json!({"metrics_path": metrics}).to_string());
     put("/logger", serde_json::json!({"log_path": log, "level": "Info"}).to_string());
     put("/actions", r#"{"action_type": "InstanceStart"}"#.into());
@@ -415,6 +458,9 @@ fn drive_linux_through_the_api() {
     // Balloon: through the API (statistics, target) and the control socket (stat), plus NMI
     // and SysRq on the API-started VM.
     wait_for("balloon_ready", phase, Box::new(|| has("balloon_ready")));
+    if let Some(tap) = &tap {
+        assert_eq!(tap.addresses(), ["10.77.0.1/24"], "lkvm changed the client's tap");
+    }
     let pid: u32 = lkvm_ctl(&dir, &["list"])
         .1
         .lines()

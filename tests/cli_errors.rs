@@ -38,15 +38,26 @@ fn bad_seccomp_rate_limit_and_network_options() {
     assert_one_line_error(&out, "--landlock-rules path=/srv: give path=PATH,access=r|rw");
     let out = run_lkvm(&["run", "-k", &kernel, "--uid", "1000"], None, TIMEOUT);
     assert_one_line_error(&out, "--gid");
-    let out = run_lkvm(&["run", "-k", &kernel, "-m", "16", "--jail", "/nonexistent"], None, TIMEOUT);
     // SAFETY: geteuid has no preconditions.
-    let refusal =
-        if unsafe { libc::geteuid() } == 0 { "--jail /nonexistent: not a directory" } else { "--jail needs root" };
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        // Root in a jail could still act as root: the jailed lkvm runs as a user named for it.
+        let out = run_lkvm(&["run", "-k", &kernel, "-m", "16", "--jail", "/tmp"], None, TIMEOUT);
+        assert_one_line_error(&out, "--jail: give --uid and --gid");
+    }
+    let jailed = |extra: &[&str]| {
+        let unprivileged: &[&str] = if root { &["--uid", "65534", "--gid", "65534"] } else { &[] };
+        let args: Vec<&str> =
+            ["run", "-k", &kernel, "-m", "16"].iter().chain(unprivileged).chain(extra).copied().collect();
+        run_lkvm(&args, None, TIMEOUT)
+    };
+    let out = jailed(&["--jail", "/nonexistent"]);
+    let refusal = if root { "--jail /nonexistent: not a directory" } else { "--jail needs root" };
     assert_one_line_error(&out, refusal);
     let tap = "mode=tap,tapif=lkvmtap9,script=/bin/true";
-    let out = run_lkvm(&["run", "-k", &kernel, "-m", "16", "-n", tap, "--jail", "/tmp"], None, TIMEOUT);
+    let out = jailed(&["-n", tap, "--jail", "/tmp"]);
     assert_one_line_error(&out, "--jail: a tap's script= runs host programs");
-    let out = run_lkvm(&["run", "-k", &kernel, "-m", "16", "--9p", "/,hostfs", "--jail", "/tmp"], None, TIMEOUT);
+    let out = jailed(&["--9p", "/,hostfs", "--jail", "/tmp"]);
     assert_one_line_error(&out, "--jail holds only what the VM uses, and lkvm's root filesystem is the host's /");
 }
 

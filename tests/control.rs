@@ -302,6 +302,10 @@ fn a_jailed_lkvm_holds_only_what_the_vm_uses() {
     let secret = write_file(&home, "secret", b"the host's");
     let jail = home.join("jail");
     std::fs::create_dir(&jail).unwrap();
+    // Root in a jail runs as the unprivileged user named; a share of that user's takes dumps.
+    let dumps = home.join("dumps");
+    std::fs::create_dir(&dumps).unwrap();
+    let share = format!("{},dumps", dumps.display());
     let args = [
         "run",
         "-k",
@@ -316,16 +320,23 @@ fn a_jailed_lkvm_holds_only_what_the_vm_uses() {
         "mode=none",
         "--name",
         "jailed",
+        "--9p",
+        &share,
         "--jail",
         jail.to_str().unwrap(),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
     ];
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         let (code, _, stderr) = lkvm_ctl(&home, &args);
         assert_eq!(code, 1, "{stderr}");
-        assert!(stderr.contains("--jail needs root"), "{stderr}");
+        assert!(stderr.contains("root"), "{stderr}");
         return;
     }
+    std::os::unix::fs::chown(&dumps, Some(65534), Some(65534)).unwrap();
     let mut guest = start_with(&home, &args);
     // The process started stays outside and waits; the jailed lkvm is its child.
     let outside = guest.child.id();
@@ -367,12 +378,13 @@ fn a_jailed_lkvm_holds_only_what_the_vm_uses() {
     let row = listed.lines().find(|l| l.contains("jailed")).unwrap_or_else(|| panic!("{listed}"));
     assert_eq!(row.split_whitespace().next(), Some(jailed.to_string().as_str()), "{listed}");
 
-    // A dump goes only where the jail has a writable directory: ~/.lkvm, not the home directory.
+    // A dump goes only where the jail has a directory its user may write: a writable share,
+    // not the home directory.
     let outside_jail = home.join("core");
     let (code, _, stderr) = lkvm_ctl(&home, &["debug", "-n", "jailed", "--dump", outside_jail.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(!outside_jail.exists());
-    let core = home.join(".lkvm").join("core");
+    let core = dumps.join("core");
     let (code, stdout, stderr) = lkvm_ctl(&home, &["debug", "-n", "jailed", "--dump", core.to_str().unwrap()]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_eq!(&std::fs::read(&core).unwrap()[..4], b"\x7fELF");

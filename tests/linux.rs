@@ -138,7 +138,12 @@ fn disks_boot(transport: &str, console: &str) {
     // SAFETY: geteuid has no preconditions.
     if transport == "pci" && unsafe { libc::geteuid() } == 0 {
         std::fs::create_dir(&jail).unwrap();
-        args.extend(["--jail", jail.to_str().unwrap()]);
+        // Jailed lkvm runs unprivileged: the writable share is that user's.
+        for entry in [shared.clone()].into_iter().chain(std::fs::read_dir(&shared).unwrap().map(|e| e.unwrap().path()))
+        {
+            std::os::unix::fs::lchown(&entry, Some(65534), Some(65534)).unwrap();
+        }
+        args.extend(["--jail", jail.to_str().unwrap(), "--uid", "65534", "--gid", "65534"]);
     }
     let out = run_lkvm(&args, None, boot_timeout());
     assert_eq!(out.code, Some(0), "{}", out.describe());

@@ -1,7 +1,8 @@
 //! Feeds a fuzzed sequence of port reads and writes, of any size from 1 to 8 bytes and at any
 //! port around the legacy devices, through lkvm's port I/O bus: the four UARTs, the i8042
 //! keyboard controller (reset line included), the CMOS/RTC, the POST and system-control stubs
-//! and the boot marker, laid out as a VM has them.
+//! and the boot marker, laid out as a VM has them; and string instructions (`rep insb/outsw`,
+//! up to 64 accesses of 1, 2 or 4 bytes) as KVM's exits bring them to the vCPU's handler.
 #![no_main]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,8 @@ use libfuzzer_sys::fuzz_target;
 use lkvm::devices::bus::{Bus, BusDevice};
 use lkvm::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
 use lkvm::vmm::stats::RunStats;
+use lkvm::vmm::vcpu::handle_exit;
+use kvm_ioctls::VcpuExit;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -54,6 +57,18 @@ fuzz_target!(|input: &[u8]| {
         // Ports 0 to 0x4ff: every device, the gaps between them and the edges of each range.
         let port = u64::from(u16::from_le_bytes([op[1], op[2]]) % 0x500);
         let mut data = [op[3]; 8];
+        if op[0] & 0x40 != 0 {
+            let size = [1u8, 2, 4, 4][usize::from(op[0] >> 4 & 3)];
+            let mut string = vec![op[3]; usize::from(size) * (usize::from(op[0] & 0x0f) * 4 + 1)];
+            let (port, none) = (port as u16, Bus::default());
+            let exit = if op[0] & 0x80 != 0 {
+                VcpuExit::IoOut(port, &string)
+            } else {
+                VcpuExit::IoIn(port, &mut string)
+            };
+            assert!(handle_exit(exit, size, &bus, &none).is_ok());
+            continue;
+        }
         if op[0] & 0x80 != 0 {
             bus.write(port, &data[..len]);
         } else {

@@ -1,88 +1,22 @@
 //! Feeds fuzzed 9P messages to a share (lkvm's confinement checks, then the p9 server) over a
-//! temporary directory with a deep tree, after a version and attach. Then checks that nothing
+//! temporary directory with a deep tree, after a version and attach, or (the first byte's bit
+//! 1) after replaying a fuzzed session as a snapshot's restore replays one (its fids by path and
+//! open flags, then the messages can use them). Then checks that nothing
 //! outside the share changed (its entries, and the secret file's bytes, mode, owner and
 //! mtime), that no reply carried the secret's bytes, and that a read-only share is as it was:
 //! a confinement failure is a crash.
 #![no_main]
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod p9_world;
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::share::{Share, ShareSpec};
-
-/// Bytes the fuzzer cannot guess: if a reply holds them, the share leaked the outside file.
-const SECRET: &[u8] = b"outside-the-share:7c1e0f9a4b2d8e6135a9f0c4d7b2e8a1";
-
-struct Dirs {
-    share: PathBuf,
-    outside: PathBuf,
-    secret: Vec<(u32, u32, u32, i64, i64)>,
-}
-
-/// What a guest must not change outside its share (or in a read-only one): every entry's
-/// path, then its mode, owner, group and mtime (and its size, as the mtime's partner).
-fn fingerprint(root: &Path) -> Vec<(PathBuf, u32, u32, u32, i64, i64)> {
-    let mut out = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
-            if meta.is_dir() {
-                pending.push(entry.path());
-            }
-            out.push((entry.path(), meta.mode(), meta.uid(), meta.gid(), meta.mtime(), meta.size() as i64));
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Whether `reply` holds 15 or more consecutive bytes of the secret (then it holds one of its
-/// 8-byte chunks).
-fn leaks_secret(reply: &[u8]) -> bool {
-    let chunks: Vec<&[u8]> = SECRET.chunks_exact(8).collect();
-    reply.windows(8).any(|w| chunks.contains(&w))
-}
-
-fn secret_metadata(outside: &Path) -> Vec<(u32, u32, u32, i64, i64)> {
-    let meta = std::fs::metadata(outside.join("secret")).unwrap();
-    vec![(meta.mode(), meta.uid(), meta.gid(), meta.mtime(), meta.mtime_nsec())]
-}
-
-fn dirs() -> &'static Dirs {
-    static DIRS: OnceLock<Dirs> = OnceLock::new();
-    DIRS.get_or_init(|| {
-        let base = std::env::temp_dir().join(format!("lkvm-fuzz-9p-{}", std::process::id()));
-        let (share, outside) = (base.join("share"), base.join("outside"));
-        std::fs::create_dir_all(share.join("dir")).unwrap();
-        // Deep enough that fids cloned along it copy long paths.
-        std::fs::create_dir_all(share.join("d/e/e/p/t/r/e/e/s/a/r/e/d/e/e/p")).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::write(outside.join("secret"), SECRET).unwrap();
-        std::fs::write(share.join("file"), b"file contents").unwrap();
-        let _ = std::os::unix::fs::symlink("../outside", share.join("up"));
-        let _ = std::os::unix::fs::symlink(outside.join("secret"), share.join("abs"));
-        // From the bottom of the tree, 17 levels up is the share's parent, beside `outside`.
-        let _ = std::os::unix::fs::symlink("../".repeat(17), share.join("d/e/e/p/t/r/e/e/s/a/r/e/d/e/e/p/up"));
-        let secret = secret_metadata(&outside);
-        Dirs { share, outside, secret }
-    })
-}
-
-fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = ((body.len() + 7) as u32).to_le_bytes().to_vec();
-    m.push(kind);
-    m.extend_from_slice(&[0, 0]);
-    m.extend_from_slice(body);
-    m
-}
+use lkvm::share::{Session, Share, ShareSpec};
+use p9_world::*;
 
 fuzz_target!(|input: &[u8]| {
     let dirs = dirs();
     let Some((&read_only, mut rest)) = input.split_first() else { return };
-    let spec = ShareSpec { path: dirs.share.clone(), tag: "fuzz".into(), read_only: read_only & 1 == 1 };
+    let spec = ShareSpec { read_only: read_only & 1 == 1, ..ShareSpec::new(&dirs.share, "fuzz").unwrap() };
     let mut share = Share::open(&spec).unwrap();
     let before = spec.read_only.then(|| fingerprint(&dirs.share));
     let mut sink = Vec::new();
@@ -90,6 +24,15 @@ fuzz_target!(|input: &[u8]| {
     share.handle(&mut version, &mut sink).unwrap();
     let mut attach = message(104, &[0, 0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0]);
     share.handle(&mut attach, &mut sink).unwrap();
+    if read_only & 2 != 0 {
+        // A session from a state file: its length, then its bytes.
+        let Some((len, tail)) = rest.split_first_chunk::<2>() else { return };
+        let (encoded, tail) = tail.split_at(usize::from(u16::from_le_bytes(*len)).min(tail.len()));
+        if let Ok(session) = lkvm::snapshot::decode::<Session>(encoded) {
+            share.resume_session(&session);
+        }
+        rest = tail;
+    }
     // The input is a sequence of messages, each starting with its little-endian size.
     while rest.len() >= 4 {
         let size = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
@@ -100,13 +43,8 @@ fuzz_target!(|input: &[u8]| {
         let _ = share.handle(&mut request, &mut sink);
         assert!(!leaks_secret(&sink), "a reply carried the outside file's bytes");
     }
-    let outside: Vec<_> = std::fs::read_dir(&dirs.outside).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(outside.len(), 1, "something appeared outside the share: {outside:?}");
-    assert_eq!(std::fs::read(dirs.outside.join("secret")).unwrap(), SECRET);
-    assert_eq!(secret_metadata(&dirs.outside), dirs.secret, "the outside file's mode, owner or mtime changed");
+    check_outside(dirs);
     if let Some(before) = before {
         assert_eq!(fingerprint(&dirs.share), before, "the read-only share changed");
     }
-    let beside = std::fs::read_dir(dirs.share.parent().unwrap()).unwrap().count();
-    assert_eq!(beside, 2, "something appeared beside the share");
 });

@@ -51,11 +51,19 @@ pub fn handle(api: &Api, request: Request) -> Response {
     })
 }
 
+/// Resources named by two path segments; any other is named by its first, as Firecracker
+/// routes (`/vsock/vsock0` is `/vsock`).
+const TWO_SEGMENT_RESOURCES: &[&str] =
+    &["vm/config", "balloon/statistics", "snapshot/create", "snapshot/load", "mmds/config"];
+
 fn route(api: &Api, request: &Request) -> Reply {
     let path = request.path.trim_end_matches('/');
-    let (resource, id) = match path.strip_prefix('/').unwrap_or(path).split_once('/') {
-        Some((resource, id)) if matches!(resource, "drives" | "network-interfaces") => (resource, Some(id)),
-        _ => (path.strip_prefix('/').unwrap_or(path), None),
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let (first, rest) = path.split_once('/').map_or((path, None), |(first, rest)| (first, Some(rest)));
+    let (resource, id) = match rest {
+        Some(id) if matches!(first, "drives" | "network-interfaces") => (first, Some(id)),
+        Some(_) if TWO_SEGMENT_RESOURCES.contains(&path) => (path, None),
+        _ => (first, None),
     };
     match (&request.method, resource, id) {
         (Method::Get, "", None) => Ok(instance_info(api)),
@@ -63,7 +71,9 @@ fn route(api: &Api, request: &Request) -> Reply {
             Ok(Response::json(200, &json!({ "firecracker_version": FIRECRACKER_API_VERSION })))
         }
         (Method::Get, "vm/config", None) => Ok(Response::json(200, &full_config(api))),
-        (Method::Get, "machine-config", None) => Ok(Response::json(200, &full_config(api).machine_config)),
+        (Method::Get, "machine-config", None) => {
+            Ok(Response::json(200, &full_config(api).machine_config.unwrap_or_default()))
+        }
         (Method::Put, "machine-config", None) => {
             let machine: MachineConfiguration = body(request)?;
             machine.check()?;
@@ -91,6 +101,11 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Put, "drives", Some(id)) => {
             let drive: Drive = body(request)?;
             same_id(id, &drive.drive_id)?;
+            // Firecracker opens a drive's file when it is put: a client learns of a bad path then.
+            if let Some(path) = &drive.path_on_host {
+                let opened = std::fs::OpenOptions::new().read(true).write(!drive.is_read_only).open(path);
+                opened.map_err(|e| format!("Unable to create the block device BackingFile({e:?}, {path:?})"))?;
+            }
             configure(api, |c| c.put_drive(drive))
         }
         (Method::Patch, "drives", Some(id)) => update_drive(api, id, body(request)?),
@@ -407,9 +422,14 @@ mod tests {
         );
         assert_eq!(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).0, 204);
         assert_eq!(call(&api, Method::Patch, "/machine-config", r#"{"mem_size_mib": 512}"#).0, 204);
-        let drive =
-            r#"{"drive_id": "rootfs", "path_on_host": "/r.img", "is_root_device": true, "is_read_only": false}"#;
-        assert_eq!(call(&api, Method::Put, "/drives/rootfs", drive).0, 204);
+        let image = std::env::temp_dir().join(format!("lkvm-api-drive-{}", std::process::id()));
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let drive = format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
+            image.display()
+        );
+        assert_eq!(call(&api, Method::Put, "/drives/rootfs", &drive).0, 204);
+        std::fs::remove_file(&image).unwrap();
         let (status, body) = call(&api, Method::Get, "/vm/config", "");
         assert_eq!(status, 200);
         let config: FullConfig = serde_json::from_str(&body).unwrap();
@@ -417,6 +437,15 @@ mod tests {
         assert_eq!(config.drives[0].drive_id, "rootfs");
         let (status, info) = call(&api, Method::Get, "/", "");
         assert!(status == 200 && info.contains("Not started") && info.contains("test-id"), "{info}");
+    }
+
+    #[test]
+    fn machine_config_reads_firecrackers_defaults_before_any_put() {
+        let (api, _vmm) = api();
+        let (status, body) = call(&api, Method::Get, "/machine-config", "");
+        let machine: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!((machine["vcpu_count"].as_u64(), machine["mem_size_mib"].as_u64()), (Some(1), Some(128)), "{body}");
     }
 
     #[test]
@@ -435,6 +464,12 @@ mod tests {
         let drive = r#"{"drive_id": "b", "path_on_host": "/r.img", "is_root_device": false}"#;
         assert!(fault(call(&api, Method::Put, "/drives/a", drive)).contains("differ"));
         assert!(fault(call(&api, Method::Put, "/drives/..", drive)).contains("id"));
+        // As in Firecracker: the file is opened when the drive is put, and the fault names it.
+        let missing = fault(call(&api, Method::Put, "/drives/b", drive));
+        assert!(
+            missing.starts_with("Unable to create the block device BackingFile(Os { code: 2")
+                && missing.contains("/r.img")
+        );
         assert!(fault(call(&api, Method::Put, "/nonsense", "{}")).contains("Invalid request"));
         assert!(
             fault(call(&api, Method::Put, "/actions", r#"{"action_type": "Explode"}"#)).contains("unknown action_type")
@@ -448,6 +483,8 @@ mod tests {
         );
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)).contains("metrics"));
         assert_eq!(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#).0, 204);
+        // Firecracker routes on the first segment: clients name the device in the path.
+        assert_eq!(call(&api, Method::Put, "/vsock/vsock0", r#"{"guest_cid": 3, "uds_path": "/v"}"#).0, 204);
         assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3}"#)).contains("uds_path"));
         assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 1, "uds_path": "/v"}"#)).contains("reserved"));
         // A VMM that cannot start the VM: InstanceStart fails cleanly and the API stays usable.
@@ -455,7 +492,7 @@ mod tests {
         assert_eq!(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k"}"#).0, 204);
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("VMM"));
         assert!(call(&api, Method::Get, "/", "").1.contains("Not started"));
-        assert_eq!(api.metrics.failed_requests.load(Ordering::Relaxed), 15);
+        assert_eq!(api.metrics.failed_requests.load(Ordering::Relaxed), 16);
     }
 
     #[test]

@@ -205,10 +205,9 @@ pub struct SnapshotLoad {
 
 impl SnapshotLoad {
     /// Where the memory comes from, once the request is checked against what lkvm supports.
+    /// `enable_diff_snapshots` and `track_dirty_pages` only ask for dirty tracking after the
+    /// load, which a Full snapshot does not need: accepted, as Firecracker accepts them.
     pub fn memory_backend(&self) -> Result<MemoryBackend, String> {
-        if self.enable_diff_snapshots || self.track_dirty_pages {
-            return Err("diff snapshots (dirty page tracking) are not supported by lkvm".into());
-        }
         match (&self.mem_file_path, &self.mem_backend) {
             (Some(path), None) => Ok(MemoryBackend::File(path.clone())),
             (None, Some(backend)) if backend.backend_type == "File" => {
@@ -279,6 +278,8 @@ impl NetworkInterface {
             guest_mac,
             rx_rate_limit: self.rx_rate_limiter.unwrap_or_default(),
             tx_rate_limit: self.tx_rate_limiter.unwrap_or_default(),
+            // Firecracker never configures the tap it is handed.
+            tap_as_given: true,
             ..NetSpec::default()
         })
     }

@@ -300,6 +300,13 @@ mod tests {
         text
     }
 
+    /// A qcow2 image at `image` over `backing` in `format` (qemu-img create -b -F).
+    fn create_on(backing: &str, format: &str, image: &str, size: Option<&str>) {
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-b", backing, "-F", format, image];
+        args.extend(size);
+        qemu_img(&args);
+    }
+
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("lkvm-qcow2-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -332,28 +339,8 @@ mod tests {
         let base = dir.join("base.raw");
         std::fs::write(&base, pattern(4 << 20, 1)).unwrap();
         // raw <- mid.qcow2 (a relative backing name, resolved beside the image) <- top.qcow2
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            dir.join("mid.qcow2").to_str().unwrap(),
-        ]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            dir.join("top.qcow2").to_str().unwrap(),
-        ]);
+        create_on("base.raw", "raw", dir.join("mid.qcow2").to_str().unwrap(), None);
+        create_on("mid.qcow2", "qcow2", dir.join("top.qcow2").to_str().unwrap(), None);
         {
             let mid = open(&dir.join("mid.qcow2")).unwrap();
             mid.write_at(&pattern(65536, 2), 1 << 20).unwrap();
@@ -397,21 +384,10 @@ mod tests {
         std::fs::write(&secret, b"the host's secret").unwrap();
         // A raw image a guest once wrote: a qcow2 header naming the secret as its backing file.
         let planted = dir.join("planted.raw");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            secret.to_str().unwrap(),
-            "-F",
-            "raw",
-            planted.to_str().unwrap(),
-            "1M",
-        ]);
+        create_on(secret.to_str().unwrap(), "raw", planted.to_str().unwrap(), Some("1M"));
         let header = std::fs::read(&planted).unwrap();
         let top = dir.join("top.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", "-b", "planted.raw", "-F", "raw", top.to_str().unwrap(), "1M"]);
+        create_on("planted.raw", "raw", top.to_str().unwrap(), Some("1M"));
         let disk = open(&top).unwrap();
         assert_eq!(read(&disk, 0, 64), header[..64], "the backing file is served as the raw image it was named as");
         drop(disk);
@@ -510,7 +486,7 @@ mod tests {
         assert!(refusal(&dir.join("ext.qcow2")).contains("external data files are not supported"));
 
         std::fs::write(dir.join("gone.raw"), vec![0u8; 1 << 20]).unwrap();
-        qemu_img(&["create", "-q", "-f", "qcow2", "-b", "gone.raw", "-F", "raw", &path("orphan.qcow2")]);
+        create_on("gone.raw", "raw", &path("orphan.qcow2"), None);
         std::fs::remove_file(dir.join("gone.raw")).unwrap();
         let missing = refusal(&dir.join("orphan.qcow2"));
         assert!(missing.contains("gone.raw") && missing.contains("backing=PATH"), "{missing}");

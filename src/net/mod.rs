@@ -95,6 +95,10 @@ pub struct NetSpec {
     /// and metadata addresses, the host's own); unset, yes for `run` and no for `sandbox`.
     #[serde(default)]
     pub lan: Option<bool>,
+    /// Tap: the caller set the tap up (Firecracker's `host_dev_name`): lkvm neither addresses
+    /// nor brings it up, where kvmtool's `-n mode=tap` gives it `host_ip`.
+    #[serde(default)]
+    pub tap_as_given: bool,
 }
 
 /// The most queue pairs `mq=` takes, as a 16-vCPU guest would use.
@@ -122,6 +126,7 @@ impl Default for NetSpec {
             restrict: false,
             host_loopback: None,
             lan: None,
+            tap_as_given: false,
         }
     }
 }

@@ -143,6 +143,7 @@ impl Tap {
                     return Err(format!("tap {name}: {} {name} failed ({status})", script.display()));
                 }
             }
+            None if spec.tap_as_given => {}
             None => configure(&name, spec.host_ip).map_err(|e| fail("configuring the host address", e))?,
         }
         Ok(queues)

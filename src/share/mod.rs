@@ -206,6 +206,28 @@ const MAX_WALK_NAMES: usize = 16;
 /// an eighth of the descriptors lkvm may open go to one share.
 pub const MAX_FIDS: usize = 16384;
 
+/// Whether lkvm may still open descriptors for a guest's share: the lowest free descriptor is
+/// below the last eighth of the open-file limit (descriptors are allocated lowest first, so
+/// every one below it is taken). The rest is lkvm's own, whatever the guest holds open.
+pub fn descriptor_room() -> bool {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    static PROBE: std::sync::OnceLock<Option<vmm_sys_util::eventfd::EventFd>> = std::sync::OnceLock::new();
+    let Some(probe) = PROBE.get_or_init(|| crate::devices::eventfd().ok()) else { return true };
+    // SAFETY: F_DUPFD_CLOEXEC on our own descriptor; the copy is closed at once.
+    let lowest_free = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if lowest_free < 0 {
+        return false; // EMFILE: none free at all
+    }
+    // SAFETY: the copy just made, owned here only.
+    drop(unsafe { OwnedFd::from_raw_fd(lowest_free) });
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes this struct only.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return true;
+    }
+    (lowest_free as u64) < limit.rlim_cur - limit.rlim_cur / 8
+}
+
 fn fid_cap() -> usize {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes this struct only.
@@ -494,7 +516,7 @@ impl Share {
     /// writes to a read-only share. Malformed messages pass: the server's decoder rejects them.
     /// A message that makes `newfid` is refused once the guest holds as many fids as it may.
     fn check_fid_room(&self, newfid: u32) -> Result<(), Stop> {
-        if self.fid_paths.len() >= self.max_fids && !self.fid_paths.contains_key(&newfid) {
+        if (self.fid_paths.len() >= self.max_fids && !self.fid_paths.contains_key(&newfid)) || !descriptor_room() {
             return Err(Stop::Refused(libc::EMFILE));
         }
         Ok(())

@@ -551,3 +551,41 @@ fn a_view_reaches_its_paths_and_their_ancestors_never_secrets_or_the_rest() {
     assert_eq!(c.walk(ROOT, 2, &["etc", "shadow"]), Err(libc::ENOENT as u32));
     assert_eq!(c.walk(ROOT, 2, &["proc", "self", "environ"]), Err(libc::ENOENT as u32));
 }
+
+/// Run in a child process of the test binary, whose open-file limit it lowers.
+const DESCRIPTOR_CHILD: &str = "LKVM_TEST_DESCRIPTOR_ROOM";
+
+#[test]
+fn shares_stop_taking_descriptors_before_lkvm_runs_out() {
+    if std::env::var_os(DESCRIPTOR_CHILD).is_none() {
+        let test = "share::tests::shares_stop_taking_descriptors_before_lkvm_runs_out";
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--test-threads", "1"])
+            .env(DESCRIPTOR_CHILD, "1")
+            .output()
+            .unwrap();
+        assert!(child.status.success(), "{}", String::from_utf8_lossy(&child.stdout));
+        return;
+    }
+    let limit = libc::rlimit { rlim_cur: 256, rlim_max: 256 };
+    // SAFETY: setrlimit reads this struct only; this process is the test's own child.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let dir = TempDir::new("room");
+    let share = dir.share();
+    fs::create_dir(share.join("d")).unwrap();
+    let (mut first, mut second) = (Client::attach(&share, false), Client::attach(&share, false));
+    // A share's own cap: an eighth of the limit, its root fid included.
+    let mut fid = 1;
+    while first.walk(ROOT, fid, &["d"]).is_ok() {
+        fid += 1;
+    }
+    assert_eq!(fid, 256 / 8);
+    // Whatever else holds descriptors, shares stop short of lkvm's reserve.
+    let mut held = Vec::new();
+    while descriptor_room() {
+        held.push(fs::File::open("/dev/null").unwrap());
+    }
+    assert_eq!(second.walk(ROOT, 1, &["d"]), Err(libc::EMFILE as u32), "another share, few fids of its own");
+    let reserve: Vec<_> = (0..256 / 8 - 1).map(|_| fs::File::open("/dev/null").unwrap()).collect();
+    assert_eq!(reserve.len(), 31, "lkvm still opens what it needs");
+}

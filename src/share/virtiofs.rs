@@ -157,6 +157,22 @@ impl FsShare {
         if self.read_only && (writes.iter().any(|w| *w as u32 == opcode) || opcode == TMPFILE) {
             return Err(libc::EROFS);
         }
+        // Each inode the guest looks up and each file it opens holds a host descriptor until it
+        // forgets or releases it: past lkvm's reserve, the guest gets ENFILE.
+        let holds_descriptor = [
+            Opcode::Lookup,
+            Opcode::Create,
+            Opcode::Open,
+            Opcode::Opendir,
+            Opcode::Mknod,
+            Opcode::Mkdir,
+            Opcode::Symlink,
+            Opcode::Link,
+            Opcode::Readdirplus,
+        ];
+        if (holds_descriptor.iter().any(|o| *o as u32 == opcode) || opcode == TMPFILE) && !super::descriptor_room() {
+            return Err(libc::ENFILE);
+        }
         match opcode {
             o if o == Opcode::Mknod as u32 => {
                 let mode = read_u32(request, MKNOD_MODE).ok_or(libc::EINVAL)?;

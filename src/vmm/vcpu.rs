@@ -63,10 +63,21 @@ const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 
 /// Handles one exit; I/O goes to the buses, anything that ends the VM comes back as `Stop`.
-pub fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Result<(), Stop> {
+/// `io_size` is a port access's size (kvm_run's `io.size`): a string instruction (`rep outsb`,
+/// `rep insw`) brings several accesses at once, which the devices get one by one.
+pub fn handle_exit(exit: VcpuExit, io_size: u8, pio: &Bus, mmio: &Bus) -> Result<(), Stop> {
+    let each = |len: usize| match usize::from(io_size) {
+        size @ (1 | 2 | 4) if len % size == 0 => size,
+        _ => len.max(1),
+    };
     match exit {
-        VcpuExit::IoIn(port, data) => pio.read(u64::from(port), data),
-        VcpuExit::IoOut(port, data) => pio.write(u64::from(port), data),
+        VcpuExit::IoIn(port, data) => {
+            let size = each(data.len());
+            data.chunks_mut(size).for_each(|access| pio.read(u64::from(port), access));
+        }
+        VcpuExit::IoOut(port, data) => {
+            data.chunks(each(data.len())).for_each(|access| pio.write(u64::from(port), access))
+        }
         VcpuExit::MmioRead(addr, data) => mmio.read(addr, data),
         VcpuExit::MmioWrite(addr, data) => mmio.write(addr, data),
         VcpuExit::Shutdown => return Err(Stop::TripleFault),
@@ -363,12 +374,15 @@ impl Vcpu {
             if let Ok(exit) = &exit {
                 self.stats.count(exit);
             }
+            // SAFETY: kvm_run stays mapped for the vCPU's life; an I/O exit's data lies past
+            // this field. Read for every exit, used for I/O exits only.
+            let io_size = unsafe { (*run_ptr).__bindgen_anon_1.io.size };
             let result = match exit {
                 Ok(VcpuExit::Debug(exit)) => {
                     control.debug_event(usize::from(self.index), DebugEvent::Exit(exit));
                     Ok(())
                 }
-                Ok(exit) => handle_exit(exit, &self.pio, &self.mmio).map_err(Some),
+                Ok(exit) => handle_exit(exit, io_size, &self.pio, &self.mmio).map_err(Some),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.stats.count_interrupted();
                     self.fd.set_kvm_immediate_exit(0);
@@ -505,24 +519,31 @@ mod tests {
         let latch = Arc::new(Mutex::new(Latch(vec![0; 4])));
         pio.insert(latch.clone(), 0x3f8, 8).unwrap();
         let mmio = Bus::default();
-        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, &[1, 2]), &pio, &mmio), Ok(()));
+        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, &[1, 2]), 2, &pio, &mmio), Ok(()));
         let mut data = [0u8; 2];
-        assert_eq!(handle_exit(VcpuExit::IoIn(0x3f9, &mut data), &pio, &mmio), Ok(()));
+        assert_eq!(handle_exit(VcpuExit::IoIn(0x3f9, &mut data), 2, &pio, &mmio), Ok(()));
         assert_eq!(data, [1, 2]);
         let mut unmapped = [0u8; 4];
-        assert_eq!(handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut unmapped), &pio, &mmio), Ok(()));
+        assert_eq!(handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut unmapped), 0, &pio, &mmio), Ok(()));
         assert_eq!(unmapped, [0xff; 4]);
+        // `rep outsb` of four bytes: four one-byte writes to the port, the last one latched.
+        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, &[5, 6, 7, 8]), 1, &pio, &mmio), Ok(()));
+        assert_eq!(latch.lock().unwrap().0, [8]);
+        // `rep insb` of three bytes: three one-byte reads of the port, each filled.
+        let mut bytes = [0u8; 3];
+        assert_eq!(handle_exit(VcpuExit::IoIn(0x3f8, &mut bytes), 1, &pio, &mmio), Ok(()));
+        assert_eq!(bytes, [8, 8, 8]);
     }
 
     #[test]
     fn fatal_exits_stop_the_vm() {
         let (pio, mmio) = (Bus::default(), Bus::default());
-        assert_eq!(handle_exit(VcpuExit::Shutdown, &pio, &mmio), Err(Stop::TripleFault));
-        assert_eq!(handle_exit(VcpuExit::InternalError, &pio, &mmio), Err(Stop::InternalError));
-        assert_eq!(handle_exit(VcpuExit::FailEntry(0x21, 0), &pio, &mmio), Err(Stop::FailEntry(0x21)));
-        assert_eq!(handle_exit(VcpuExit::SystemEvent(1, &[]), &pio, &mmio), Err(Stop::Poweroff));
-        assert_eq!(handle_exit(VcpuExit::SystemEvent(2, &[]), &pio, &mmio), Err(Stop::Reset));
-        assert!(matches!(handle_exit(VcpuExit::Hlt, &pio, &mmio), Err(Stop::Unhandled(s)) if s == "Hlt"));
-        assert_eq!(handle_exit(VcpuExit::Intr, &pio, &mmio), Ok(()));
+        assert_eq!(handle_exit(VcpuExit::Shutdown, 0, &pio, &mmio), Err(Stop::TripleFault));
+        assert_eq!(handle_exit(VcpuExit::InternalError, 0, &pio, &mmio), Err(Stop::InternalError));
+        assert_eq!(handle_exit(VcpuExit::FailEntry(0x21, 0), 0, &pio, &mmio), Err(Stop::FailEntry(0x21)));
+        assert_eq!(handle_exit(VcpuExit::SystemEvent(1, &[]), 0, &pio, &mmio), Err(Stop::Poweroff));
+        assert_eq!(handle_exit(VcpuExit::SystemEvent(2, &[]), 0, &pio, &mmio), Err(Stop::Reset));
+        assert!(matches!(handle_exit(VcpuExit::Hlt, 0, &pio, &mmio), Err(Stop::Unhandled(s)) if s == "Hlt"));
+        assert_eq!(handle_exit(VcpuExit::Intr, 0, &pio, &mmio), Ok(()));
     }
 }

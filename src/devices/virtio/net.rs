@@ -263,9 +263,19 @@ impl NetPort {
         while self.held_room < len && (self.mergeable || self.held.is_empty()) {
             let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else { return Delivery::NoRoom };
             let head = chain.head_index();
-            // A chain the Writer rejects (bad address, overflowing length) offers no room.
+            // A chain the Writer rejects (bad address, overflowing length) offers no room; of
+            // the others the packet takes the buffers it needs, not every descriptor offered.
+            let mut needed = len - self.held_room;
             let regions: Vec<(GuestAddress, usize)> = match chain.clone().writer(&self.mem) {
-                Ok(_) => chain.writable().map(|d| (d.addr(), d.len() as usize)).collect(),
+                Ok(_) => chain
+                    .writable()
+                    .map(|d| (d.addr(), d.len() as usize))
+                    .take_while(|&(_, size)| {
+                        let more = needed > 0;
+                        needed = needed.saturating_sub(size);
+                        more
+                    })
+                    .collect(),
                 Err(_) => Vec::new(),
             };
             self.held_room += regions.iter().map(|(_, size)| size).sum::<usize>();
