@@ -1,8 +1,12 @@
 //! Feeds fuzzed FUSE requests to a virtio-fs share (lkvm's checks, then fuse-backend-rs's
 //! passthrough server) over a temporary directory holding links out of it, after FUSE_INIT;
 //! then checks that nothing outside the share changed and no reply carried its secret: a
-//! confinement failure is a crash.
+//! confinement failure is a crash. With the first byte's bit 1, the requests come as a guest's
+//! driver lays them out instead (a fuzzed ring and buffers in a small guest memory, served by
+//! the device's queue path), and the replies in guest memory are checked.
 #![no_main]
+
+mod common;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -11,6 +15,8 @@ use std::sync::OnceLock;
 use fuse_backend_rs::transport::{FuseDevWriter, Writer};
 use libfuzzer_sys::fuzz_target;
 use lkvm::share::virtiofs::{FsShare, FsSpec, MAX_REQUEST};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress};
 
 const SECRET: &[u8] = b"outside-secret";
 const FUSE_INIT: u32 = 26;
@@ -19,7 +25,7 @@ struct Setup {
     share: PathBuf,
     outside: PathBuf,
     /// Writable and read-only servers over the share.
-    servers: [FsShare; 2],
+    servers: [Arc<FsShare>; 2],
     /// Replies are also committed here.
     sink: std::fs::File,
 }
@@ -36,7 +42,7 @@ fn setup() -> &'static Setup {
         std::os::unix::fs::symlink("../outside", share.join("up")).unwrap();
         std::os::unix::fs::symlink(outside.join("secret"), share.join("abs")).unwrap();
         let servers = [false, true]
-            .map(|read_only| FsShare::open(&FsSpec { path: share.clone(), tag: "fuzz".into(), read_only }).unwrap());
+            .map(|read_only| Arc::new(FsShare::open(&FsSpec { path: share.clone(), tag: "fuzz".into(), read_only }).unwrap()));
         let sink = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
         Setup { share, outside, servers, sink }
     })
@@ -45,6 +51,10 @@ fn setup() -> &'static Setup {
 fn serve(share: &FsShare, sink: &std::fs::File, request: &mut [u8], reply: &mut [u8]) -> usize {
     let writer = FuseDevWriter::<()>::new(sink.as_raw_fd(), reply).unwrap();
     share.handle(request, Writer::from(writer))
+}
+
+fn holds_secret(bytes: &[u8]) -> bool {
+    bytes.windows(SECRET.len()).any(|w| w == SECRET)
 }
 
 fn init_request() -> Vec<u8> {
@@ -65,6 +75,16 @@ fuzz_target!(|input: &[u8]| {
     let share = &setup.servers[usize::from(mode & 1)];
     let mut reply = vec![0u8; MAX_REQUEST];
     serve(share, &setup.sink, &mut init_request(), &mut reply);
+    if mode & 2 != 0 {
+        // The fuzzer may learn the secret from the check itself: it must come from the share.
+        let Some((config, data)) = rest.split_first_chunk::<8>().filter(|_| !holds_secret(rest)) else { return };
+        let Some((mem, queue)) = common::setup(config, data) else { return };
+        let _ = lkvm::devices::virtio::fs::serve_available(&queue, &mem, Arc::new(common::NoInterrupt), share.clone());
+        let mut memory = vec![0u8; common::MEM_SIZE];
+        mem.read_slice(&mut memory, GuestAddress(0)).unwrap();
+        assert!(!holds_secret(&memory), "a reply in guest memory carried the outside secret");
+        rest = &[];
+    }
     // A sequence of requests, each as long as its header's len field says (clamped).
     while rest.len() >= 4 {
         let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
@@ -72,7 +92,7 @@ fuzz_target!(|input: &[u8]| {
         rest = tail;
         let written = serve(share, &setup.sink, &mut request.to_vec(), &mut reply);
         let sent = &reply[..written.min(reply.len())];
-        assert!(!sent.windows(SECRET.len()).any(|w| w == SECRET), "a reply carried the outside secret");
+        assert!(!holds_secret(sent), "a reply carried the outside secret");
     }
     let outside: Vec<_> = std::fs::read_dir(&setup.outside).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(outside.len(), 1, "something appeared outside the share: {outside:?}");

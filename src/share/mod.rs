@@ -208,11 +208,13 @@ pub const MAX_FIDS: usize = 16384;
 
 /// Whether lkvm may still open descriptors for a guest's share: the lowest free descriptor is
 /// below the last eighth of the open-file limit (descriptors are allocated lowest first, so
-/// every one below it is taken). The rest is lkvm's own, whatever the guest holds open.
+/// every one below it is taken). The rest is lkvm's own, whatever the guest holds open. The
+/// first call (as a share opens, before lkvm's threads are confined) reads the limit.
 pub fn descriptor_room() -> bool {
     use std::os::fd::{FromRawFd, OwnedFd};
     static PROBE: std::sync::OnceLock<Option<vmm_sys_util::eventfd::EventFd>> = std::sync::OnceLock::new();
     let Some(probe) = PROBE.get_or_init(|| crate::devices::eventfd().ok()) else { return true };
+    let limit = open_file_limit();
     // SAFETY: F_DUPFD_CLOEXEC on our own descriptor; the copy is closed at once.
     let lowest_free = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if lowest_free < 0 {
@@ -220,21 +222,27 @@ pub fn descriptor_room() -> bool {
     }
     // SAFETY: the copy just made, owned here only.
     drop(unsafe { OwnedFd::from_raw_fd(lowest_free) });
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes this struct only.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return true;
-    }
-    (lowest_free as u64) < limit.rlim_cur - limit.rlim_cur / 8
+    (lowest_free as u64) < limit - limit / 8
+}
+
+/// lkvm's open-file limit, read once: confined threads may not ask (prlimit64).
+fn open_file_limit() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes this struct only.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            limit.rlim_cur
+        } else {
+            1024
+        }
+    })
 }
 
 fn fid_cap() -> usize {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes this struct only.
-    let open_files =
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 1024 };
-    (open_files as usize / 8).clamp(16, MAX_FIDS)
+    (open_file_limit() as usize / 8).clamp(16, MAX_FIDS)
 }
+
 const TXATTRWALK: u8 = 30;
 
 impl Share {
@@ -248,6 +256,7 @@ impl Share {
         let config = p9::Config { root: root.clone().into(), msize: MAX_MESSAGE_SIZE, ..Default::default() };
         let server = p9::Server::with_config(config).map_err(|e| fail(format!("cannot start the 9p server: {e}")))?;
         let view = (!spec.view.is_empty()).then(|| View::new(&root, &spec.view));
+        descriptor_room(); // its probe and the limit, while this thread may still make both
         Ok(Share {
             server,
             root,

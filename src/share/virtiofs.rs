@@ -109,6 +109,7 @@ impl FsShare {
         // SAFETY: as above.
         unsafe { libc::umask(umask) };
         imported.map_err(fail)?;
+        super::descriptor_room(); // its probe and the limit, while this thread may still make both
         Ok(FsShare { server: Server::new(fs.clone()), fs, read_only: spec.read_only })
     }
 

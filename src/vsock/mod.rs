@@ -194,12 +194,11 @@ pub struct Muxer {
 /// Listens on `path` for host programs, only the user's (mode 0600). A leftover socket nobody
 /// answers on is replaced; anything else at the path is an error.
 pub fn listen(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     let listener = crate::control::bind_replacing_stale(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

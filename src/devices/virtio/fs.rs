@@ -119,6 +119,26 @@ fn process_queue(state: &mut Queues, index: usize) {
     }
 }
 
+/// Serves once what the guest has made available on `queue`, as the worker does (for fuzzing
+/// the device's queue path: rings, chains and replies in guest memory).
+pub fn serve_available(
+    queue: &Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    share: Arc<FsShare>,
+) -> io::Result<()> {
+    let mut state = Queues {
+        queues: vec![fuse_queue(queue)?],
+        mem: fuse_view(mem)?,
+        _guest: mem.clone(),
+        interrupt,
+        share,
+        request: Vec::new(),
+    };
+    process_queue(&mut state, 0);
+    Ok(())
+}
+
 /// Copies the request out of the guest's buffers (at most `MAX_REQUEST` bytes), then has the
 /// share answer it into the writable ones.
 fn serve(
