@@ -203,7 +203,8 @@ const SCRATCH_FID: u32 = u32::MAX - 1;
 const MAX_WALK_NAMES: usize = 16;
 /// Fids a guest may hold on one share: each holds a host descriptor and a path copy, and a
 /// guest that never clunks must get errors, not exhaust lkvm's descriptors or memory. At most
-/// an eighth of the descriptors lkvm may open go to one share.
+/// half the descriptors lkvm may open go to one share (and all shares together stop short of
+/// lkvm's reserve: `descriptor_room`).
 pub const MAX_FIDS: usize = 16384;
 
 /// Whether lkvm may still open descriptors for a guest's share: the lowest free descriptor is
@@ -240,7 +241,7 @@ fn open_file_limit() -> u64 {
 }
 
 fn fid_cap() -> usize {
-    (open_file_limit() as usize / 8).clamp(16, MAX_FIDS)
+    (open_file_limit() as usize / 2).clamp(16, MAX_FIDS)
 }
 
 const TXATTRWALK: u8 = 30;

@@ -574,12 +574,12 @@ fn shares_stop_taking_descriptors_before_lkvm_runs_out() {
     let share = dir.share();
     fs::create_dir(share.join("d")).unwrap();
     let (mut first, mut second) = (Client::attach(&share, false), Client::attach(&share, false));
-    // A share's own cap: an eighth of the limit, its root fid included.
+    // A share's own cap: half the limit, its root fid included.
     let mut fid = 1;
     while first.walk(ROOT, fid, &["d"]).is_ok() {
         fid += 1;
     }
-    assert_eq!(fid, 256 / 8);
+    assert_eq!(fid, 256 / 2);
     // Whatever else holds descriptors, shares stop short of lkvm's reserve.
     let mut held = Vec::new();
     while descriptor_room() {
