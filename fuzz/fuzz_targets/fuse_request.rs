@@ -41,8 +41,9 @@ fn setup() -> &'static Setup {
         std::fs::write(share.join("file"), b"file contents").unwrap();
         std::os::unix::fs::symlink("../outside", share.join("up")).unwrap();
         std::os::unix::fs::symlink(outside.join("secret"), share.join("abs")).unwrap();
-        let servers = [false, true]
-            .map(|read_only| Arc::new(FsShare::open(&FsSpec { path: share.clone(), tag: "fuzz".into(), read_only }).unwrap()));
+        let servers = [false, true].map(|read_only| {
+            Arc::new(FsShare::open(&FsSpec { path: share.clone(), tag: "fuzz".into(), read_only }).unwrap())
+        });
         let sink = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
         Setup { share, outside, servers, sink }
     })

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvm_ioctls::VcpuExit;
 use libfuzzer_sys::fuzz_target;
 use lkvm::devices::bus::{Bus, BusDevice};
 use lkvm::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
 use lkvm::vmm::stats::RunStats;
 use lkvm::vmm::vcpu::handle_exit;
-use kvm_ioctls::VcpuExit;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -61,11 +61,8 @@ fuzz_target!(|input: &[u8]| {
             let size = [1u8, 2, 4, 4][usize::from(op[0] >> 4 & 3)];
             let mut string = vec![op[3]; usize::from(size) * (usize::from(op[0] & 0x0f) * 4 + 1)];
             let (port, none) = (port as u16, Bus::default());
-            let exit = if op[0] & 0x80 != 0 {
-                VcpuExit::IoOut(port, &string)
-            } else {
-                VcpuExit::IoIn(port, &mut string)
-            };
+            let exit =
+                if op[0] & 0x80 != 0 { VcpuExit::IoOut(port, &string) } else { VcpuExit::IoIn(port, &mut string) };
             assert!(handle_exit(exit, size, &bus, &none).is_ok());
             continue;
         }

@@ -40,7 +40,8 @@ fuzz_target!(|input: &[u8]| {
             bus.write(port, &data[..len]);
         } else {
             bus.read(port, &mut data[..len]);
-            let inside = port >= u64::from(CONFIG_PORT) && port + len as u64 <= u64::from(CONFIG_PORT) + CONFIG_PORT_LEN;
+            let inside =
+                port >= u64::from(CONFIG_PORT) && port + len as u64 <= u64::from(CONFIG_PORT) + CONFIG_PORT_LEN;
             assert!(inside || data[..len].iter().all(|&b| b == 0xff), "port {port:#x}: {:?}", &data[..len]);
         }
     }
