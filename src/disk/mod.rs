@@ -139,6 +139,8 @@ pub struct DiskImage {
     /// A writable image probed as raw: its head may not be written to look like another format
     /// (a guest could otherwise plant a qcow2 header naming any host file as its backing file).
     guard_head: bool,
+    /// The format probing chose, when the user named none.
+    probed: Option<DiskFormat>,
 }
 
 /// Images of formats lkvm does not serve, by their magic: named rather than served as raw.
@@ -213,15 +215,6 @@ impl DiskImage {
             );
         }
         let guard_head = spec.format.is_none() && format == DiskFormat::Raw && !spec.read_only && !spec.snapshot;
-        if spec.format.is_none() {
-            let name = if format == DiskFormat::Raw { "raw" } else { "qcow2" };
-            let guard =
-                if guard_head { "; the guest may not write its first sector to look like another format" } else { "" };
-            tracing::warn!(
-                "disk {}: no format named, probed as {name}{guard}; add ,format={name} to name it",
-                spec.path.display()
-            );
-        }
         Ok(DiskImage {
             backend,
             size,
@@ -229,7 +222,23 @@ impl DiskImage {
             io_engine: spec.io_engine,
             direct: spec.direct,
             guard_head,
+            probed: spec.format.is_none().then_some(format),
         })
+    }
+
+    /// The warning for an image whose format was probed, to give once it is in use (a VM that
+    /// fails to start says only why).
+    pub fn probe_warning(&self, path: &std::path::Path) -> Option<String> {
+        let name = match self.probed? {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        };
+        let guard =
+            if self.guard_head { "; the guest may not write its first sector to look like another format" } else { "" };
+        Some(format!(
+            "disk {}: no format named, probed as {name}{guard}; add ,format={name} to name it",
+            path.display()
+        ))
     }
 
     pub fn size(&self) -> u64 {

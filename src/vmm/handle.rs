@@ -153,6 +153,9 @@ impl VmHandle {
         if let Some(path) = path {
             let spec = DiskSpec { path: path.to_path_buf(), ..drive.spec.clone() };
             let disk = DiskImage::open(&spec).map_err(|e| e.to_string())?;
+            if let Some(warning) = disk.probe_warning(path) {
+                tracing::warn!("{warning}");
+            }
             media.replace(disk);
             drive.spec = spec;
         }

@@ -250,6 +250,10 @@ impl Vm {
             None => None,
         };
         let disks = config.drives.iter().map(|d| DiskImage::open(&d.spec)).collect::<Result<Vec<_>, _>>()?;
+        // Said at boot, once the VM is built; a restore's drives were named when it booted.
+        let booting = matches!(origin, Origin::Boot);
+        let probe_warnings: Vec<String> =
+            disks.iter().zip(&config.drives).filter_map(|(disk, drive)| disk.probe_warning(&drive.spec.path)).collect();
         let shares = config.shares.iter().map(|s| Share::open(&s.spec)).collect::<Result<Vec<_>, _>>()?;
         let fs_shares = config.fs.iter().map(|f| FsShare::open(&f.spec)).collect::<Result<Vec<_>, _>>()?;
         let host = device_manager::HostResources { disks, shares, fs_shares };
@@ -345,6 +349,9 @@ impl Vm {
             persistent: devices.persistent,
         };
         let host_sockets = config.vsock.iter().map(|v| v.uds_path.clone()).collect();
+        if booting {
+            probe_warnings.iter().for_each(|warning| tracing::warn!("{warning}"));
+        }
         let handle = Arc::new(VmHandle::new(config, control, events, parts));
         Ok(Vm {
             handle,
