@@ -39,8 +39,9 @@ pub fn cache_root() -> PathBuf {
     base.join("lkvm/sandbox")
 }
 
-/// The user's key for sealing cache entries (made on first use): in ~/.lkvm, which no guest is
-/// given to write, only the user's, readable by nobody else.
+/// The user's key for sealing cache entries (made on first use): in ~/.lkvm (which `lkvm
+/// sandbox` has made by then), which no guest is given to write, only the user's, readable by
+/// nobody else.
 fn user_key(path: &Path) -> io::Result<[u8; KEY_LEN]> {
     use std::os::unix::fs::OpenOptionsExt;
     let in_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
@@ -50,10 +51,6 @@ fn user_key(path: &Path) -> io::Result<[u8; KEY_LEN]> {
             rustix::rand::getrandom(&mut key, rustix::rand::GetRandomFlags::empty()).map_err(io::Error::from)?;
             io::Write::write_all(&mut file, &key).map_err(in_path)?;
             return Ok(key);
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            crate::snapshot::create_private_dir(path.parent().unwrap_or(Path::new("/"))).map_err(in_path)?;
-            return user_key(path);
         }
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(in_path(e)),
         Err(_) => {}
@@ -205,6 +202,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lkvm-warm-seal-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         crate::snapshot::create_private_dir(&dir).unwrap();
+        crate::snapshot::create_private_dir(&dir.join("keys")).unwrap();
         let key = user_key(&dir.join("keys/user.key")).unwrap();
         assert_eq!(user_key(&dir.join("keys/user.key")).unwrap(), key, "made once, then read");
         let entry = dir.join("entry");
