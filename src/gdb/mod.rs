@@ -5,6 +5,7 @@
 //! guest debugging (KVM_SET_GUEST_DEBUG), whose exits pause the guest and reach the stub.
 
 mod target;
+mod vcpus;
 
 use std::io;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -20,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 use crate::vmm::vcpu::VcpuControl;
-use target::{GdbEventLoop, GuestDebugger};
+pub use target::{GdbEventLoop, GuestDebugger};
+pub use vcpus::DebuggedVcpus;
 
 /// How often a waiting stub looks whether the VM has ended.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -218,7 +220,7 @@ pub fn serve(listener: Listener, vcpus: Arc<VcpuControl>, mem: GuestMemoryMmap, 
             tracing::error!("gdb stub: stopping the guest for gdb: {e}");
             continue;
         }
-        let ending = GdbStub::new(stream).run_blocking::<GdbEventLoop>(&mut debugger);
+        let ending = GdbStub::new(stream).run_blocking::<GdbEventLoop<VcpuControl>>(&mut debugger);
         let killed = matches!(ending, Ok(DisconnectReason::Kill));
         match ending {
             Ok(reason) => tracing::info!("gdb detached ({reason:?})"),

@@ -22,15 +22,16 @@ use gdbstub::target::ext::breakpoints::{
 };
 use gdbstub::target::{Target, TargetError, TargetResult};
 use kvm_bindings::{
-    kvm_guest_debug, kvm_guest_debug_arch, kvm_msr_entry, Msrs, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+    kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::vcpus::DebuggedVcpus;
 use super::{readable, Stream, POLL_INTERVAL};
-use crate::arch::x86_64::gdb::{self, HwPoint, KvmRegisters, VcpuRegisters, X86_64Kvm, DEBUG_SLOTS};
-use crate::vmm::vcpu::{DebugEvent, Vcpu, VcpuControl};
+use crate::arch::x86_64::gdb::{self, HwPoint, VcpuRegisters, X86_64Kvm, DEBUG_SLOTS};
+use crate::vmm::vcpu::DebugEvent;
 
 const BP_VECTOR: u32 = 3;
 const DB_VECTOR: u32 = 1;
@@ -42,8 +43,8 @@ const PAGE: u64 = 4096;
 /// A debug event as the vCPU thread reported it.
 type DebugExit = (usize, DebugEvent);
 
-pub struct GuestDebugger {
-    vcpus: Arc<VcpuControl>,
+pub struct GuestDebugger<V> {
+    vcpus: Arc<V>,
     mem: GuestMemoryMmap,
     /// Inserted software breakpoints: guest virtual address -> (guest physical, original byte).
     sw_breakpoints: BTreeMap<u64, (u64, u8)>,
@@ -58,8 +59,8 @@ pub struct GuestDebugger {
     exit_ready: Arc<EventFd>,
 }
 
-impl GuestDebugger {
-    pub fn new(vcpus: Arc<VcpuControl>, mem: GuestMemoryMmap) -> std::io::Result<Self> {
+impl<V: DebuggedVcpus> GuestDebugger<V> {
+    pub fn new(vcpus: Arc<V>, mem: GuestMemoryMmap) -> std::io::Result<Self> {
         let (exit_sender, exits) = channel();
         Ok(GuestDebugger {
             vcpus,
@@ -121,38 +122,16 @@ impl GuestDebugger {
             }
             debugreg[7] = gdb::dr7(&self.hw_slots);
         }
-        self.vcpus
-            .on_vcpus(0..self.vcpus.count(), move |vcpu| {
-                let mut control = control;
-                if step == Some(usize::from(vcpu.index)) {
-                    // Interrupts stay pending during the step, so it lands on the next instruction.
-                    control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ;
-                }
-                let mut debug =
-                    kvm_guest_debug { control, arch: kvm_guest_debug_arch { debugreg }, ..Default::default() };
-                vcpu.fd.set_guest_debug(&debug).or_else(|_| {
-                    // Kernels before 5.16 lack BLOCKIRQ; a step may then enter an interrupt handler.
-                    debug.control &= !KVM_GUESTDBG_BLOCKIRQ;
-                    vcpu.fd.set_guest_debug(&debug)
-                })
-            })?
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map(drop)
-            .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
-    }
-
-    /// Runs `job` on vCPU `cpu`'s thread (it is parked).
-    fn on_vcpu<T: Send + 'static>(&self, cpu: usize, job: impl Fn(&Vcpu) -> T + Send + 'static) -> Result<T, String> {
-        self.vcpus.on_vcpus([cpu], job)?.pop().ok_or_else(|| format!("vCPU {cpu} did not answer"))
-    }
-
-    /// The guest physical address of `gva` in vCPU `cpu`'s address space.
-    fn translate(&self, cpu: usize, gva: u64) -> Option<u64> {
-        self.on_vcpu(cpu, move |vcpu| vcpu.fd.translate_gva(gva).ok().filter(|t| t.valid != 0))
-            .ok()
-            .flatten()
-            .map(|t| t.physical_address)
+        for cpu in 0..self.vcpus.count() {
+            let mut control = control;
+            if step == Some(cpu) {
+                // Interrupts stay pending during the step, so it lands on the next instruction.
+                control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ;
+            }
+            let debug = kvm_guest_debug { control, arch: kvm_guest_debug_arch { debugreg }, ..Default::default() };
+            self.vcpus.set_guest_debug(cpu, debug)?;
+        }
+        Ok(())
     }
 
     /// Calls `access` on each page-sized piece of [gva, gva + len) at its guest physical
@@ -162,27 +141,12 @@ impl GuestDebugger {
         while done < len {
             let addr = gva.wrapping_add(done as u64);
             let piece = ((PAGE - addr % PAGE) as usize).min(len - done);
-            match self.translate(cpu, addr) {
+            match self.vcpus.translate(cpu, addr) {
                 Some(gpa) if access(gpa, done, piece) => done += piece,
                 _ => break,
             }
         }
         done
-    }
-
-    fn read_registers_of(&self, cpu: usize) -> Result<KvmRegisters, String> {
-        self.on_vcpu(cpu, |vcpu| {
-            let mut msrs =
-                Msrs::from_entries(&[kvm_msr_entry { index: gdb::MSR_KERNEL_GS_BASE, ..Default::default() }])
-                    .map_err(|e| format!("{e:?}"))?;
-            vcpu.fd.get_msrs(&mut msrs).map_err(|e| e.to_string())?;
-            Ok(KvmRegisters {
-                regs: vcpu.fd.get_regs().map_err(|e| e.to_string())?,
-                sregs: vcpu.fd.get_sregs().map_err(|e| e.to_string())?,
-                fpu: vcpu.fd.get_fpu().map_err(|e| e.to_string())?,
-                k_gs_base: msrs.as_slice()[0].data,
-            })
-        })?
     }
 
     /// What gdb is told about a debug exit; `None` if it was not gdb's (the guest's own int3,
@@ -204,13 +168,10 @@ impl GuestDebugger {
         let reason = match exit.exception {
             BP_VECTOR if self.sw_breakpoints.contains_key(&exit.pc) => MultiThreadStopReason::SwBreak(tid),
             BP_VECTOR => {
-                self.on_vcpu(cpu, |vcpu| {
-                    vcpu.fd.set_guest_debug(&kvm_guest_debug {
-                        control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP | KVM_GUESTDBG_INJECT_BP,
-                        ..Default::default()
-                    })
-                })?
-                .map_err(|e| format!("handing int3 back to the guest: {e}"))?;
+                let inject = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP | KVM_GUESTDBG_INJECT_BP;
+                self.vcpus
+                    .set_guest_debug(cpu, kvm_guest_debug { control: inject, ..Default::default() })
+                    .map_err(|e| format!("handing int3 back to the guest: {e}"))?;
                 self.set_guest_debug(None)?;
                 self.vcpus.resume()?;
                 return Ok(None);
@@ -234,13 +195,24 @@ impl GuestDebugger {
         Ok(Some(reason))
     }
 
+    /// Why the running guest stopped for gdb, if it has: a debug exit that was gdb's, or the
+    /// VM's end.
+    pub fn pending_stop(&mut self) -> Result<Option<MultiThreadStopReason<u64>>, String> {
+        while let Ok(exit) = self.exits.try_recv() {
+            if let Some(reason) = self.stop_reason(exit)? {
+                return Ok(Some(reason));
+            }
+        }
+        Ok(self.vcpus.stopped().then_some(MultiThreadStopReason::Exited(0)))
+    }
+
     fn exit_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the eventfd lives as long as `self`, which the borrow ties the result to.
         unsafe { BorrowedFd::borrow_raw(self.exit_ready.as_raw_fd()) }
     }
 }
 
-impl Target for GuestDebugger {
+impl<V: DebuggedVcpus> Target for GuestDebugger<V> {
     type Arch = X86_64Kvm;
     type Error = String;
 
@@ -253,29 +225,16 @@ impl Target for GuestDebugger {
     }
 }
 
-impl MultiThreadBase for GuestDebugger {
+impl<V: DebuggedVcpus> MultiThreadBase for GuestDebugger<V> {
     fn read_registers(&mut self, regs: &mut VcpuRegisters, tid: Tid) -> TargetResult<(), Self> {
-        *regs = VcpuRegisters::from(&self.read_registers_of(Self::cpu(tid)).map_err(TargetError::Fatal)?);
+        *regs = VcpuRegisters::from(&self.vcpus.registers(Self::cpu(tid)).map_err(TargetError::Fatal)?);
         Ok(())
     }
 
     fn write_registers(&mut self, regs: &VcpuRegisters, tid: Tid) -> TargetResult<(), Self> {
-        let mut current = self.read_registers_of(Self::cpu(tid)).map_err(TargetError::Fatal)?;
+        let mut current = self.vcpus.registers(Self::cpu(tid)).map_err(TargetError::Fatal)?;
         regs.apply(&mut current);
-        self.on_vcpu(Self::cpu(tid), move |vcpu| {
-            let msrs = Msrs::from_entries(&[kvm_msr_entry {
-                index: gdb::MSR_KERNEL_GS_BASE,
-                data: current.k_gs_base,
-                ..Default::default()
-            }])
-            .map_err(|e| format!("{e:?}"))?;
-            vcpu.fd.set_regs(&current.regs).map_err(|e| e.to_string())?;
-            vcpu.fd.set_sregs(&current.sregs).map_err(|e| e.to_string())?;
-            vcpu.fd.set_fpu(&current.fpu).map_err(|e| e.to_string())?;
-            vcpu.fd.set_msrs(&msrs).map(drop).map_err(|e| e.to_string())
-        })
-        .map_err(TargetError::Fatal)?
-        .map_err(|e| {
+        self.vcpus.set_registers(Self::cpu(tid), current).map_err(TargetError::Fatal)?.map_err(|e| {
             tracing::warn!("gdb: writing registers: {e}");
             TargetError::NonFatal
         })
@@ -313,7 +272,7 @@ impl MultiThreadBase for GuestDebugger {
     }
 }
 
-impl MultiThreadResume for GuestDebugger {
+impl<V: DebuggedVcpus> MultiThreadResume for GuestDebugger<V> {
     fn resume(&mut self) -> Result<(), String> {
         self.set_guest_debug(self.step)?;
         // A step runs its vCPU alone whatever gdb asked of the others, as QEMU's stub does.
@@ -348,7 +307,7 @@ impl MultiThreadResume for GuestDebugger {
     }
 }
 
-impl MultiThreadSingleStep for GuestDebugger {
+impl<V: DebuggedVcpus> MultiThreadSingleStep for GuestDebugger<V> {
     fn set_resume_action_step(&mut self, tid: Tid, signal: Option<Signal>) -> Result<(), String> {
         self.set_resume_action_continue(tid, signal)?;
         self.step = Some(Self::cpu(tid));
@@ -356,14 +315,14 @@ impl MultiThreadSingleStep for GuestDebugger {
     }
 }
 
-impl MultiThreadSchedulerLocking for GuestDebugger {
+impl<V: DebuggedVcpus> MultiThreadSchedulerLocking for GuestDebugger<V> {
     fn set_resume_action_scheduler_lock(&mut self) -> Result<(), String> {
         self.locked_to = self.continued;
         Ok(())
     }
 }
 
-impl Breakpoints for GuestDebugger {
+impl<V: DebuggedVcpus> Breakpoints for GuestDebugger<V> {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         Some(self)
     }
@@ -377,7 +336,7 @@ impl Breakpoints for GuestDebugger {
     }
 }
 
-impl GuestDebugger {
+impl<V: DebuggedVcpus> GuestDebugger<V> {
     /// Puts `point` in a free debug register slot; false when all four are taken.
     fn take_slot(&mut self, addr: u64, point: HwPoint) -> bool {
         match self.hw_slots.iter_mut().find(|slot| slot.is_none()) {
@@ -400,13 +359,13 @@ impl GuestDebugger {
     }
 }
 
-impl SwBreakpoint for GuestDebugger {
+impl<V: DebuggedVcpus> SwBreakpoint for GuestDebugger<V> {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         if self.sw_breakpoints.contains_key(&addr) {
             return Ok(true);
         }
         // gdb inserts breakpoints with the vCPU it last stopped on; kernel text maps alike on all.
-        let Some(gpa) = self.translate(0, addr) else { return Ok(false) };
+        let Some(gpa) = self.vcpus.translate(0, addr) else { return Ok(false) };
         let Ok(original) = self.mem.read_obj::<u8>(GuestAddress(gpa)) else { return Ok(false) };
         if self.mem.write_obj(INT3, GuestAddress(gpa)).is_err() {
             return Ok(false);
@@ -421,7 +380,7 @@ impl SwBreakpoint for GuestDebugger {
     }
 }
 
-impl HwBreakpoint for GuestDebugger {
+impl<V: DebuggedVcpus> HwBreakpoint for GuestDebugger<V> {
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         Ok(self.take_slot(addr, HwPoint::Execute))
     }
@@ -431,7 +390,7 @@ impl HwBreakpoint for GuestDebugger {
     }
 }
 
-impl HwWatchpoint for GuestDebugger {
+impl<V: DebuggedVcpus> HwWatchpoint for GuestDebugger<V> {
     fn add_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
         Ok(gdb::watchable(addr, len) && self.take_slot(addr, HwPoint::Watch(kind, len)))
     }
@@ -441,26 +400,21 @@ impl HwWatchpoint for GuestDebugger {
     }
 }
 
-pub enum GdbEventLoop {}
+pub struct GdbEventLoop<V>(std::marker::PhantomData<V>);
 
-impl BlockingEventLoop for GdbEventLoop {
-    type Target = GuestDebugger;
+impl<V: DebuggedVcpus> BlockingEventLoop for GdbEventLoop<V> {
+    type Target = GuestDebugger<V>;
     type Connection = Stream;
     type StopReason = MultiThreadStopReason<u64>;
 
     /// Waits for a debug exit, a byte from gdb (Ctrl-C) or the VM's end.
     fn wait_for_stop_reason(
-        target: &mut GuestDebugger,
+        target: &mut GuestDebugger<V>,
         conn: &mut Stream,
     ) -> Result<Event<Self::StopReason>, WaitForStopReasonError<String, std::io::Error>> {
         loop {
-            while let Ok(exit) = target.exits.try_recv() {
-                if let Some(reason) = target.stop_reason(exit).map_err(WaitForStopReasonError::Target)? {
-                    return Ok(Event::TargetStopped(reason));
-                }
-            }
-            if target.vcpus.stopped() {
-                return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(0)));
+            if let Some(reason) = target.pending_stop().map_err(WaitForStopReasonError::Target)? {
+                return Ok(Event::TargetStopped(reason));
             }
             // SAFETY: the connection's fd stays open for the call.
             let conn_fd = unsafe { BorrowedFd::borrow_raw(conn.as_raw_fd()) };
@@ -475,7 +429,7 @@ impl BlockingEventLoop for GdbEventLoop {
         }
     }
 
-    fn on_interrupt(target: &mut GuestDebugger) -> Result<Option<Self::StopReason>, String> {
+    fn on_interrupt(target: &mut GuestDebugger<V>) -> Result<Option<Self::StopReason>, String> {
         target.vcpus.pause_if_running()?;
         // A breakpoint hit while gdb's Ctrl-C was on its way is the better answer.
         while let Ok(exit) = target.exits.try_recv() {
@@ -485,6 +439,6 @@ impl BlockingEventLoop for GdbEventLoop {
             target.vcpus.pause_if_running()?;
         }
         (target.step, target.locked_to) = (None, None);
-        Ok(Some(MultiThreadStopReason::SignalWithThread { tid: GuestDebugger::tid(0), signal: Signal::SIGINT }))
+        Ok(Some(MultiThreadStopReason::SignalWithThread { tid: GuestDebugger::<V>::tid(0), signal: Signal::SIGINT }))
     }
 }

@@ -25,6 +25,7 @@
 //! sockets only, never device nodes, and device nodes already in a share cannot be opened: a
 //! guest must not drive host devices. Files open non-blocking, so a FIFO cannot stall the device.
 
+mod bounded_fs;
 pub mod virtiofs;
 
 use std::collections::HashMap;
@@ -135,7 +136,7 @@ pub struct Share {
     /// session is rebuilt from.
     open_flags: HashMap<u32, u32>,
     msize: Option<u32>,
-    /// How many fids the guest may hold (`fid_cap` when the share was opened).
+    /// How many fids the guest may hold (fixed when the share was opened).
     max_fids: usize,
     /// The paths below the root the guest may reach, and those it may not even then; no view:
     /// all of it.
@@ -201,10 +202,9 @@ const NOFID: u32 = u32::MAX;
 const SCRATCH_FID: u32 = u32::MAX - 1;
 /// Names per Twalk (P9_MAXWELEM).
 const MAX_WALK_NAMES: usize = 16;
-/// Fids a guest may hold on one share: each holds a host descriptor and a path copy, and a
-/// guest that never clunks must get errors, not exhaust lkvm's descriptors or memory. At most
-/// half the descriptors lkvm may open go to one share (and all shares together stop short of
-/// lkvm's reserve: `descriptor_room`).
+/// Fids a guest may hold on one 9p share: each holds a host descriptor and a path copy (the
+/// memory this bounds), and a guest that never clunks must get errors, not exhaust lkvm's
+/// descriptors or memory (`descriptor_cap_per_share`).
 pub const MAX_FIDS: usize = 16384;
 
 /// Whether lkvm may still open descriptors for a guest's share: the lowest free descriptor is
@@ -240,8 +240,10 @@ fn open_file_limit() -> u64 {
     })
 }
 
-fn fid_cap() -> usize {
-    (open_file_limit() as usize / 2).clamp(16, MAX_FIDS)
+/// Host descriptors one share may hold for the guest: half of those lkvm may open (and all
+/// shares together stop short of lkvm's reserve: `descriptor_room`).
+fn descriptor_cap_per_share() -> usize {
+    (open_file_limit() as usize / 2).max(16)
 }
 
 const TXATTRWALK: u8 = 30;
@@ -265,7 +267,7 @@ impl Share {
             fid_paths: HashMap::new(),
             open_flags: HashMap::new(),
             msize: None,
-            max_fids: fid_cap(),
+            max_fids: descriptor_cap_per_share().min(MAX_FIDS),
             view,
         })
     }

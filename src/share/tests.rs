@@ -589,3 +589,42 @@ fn shares_stop_taking_descriptors_before_lkvm_runs_out() {
     let reserve: Vec<_> = (0..256 / 8 - 1).map(|_| fs::File::open("/dev/null").unwrap()).collect();
     assert_eq!(reserve.len(), 31, "lkvm still opens what it needs");
 }
+
+/// A virtio-fs share holds a descriptor per inode the guest has looked up and not forgotten,
+/// and per open file: past its cap the guest gets ENFILE, and forgetting makes room again.
+#[test]
+fn virtio_fs_shares_answer_enfile_past_their_descriptor_cap() {
+    use fuse_backend_rs::api::filesystem::{Context, FileSystem, ROOT_ID};
+    use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+
+    let dir = TempDir::new("virtiofs-cap");
+    for name in ["a", "b", "c", "d"] {
+        fs::write(dir.share().join(name), name).unwrap();
+    }
+    let config = Config { root_dir: dir.share().to_str().unwrap().into(), do_import: true, ..Config::default() };
+    let passthrough = std::sync::Arc::new(PassthroughFs::new(config).unwrap());
+    // import() clears the process's umask: other tests create files.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let umask = unsafe { libc::umask(0o022) };
+    passthrough.import().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
+    let share = super::bounded_fs::BoundedFs::new(passthrough, 3);
+    let ctx = Context::default();
+    let name = |n: &str| std::ffi::CString::new(n).unwrap();
+    let lookup = |n: &str| share.lookup(&ctx, ROOT_ID, &name(n)).map_err(|e| e.raw_os_error());
+
+    let a = lookup("a").unwrap().inode;
+    assert_eq!(lookup("a").unwrap().inode, a, "the same inode, one descriptor");
+    lookup("b").unwrap();
+    let (handle, _, _) = share.open(&ctx, a, libc::O_RDONLY as u32, 0).unwrap();
+    assert_eq!(lookup("c").err(), Some(Some(libc::ENFILE)), "two inodes and an open file: the cap");
+    assert_eq!(share.open(&ctx, a, libc::O_RDONLY as u32, 0).err().and_then(|e| e.raw_os_error()), Some(libc::ENFILE));
+    share.release(&ctx, a, 0, handle.unwrap(), false, false, None).unwrap();
+    lookup("c").unwrap();
+    assert_eq!(lookup("d").err(), Some(Some(libc::ENFILE)));
+    share.forget(&ctx, a, 1);
+    assert_eq!(lookup("d").err(), Some(Some(libc::ENFILE)), "a is still looked up once");
+    share.batch_forget(&ctx, vec![(a, 1)]);
+    lookup("d").unwrap();
+}

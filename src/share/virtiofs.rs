@@ -11,7 +11,9 @@
 //! - set-user-ID and set-group-ID bits are cleared from every mode the guest sets, and from a
 //!   file the guest writes, truncates or allocates, whatever FUSE flags its kernel negotiated
 //!   (with lkvm as root the host kernel would keep them);
-//! - on a read-only share every request that writes is answered EROFS.
+//! - on a read-only share every request that writes is answered EROFS;
+//! - past the share's cap on host descriptors, lookups and opens are answered ENFILE
+//!   (`BoundedFs`).
 
 use std::io;
 use std::path::PathBuf;
@@ -23,6 +25,8 @@ use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, Reader, Writer};
+
+use super::bounded_fs::BoundedFs;
 use vm_memory_fuse::ByteValued;
 
 /// virtio-fs puts the tag in a 36-byte config field.
@@ -74,7 +78,7 @@ impl FsSpec {
 /// A directory served over FUSE, with lkvm's checks in front.
 pub struct FsShare {
     fs: Arc<PassthroughFs>,
-    server: Server<Arc<PassthroughFs>>,
+    server: Server<Arc<BoundedFs>>,
     read_only: bool,
 }
 
@@ -110,7 +114,8 @@ impl FsShare {
         unsafe { libc::umask(umask) };
         imported.map_err(fail)?;
         super::descriptor_room(); // its probe and the limit, while this thread may still make both
-        Ok(FsShare { server: Server::new(fs.clone()), fs, read_only: spec.read_only })
+        let bounded = Arc::new(BoundedFs::new(fs.clone(), super::descriptor_cap_per_share()));
+        Ok(FsShare { server: Server::new(bounded), fs, read_only: spec.read_only })
     }
 
     /// Serves one request: `request` is lkvm's copy of it (checked and edited here first), the
@@ -157,22 +162,6 @@ impl FsShare {
         ];
         if self.read_only && (writes.iter().any(|w| *w as u32 == opcode) || opcode == TMPFILE) {
             return Err(libc::EROFS);
-        }
-        // Each inode the guest looks up and each file it opens holds a host descriptor until it
-        // forgets or releases it: past lkvm's reserve, the guest gets ENFILE.
-        let holds_descriptor = [
-            Opcode::Lookup,
-            Opcode::Create,
-            Opcode::Open,
-            Opcode::Opendir,
-            Opcode::Mknod,
-            Opcode::Mkdir,
-            Opcode::Symlink,
-            Opcode::Link,
-            Opcode::Readdirplus,
-        ];
-        if (holds_descriptor.iter().any(|o| *o as u32 == opcode) || opcode == TMPFILE) && !super::descriptor_room() {
-            return Err(libc::ENFILE);
         }
         match opcode {
             o if o == Opcode::Mknod as u32 => {
