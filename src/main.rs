@@ -397,6 +397,13 @@ fn firecracker(args: cli::firecracker::FirecrackerArgs, started: Instant) -> Exi
     }
 }
 
+fn jailer(args: &cli::jailer::JailerArgs) -> ExitCode {
+    match lkvm::jail::jailer::run(args) {
+        Ok(never) => match never {},
+        Err(msg) => fail(&msg),
+    }
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     // Nothing lkvm runs (a tap script, a guest-triggered helper) gains privileges through
@@ -406,11 +413,19 @@ fn main() -> ExitCode {
         return fail(&format!("PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error()));
     }
     raise_open_file_limit();
-    // A link named `firecracker` to this binary is a drop-in for Firecracker.
+    // Named `firecracker` (or a name with it, as the jailer requires) this binary is a drop-in
+    // for Firecracker; named `jailer`, for its jailer.
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    if std::path::Path::new(&argv0).file_name().is_some_and(|name| name == "firecracker") {
+    let program = std::path::Path::new(&argv0).file_name().unwrap_or_default().to_string_lossy();
+    if program.contains("firecracker") {
         return match parse::<cli::FirecrackerCli>("firecracker") {
             Ok(cli) => firecracker(cli.args, started),
+            Err(code) => code,
+        };
+    }
+    if program == "jailer" {
+        return match parse::<cli::JailerCli>("jailer") {
+            Ok(cli) => jailer(&cli.args),
             Err(code) => code,
         };
     }
@@ -461,6 +476,7 @@ fn main() -> ExitCode {
             Err(msg) => fail(&msg),
         },
         Command::Firecracker(args) => firecracker(args, started),
+        Command::Jailer(args) => jailer(&args),
         Command::Version => {
             println!("lkvm {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -114,6 +114,10 @@ impl Drop for ApiSocket {
 
 /// Listens on `path` and serves `api` on the API thread.
 pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, String> {
+    // Firecracker's default, /run/firecracker.socket, in a fresh jail that has no /run.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("API socket {}: {e}", path.display()))?;
+    }
     let listener = crate::control::bind_replacing_stale(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => format!("API socket {}: another process is listening on it", path.display()),
         _ => format!("API socket {}: {e}", path.display()),

@@ -167,6 +167,9 @@ fn route(api: &Api, request: &Request) -> Reply {
             let vsock: Vsock = body(request)?;
             crate::config::VmConfig::check_vsock_cid(vsock.guest_cid)?;
             configure(api, |c| {
+                // As Firecracker: the socket exists once the device is configured.
+                crate::vsock::bind_ahead(&vsock.uds_path)
+                    .map_err(|e| format!("Cannot create backend for vsock device: {e}"))?;
                 c.vsock = Some(vsock);
                 Ok(())
             })
@@ -197,7 +200,7 @@ fn instance_info(api: &Api) -> Response {
     };
     Response::json(
         200,
-        &json!({ "id": api.id, "state": state, "vmm_version": env!("CARGO_PKG_VERSION"), "app_name": "lkvm" }),
+        &json!({ "id": api.id, "state": state, "vmm_version": FIRECRACKER_API_VERSION, "app_name": "Firecracker" }),
     )
 }
 
@@ -396,6 +399,7 @@ fn vm_state(api: &Api, state: VmState) -> Reply {
 mod tests {
     use super::*;
     use crate::config::Transport;
+    use std::os::unix::fs::FileTypeExt;
     use std::sync::atomic::Ordering;
     use std::time::Instant;
 
@@ -482,9 +486,15 @@ mod tests {
             fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)).contains("not running")
         );
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)).contains("metrics"));
-        assert_eq!(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#).0, 204);
+        // The socket exists once the device is put (clients wait for it); a second put moves it.
+        let uds = std::env::temp_dir().join(format!("lkvm-routes-{}.vsock", std::process::id()));
+        let vsock = |path: &std::path::Path| format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, path.display());
+        assert_eq!(call(&api, Method::Put, "/vsock", &vsock(&uds.with_extension("first"))).0, 204);
+        assert!(uds.with_extension("first").exists());
         // Firecracker routes on the first segment: clients name the device in the path.
-        assert_eq!(call(&api, Method::Put, "/vsock/vsock0", r#"{"guest_cid": 3, "uds_path": "/v"}"#).0, 204);
+        assert_eq!(call(&api, Method::Put, "/vsock/vsock0", &vsock(&uds)).0, 204);
+        assert!(std::fs::metadata(&uds).unwrap().file_type().is_socket() && !uds.with_extension("first").exists());
+        let _ = std::fs::remove_file(&uds);
         assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 3}"#)).contains("uds_path"));
         assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 1, "uds_path": "/v"}"#)).contains("reserved"));
         // A VMM that cannot start the VM: InstanceStart fails cleanly and the API stays usable.

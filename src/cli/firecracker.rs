@@ -92,6 +92,7 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
         ));
     }
     crate::thread::confine_with(if args.no_seccomp { Seccomp::Off } else { Seccomp::On })?;
+    crate::thread::name_vcpus_as_firecracker();
     if let Some(path) = &args.log_path {
         logging::set_file(path).map_err(|e| format!("--log-path {}: {e}", path.display()))?;
     }
@@ -154,8 +155,7 @@ fn read_config_file(path: &PathBuf) -> Result<FullConfig, String> {
 fn start(config: VmConfig, started: Instant) -> Result<Vm, String> {
     let name = config.name.clone();
     let mut vm = Vm::build(config, started).map_err(|e| e.to_string())?;
-    let handle: Arc<dyn control::Controller> = vm.handle();
-    vm.serve_control(control::Server::start(&name, handle)?);
+    serve_control(&mut vm, &name);
     vm.start().map_err(|e| e.to_string())?;
     Ok(vm)
 }
@@ -163,8 +163,17 @@ fn start(config: VmConfig, started: Instant) -> Result<Vm, String> {
 /// Restores a snapshot on this thread; it runs at once if `resume`, else stays paused.
 fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<Vm, String> {
     let mut vm = Vm::restore(spec, started).map_err(|e| e.to_string())?;
-    let handle: Arc<dyn control::Controller> = vm.handle();
-    vm.serve_control(control::Server::start(&spec.name, handle)?);
+    serve_control(&mut vm, &spec.name);
     if resume { vm.start() } else { vm.start_paused() }.map_err(|e| e.to_string())?;
     Ok(vm)
+}
+
+/// lkvm's control socket (`lkvm list`, `lkvm stop`...) in ~/.lkvm, where there is one: in
+/// Firecracker's jail there is no home, and the API is the way in.
+fn serve_control(vm: &mut Vm, name: &str) {
+    let handle: Arc<dyn control::Controller> = vm.handle();
+    match control::Server::start(name, handle) {
+        Ok(server) => vm.serve_control(server),
+        Err(e) => tracing::info!("no control socket ({e}): lkvm's control commands cannot reach this VM"),
+    }
 }

@@ -3,6 +3,7 @@
 pub mod control;
 pub mod exec;
 pub mod firecracker;
+pub mod jailer;
 pub mod run;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,14 @@ pub struct Cli {
 pub struct FirecrackerCli {
     #[command(flatten)]
     pub args: firecracker::FirecrackerArgs,
+}
+
+/// The command line when this binary is invoked as `jailer`.
+#[derive(Parser, Debug)]
+#[command(name = "jailer", about = "lkvm speaking Firecracker's jailer command line")]
+pub struct JailerCli {
+    #[command(flatten)]
+    pub args: jailer::JailerArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,6 +65,8 @@ pub enum Command {
     Snapshot(control::SnapshotArgs),
     /// Behave as Firecracker: its command line and REST API (also when invoked as `firecracker`)
     Firecracker(firecracker::FirecrackerArgs),
+    /// Behave as Firecracker's jailer (also when invoked as `jailer`)
+    Jailer(jailer::JailerArgs),
     /// Print the version
     Version,
 }

@@ -150,8 +150,7 @@ fn wait_outside(child: libc::pid_t) -> ! {
 
 /// In the new namespaces: a tmpfs on `dir` with each bind at its path, made the root.
 fn build_root(dir: &Path, binds: &[Bind]) -> io::Result<()> {
-    // Nothing mounted from here on reaches the host's namespace.
-    rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)?;
+    make_mounts_private()?;
     let no_suid_dev = MountFlags::NOSUID | MountFlags::NODEV;
     rustix::mount::mount("tmpfs", dir, "tmpfs", no_suid_dev, c"mode=0755,size=64k")?;
     // Parents first: a path inside a bound directory is then already there to bind over.
@@ -183,17 +182,29 @@ fn build_root(dir: &Path, binds: &[Bind]) -> io::Result<()> {
     // Relative paths (a drive given as `disk.img`) keep meaning what they did.
     let cwd = std::env::current_dir()?;
     make_mount_point(dir, &in_jail(dir, &cwd), true)?;
-    let old_root = dir.join(".host");
-    std::fs::DirBuilder::new().mode(0o700).create(&old_root)?;
-    rustix::process::pivot_root(dir, &old_root)?;
-    std::env::set_current_dir("/")?;
-    rustix::mount::unmount("/.host", UnmountFlags::DETACH)?;
-    std::fs::remove_dir("/.host")?;
+    pivot_into(dir)?;
     std::env::set_current_dir(&cwd)?;
     // The jail's own tree is read-only: lkvm writes only through what is bound writable.
     rustix::mount::mount_remount("/", no_suid_dev | MountFlags::RDONLY, "")?;
     rustix::process::setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })?;
     Ok(())
+}
+
+/// In a new mount namespace: nothing mounted from here on reaches the host's.
+pub(super) fn make_mounts_private() -> io::Result<()> {
+    rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)?;
+    Ok(())
+}
+
+/// Makes the mount point `dir` the root, the host's tree detached from it, and `/` the working
+/// directory.
+pub(super) fn pivot_into(dir: &Path) -> io::Result<()> {
+    let old_root = dir.join(".host");
+    std::fs::DirBuilder::new().mode(0o700).create(&old_root)?;
+    rustix::process::pivot_root(dir, &old_root)?;
+    std::env::set_current_dir("/")?;
+    rustix::mount::unmount("/.host", UnmountFlags::DETACH)?;
+    std::fs::remove_dir("/.host")
 }
 
 fn fd_path(fd: &OwnedFd) -> PathBuf {

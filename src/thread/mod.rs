@@ -7,6 +7,7 @@ mod seccomp;
 pub use seccomp::Seccomp;
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::thread::JoinHandle;
@@ -70,6 +71,24 @@ impl ThreadKind {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Spawner => "thread spawner",
         }
+    }
+}
+
+/// Whether vCPU threads take Firecracker's names (`fc_vcpu N`): Kata finds them by name to
+/// pin them and put them in cgroups.
+static FIRECRACKER_NAMES: AtomicBool = AtomicBool::new(false);
+
+/// Names vCPU threads as Firecracker does from now on (its frontend calls it).
+pub fn name_vcpus_as_firecracker() {
+    FIRECRACKER_NAMES.store(true, Ordering::Relaxed);
+}
+
+/// The name of vCPU `index`'s thread.
+pub fn vcpu_name(index: u8) -> String {
+    if FIRECRACKER_NAMES.load(Ordering::Relaxed) {
+        format!("fc_vcpu {index}")
+    } else {
+        format!("vcpu{index}")
     }
 }
 

@@ -416,7 +416,7 @@ impl Vm {
         for vcpu in self.vcpus.drain(..) {
             let (control, events) = (self.handle.vcpus.clone(), self.handle.exit_sender());
             let thread =
-                threads::spawn(ThreadKind::Vcpu, format!("vcpu{}", vcpu.index), move || vcpu.run(&control, &events))
+                threads::spawn(ThreadKind::Vcpu, threads::vcpu_name(vcpu.index), move || vcpu.run(&control, &events))
                     .map_err(|e| Error::Host("spawn vCPU thread", e))?;
             self.threads.push(thread);
         }

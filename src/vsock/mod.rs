@@ -191,9 +191,35 @@ pub struct Muxer {
     ready: VecDeque<Key>,
 }
 
-/// Listens on `path` for host programs, only the user's (mode 0600). A leftover socket nobody
-/// answers on is replaced; anything else at the path is an error.
+/// The socket bound ahead of the device (Firecracker's `PUT /vsock`): clients wait for its file
+/// before they start the VM.
+static BOUND_AHEAD: std::sync::Mutex<Option<(PathBuf, UnixListener)>> = std::sync::Mutex::new(None);
+
+/// Binds the socket of the vsock device to come at `path` now; it replaces one bound earlier.
+pub fn bind_ahead(path: &Path) -> io::Result<()> {
+    let mut bound = BOUND_AHEAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((earlier, _)) = bound.take().filter(|(earlier, _)| earlier != path) {
+        let _ = std::fs::remove_file(earlier);
+    }
+    *bound = Some((path.to_path_buf(), bind(path)?));
+    Ok(())
+}
+
+/// Listens on `path` for host programs: the socket bound ahead there, or a new one.
 pub fn listen(path: &Path) -> io::Result<UnixListener> {
+    let mut bound = BOUND_AHEAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match bound.take() {
+        Some((ahead, listener)) if ahead == path => Ok(listener),
+        other => {
+            *bound = other;
+            bind(path)
+        }
+    }
+}
+
+/// A new socket at `path`, only the user's (mode 0600). A leftover socket nobody answers on is
+/// replaced; anything else at the path is an error.
+fn bind(path: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;

@@ -50,6 +50,10 @@
 //! - `lkvm.vsocklisten=PORT:COUNT:LEN`: listen on vsock PORT, print `vsock_listening`, serve
 //!   COUNT connections at once: read each to its end, answer `LEN HASH\n` of what came, then LEN
 //!   bytes of the pattern for seed 7, and close; print `vsockserved=OK/COUNT`.
+//! - `lkvm.agent=PORT`: from now on, in the background, answer each connection on vsock PORT
+//!   with every result so far (`key=value` lines) and close it: the results of a VMM whose
+//!   console nobody reads (Kata's, daemonized), at the port Kata's agent listens on.
+//! - `lkvm.hold=SECONDS`: wait, keeping the VM (and the agent) up until the host ends it.
 //! - `lkvm.vsockconnect=PORT:COUNT:LEN`: COUNT connections at once to the host (CID 2) PORT,
 //!   each sending LEN bytes of the pattern for its index and expecting `LEN HASH\n` of it back;
 //!   print `vsockconnect:PORT=OK/COUNT`, or the first error.
@@ -93,7 +97,11 @@ fn boot_marker() {
     }
 }
 
+/// Every result so far, for `lkvm.agent` to hand out where nobody reads the console.
+static RESULTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 fn result(key: &str, value: &str) {
+    RESULTS.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{key}={value}"));
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "LKVM-RESULT {key}={value}");
     let _ = out.flush();
@@ -829,6 +837,41 @@ fn fresh_checksum(dev: &str, len: usize) -> std::io::Result<u64> {
     Ok(fnv1a(&data))
 }
 
+fn agent(port: &str) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let port: u32 = port.parse().unwrap_or(1024);
+    let listening = (|| -> std::io::Result<std::os::fd::OwnedFd> {
+        let fd = vsock_socket()?;
+        let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+        let size = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: addr is a valid sockaddr_vm of that length.
+        check(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), size) })?;
+        // SAFETY: listen on a bound socket we own.
+        check(unsafe { libc::listen(fd.as_raw_fd(), 4) })?;
+        Ok(fd)
+    })();
+    let listener = match listening {
+        Ok(fd) => fd,
+        Err(e) => return result("agent", &format!("err:{e}")),
+    };
+    result("agent", "listening");
+    std::thread::spawn(move || loop {
+        // SAFETY: accept on a listening socket we own; the new descriptor is owned below.
+        let conn = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        if conn < 0 {
+            continue;
+        }
+        // SAFETY: conn is a fresh descriptor from accept4.
+        let mut stream = unsafe { fs::File::from_raw_fd(conn) };
+        let results = RESULTS.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
+        let _ = writeln!(stream, "{results}");
+    });
+}
+
+fn hold(seconds: &str) {
+    std::thread::sleep(std::time::Duration::from_secs(seconds.parse().unwrap_or(600)));
+}
+
 fn swap_wait(arg: &str) {
     let parts: Vec<&str> = arg.split(':').collect();
     let [dev, len, seconds] = parts[..] else { return result("swap", "bad-arg") };
@@ -934,6 +977,8 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.p9bench=", p9_bench),
     ("lkvm.fsbench=", fs_bench),
     ("lkvm.swap=", swap_wait),
+    ("lkvm.agent=", agent),
+    ("lkvm.hold=", hold),
     ("lkvm.cad=", cad_wait),
     ("lkvm.snapwork=", snap_work),
 ];
