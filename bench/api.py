@@ -6,7 +6,7 @@ resets through the i8042 and the process exits.
 
     bench/api.py --runs 20 [--firecracker PATH]
 
-lkvm runs as `firecracker` (a symlink to target/release/lkvm). Firecracker is not built by this
+lkvm runs as `firecracker` (a symlink to target/x86_64-unknown-linux-gnu/release/lkvm). Firecracker is not built by this
 project: build it from its own repository and pass its binary with --firecracker."""
 import argparse
 import http.client

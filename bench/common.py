@@ -9,7 +9,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.path.join(ROOT, "guest", "out")
-LKVM = os.path.join(ROOT, "target", "release", "lkvm")
+LKVM = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release", "lkvm")
 MEM_MIB = 128
 HOST_PARAMS = "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 clocksource=kvm-clock quiet"
 # lkvm's generated defaults, given to QEMU explicitly so both guests see the same command line.

@@ -7,7 +7,7 @@ guest echoing a line typed on its console right after the load (the guest runnin
 
     bench/snapshot.py [--restores 10] [--sizes 128,1024] [--firecracker PATH]
 
-lkvm runs as `firecracker` (a symlink to target/release/lkvm). Firecracker is not built by this
+lkvm runs as `firecracker` (a symlink to target/x86_64-unknown-linux-gnu/release/lkvm). Firecracker is not built by this
 project: build it from its own repository and pass its binary with --firecracker."""
 import argparse
 import json

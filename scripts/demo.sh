@@ -10,6 +10,6 @@ cargo build --release --quiet
 extra=""; [ "${1:-}" = "--shell" ] && extra="lkvm.shell"
 # The clearcpuid/noxsave parameters keep Linux off instructions that nested KVM hosts which
 # emulate guest kernel code cannot run (see shared/GUEST.md); they are harmless elsewhere.
-exec ./target/release/lkvm run -k guest/out/vmlinux -i guest/out/initramfs.cpio -m 128 -c 2 \
+exec ./target/x86_64-unknown-linux-gnu/release/lkvm run -k guest/out/vmlinux -i guest/out/initramfs.cpio -m 128 -c 2 \
   --loglevel info \
   -p "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 quiet $extra"

@@ -21,21 +21,6 @@ fn firecracker_link(dir: &Path) -> PathBuf {
     link
 }
 
-/// One request with curl; returns the status code and the body.
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let url = format!("http://localhost{path}");
-    let mut args =
-        vec!["-s", "--max-time", "30", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}"];
-    if let Some(body) = body {
-        args.extend(["-H", "Content-Type: application/json", "--data-binary", body]);
-    }
-    args.push(&url);
-    let out = Command::new("curl").args(&args).output().expect("curl (apt-get install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 fn fault(reply: (u16, String), status: u16) -> String {
     assert_eq!(reply.0, status, "{}", reply.1);
     let value: serde_json::Value = serde_json::from_str(&reply.1).unwrap_or_else(|_| panic!("not JSON: {}", reply.1));

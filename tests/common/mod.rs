@@ -410,3 +410,18 @@ pub fn lkvm_ctl(home: &Path, args: &[&str]) -> (i32, String, String) {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
+
+/// One request with curl; returns the status code and the body.
+pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let url = format!("http://localhost{path}");
+    let mut args =
+        vec!["-s", "--max-time", "30", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}"];
+    if let Some(body) = body {
+        args.extend(["-H", "Content-Type: application/json", "--data-binary", body]);
+    }
+    args.push(&url);
+    let out = Command::new("curl").args(&args).output().expect("curl (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
