@@ -14,6 +14,7 @@ pub mod exec;
 pub mod gdb;
 pub mod jail;
 pub mod logging;
+pub mod mmds;
 pub mod net;
 pub mod rootfs;
 pub mod share;

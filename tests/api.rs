@@ -79,16 +79,17 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     assert!(status == 200 && info.contains("\"state\":\"Not started\"") && info.contains("fc-payload"), "{info}");
     assert!(curl(&sock, "GET", "/version", None).1.contains("firecracker_version"));
     // Wrong order, bad bodies, unknown paths and fields: 4xx with a reason, nothing started.
-    assert!(
-        fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400).contains("boot source")
-    );
-    assert!(fault(curl(&sock, "PUT", "/boot-source", Some("{\"kernel_image_path\": ")), 400).contains("JSON"));
+    assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400)
+        .contains("without kernel configuration"));
+    assert!(fault(curl(&sock, "PUT", "/boot-source", Some("{\"kernel_image_path\": ")), 400)
+        .contains("deserializing the json body"));
     assert!(fault(curl(&sock, "PUT", "/boot-source", Some(r#"{"kernel": "/k"}"#)), 400).contains("unknown field"));
     assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1}"#)), 400).contains("mem_size_mib"));
     assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 99, "mem_size_mib": 32}"#)), 400)
         .contains("vcpu_count"));
     assert!(fault(curl(&sock, "GET", "/no/such/thing", None), 400).contains("Invalid request"));
-    assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), 400).contains("not running"));
+    assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), 400)
+        .contains("not supported before starting"));
     let big = format!("{{\"kernel_image_path\": \"{}\"}}", "x".repeat(60_000));
     let (status, _) = curl(&sock, "PUT", "/boot-source", Some(&big));
     assert!((400..500).contains(&status), "oversized body: {status}");
@@ -118,10 +119,10 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
 
     // Started: pre-boot requests and a second start are refused, the VM is unaffected.
     assert!(fault(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), 400)
-        .contains("already running"));
+        .contains("not supported after starting"));
     assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)), 400)
-        .contains("before the microVM starts"));
-    assert!(fault(curl(&sock, "PUT", "/boot-source", Some(&boot)), 400).contains("before the microVM starts"));
+        .contains("not supported after starting"));
+    assert!(fault(curl(&sock, "PUT", "/boot-source", Some(&boot)), 400).contains("not supported after starting"));
     assert!(fault(curl(&sock, "PATCH", "/drives/nope", Some(r#"{"drive_id": "nope", "path_on_host": "/x"}"#)), 400)
         .contains("no drive"));
     let missing = r#"{"drive_id": "d", "path_on_host": "/nonexistent/new.img"}"#;
@@ -146,7 +147,8 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     assert_eq!(fc.output.load(Ordering::SeqCst), paused_at, "the guest printed while paused");
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
     wait_for("output after resume", Duration::from_secs(20), || fc.output.load(Ordering::SeqCst) > paused_at);
-    assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Sleeping"}"#)), 400).contains("unknown state"));
+    assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Sleeping"}"#)), 400)
+        .contains("unknown variant `Sleeping`"));
 
     // The control socket sees the API-started VM too.
     let (code, list, _) = lkvm_ctl(&dir, &["list"]);
@@ -180,7 +182,7 @@ fn api_snapshot_create_and_load_follow_firecrackers_rules() {
     assert_eq!(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)).0, 204);
     let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
     let create = serde_json::json!({"snapshot_path": state, "mem_file_path": memory}).to_string();
-    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create)), 400).contains("not running"));
+    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create)), 400).contains("not supported before starting"));
     assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
     wait_for("guest output", Duration::from_secs(20), || original.output.load(Ordering::SeqCst) > 0);
     assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create)), 400).contains("must be paused"));
@@ -200,7 +202,7 @@ fn api_snapshot_create_and_load_follow_firecrackers_rules() {
     let (sock, mut refused) = start("refused");
     assert_eq!(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)).0, 204);
     assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))), 400)
-        .contains("after the microVM was configured"));
+        .contains("after configuring boot-specific resources"));
     refused.child.kill().unwrap();
     let (sock, damaged) = start("damaged");
     let uffd = |path: &Path| {
@@ -221,7 +223,9 @@ fn api_snapshot_create_and_load_follow_firecrackers_rules() {
     assert!(curl(&sock, "GET", "/", None).1.contains("\"state\":\"Running\""));
     let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
     assert_eq!(config["machine-config"]["mem_size_mib"], 32);
-    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))), 400).contains("already running"));
+    assert!(
+        fault(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))), 400).contains("not supported after starting")
+    );
 
     // A second clone at the same time, loaded paused: silent until resumed.
     let (paused_sock, paused) = start("paused");
@@ -325,7 +329,7 @@ fn api_boots_linux_and_drives_it() {
     if !kvm_available("api_boots_linux_and_drives_it") {
         return;
     }
-    let _one_at_a_time = boot_lock();
+    let _one_at_a_time = multi_vcpu_boot_lock();
     // Guest user processes sometimes crash where guest kernel code is emulated (shared/GUEST.md);
     // a boot whose init died is tried once more, loudly. Any other failure fails at once.
     let first = std::panic::catch_unwind(drive_linux_through_the_api);
@@ -399,8 +403,16 @@ fn drive_linux_through_the_api() {
         })
     });
     wait_for("the API socket", Duration::from_secs(10), || sock.exists());
+    // A tap the client set up with its own address: Firecracker leaves it as it is. Through it
+    // the guest reads MMDS (V2), which answers in lkvm: nothing of it reaches the tap.
+    // SAFETY: geteuid has no preconditions.
+    let tap = (unsafe { libc::geteuid() } == 0).then(|| ClientTap::new("fcltap0", "10.77.0.1/24"));
+    let mmds_args = match tap {
+        Some(_) => "ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off lkvm.mmds=169.254.169.254",
+        None => "",
+    };
     let boot_args = format!(
-        "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd {HOST_GUEST_PARAMS} \
+        "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd {HOST_GUEST_PARAMS} {mmds_args} \
          lkvm.read=/dev/vda:1048576 lkvm.balloon=600:16 lkvm.read=/dev/vdb:1048576 lkvm.swap=vdb:1048576:600 lkvm.cad=600"
     );
     let put = |path: &str, body: String| {
@@ -417,11 +429,15 @@ fn drive_linux_through_the_api() {
     put("/drives/media", serde_json::json!({"drive_id": "media", "path_on_host": old_media, "is_root_device": false, "is_read_only": true}).to_string());
     put("/balloon", r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#.into());
     put("/entropy", "{}".into());
-    // A tap the client set up with its own address: Firecracker leaves it as it is.
-    // SAFETY: geteuid has no preconditions.
-    let tap = (unsafe { libc::geteuid() } == 0).then(|| ClientTap::new("fcltap0", "10.77.0.1/24"));
     if let Some(tap) = &tap {
         put("/network-interfaces/eth0", serde_json::json!({"iface_id": "eth0", "host_dev_name": tap.name}).to_string());
+        put("/mmds/config", r#"{"version": "V2", "network_interfaces": ["eth0"]}"#.into());
+        let document = r#"{"latest": {"meta-data": {"ami-id": "ami-0", "hostname": "vm1"}}}"#;
+        put("/mmds", document.into());
+        let patch = curl(&sock, "PATCH", "/mmds", Some(r#"{"latest": {"meta-data": {"ami-id": "ami-12345678"}}}"#));
+        assert_eq!(patch.0, 204, "{}", patch.1);
+        let (status, stored) = curl(&sock, "GET", "/mmds", None);
+        assert!(status == 200 && stored.contains("ami-12345678") && stored.contains("vm1"), "{stored}");
     }
     put("/metrics", serde_json::json!({"metrics_path": metrics}).to_string());
     put("/logger", serde_json::json!({"log_path": log, "level": "Info"}).to_string());
@@ -515,6 +531,13 @@ fn drive_linux_through_the_api() {
     assert!(rss_before.saturating_sub(rss_after) >= 8 * 1024, "lkvm RSS {rss_before} -> {rss_after} KiB");
     assert!(out.stdout.contains("NMI received"), "{}", out.describe());
     assert!(out.stdout.contains("sysrq: HELP"), "{}", out.describe());
+    if tap.is_some() {
+        // MMDS V2 from the guest: no token, no answer; with one, IMDS text and JSON.
+        assert_eq!(out.result("mmds_no_token").as_deref(), Some("401"), "{}", out.describe());
+        assert_eq!(out.result("mmds_token").as_deref(), Some("200"), "{}", out.describe());
+        assert_eq!(out.result("mmds_keys").as_deref(), Some("ami-id,hostname"), "{}", out.describe());
+        assert_eq!(out.result("mmds_json").as_deref(), Some("\"ami-12345678\""), "{}", out.describe());
+    }
     // Metrics and the log went to their files.
     let metrics = std::fs::read_to_string(&metrics).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
@@ -542,6 +565,12 @@ fn restore_the_snapshot_and_press_ctrl_alt_del(dir: &Path, state: &Path, memory:
     assert_eq!(config["drives"][1]["path_on_host"], media.to_str().unwrap());
     assert_eq!(config["balloon"]["amount_mib"], 16);
     assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // The MMDS configuration came back; its document, as in Firecracker, is the host's to
+        // put again.
+        assert_eq!(config["mmds-config"]["version"], "V2", "{config}");
+    }
     let (status, stats) = curl(&sock, "GET", "/balloon/statistics", None);
     assert!(status == 200 && stats.contains("\"target_mib\":16"), "the balloon driver answers: {stats}");
     assert_eq!(curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
@@ -594,7 +623,7 @@ fn lkvm_run_serves_the_api_for_its_vm() {
     assert_eq!(config["boot-source"]["kernel_image_path"], kernel.to_str().unwrap());
     assert_eq!(config["drives"][0]["drive_id"], "lkvm-disk0");
     assert!(fault(curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#)), 400)
-        .contains("before the microVM starts"));
+        .contains("not supported after starting"));
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     assert!(lkvm_ctl(&dir, &["list"]).1.contains("paused"));
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);

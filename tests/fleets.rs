@@ -61,6 +61,20 @@ fn agent_results(uds: &Path) -> Option<Vec<String>> {
     Some(text.lines().map(str::to_string).collect())
 }
 
+/// Asks the agent once a second (each ask is a connection the emulated guest kernel must
+/// serve: asking faster slows the guest's other work) until its results have `key`.
+fn wait_for_result(uds: &Path, key: &str, alive: impl Fn() -> bool) -> Vec<String> {
+    let deadline = Instant::now() + boot_timeout();
+    loop {
+        if let Some(results) = agent_results(uds).filter(|r| value(r, key).is_some()) {
+            return results;
+        }
+        assert!(alive(), "lkvm ended before the guest's {key}");
+        assert!(Instant::now() < deadline, "timed out waiting for the guest's {key}");
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn value<'a>(results: &'a [String], key: &str) -> Option<&'a str> {
     results.iter().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
@@ -283,13 +297,7 @@ fn kata_starts_lkvm_through_the_jailer_and_reaches_its_agent_over_vsock() {
     assert!(comms.iter().any(|c| c == "fc_vcpu 0"), "no vCPU thread named as Kata finds it: {comms:?}");
 
     // The agent: Kata redials until it answers. The guest has run its guest-to-host checks.
-    let mut results = None;
-    wait_for("the guest's agent", boot_timeout(), || {
-        assert!(alive(), "lkvm ended before the agent answered\n{}", describe());
-        results = agent_results(&uds).filter(|r| value(r, "agent").is_some());
-        results.is_some()
-    });
-    let results = results.unwrap();
+    let results = wait_for_result(&uds, "agent", alive);
     assert_eq!(value(&results, "cpus"), Some("1"), "{results:?}");
     assert_eq!(value(&results, &format!("vsockconnect:{HOST_PORT}")), Some(&*format!("{CONNECTIONS}/{CONNECTIONS}")));
     let dead = value(&results, &format!("vsockconnect:{DEAD_HOST_PORT}")).unwrap_or_default();
@@ -297,21 +305,15 @@ fn kata_starts_lkvm_through_the_jailer_and_reaches_its_agent_over_vsock() {
 
     // Host to guest: refused for a port without a listener, then every connection both ways.
     assert!(connect(&uds, DEAD_GUEST_PORT).is_none(), "a port nobody listens on is not OK");
-    wait_for("the guest's vsock listener", boot_timeout(), || {
-        agent_results(&uds).is_some_and(|r| value(&r, "vsock_listening").is_some())
-    });
+    wait_for_result(&uds, "vsock_listening", alive);
     assert_eq!(host_clients(&uds), vec!["ok".to_string(); CONNECTIONS], "{}", describe());
 
     // Block "hotplug": a real image onto the empty placeholder; the guest sees its new size.
-    wait_for("swap_ready", boot_timeout(), || agent_results(&uds).is_some_and(|r| value(&r, "swap_ready").is_some()));
+    wait_for_result(&uds, "swap_ready", alive);
     let patch = serde_json::json!({"drive_id": "drive_0", "path_on_host": "/container.img"}).to_string();
     let reply = curl(&api, "PATCH", "/drives/drive_0", Some(&patch));
     assert_eq!(reply.0, 204, "PATCH /drives/drive_0: {}", reply.1);
-    let mut swapped_results = Vec::new();
-    wait_for("the guest to read the swapped drive", boot_timeout(), || {
-        swapped_results = agent_results(&uds).unwrap_or_default();
-        value(&swapped_results, "swap_read").is_some()
-    });
+    let swapped_results = wait_for_result(&uds, "swap_read", alive);
     assert_eq!(value(&swapped_results, "swap_size"), Some(&*swapped.len().to_string()));
     assert_eq!(value(&swapped_results, "swap_read"), Some(&*format!("{:016x}", fnv1a(&swapped))));
 

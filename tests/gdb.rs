@@ -73,7 +73,7 @@ fn gdb_debugs_a_booting_guest_and_attaches_again_later() {
     if !kvm_available("gdb_debugs_a_booting_guest_and_attaches_again_later") {
         return;
     }
-    let _one_at_a_time = boot_lock();
+    let _one_at_a_time = multi_vcpu_boot_lock();
     let guest = guest();
     let sym = symbols(&["start_kernel", "setup_arch", "linux_banner"]);
     let dir = temp_dir();

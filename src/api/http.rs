@@ -12,6 +12,7 @@ use serde::Serialize;
 /// Firecracker's default limit on a request body (its `--http-api-max-payload-size`).
 pub const DEFAULT_MAX_BODY: usize = 51200;
 const MAX_HEADERS: usize = 64;
+pub const JSON: &str = "application/json";
 const MAX_HEADER_BYTES: usize = 8 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +31,15 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Whether the client wants the connection kept open after the response.
     pub keep_alive: bool,
+    /// Every header, names as sent (at most 64).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Request {
+    /// The first header named `name` (any case), trimmed.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim_ascii())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +66,7 @@ struct Head {
     path: String,
     keep_alive: bool,
     expect_continue: bool,
+    headers: Vec<(String, Vec<u8>)>,
     /// Where the header section ends and the body starts.
     body_start: usize,
     /// Where the body, and so the request, ends.
@@ -65,7 +76,7 @@ struct Head {
 impl Head {
     fn into_request(self, buf: &[u8]) -> Request {
         let body = buf[self.body_start..self.end].to_vec();
-        Request { method: self.method, path: self.path, body, keep_alive: self.keep_alive }
+        Request { method: self.method, path: self.path, body, keep_alive: self.keep_alive, headers: self.headers }
     }
 }
 
@@ -125,6 +136,7 @@ fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<Head>, ParseError> {
         path,
         keep_alive: http11 && !close,
         expect_continue: http11 && expect_continue,
+        headers: req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect(),
         body_start,
         end: body_start.checked_add(body_len).ok_or(ParseError::BodyTooLarge { limit: max_body })?,
     }))
@@ -156,18 +168,24 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<(Request, usi
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    /// JSON.
     pub body: Option<Vec<u8>>,
+    /// The body's Content-Type.
+    pub content_type: &'static str,
 }
 
 impl Response {
     pub fn no_content() -> Self {
-        Response { status: 204, body: None }
+        Response { status: 204, body: None, content_type: JSON }
+    }
+
+    /// A body in `content_type` (MMDS answers the guest in text or JSON).
+    pub fn with_body(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
+        Response { status, body: Some(body.into()), content_type }
     }
 
     pub fn json(status: u16, body: &impl Serialize) -> Self {
         match serde_json::to_vec(body) {
-            Ok(body) => Response { status, body: Some(body) },
+            Ok(body) => Response { status, body: Some(body), content_type: JSON },
             // Only a type that cannot be JSON (a map with non-string keys) fails: a bug here.
             Err(e) => Response::fault(500, &format!("cannot encode the response: {e}")),
         }
@@ -176,7 +194,7 @@ impl Response {
     /// Firecracker's error body: `{"fault_message": message}`.
     pub fn fault(status: u16, message: &str) -> Self {
         let body = serde_json::json!({ "fault_message": message }).to_string();
-        Response { status, body: Some(body.into_bytes()) }
+        Response { status, body: Some(body.into_bytes()), content_type: JSON }
     }
 
     /// Writes the response for a connection that stays open.
@@ -184,7 +202,8 @@ impl Response {
         self.write(w, false)
     }
 
-    fn write(&self, w: &mut impl Write, close: bool) -> io::Result<()> {
+    /// Writes the response; `close` says the connection ends after it.
+    pub fn write(&self, w: &mut impl Write, close: bool) -> io::Result<()> {
         let mut out = format!("HTTP/1.1 {} {}\r\nServer: lkvm\r\n", self.status, reason(self.status));
         // 1xx, 204 and 304 responses have neither a body nor a Content-Length (RFC 9110).
         let body = if matches!(self.status, 100..=199 | 204 | 304) {
@@ -192,7 +211,7 @@ impl Response {
         } else {
             let body = self.body.as_deref().unwrap_or_default();
             if !body.is_empty() {
-                out.push_str("Content-Type: application/json\r\n");
+                out.push_str(&format!("Content-Type: {}\r\n", self.content_type));
             }
             out.push_str(&format!("Content-Length: {}\r\n", body.len()));
             Some(body)
@@ -215,6 +234,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
@@ -532,7 +552,7 @@ mod tests {
         let fault = Response::fault(400, "bad \"vcpu\"");
         assert_eq!(fault.body.unwrap(), br#"{"fault_message":"bad \"vcpu\""}"#);
         let mut out = Vec::new();
-        Response { status: 404, body: None }.write_to(&mut out).unwrap();
+        Response { status: 404, body: None, content_type: JSON }.write_to(&mut out).unwrap();
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nServer: lkvm\r\nContent-Length: 0\r\n\r\n");
         let bad = std::collections::HashMap::from([((1, 2), 3)]);
         assert_eq!(Response::json(200, &bad).status, 500);

@@ -24,20 +24,47 @@ type Reply = Result<Response, String>;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Action {
-    action_type: String,
+    action_type: ActionType,
+}
+
+#[derive(Deserialize)]
+enum ActionType {
+    FlushMetrics,
+    InstanceStart,
+    SendCtrlAltDel,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VmState {
-    state: String,
+    state: State,
 }
+
+#[derive(Deserialize)]
+enum State {
+    Paused,
+    Resumed,
+}
+
+/// Firecracker's wording, which clients match on.
+const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
 
 fn body<T: DeserializeOwned>(request: &Request) -> Result<T, String> {
     if request.body.is_empty() {
-        return Err("the request needs a JSON body".into());
+        return Err(format!("Empty {} request.", method_name(&request.method)));
     }
-    serde_json::from_slice(&request.body).map_err(|e| format!("bad JSON body: {e}"))
+    serde_json::from_slice(&request.body)
+        .map_err(|e| format!("An error occurred when deserializing the json body of a request: {e}."))
+}
+
+fn method_name(method: &Method) -> &str {
+    match method {
+        Method::Get => "GET",
+        Method::Put => "PUT",
+        Method::Patch => "PATCH",
+        Method::Other(other) => other,
+    }
 }
 
 /// Answers one request; every failure is a 400 with a fault_message.
@@ -104,7 +131,13 @@ fn route(api: &Api, request: &Request) -> Reply {
             // Firecracker opens a drive's file when it is put: a client learns of a bad path then.
             if let Some(path) = &drive.path_on_host {
                 let opened = std::fs::OpenOptions::new().read(true).write(!drive.is_read_only).open(path);
-                opened.map_err(|e| format!("Unable to create the block device BackingFile({e:?}, {path:?})"))?;
+                opened.map_err(|e| {
+                    format!(
+                        "Drive config error: Unable to create the virtio block device: Virtio backend error: \
+                         Error manipulating the backing file: {e} {}",
+                        path.display()
+                    )
+                })?;
             }
             configure(api, |c| c.put_drive(drive))
         }
@@ -168,19 +201,39 @@ fn route(api: &Api, request: &Request) -> Reply {
             crate::config::VmConfig::check_vsock_cid(vsock.guest_cid)?;
             configure(api, |c| {
                 // As Firecracker: the socket exists once the device is configured.
-                crate::vsock::bind_ahead(&vsock.uds_path)
-                    .map_err(|e| format!("Cannot create backend for vsock device: {e}"))?;
+                crate::vsock::bind_ahead(&vsock.uds_path).map_err(|e| {
+                    format!(
+                        "Vsock config error: Cannot create backend for vsock device: Error binding to the host-side \
+                         Unix socket: {e}"
+                    )
+                })?;
                 c.vsock = Some(vsock);
                 Ok(())
             })
         }
         (Method::Put, "snapshot/create", None) => create_snapshot(api, body(request)?),
         (Method::Put, "snapshot/load", None) => load_snapshot(api, body(request)?),
-        (Method::Put | Method::Patch | Method::Get, "mmds" | "mmds/config", None) => {
-            Err("MMDS is not supported by lkvm".into())
+        (Method::Put, "mmds/config", None) => {
+            let mmds: crate::mmds::MmdsConfig = body(request)?;
+            configure(api, |c| {
+                mmds.check(&c.network_interfaces.iter().map(|n| n.iface_id.as_str()).collect::<Vec<_>>())?;
+                c.mmds_config = Some(mmds);
+                Ok(())
+            })
         }
+        (Method::Put, "mmds", None) => {
+            crate::mmds::store().put(body(request)?)?;
+            Ok(Response::no_content())
+        }
+        (Method::Patch, "mmds", None) => {
+            crate::mmds::store().patch(&body(request)?)?;
+            Ok(Response::no_content())
+        }
+        (Method::Get, "mmds", None) => Ok(Response::json(200, &crate::mmds::store().get())),
         (Method::Put, "cpu-config" | "serial", None) => Err(format!("/{resource} is not supported by lkvm")),
-        (method, _, _) => Err(format!("Invalid request method and/or path: {method:?} {}", request.path)),
+        (method, resource, _) => {
+            Err(format!("Invalid request method and/or path: {} {resource}.", method_name(method)))
+        }
     }
 }
 
@@ -216,7 +269,7 @@ fn full_config(api: &Api) -> FullConfig {
 fn configure(api: &Api, change: impl FnOnce(&mut FullConfig) -> Result<(), String>) -> Reply {
     let mut state = api.state.lock().unwrap();
     if let Phase::Running(_) = state.1 {
-        return Err("this configuration can only be changed before the microVM starts (InstanceStart)".into());
+        return Err(NOT_AFTER_START.into());
     }
     change(&mut state.0)?;
     Ok(Response::no_content())
@@ -226,7 +279,7 @@ fn configure(api: &Api, change: impl FnOnce(&mut FullConfig) -> Result<(), Strin
 fn running(api: &Api) -> Result<std::sync::Arc<crate::vmm::VmHandle>, String> {
     match &api.state.lock().unwrap().1 {
         Phase::Running(vm) => Ok(vm.clone()),
-        Phase::Configuring => Err("the microVM is not running yet (InstanceStart first)".into()),
+        Phase::Configuring => Err(NOT_BEFORE_START.into()),
     }
 }
 
@@ -294,17 +347,16 @@ fn balloon_statistics(api: &Api) -> Reply {
 }
 
 fn action(api: &Api, action: Action) -> Reply {
-    match action.action_type.as_str() {
-        "InstanceStart" => start(api),
-        "SendCtrlAltDel" => {
+    match action.action_type {
+        ActionType::InstanceStart => start(api),
+        ActionType::SendCtrlAltDel => {
             running(api)?.send_ctrl_alt_del()?;
             Ok(Response::no_content())
         }
-        "FlushMetrics" => {
+        ActionType::FlushMetrics => {
             api.metrics.flush()?;
             Ok(Response::no_content())
         }
-        other => Err(format!("unknown action_type '{other}' (InstanceStart, SendCtrlAltDel or FlushMetrics)")),
     }
 }
 
@@ -312,7 +364,7 @@ fn action(api: &Api, action: Action) -> Reply {
 fn start(api: &Api) -> Reply {
     let mut state = api.state.lock().unwrap();
     if let Phase::Running(_) = state.1 {
-        return Err("the microVM is already running".into());
+        return Err(NOT_AFTER_START.into());
     }
     let config = state.0.to_vm_config(&api.name, api.transport)?;
     let (reply, answer) = mpsc::channel();
@@ -347,10 +399,13 @@ fn create_snapshot(api: &Api, request: SnapshotCreate) -> Reply {
 fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
     let mut state = api.state.lock().unwrap();
     if let Phase::Running(_) = state.1 {
-        return Err("a microVM is already running: load a snapshot in a fresh process".into());
+        return Err(NOT_AFTER_START.into());
     }
     if state.0.configures_vm() {
-        return Err("loading a snapshot is not allowed after the microVM was configured".into());
+        return Err(
+            "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources."
+                .into(),
+        );
     }
     let memory = request.memory_backend()?;
     let mut overrides: Vec<_> =
@@ -368,7 +423,10 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
     let (reply, answer) = mpsc::channel();
     let restore = VmmRequest::Restore { spec: Box::new(spec), resume: request.resume_vm, reply };
     api.vmm.lock().unwrap().send(restore).map_err(|_| "the VMM thread is gone")?;
-    let vm = answer.recv().map_err(|_| "the VMM thread did not answer".to_string())??;
+    let vm = answer
+        .recv()
+        .map_err(|_| "the VMM thread did not answer".to_string())?
+        .map_err(|e| format!("Load snapshot error: Failed to restore from snapshot: {e}"))?;
     api.metrics.set_vm(vm.clone());
     state.0 = FullConfig::describe(&vm.config());
     state.1 = Phase::Running(vm);
@@ -377,20 +435,19 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
 
 fn vm_state(api: &Api, state: VmState) -> Reply {
     let vm = running(api)?;
-    match state.state.as_str() {
-        "Paused" => {
+    match state.state {
+        State::Paused => {
             if !vm.paused() {
                 vm.pause()?;
             }
             Metrics::count(&api.metrics.pause_count);
         }
-        "Resumed" => {
+        State::Resumed => {
             if vm.paused() {
                 vm.resume()?;
             }
             Metrics::count(&api.metrics.resume_count);
         }
-        other => return Err(format!("unknown state '{other}' (Paused or Resumed)")),
     }
     Ok(Response::no_content())
 }
@@ -404,7 +461,7 @@ mod tests {
     use std::time::Instant;
 
     fn request(method: Method, path: &str, body: &str) -> Request {
-        Request { method, path: path.into(), body: body.as_bytes().to_vec(), keep_alive: true }
+        Request { method, path: path.into(), body: body.as_bytes().to_vec(), keep_alive: true, headers: Vec::new() }
     }
 
     fn call(api: &Api, method: Method, path: &str, body: &str) -> (u16, String) {
@@ -459,10 +516,11 @@ mod tests {
             assert_eq!(status, 400, "{body}");
             serde_json::from_str::<serde_json::Value>(&body).unwrap()["fault_message"].as_str().unwrap().to_string()
         };
-        assert!(fault(call(&api, Method::Put, "/boot-source", "{")).contains("bad JSON"));
+        assert!(fault(call(&api, Method::Put, "/boot-source", "{"))
+            .contains("An error occurred when deserializing the json body of a request: "));
         assert!(fault(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "x": 1}"#))
             .contains("unknown field"));
-        assert!(fault(call(&api, Method::Put, "/boot-source", "")).contains("JSON body"));
+        assert!(fault(call(&api, Method::Put, "/boot-source", "")).contains("Empty PUT request."));
         assert!(fault(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 1}"#))
             .contains("vcpu_count"));
         let drive = r#"{"drive_id": "b", "path_on_host": "/r.img", "is_root_device": false}"#;
@@ -471,20 +529,20 @@ mod tests {
         // As in Firecracker: the file is opened when the drive is put, and the fault names it.
         let missing = fault(call(&api, Method::Put, "/drives/b", drive));
         assert!(
-            missing.starts_with("Unable to create the block device BackingFile(Os { code: 2")
-                && missing.contains("/r.img")
+            missing.starts_with("Drive config error: Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: No such file or directory (os error 2)")
+                && missing.ends_with(" /r.img"),
+            "{missing}"
         );
-        assert!(fault(call(&api, Method::Put, "/nonsense", "{}")).contains("Invalid request"));
-        assert!(
-            fault(call(&api, Method::Put, "/actions", r#"{"action_type": "Explode"}"#)).contains("unknown action_type")
+        assert_eq!(
+            fault(call(&api, Method::Put, "/nonsense", "{}")),
+            "Invalid request method and/or path: PUT nonsense."
         );
-        assert!(
-            fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("boot source")
-        );
-        assert!(fault(call(&api, Method::Patch, "/vm", r#"{"state": "Paused"}"#)).contains("not running"));
-        assert!(
-            fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)).contains("not running")
-        );
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "Explode"}"#))
+            .contains("unknown variant `Explode`, expected one of"));
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#))
+            .contains("without kernel configuration"));
+        assert_eq!(fault(call(&api, Method::Patch, "/vm", r#"{"state": "Paused"}"#)), NOT_BEFORE_START);
+        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)) == NOT_BEFORE_START);
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)).contains("metrics"));
         // The socket exists once the device is put (clients wait for it); a second put moves it.
         let uds = std::env::temp_dir().join(format!("lkvm-routes-{}.vsock", std::process::id()));
@@ -528,10 +586,10 @@ mod tests {
         assert_eq!(spec.overrides, vec![("eth0".to_string(), "tap9".to_string())]);
         assert_eq!(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 32}"#).0, 204);
         let (status, body) = call(&api, Method::Put, "/snapshot/load", load);
-        assert!(status == 400 && body.contains("after the microVM was configured"), "{body}");
+        assert!(status == 400 && body.contains("after configuring boot-specific resources"), "{body}");
         let (status, body) =
             call(&api, Method::Put, "/snapshot/create", r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#);
-        assert!(status == 400 && body.contains("not running"), "{body}");
+        assert!(status == 400 && body.contains(NOT_BEFORE_START), "{body}");
     }
 
     #[test]

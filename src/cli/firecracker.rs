@@ -64,6 +64,12 @@ pub struct FirecrackerArgs {
     /// A compiled seccomp filter file: refused, lkvm's filters are built in
     #[arg(long, value_name = "FILE", conflicts_with = "no_seccomp")]
     pub seccomp_filter: Option<PathBuf>,
+    /// A JSON file: the MMDS document the guest reads from the start
+    #[arg(long, value_name = "FILE")]
+    pub metadata: Option<PathBuf>,
+    /// Largest MMDS document, in bytes (default: --http-api-max-payload-size)
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
     /// Print the version and the Firecracker API version lkvm follows
     #[arg(long)]
     pub version: bool,
@@ -98,6 +104,12 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
     }
     if args.no_api && args.config_file.is_none() {
         return Err("--no-api needs --config-file: without either there is no way to configure the VM".into());
+    }
+    crate::mmds::store().set_limit(args.mmds_size_limit.unwrap_or(args.http_api_max_payload_size));
+    if let Some(path) = &args.metadata {
+        let fail = |e: String| format!("--metadata {}: {e}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        crate::mmds::store().put(serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?).map_err(fail)?;
     }
     let id = args.id.clone().unwrap_or_else(|| DEFAULT_ID.to_string());
     api::config_id(&id)?;

@@ -442,6 +442,7 @@ impl RunArgs {
                 stats_polling_interval_s: 1,
             }),
             vsock,
+            mmds: None,
             transport: if self.virtio_transport == "mmio" { Transport::Mmio } else { Transport::Pci },
             gdb,
         };

@@ -111,6 +111,7 @@ pub(crate) mod tests {
             entropy: None,
             balloon: None,
             vsock: None,
+            mmds: None,
             transport: Transport::Pci,
             gdb: None,
         }

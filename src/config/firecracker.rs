@@ -390,7 +390,7 @@ pub struct FullConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     #[serde(rename = "mmds-config", default, skip_serializing_if = "Option::is_none")]
-    pub mmds_config: Option<serde_json::Value>,
+    pub mmds_config: Option<crate::mmds::MmdsConfig>,
     #[serde(rename = "cpu-config", default, skip_serializing_if = "Option::is_none")]
     pub cpu_config: Option<serde_json::Value>,
 }
@@ -444,9 +444,12 @@ impl FullConfig {
 
     /// The VM this configuration describes, or why it cannot start.
     pub fn to_vm_config(&self, name: &str, transport: Transport) -> Result<VmConfig, String> {
-        let boot = self.boot_source.as_ref().ok_or("no boot source: PUT /boot-source with kernel_image_path first")?;
-        if self.mmds_config.is_some() || self.cpu_config.is_some() {
-            return Err("MMDS and CPU configuration are not supported by lkvm".into());
+        let boot = self
+            .boot_source
+            .as_ref()
+            .ok_or("Start microvm error: Cannot start microvm without kernel configuration.")?;
+        if self.cpu_config.is_some() {
+            return Err("CPU configuration is not supported by lkvm".into());
         }
         let machine = self.machine_config.clone().unwrap_or_default();
         machine.check()?;
@@ -493,8 +496,12 @@ impl FullConfig {
             }
             None => None,
         };
+        if let Some(mmds) = &self.mmds_config {
+            mmds.check(&self.network_interfaces.iter().map(|n| n.iface_id.as_str()).collect::<Vec<_>>())?;
+        }
         let config = VmConfig {
             vsock: self.vsock.as_ref().map(Vsock::to_config),
+            mmds: self.mmds_config.clone(),
             name: name.to_string(),
             kvm_device: PathBuf::from("/dev/kvm"),
             boot: BootConfig {
@@ -584,6 +591,7 @@ impl FullConfig {
                 guest_cid: v.guest_cid,
                 uds_path: v.uds_path.clone(),
             }),
+            mmds_config: config.mmds.clone(),
             ..FullConfig::default()
         }
     }

@@ -153,6 +153,10 @@ pub struct VmConfig {
     pub entropy: Option<EntropyConfig>,
     pub balloon: Option<BalloonConfig>,
     pub vsock: Option<VsockConfig>,
+    /// The metadata service and the NICs the guest reaches it through (its document is not
+    /// part of the config: `crate::mmds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<crate::mmds::MmdsConfig>,
     pub transport: Transport,
     /// A gdb stub for this run; never part of a snapshot.
     #[serde(skip)]

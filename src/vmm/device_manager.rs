@@ -36,6 +36,7 @@ use crate::devices::virtio::worker::Lifecycle;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Persist;
 use crate::disk::DiskImage;
+use crate::mmds::stack::MmdsBackend;
 use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
 use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
@@ -154,13 +155,21 @@ pub fn create_devices(
     }
     for (index, net) in config.nets.iter().enumerate() {
         let spec = &net.spec;
-        let backends: Vec<Box<dyn NetBackend>> = match spec.mode {
+        let mut backends: Vec<Box<dyn NetBackend>> = match spec.mode {
             NetMode::User => vec![Box::new(Slirp::start(spec).map_err(Error::Network)?)],
             NetMode::Tap => {
                 Tap::open(spec, index).map_err(Error::Network)?.into_iter().map(|t| Box::new(t) as _).collect()
             }
             NetMode::None => continue,
         };
+        if let Some(mmds) = config.mmds.as_ref().filter(|m| m.network_interfaces.contains(&net.id)) {
+            crate::mmds::store().set_version(mmds.version);
+            backends = backends
+                .into_iter()
+                .map(|b| MmdsBackend::new(b, mmds.ipv4_address).map(|m| Box::new(m) as Box<dyn NetBackend>))
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Host("MMDS", e))?;
+        }
         let mut mac = spec.guest_mac.unwrap_or(DEFAULT_GUEST_MAC);
         if spec.guest_mac.is_none() {
             mac[5] = mac[5].wrapping_add(index as u8);

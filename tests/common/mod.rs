@@ -308,10 +308,34 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub const HOST_GUEST_PARAMS: &str =
     "noxsave clearcpuid=popcnt,fsgsbase,smap,rdrand,rdseed,rdpid,invpcid,pcid,cx16 clocksource=kvm-clock quiet";
 
-/// Linux boots take about a minute here; one at a time, or they slow each other down.
-pub fn boot_lock() -> std::sync::MutexGuard<'static, ()> {
+/// A Linux boot's claim on the machine, held for the boot: one boot per test binary at a time
+/// (they would slow each other down), and across the binaries scripts/test.sh runs side by
+/// side, one guest per core.
+pub struct BootLock {
+    _in_process: std::sync::MutexGuard<'static, ()>,
+    _across_processes: std::fs::File,
+}
+
+/// For a guest with one vCPU: another binary's may run beside it.
+pub fn boot_lock() -> BootLock {
+    boot_lock_as(libc::LOCK_SH)
+}
+
+/// For a guest with several vCPUs: it runs alone. Where guest kernel code is emulated, a vCPU
+/// waiting on a descheduled one (an IPI, a TLB shootdown) spins out its time slice, and with
+/// more vCPUs than free cores such a boot slowed from minutes to a timeout.
+pub fn multi_vcpu_boot_lock() -> BootLock {
+    boot_lock_as(libc::LOCK_EX)
+}
+
+fn boot_lock_as(mode: libc::c_int) -> BootLock {
+    use std::os::fd::AsRawFd;
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let in_process = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let file = std::fs::File::create(std::env::temp_dir().join("lkvm-test-boots.lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns; it waits until the lock is granted.
+    assert_eq!(unsafe { libc::flock(file.as_raw_fd(), mode) }, 0, "flock");
+    BootLock { _in_process: in_process, _across_processes: file }
 }
 
 /// Deadline for one Linux boot and its checks. A boot to init measured 16 s on a fast machine

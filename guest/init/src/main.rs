@@ -53,6 +53,10 @@
 //! - `lkvm.agent=PORT`: from now on, in the background, answer each connection on vsock PORT
 //!   with every result so far (`key=value` lines) and close it: the results of a VMM whose
 //!   console nobody reads (Kata's, daemonized), at the port Kata's agent listens on.
+//! - `lkvm.mmds=ADDRESS`: read Firecracker's metadata service at ADDRESS as a V2 client: a read
+//!   without a token (`mmds_no_token=STATUS`), a session token (`mmds_token=STATUS`), then with
+//!   it `/latest/meta-data/` as text (`mmds_keys=` the keys, comma-separated) and
+//!   `/latest/meta-data/ami-id` as JSON (`mmds_json=` the body).
 //! - `lkvm.hold=SECONDS`: wait, keeping the VM (and the agent) up until the host ends it.
 //! - `lkvm.vsockconnect=PORT:COUNT:LEN`: COUNT connections at once to the host (CID 2) PORT,
 //!   each sending LEN bytes of the pattern for its index and expecting `LEN HASH\n` of it back;
@@ -868,6 +872,47 @@ fn agent(port: &str) {
     });
 }
 
+/// One HTTP/1.1 request on a connection of its own: (status, body), or the error.
+fn http(address: &str, request: &str) -> Result<(u16, String), String> {
+    use std::io::Read;
+    let addr = format!("{address}:80");
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, NET_TIMEOUT).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(NET_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    let status = reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("no status: {reply:?}"))?;
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn mmds(address: &str) {
+    let get = |path: &str, headers: &str| {
+        http(address, &format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{headers}Connection: close\r\n\r\n"))
+    };
+    let status = |r: &Result<(u16, String), String>| match r {
+        Ok((status, _)) => status.to_string(),
+        Err(e) => format!("err:{e}"),
+    };
+    result("mmds_no_token", &status(&get("/latest/meta-data/ami-id", "")));
+    let token = http(
+        address,
+        &format!("PUT /latest/api/token HTTP/1.1\r\nHost: {address}\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n"),
+    );
+    result("mmds_token", &status(&token));
+    let Ok((200, token)) = token else { return };
+    let with_token = format!("X-metadata-token: {token}\r\n");
+    match get("/latest/meta-data/", &with_token) {
+        Ok((200, body)) => result("mmds_keys", &body.lines().collect::<Vec<_>>().join(",")),
+        other => result("mmds_keys", &format!("err:{other:?}")),
+    }
+    match get("/latest/meta-data/ami-id", &format!("{with_token}Accept: application/json\r\n")) {
+        Ok((200, body)) => result("mmds_json", &body),
+        other => result("mmds_json", &format!("err:{other:?}")),
+    }
+}
+
 fn hold(seconds: &str) {
     std::thread::sleep(std::time::Duration::from_secs(seconds.parse().unwrap_or(600)));
 }
@@ -979,6 +1024,7 @@ const CHECKS: &[(&str, fn(&str))] = &[
     ("lkvm.swap=", swap_wait),
     ("lkvm.agent=", agent),
     ("lkvm.hold=", hold),
+    ("lkvm.mmds=", mmds),
     ("lkvm.cad=", cad_wait),
     ("lkvm.snapwork=", snap_work),
 ];
