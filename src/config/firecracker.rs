@@ -665,7 +665,7 @@ mod tests {
         assert!(err(r#"{"boot-source": {"kernel_image_path": "k", "bogus": 1}}"#).contains("unknown field"));
         assert!(err(r#"{"drives": [{"drive_id": "a"}]}"#).contains("is_root_device"));
         let no_boot = FullConfig::default().to_vm_config("x", Transport::Pci).unwrap_err();
-        assert!(no_boot.contains("boot source"), "{no_boot}");
+        assert!(no_boot.contains("without kernel configuration"), "{no_boot}");
         let mut full: FullConfig = serde_json::from_str(FILE).unwrap();
         full.machine_config.as_mut().unwrap().vcpu_count = 0;
         assert!(full.to_vm_config("x", Transport::Pci).unwrap_err().contains("vcpu_count"));
