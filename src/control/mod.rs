@@ -315,7 +315,7 @@ pub fn bind_replacing_stale(path: &Path) -> io::Result<UnixListener> {
     // Nobody can connect before listen: the mode is set while the socket takes no one.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     rustix::net::listen(&socket, 128)?;
-    Ok(UnixListener::from(std::os::fd::OwnedFd::from(socket)))
+    Ok(UnixListener::from(socket))
 }
 
 /// The pause after a failed accept. Out of descriptors (EMFILE) it fails until one is closed,

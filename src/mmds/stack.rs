@@ -149,7 +149,7 @@ impl Stack {
             EthernetProtocol::Arp => ArpPacket::new_checked(ethernet.payload())
                 .is_ok_and(|arp| arp.target_protocol_addr() == self.address.octets()),
             EthernetProtocol::Ipv4 => Ipv4Packet::new_checked(ethernet.payload())
-                .is_ok_and(|ip| Ipv4Addr::from(ip.dst_addr()) == self.address),
+                .is_ok_and(|ip| ip.dst_addr() == self.address),
             _ => false,
         }
     }

@@ -102,7 +102,7 @@ fn reset(frame: &[u8], header_len: usize) -> Option<Vec<u8>> {
         return None;
     }
     let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let payload = total_len.checked_sub(header_len + usize::from(tcp[12] >> 4) * 4).unwrap_or(0);
+    let payload = total_len.saturating_sub(header_len + usize::from(tcp[12] >> 4) * 4);
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let ack = seq.wrapping_add(payload as u32).wrapping_add(1);
     let mut reply = Vec::with_capacity(ETHERNET_LEN + 40);

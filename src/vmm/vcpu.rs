@@ -67,7 +67,7 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 /// `rep insw`) brings several accesses at once, which the devices get one by one.
 pub fn handle_exit(exit: VcpuExit, io_size: u8, pio: &Bus, mmio: &Bus) -> Result<(), Stop> {
     let each = |len: usize| match usize::from(io_size) {
-        size @ (1 | 2 | 4) if len % size == 0 => size,
+        size @ (1 | 2 | 4) if len.is_multiple_of(size) => size,
         _ => len.max(1),
     };
     match exit {
