@@ -166,7 +166,7 @@ fn read_config_file(path: &PathBuf) -> Result<FullConfig, String> {
 /// Builds and starts the VM on this (the VMM) thread, reachable by the control socket too.
 fn start(config: VmConfig, started: Instant) -> Result<Vm, String> {
     let name = config.name.clone();
-    let mut vm = Vm::build(config, started).map_err(|e| e.to_string())?;
+    let mut vm = Vm::build(config, started).map_err(firecracker_error)?;
     serve_control(&mut vm, &name);
     vm.start().map_err(|e| e.to_string())?;
     Ok(vm)
@@ -174,7 +174,7 @@ fn start(config: VmConfig, started: Instant) -> Result<Vm, String> {
 
 /// Restores a snapshot on this thread; it runs at once if `resume`, else stays paused.
 fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<Vm, String> {
-    let mut vm = Vm::restore(spec, started).map_err(|e| e.to_string())?;
+    let mut vm = Vm::restore(spec, started).map_err(firecracker_error)?;
     serve_control(&mut vm, &spec.name);
     if resume { vm.start() } else { vm.start_paused() }.map_err(|e| e.to_string())?;
     Ok(vm)
@@ -187,5 +187,18 @@ fn serve_control(vm: &mut Vm, name: &str) {
     match control::Server::start(name, handle) {
         Ok(server) => vm.serve_control(server),
         Err(e) => tracing::info!("no control socket ({e}): lkvm's control commands cannot reach this VM"),
+    }
+}
+
+/// A VM that cannot be built, in Firecracker's words where clients parse them: a drive's file
+/// as its backing-file error puts it (the reason, then the path).
+fn firecracker_error(e: crate::vmm::Error) -> String {
+    match e {
+        crate::vmm::Error::Disk(disk) => format!(
+            "Virtio backend error: Error manipulating the backing file: {} {}",
+            disk.reason,
+            disk.path.display()
+        ),
+        other => other.to_string(),
     }
 }
