@@ -332,9 +332,29 @@ fn boot_lock_as(mode: libc::c_int) -> BootLock {
     use std::os::fd::AsRawFd;
     static LOCK: Mutex<()> = Mutex::new(());
     let in_process = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let file = std::fs::File::create(std::env::temp_dir().join("lkvm-test-boots.lock")).unwrap();
+    let dir = std::env::temp_dir();
+    // A guest waiting to run alone goes next: boots of one vCPU do not start while it waits
+    // (flock alone would let the other binary's boots, one after another, keep it waiting).
+    let waiting = dir.join(format!("lkvm-test-boots.waiting-{}", std::process::id()));
+    // By a test process still alive: a killed one's file is left behind.
+    let someone_waits = || {
+        std::fs::read_dir(&dir).unwrap().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("lkvm-test-boots.waiting-").unwrap_or_default();
+            !pid.is_empty() && e.path() != waiting && Path::new("/proc").join(pid).exists()
+        })
+    };
+    if mode == libc::LOCK_EX {
+        std::fs::write(&waiting, b"").unwrap();
+    } else {
+        while someone_waits() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let file = std::fs::File::create(dir.join("lkvm-test-boots.lock")).unwrap();
     // SAFETY: flock on a descriptor this function owns; it waits until the lock is granted.
     assert_eq!(unsafe { libc::flock(file.as_raw_fd(), mode) }, 0, "flock");
+    let _ = std::fs::remove_file(&waiting);
     BootLock { _in_process: in_process, _across_processes: file }
 }
 
