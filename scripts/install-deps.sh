@@ -2,7 +2,7 @@
 # Installs what building lkvm, its test guest and its benchmarks needs on Debian 12 (run as
 # root, or with sudo available). Packages already present are skipped.
 set -euo pipefail
-packages=(linux-source-6.1 build-essential bc flex bison libelf-dev busybox-static python3 xz-utils patch cpio libslirp0 iproute2 e2fsprogs curl qemu-utils gdb)
+packages=(linux-source-6.1 build-essential bc flex bison libelf-dev busybox-static python3 python3-venv xz-utils patch cpio libslirp0 iproute2 e2fsprogs curl qemu-utils gdb)
 [ "${1:-}" = "--bench" ] && packages+=(qemu-system-x86 hyperfine)
 
 missing=()
