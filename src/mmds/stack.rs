@@ -148,8 +148,9 @@ impl Stack {
         match ethernet.ethertype() {
             EthernetProtocol::Arp => ArpPacket::new_checked(ethernet.payload())
                 .is_ok_and(|arp| arp.target_protocol_addr() == self.address.octets()),
-            EthernetProtocol::Ipv4 => Ipv4Packet::new_checked(ethernet.payload())
-                .is_ok_and(|ip| ip.dst_addr() == self.address),
+            EthernetProtocol::Ipv4 => {
+                Ipv4Packet::new_checked(ethernet.payload()).is_ok_and(|ip| ip.dst_addr() == self.address)
+            }
             _ => false,
         }
     }
