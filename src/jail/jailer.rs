@@ -27,7 +27,7 @@ const DEVICES: [&str; 4] = ["/dev/kvm", "/dev/net/tun", "/dev/urandom", "/dev/us
 
 /// Runs the jailer; returns only on failure (the jailed binary replaces this process).
 pub fn run(args: &JailerArgs) -> Result<std::convert::Infallible, String> {
-    let started_us = microseconds(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default());
+    let started_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
     let started_cpu_us = process_cpu_us();
     check_id(&args.id)?;
     let exec_name = exec_file_name(&args.exec_file)?;
@@ -253,15 +253,11 @@ fn close_inherited_descriptors() {
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
 }
 
-fn microseconds(duration: std::time::Duration) -> u128 {
-    duration.as_micros()
-}
-
 fn process_cpu_us() -> u128 {
     let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes this struct only.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
-    microseconds(std::time::Duration::new(time.tv_sec as u64, time.tv_nsec as u32))
+    std::time::Duration::new(time.tv_sec as u64, time.tv_nsec as u32).as_micros()
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::api::http::{Method, Request, Response, JSON};
 
 pub const DEFAULT_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-const TEXT: &str = "text/plain";
+pub(crate) const TEXT: &str = "text/plain";
 const TOKEN_PATH: &str = "/latest/api/token";
 const TTL_HEADER: &str = "X-metadata-token-ttl-seconds";
 const TOKEN_HEADER: &str = "X-metadata-token";

@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::http;
+use crate::devices::virtio::net::HEADER_LEN;
 use crate::net::NetBackend;
 
 /// The MAC address MMDS answers from (locally administered).
@@ -33,8 +34,6 @@ const SOCKET_BUFFER: usize = 16 * 1024;
 const MAX_REQUEST: usize = 8 * 1024;
 const MAX_QUEUED: usize = 256;
 const MTU: usize = 1500;
-/// virtio_net_hdr_v1, which frames to and from a tap with IFF_VNET_HDR start with.
-const VNET_HEADER: usize = 12;
 /// A connection nobody speaks on is dropped after this.
 const IDLE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
 
@@ -111,7 +110,7 @@ impl Stack {
     fn new(address: Ipv4Addr) -> Stack {
         let mut wire = Wire::default();
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(MMDS_MAC)));
-        let mut iface = Interface::new(config, &mut wire, now());
+        let mut iface = Interface::new(config, &mut wire, Instant::now());
         // Every guest address is on the link: MMDS answers whatever address the guest has.
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(address.into(), 0));
@@ -165,13 +164,13 @@ impl Stack {
     }
 
     fn poll(&mut self) {
-        self.iface.poll(now(), &mut self.wire, &mut self.sockets);
+        self.iface.poll(Instant::now(), &mut self.wire, &mut self.sockets);
         for connection in &mut self.connections {
             let socket = self.sockets.get_mut::<tcp::Socket>(connection.socket);
+            let mut chunk = [0u8; 4096];
             while socket.can_recv() {
-                let room = MAX_REQUEST - connection.request.len();
-                let mut chunk = vec![0; room.min(SOCKET_BUFFER)];
-                match socket.recv_slice(&mut chunk) {
+                let room = (MAX_REQUEST - connection.request.len()).min(chunk.len());
+                match socket.recv_slice(&mut chunk[..room]) {
                     Ok(n) if n > 0 => connection.request.extend_from_slice(&chunk[..n]),
                     _ => break,
                 }
@@ -190,7 +189,7 @@ impl Stack {
                         Some((http::Response::fault(413, "the request is too large"), false))
                     }
                     Ok(None) => None,
-                    Err(e) => Some((http::Response::with_body(400, "text/plain", e.to_string()), false)),
+                    Err(e) => Some((http::Response::with_body(400, super::TEXT, e.to_string()), false)),
                 };
                 let Some((response, keep_alive)) = response else { break };
                 let mut bytes = Vec::new();
@@ -204,13 +203,9 @@ impl Stack {
                 }
             }
         }
-        self.iface.poll(now(), &mut self.wire, &mut self.sockets);
+        self.iface.poll(Instant::now(), &mut self.wire, &mut self.sockets);
         self.listen();
     }
-}
-
-fn now() -> Instant {
-    Instant::now()
 }
 
 /// A NIC's backend with MMDS in front of it.
@@ -236,7 +231,7 @@ impl MmdsBackend {
 
     fn skip(&self) -> usize {
         if self.vnet_header {
-            VNET_HEADER
+            HEADER_LEN
         } else {
             0
         }
