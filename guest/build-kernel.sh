@@ -13,7 +13,11 @@ mkdir -p "$out"
 recipe_hash=$(cat "$here/kernel/kernel-6.1-min.fragment" "$here"/kernel/*.patch | sha256sum | cut -c1-16)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/lkvm-guest/kernel-$recipe_hash
 
-use_kernel() { cp "$1/vmlinux" "$1/bzImage" "$1/System.map" "$out/"; echo "guest kernel: $2"; }
+. "$here/install-if-changed.sh"
+use_kernel() {
+  for file in vmlinux bzImage System.map; do install_if_changed "$1/$file" "$out/$file"; done
+  echo "guest kernel: $2"
+}
 
 if [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ] && [ -f "$cache/System.map" ]; then
   use_kernel "$cache" "cached build $cache"; exit 0
