@@ -67,8 +67,18 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let dir = temp_dir();
     let sock = dir.join("fc.sock");
     let kernel = write_file(&dir, "ticker.bin", &ticker());
-    let mut fc =
-        spawn_counting(&firecracker_link(&dir), &["--api-sock", sock.to_str().unwrap(), "--id", "fc-payload"], &dir);
+    // The log goes to a file: on stdout (Firecracker's default) it would mix with the guest's.
+    let log = dir.join("fc.log");
+    let args = [
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--id",
+        "fc-payload",
+        "--show-level",
+        "--log-path",
+        log.to_str().unwrap(),
+    ];
+    let mut fc = spawn_counting(&firecracker_link(&dir), &args, &dir);
     wait_for("the API socket", Duration::from_secs(10), || sock.exists());
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "only its owner may drive the VM");
@@ -91,8 +101,8 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), 400)
         .contains("not supported before starting"));
     let big = format!("{{\"kernel_image_path\": \"{}\"}}", "x".repeat(60_000));
-    let (status, _) = curl(&sock, "PUT", "/boot-source", Some(&big));
-    assert!((400..500).contains(&status), "oversized body: {status}");
+    assert!(fault(curl(&sock, "PUT", "/boot-source", Some(&big)), 400)
+        .starts_with("Request payload with size 60025 is larger than the limit of 51200"));
     // As Firecracker, a drive whose file cannot be opened is refused when it is put.
     let drive = r#"{"drive_id": "d", "path_on_host": "/nonexistent/disk.img", "is_root_device": false}"#;
     assert!(fault(curl(&sock, "PUT", "/drives/d", Some(drive)), 400).contains("/nonexistent/disk.img"));
@@ -158,6 +168,12 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let status = fc.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(!sock.exists(), "the API socket is removed when lkvm ends");
+    // Firecracker's default level (Info) and line format: `TIME [ID:THREAD:LEVEL] message`.
+    let log = std::fs::read_to_string(&log).unwrap();
+    let refused = log.lines().find(|line| line.contains("not supported before starting")).expect(&log);
+    let (time, rest) = refused.split_once(' ').unwrap();
+    assert!(time.len() == 29 && time.as_bytes()[10] == b'T' && time.as_bytes()[19] == b'.', "{refused}");
+    assert!(rest.starts_with("[fc-payload:fc_api_conn:INFO] "), "{refused}");
 }
 
 /// Firecracker's snapshot API on a payload guest: its rules and errors, and loads that carry on
@@ -171,8 +187,10 @@ fn api_snapshot_create_and_load_follow_firecrackers_rules() {
     let kernel = write_file(&dir, "ticker.bin", &ticker());
     let fc = firecracker_link(&dir);
     let start = |name: &str| {
-        let sock = dir.join(format!("{name}.sock"));
-        let process = spawn_counting(&fc, &["--api-sock", sock.to_str().unwrap(), "--id", name], &dir);
+        let (sock, log) = (dir.join(format!("{name}.sock")), dir.join(format!("{name}.log")));
+        // Only the guest's output on stdout, where Firecracker also logs by default.
+        let args = ["--api-sock", sock.to_str().unwrap(), "--id", name, "--log-path", log.to_str().unwrap()];
+        let process = spawn_counting(&fc, &args, &dir);
         wait_for("the API socket", Duration::from_secs(10), || sock.exists());
         (sock, process)
     };
@@ -204,20 +222,28 @@ fn api_snapshot_create_and_load_follow_firecrackers_rules() {
     assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))), 400)
         .contains("after configuring boot-specific resources"));
     refused.child.kill().unwrap();
-    let (sock, damaged) = start("damaged");
     let uffd = |path: &Path| {
         let backend = serde_json::json!({"backend_type": "Uffd", "backend_path": path});
         serde_json::json!({"snapshot_path": state, "mem_backend": backend, "resume_vm": true}).to_string()
     };
-    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&uffd(Path::new("/x.sock")))), 400)
-        .contains("no page-fault handler listening"));
     let truncated = write_file(&dir, "truncated.state", &std::fs::read(&state).unwrap()[..100]);
-    let body = serde_json::json!({"snapshot_path": truncated, "mem_file_path": memory}).to_string();
-    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)), 400).contains("truncated"));
     let short_memory = write_file(&dir, "short.mem", &[0u8; 4096]);
-    let body = serde_json::json!({"snapshot_path": state, "mem_file_path": short_memory}).to_string();
-    assert!(fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)), 400).contains("memory file"));
-    // A failed load leaves the process able to load.
+    let damaged_loads = [
+        (uffd(Path::new("/x.sock")), "no page-fault handler listening"),
+        (serde_json::json!({"snapshot_path": truncated, "mem_file_path": memory}).to_string(), "truncated"),
+        (serde_json::json!({"snapshot_path": state, "mem_file_path": short_memory}).to_string(), "memory file"),
+    ];
+    // As Firecracker, a failed load answers, then ends the process: it is too dirty to go on.
+    for (body, reason) in damaged_loads {
+        let (sock, mut failed) = start("failed");
+        let message = fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)), 400);
+        assert!(
+            message.starts_with("Load snapshot error: Failed to restore from snapshot") && message.contains(reason)
+        );
+        assert_eq!(failed.child.wait().unwrap().code(), Some(1), "{message}");
+        assert!(!sock.exists());
+    }
+    let (sock, damaged) = start("damaged");
     assert_eq!(curl(&sock, "PUT", "/snapshot/load", Some(&load(true))).0, 204);
     wait_for("the restored guest's output", Duration::from_secs(20), || damaged.output.load(Ordering::SeqCst) > 0);
     assert!(curl(&sock, "GET", "/", None).1.contains("\"state\":\"Running\""));

@@ -50,8 +50,9 @@ pub enum ParseError {
     HeadersTooLarge,
     #[error("more than {} headers", MAX_HEADERS)]
     TooManyHeaders,
-    #[error("the body is larger than the limit of {limit} bytes")]
-    BodyTooLarge { limit: usize },
+    /// Firecracker's words: clients match them.
+    #[error("Request payload with size {size} is larger than the limit of {limit} allowed by server.")]
+    BodyTooLarge { size: usize, limit: usize },
     #[error("invalid Content-Length: {0}")]
     BadContentLength(String),
     #[error("Transfer-Encoding `{0}` is not supported: send the body with a Content-Length")]
@@ -119,7 +120,7 @@ fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<Head>, ParseError> {
     }
     let body_len = body_len.unwrap_or(0);
     if body_len > max_body {
-        return Err(ParseError::BodyTooLarge { limit: max_body });
+        return Err(ParseError::BodyTooLarge { size: body_len, limit: max_body });
     }
     let method = match method {
         "GET" => Method::Get,
@@ -138,7 +139,7 @@ fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<Head>, ParseError> {
         expect_continue: http11 && expect_continue,
         headers: req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect(),
         body_start,
-        end: body_start.checked_add(body_len).ok_or(ParseError::BodyTooLarge { limit: max_body })?,
+        end: body_start.checked_add(body_len).ok_or(ParseError::BodyTooLarge { size: body_len, limit: max_body })?,
     }))
 }
 
@@ -171,21 +172,23 @@ pub struct Response {
     pub body: Option<Vec<u8>>,
     /// The body's Content-Type.
     pub content_type: &'static str,
+    /// lkvm ends after this answer (Firecracker's failed snapshot load): the connection closes.
+    pub ends_process: bool,
 }
 
 impl Response {
     pub fn no_content() -> Self {
-        Response { status: 204, body: None, content_type: JSON }
+        Response { status: 204, body: None, content_type: JSON, ends_process: false }
     }
 
     /// A body in `content_type` (MMDS answers the guest in text or JSON).
     pub fn with_body(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, body: Some(body.into()), content_type }
+        Response { status, body: Some(body.into()), content_type, ends_process: false }
     }
 
     pub fn json(status: u16, body: &impl Serialize) -> Self {
         match serde_json::to_vec(body) {
-            Ok(body) => Response { status, body: Some(body), content_type: JSON },
+            Ok(body) => Response { status, body: Some(body), content_type: JSON, ends_process: false },
             // Only a type that cannot be JSON (a map with non-string keys) fails: a bug here.
             Err(e) => Response::fault(500, &format!("cannot encode the response: {e}")),
         }
@@ -194,7 +197,7 @@ impl Response {
     /// Firecracker's error body: `{"fault_message": message}`.
     pub fn fault(status: u16, message: &str) -> Self {
         let body = serde_json::json!({ "fault_message": message }).to_string();
-        Response { status, body: Some(body.into_bytes()), content_type: JSON }
+        Response { status, body: Some(body.into_bytes()), content_type: JSON, ends_process: false }
     }
 
     /// Writes the response for a connection that stays open.
@@ -247,7 +250,7 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Serves one connection: reads requests (bounded buffer), calls `handle` for each, writes
-/// responses; a parse error gets a 400 (413 for a too-large body) with a fault_message and the
+/// responses; a parse error gets a 400 with a fault_message and the
 /// connection is closed.
 pub fn serve_connection(
     stream: &mut (impl Read + Write),
@@ -277,8 +280,9 @@ pub fn serve_connection(
             let request = complete.into_request(&buf);
             buf.drain(..end);
             let keep_alive = request.keep_alive;
-            handle(request).write(stream, !keep_alive)?;
-            if !keep_alive {
+            let response = handle(request);
+            response.write(stream, !keep_alive || response.ends_process)?;
+            if !keep_alive || response.ends_process {
                 return Ok(());
             }
             continue;
@@ -293,9 +297,9 @@ pub fn serve_connection(
     }
 }
 
+/// As Firecracker, a request that cannot be parsed (a too-large body too) gets a 400.
 fn reject(stream: &mut impl Write, error: &ParseError) -> io::Result<()> {
-    let status = if matches!(error, ParseError::BodyTooLarge { .. }) { 413 } else { 400 };
-    Response::fault(status, &error.to_string()).write(stream, true)
+    Response::fault(400, &error.to_string()).write(stream, true)
 }
 
 #[cfg(test)]
@@ -405,17 +409,18 @@ mod tests {
     #[test]
     fn body_over_the_limit_is_refused_before_it_arrives() {
         let head = header("Content-Length: 51201");
-        assert_eq!(parse(&head), Err(ParseError::BodyTooLarge { limit: 51200 }));
+        assert_eq!(parse(&head), Err(ParseError::BodyTooLarge { size: 51201, limit: 51200 }));
         assert_eq!(parse(&header("Content-Length: 51200")), Ok(None));
-        assert_eq!(parse_request(&header("Content-Length: 3"), 2), Err(ParseError::BodyTooLarge { limit: 2 }));
+        assert_eq!(parse_request(&header("Content-Length: 3"), 2), Err(ParseError::BodyTooLarge { size: 3, limit: 2 }));
         let huge = header("Content-Length: 99999999999999999999999999");
         assert!(matches!(parse(&huge), Err(ParseError::BodyTooLarge { .. })));
         // The server answers from the headers alone, with the body still unsent.
         let (output, requests) = serve(&head, 4096);
         assert!(requests.is_empty());
-        assert!(output.starts_with("HTTP/1.1 413 Payload Too Large\r\n"), "{output}");
+        assert!(output.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{output}");
         assert!(output.contains("Connection: close\r\n"));
-        assert!(output.ends_with(r#"{"fault_message":"the body is larger than the limit of 51200 bytes"}"#));
+        let message = "Request payload with size 51201 is larger than the limit of 51200 allowed by server.";
+        assert!(output.ends_with(&format!(r#"{{"fault_message":"{message}"}}"#)), "{output}");
     }
 
     #[test]
@@ -552,7 +557,7 @@ mod tests {
         let fault = Response::fault(400, "bad \"vcpu\"");
         assert_eq!(fault.body.unwrap(), br#"{"fault_message":"bad \"vcpu\""}"#);
         let mut out = Vec::new();
-        Response { status: 404, body: None, content_type: JSON }.write_to(&mut out).unwrap();
+        Response { status: 404, body: None, content_type: JSON, ends_process: false }.write_to(&mut out).unwrap();
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nServer: lkvm\r\nContent-Length: 0\r\n\r\n");
         let bad = std::collections::HashMap::from([((1, 2), 3)]);
         assert_eq!(Response::json(200, &bad).status, 500);

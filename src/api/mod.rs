@@ -39,6 +39,8 @@ pub enum VmmRequest {
     Start(Box<VmConfig>, Sender<Result<Arc<VmHandle>, String>>),
     /// Restore this snapshot, running or paused (`resume`); answer as for `Start`.
     Restore { spec: Box<RestoreSpec>, resume: bool, reply: Sender<Result<Arc<VmHandle>, String>> },
+    /// The client has the answer after which lkvm ends (a failed restore).
+    FatalAnswered,
 }
 
 enum Phase {
@@ -134,8 +136,17 @@ pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, S
             }
             let (api, done) = (api.clone(), open.clone());
             let served = thread::spawn(ThreadKind::Api, "fc_api_conn".into(), move || {
-                if let Err(e) = http::serve_connection(&mut stream, max_body, |request| api.handle(request)) {
+                let mut fatal = false;
+                let answered = http::serve_connection(&mut stream, max_body, |request| {
+                    let response = api.handle(request);
+                    fatal |= response.ends_process;
+                    response
+                });
+                if let Err(e) = answered {
                     tracing::debug!("API connection: {e}");
+                }
+                if fatal {
+                    let _ = api.vmm.lock().unwrap().send(VmmRequest::FatalAnswered);
                 }
                 done.fetch_sub(1, Ordering::AcqRel);
             });

@@ -293,9 +293,9 @@ pub fn apply_logger_and_metrics(api: &Api, full: &FullConfig) -> Result<(), Stri
         if let Some(path) = &logger.log_path {
             logging::set_file(path).map_err(|e| format!("log file {}: {e}", path.display()))?;
         }
-        if let Some(level) = level {
-            logging::set_level(level);
-        }
+        // Firecracker: a logger request without a level goes back to the default, Info.
+        logging::set_level(level.unwrap_or(logging::INFO));
+        logging::update_firecracker_style(logger.show_level, logger.show_log_origin, logger.module.clone());
     }
     if let Some(metrics) = &full.metrics {
         api.metrics.open(&metrics.metrics_path)?;
@@ -317,11 +317,10 @@ fn update_drive(api: &Api, id: &str, update: DriveUpdate) -> Reply {
 fn update_balloon(api: &Api, update: BalloonUpdate) -> Reply {
     let mut state = api.state.lock().unwrap();
     let (config, phase) = &mut *state;
+    let Phase::Running(vm) = phase else { return Err(NOT_BEFORE_START.into()) };
     let balloon = config.balloon.as_mut().ok_or("no balloon device is configured")?;
-    match phase {
-        Phase::Running(vm) => vm.set_balloon_target(update.amount_mib)?,
-        Phase::Configuring => balloon.amount_mib = update.amount_mib,
-    }
+    vm.set_balloon_target(update.amount_mib)?;
+    balloon.amount_mib = update.amount_mib;
     Ok(Response::no_content())
 }
 
@@ -354,6 +353,7 @@ fn action(api: &Api, action: Action) -> Reply {
             Ok(Response::no_content())
         }
         ActionType::FlushMetrics => {
+            running(api)?;
             api.metrics.flush()?;
             Ok(Response::no_content())
         }
@@ -423,10 +423,15 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
     let (reply, answer) = mpsc::channel();
     let restore = VmmRequest::Restore { spec: Box::new(spec), resume: request.resume_vm, reply };
     api.vmm.lock().unwrap().send(restore).map_err(|_| "the VMM thread is gone")?;
-    let vm = answer
-        .recv()
-        .map_err(|_| "the VMM thread did not answer".to_string())?
-        .map_err(|e| format!("Load snapshot error: Failed to restore from snapshot: {e}"))?;
+    let restored = answer.recv().map_err(|_| "the VMM thread did not answer".to_string())?;
+    // Firecracker: a failed restore leaves the process too dirty to go on; it ends.
+    let vm = match restored {
+        Ok(vm) => vm,
+        Err(e) => {
+            let message = format!("Load snapshot error: Failed to restore from snapshot: {e}");
+            return Ok(Response { ends_process: true, ..Response::fault(400, &message) });
+        }
+    };
     api.metrics.set_vm(vm.clone());
     state.0 = FullConfig::describe(&vm.config());
     state.1 = Phase::Running(vm);
@@ -543,7 +548,7 @@ mod tests {
             .contains("without kernel configuration"));
         assert_eq!(fault(call(&api, Method::Patch, "/vm", r#"{"state": "Paused"}"#)), NOT_BEFORE_START);
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)) == NOT_BEFORE_START);
-        assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)).contains("metrics"));
+        assert_eq!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "FlushMetrics"}"#)), NOT_BEFORE_START);
         // The socket exists once the device is put (clients wait for it); a second put moves it.
         let uds = std::env::temp_dir().join(format!("lkvm-routes-{}.vsock", std::process::id()));
         let vsock = |path: &std::path::Path| format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, path.display());
@@ -575,7 +580,7 @@ mod tests {
                 let _ = reply.send(Err("no KVM in this test".into()));
                 (spec, resume)
             }
-            VmmRequest::Start(..) => panic!("a load asked for a boot"),
+            _ => panic!("a load asked for something else"),
         });
         let (status, body) = call(&api, Method::Put, "/snapshot/load", load);
         assert!(status == 400 && body.contains("no KVM in this test"), "{body}");
@@ -601,7 +606,7 @@ mod tests {
                 let _ = reply.send(Err("no KVM in this test".into()));
                 config
             }
-            VmmRequest::Restore { .. } => panic!("InstanceStart asked for a restore"),
+            _ => panic!("InstanceStart asked for something else"),
         });
         let (status, body) = call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#);
         assert!(status == 400 && body.contains("no KVM in this test"), "{body}");

@@ -38,12 +38,15 @@ pub struct FirecrackerArgs {
     #[arg(long, value_name = "PATH")]
     pub log_path: Option<PathBuf>,
     /// Log level: Error, Warning, Info, Debug, Trace, Off
-    #[arg(long, value_name = "LEVEL", default_value = "Warning")]
+    #[arg(long, value_name = "LEVEL", default_value = "Info")]
     pub level: String,
-    /// Accepted for compatibility (lkvm always shows the level)
+    /// Only log lines from modules whose path starts with this
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
+    /// Show each line's level
     #[arg(long)]
     pub show_level: bool,
-    /// Accepted for compatibility
+    /// Show each line's source file and line
     #[arg(long)]
     pub show_log_origin: bool,
     /// Append metrics (JSON lines) to this file
@@ -89,7 +92,13 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
     if args.boot_timer {
         level = level.max(logging::INFO); // the boot timer reports at info level
     }
-    logging::init(level);
+    let style = logging::FirecrackerStyle {
+        instance_id: args.id.clone().unwrap_or_else(|| DEFAULT_ID.to_string()),
+        show_level: args.show_level,
+        show_origin: args.show_log_origin,
+        module: args.module.clone(),
+    };
+    logging::init_firecracker(level, style);
     if let Some(file) = &args.seccomp_filter {
         return Err(format!(
             "--seccomp-filter {}: custom filter files are not supported; lkvm's per-thread filters are built in \
@@ -137,15 +146,21 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
             vm
         }
         None => loop {
-            let (built, reply) = match requests.recv() {
-                Ok(VmmRequest::Start(config, reply)) => (start(*config, started), reply),
-                Ok(VmmRequest::Restore { spec, resume, reply }) => (restore(&spec, resume, started), reply),
-                Err(_) => return Err("the API thread ended".into()),
+            let (built, reply, restoring) = match requests.recv() {
+                Ok(VmmRequest::Start(config, reply)) => (start(*config, started), reply, false),
+                Ok(VmmRequest::Restore { spec, resume, reply }) => (restore(&spec, resume, started), reply, true),
+                Ok(VmmRequest::FatalAnswered) | Err(_) => return Err("the API thread ended".into()),
             };
             match built {
                 Ok(vm) => {
                     let _ = reply.send(Ok(vm.handle()));
                     break vm;
+                }
+                // As Firecracker, a failed restore ends the process, once the client has its answer.
+                Err(e) if restoring => {
+                    let _ = reply.send(Err(e.clone()));
+                    let _ = requests.recv();
+                    return Err(format!("snapshot load failed: {e}"));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));

@@ -353,10 +353,10 @@ pub struct Logger {
     pub log_path: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
-    #[serde(default)]
-    pub show_level: bool,
-    #[serde(default)]
-    pub show_log_origin: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
 }
