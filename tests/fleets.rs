@@ -333,3 +333,43 @@ fn kata_starts_lkvm_through_the_jailer_and_reaches_its_agent_over_vsock() {
     drop(netns);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `--new-pid-ns`: the VMM is the first process of a PID namespace of its own; the pid file
+/// names it as the host sees it, and SIGTERM still ends it (a namespace's first process only
+/// gets the signals it handles).
+#[test]
+fn the_jailer_starts_the_vmm_in_a_new_pid_namespace() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("!!! SKIPPED the_jailer_starts_the_vmm_in_a_new_pid_namespace: the jailer needs root !!!");
+        return;
+    }
+    let dir = temp_dir();
+    let firecracker = dir.join("firecracker");
+    std::fs::copy(lkvm(), &firecracker).unwrap();
+    let base = dir.join("jails");
+    let id = format!("pidns-{}", std::process::id());
+    let args = ["jailer", "--id", &id, "--exec-file", firecracker.to_str().unwrap(), "--uid", "0", "--gid", "0"];
+    let jailer = Command::new(lkvm())
+        .args(args)
+        .args(["--chroot-base-dir", base.to_str().unwrap(), "--new-pid-ns", "--daemonize"])
+        .output()
+        .unwrap();
+    assert!(jailer.status.success(), "{}", String::from_utf8_lossy(&jailer.stderr));
+    let root = base.join("firecracker").join(&id).join("root");
+    let pid_file = root.join("firecracker.pid");
+    wait_for("the pid file", Duration::from_secs(10), || pid_file.exists());
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ns_pids = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap().split_whitespace().count();
+    assert_eq!(ns_pids, 2, "in a PID namespace of its own: {status}");
+    let api = root.join("run/firecracker.socket");
+    wait_for("the API socket", Duration::from_secs(10), || api.exists());
+    let (code, info) = curl(&api, "GET", "/", None);
+    assert!(code == 200 && info.contains(&id) && info.contains("Not started"), "{info}");
+    // SAFETY: a signal to the process the pid file names, which this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+    wait_for("lkvm to end on SIGTERM", Duration::from_secs(15), gone);
+    let _ = std::fs::remove_dir_all(dir);
+}
