@@ -49,18 +49,20 @@ impl Metrics {
     }
 
     /// Opens `path` for appending and starts the periodic flush; once only, as in Firecracker.
+    /// As there, a FIFO is opened read-write and non-blocking: no wait for its reader, and a
+    /// reader that lags loses lines rather than stalling lkvm.
     pub fn open(self: &Arc<Self>, path: &Path) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut file = self.file.lock().unwrap();
         if file.is_some() {
-            return Err("metrics are already configured".into());
+            return Err("Metrics error: Reinitialization of metrics not allowed.".into());
         }
-        *file = Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("metrics file {}: {e}", path.display()))?,
-        );
+        let opened =
+            std::fs::OpenOptions::new().create(true).read(true).append(true).custom_flags(libc::O_NONBLOCK).open(path);
+        *file =
+            Some(opened.map_err(|e| {
+                format!("Metrics error: Cannot initialize the metrics system due to bad user input: {e}")
+            })?);
         let metrics = Arc::downgrade(self);
         thread::spawn(ThreadKind::Metrics, "metrics".into(), move || loop {
             std::thread::sleep(FLUSH_PERIOD);

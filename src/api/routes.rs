@@ -11,7 +11,7 @@ use serde_json::json;
 use super::http::{Method, Request, Response};
 use super::{Api, Metrics, Phase, VmmRequest, FIRECRACKER_API_VERSION};
 use crate::config::firecracker::{
-    check_id, Balloon, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger,
+    check_id, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger,
     MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
     NetworkInterfaceUpdate, SnapshotCreate, SnapshotLoad, Vsock, VSOCK_ID,
 };
@@ -49,6 +49,8 @@ enum State {
 /// Firecracker's wording, which clients match on.
 const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+const NO_BALLOON: &str = "Balloon config error: No balloon device found.";
+const STATS_DISABLED: &str = "Balloon update error: Received stats query when stats are disabled.";
 
 fn body<T: DeserializeOwned>(request: &Request) -> Result<T, String> {
     if request.body.is_empty() {
@@ -120,6 +122,17 @@ fn route(api: &Api, request: &Request) -> Reply {
         }
         (Method::Put, "boot-source", None) => {
             let boot: BootSource = body(request)?;
+            // As Firecracker, the files are opened now: a client learns of a bad path here.
+            std::fs::File::open(&boot.kernel_image_path)
+                .map_err(|e| format!("Boot source error: The kernel file cannot be opened: {e}"))?;
+            if let Some(initrd) = &boot.initrd_path {
+                std::fs::File::open(initrd).map_err(|e| {
+                    format!(
+                        "Boot source error: The initrd file cannot be opened due to invalid path or invalid \
+                         permissions. {e}"
+                    )
+                })?;
+            }
             configure(api, |c| {
                 c.boot_source = Some(boot);
                 Ok(())
@@ -144,12 +157,12 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Patch, "drives", Some(id)) => update_drive(api, id, body(request)?),
         (Method::Put, "network-interfaces", Some(id)) => {
             let iface: NetworkInterface = body(request)?;
-            same_id(id, &iface.iface_id)?;
+            same_iface_id(id, &iface.iface_id)?;
             configure(api, |c| c.put_network_interface(iface))
         }
         (Method::Patch, "network-interfaces", Some(id)) => {
             let update: NetworkInterfaceUpdate = body(request)?;
-            same_id(id, &update.iface_id)?;
+            same_iface_id(id, &update.iface_id)?;
             let vm = running(api)?;
             vm.update_nic(id, update.rx_rate_limiter.as_ref(), update.tx_rate_limiter.as_ref())?;
             Ok(Response::no_content())
@@ -165,10 +178,11 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Patch, "balloon", None) => update_balloon(api, body(request)?),
         (Method::Get, "balloon", None) => {
             let full = full_config(api);
-            let balloon = full.balloon.ok_or("no balloon device is configured")?;
+            let balloon = full.balloon.ok_or(NO_BALLOON)?;
             Ok(Response::json(200, &balloon))
         }
         (Method::Get, "balloon/statistics", None) => balloon_statistics(api),
+        (Method::Patch, "balloon/statistics", None) => update_balloon_statistics(api, body(request)?),
         (Method::Put, "entropy", None) => {
             let entropy: Entropy = body(request)?;
             configure(api, |c| {
@@ -237,10 +251,20 @@ fn route(api: &Api, request: &Request) -> Reply {
     }
 }
 
+/// A drive's path and body ids agree (Firecracker's words for drives).
 fn same_id(path_id: &str, body_id: &str) -> Result<(), String> {
     check_id(path_id)?;
     if path_id != body_id {
-        return Err(format!("the id in the path ('{path_id}') and in the body ('{body_id}') differ"));
+        return Err("The id from the path does not match the id from the body!".into());
+    }
+    Ok(())
+}
+
+/// A network interface's path and body ids agree (Firecracker's words for interfaces).
+fn same_iface_id(path_id: &str, body_id: &str) -> Result<(), String> {
+    check_id(path_id)?;
+    if path_id != body_id {
+        return Err(format!("The id from the path [{path_id}] does not match the id from the body [{body_id}]!"));
     }
     Ok(())
 }
@@ -286,12 +310,9 @@ fn running(api: &Api) -> Result<std::sync::Arc<crate::vmm::VmHandle>, String> {
 /// Applies the logger and metrics parts of a configuration at once.
 pub fn apply_logger_and_metrics(api: &Api, full: &FullConfig) -> Result<(), String> {
     if let Some(logger) = &full.logger {
-        let level = match logger.level.as_deref() {
-            Some(name) => Some(logging::parse_level(name).ok_or_else(|| format!("unknown log level '{name}'"))?),
-            None => None,
-        };
+        let level = logger.level.as_deref().and_then(logging::parse_level);
         if let Some(path) = &logger.log_path {
-            logging::set_file(path).map_err(|e| format!("log file {}: {e}", path.display()))?;
+            logging::set_file(path).map_err(|e| format!("Logger error: Failed to open target file: {e}"))?;
         }
         // Firecracker: a logger request without a level goes back to the default, Info.
         logging::set_level(level.unwrap_or(logging::INFO));
@@ -318,9 +339,23 @@ fn update_balloon(api: &Api, update: BalloonUpdate) -> Reply {
     let mut state = api.state.lock().unwrap();
     let (config, phase) = &mut *state;
     let Phase::Running(vm) = phase else { return Err(NOT_BEFORE_START.into()) };
-    let balloon = config.balloon.as_mut().ok_or("no balloon device is configured")?;
+    let balloon = config.balloon.as_mut().ok_or(NO_BALLOON)?;
     vm.set_balloon_target(update.amount_mib)?;
     balloon.amount_mib = update.amount_mib;
+    Ok(Response::no_content())
+}
+
+/// lkvm asks the guest for statistics when they are read: the interval is kept for
+/// `GET /balloon`; as in Firecracker, statistics cannot be turned on or off once running.
+fn update_balloon_statistics(api: &Api, update: BalloonStatsUpdate) -> Reply {
+    let mut state = api.state.lock().unwrap();
+    let (config, phase) = &mut *state;
+    let Phase::Running(_) = phase else { return Err(NOT_BEFORE_START.into()) };
+    let balloon = config.balloon.as_mut().ok_or(NO_BALLOON)?;
+    if (balloon.stats_polling_interval_s == 0) != (update.stats_polling_interval_s == 0) {
+        return Err("Balloon update error: Statistics cannot be enabled/disabled after activation.".into());
+    }
+    balloon.stats_polling_interval_s = update.stats_polling_interval_s;
     Ok(Response::no_content())
 }
 
@@ -328,8 +363,8 @@ fn balloon_statistics(api: &Api) -> Reply {
     let vm = running(api)?;
     let interval = full_config(api).balloon.map(|b| b.stats_polling_interval_s);
     match interval {
-        None => return Err("no balloon device is configured".into()),
-        Some(0) => return Err("balloon statistics are not enabled (stats_polling_interval_s is 0)".into()),
+        None => return Err(NO_BALLOON.into()),
+        Some(0) => return Err(STATS_DISABLED.into()),
         Some(_) => {}
     }
     let (target_mib, actual_mib) = vm.balloon_state()?;
@@ -483,7 +518,7 @@ mod tests {
     fn pre_boot_configuration_is_kept_and_reported() {
         let (api, _vmm) = api();
         assert_eq!(
-            call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "quiet"}"#).0,
+            call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/dev/null", "boot_args": "quiet"}"#).0,
             204
         );
         assert_eq!(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).0, 204);
@@ -523,13 +558,13 @@ mod tests {
         };
         assert!(fault(call(&api, Method::Put, "/boot-source", "{"))
             .contains("An error occurred when deserializing the json body of a request: "));
-        assert!(fault(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "x": 1}"#))
+        assert!(fault(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/dev/null", "x": 1}"#))
             .contains("unknown field"));
         assert!(fault(call(&api, Method::Put, "/boot-source", "")).contains("Empty PUT request."));
         assert!(fault(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 1}"#))
-            .contains("vcpu_count"));
+            .contains("number of vCPUs"));
         let drive = r#"{"drive_id": "b", "path_on_host": "/r.img", "is_root_device": false}"#;
-        assert!(fault(call(&api, Method::Put, "/drives/a", drive)).contains("differ"));
+        assert!(fault(call(&api, Method::Put, "/drives/a", drive)).contains("does not match the id from the body"));
         assert!(fault(call(&api, Method::Put, "/drives/..", drive)).contains("id"));
         // As in Firecracker: the file is opened when the drive is put, and the fault names it.
         let missing = fault(call(&api, Method::Put, "/drives/b", drive));
@@ -562,7 +597,7 @@ mod tests {
         assert!(fault(call(&api, Method::Put, "/vsock", r#"{"guest_cid": 1, "uds_path": "/v"}"#)).contains("reserved"));
         // A VMM that cannot start the VM: InstanceStart fails cleanly and the API stays usable.
         drop(vmm);
-        assert_eq!(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k"}"#).0, 204);
+        assert_eq!(call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/dev/null"}"#).0, 204);
         assert!(fault(call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#)).contains("VMM"));
         assert!(call(&api, Method::Get, "/", "").1.contains("Not started"));
         assert_eq!(api.metrics.failed_requests.load(Ordering::Relaxed), 16);
@@ -600,7 +635,7 @@ mod tests {
     #[test]
     fn instance_start_hands_the_config_to_the_vmm_thread() {
         let (api, vmm) = api();
-        call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#);
+        call(&api, Method::Put, "/boot-source", r#"{"kernel_image_path": "/dev/null", "boot_args": "console=ttyS0"}"#);
         let vmm = std::thread::spawn(move || match vmm.recv().unwrap() {
             VmmRequest::Start(config, reply) => {
                 let _ = reply.send(Err("no KVM in this test".into()));
@@ -611,7 +646,7 @@ mod tests {
         let (status, body) = call(&api, Method::Put, "/actions", r#"{"action_type": "InstanceStart"}"#);
         assert!(status == 400 && body.contains("no KVM in this test"), "{body}");
         let config = vmm.join().unwrap();
-        assert_eq!(config.boot.kernel, std::path::PathBuf::from("/k"));
+        assert_eq!(config.boot.kernel, std::path::PathBuf::from("/dev/null"));
         assert_eq!(config.transport, Transport::Mmio);
     }
 }

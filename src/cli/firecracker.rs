@@ -129,7 +129,7 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
     let (vmm, requests) = mpsc::channel();
     let api = Api::new(&id, &name, transport, vmm, started);
     if let Some(path) = &args.metrics_path {
-        api.metrics().open(path)?;
+        api.metrics().open(path).map_err(|e| format!("--metrics-path {}: {e}", path.display()))?;
     }
     let file_config = match &args.config_file {
         Some(path) => Some(api.load_config_file(read_config_file(path)?)?),

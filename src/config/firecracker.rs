@@ -23,9 +23,9 @@ pub const MAX_VCPUS: u8 = 32;
 pub struct BootSource {
     pub kernel_image_path: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_args: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd_path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,14 +88,16 @@ impl MachineConfiguration {
 
     /// What lkvm can honour; the rest is refused with the reason rather than ignored.
     pub fn check(&self) -> Result<(), String> {
-        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS.min(MAX_CPUS) {
-            return Err(format!("vcpu_count must be 1 to {}", MAX_VCPUS.min(MAX_CPUS)));
+        let smt_odd = self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1;
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS.min(MAX_CPUS) || smt_odd {
+            return Err(format!(
+                "Machine config error: The number of vCPUs must be greater than 0, less than {} and must be 1 or an \
+                 even number if SMT is enabled.",
+                MAX_VCPUS.min(MAX_CPUS)
+            ));
         }
         if self.mem_size_mib == 0 {
             return Err("mem_size_mib must be at least 1".into());
-        }
-        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
-            return Err("with smt, vcpu_count must be 1 or even".into());
         }
         if self.huge_pages != "None" {
             return Err(format!("huge_pages '{}' is not supported by lkvm (only None)", self.huge_pages));
@@ -266,7 +268,7 @@ impl NetworkInterface {
             return Err("mtu is not supported by lkvm".into());
         }
         if self.host_dev_name.is_empty() || self.host_dev_name.len() >= libc::IFNAMSIZ {
-            return Err("host_dev_name must be 1 to 15 characters".into());
+            return Err("Network config error: Could not create the network device: Open tap device failed: Invalid interface name".into());
         }
         let guest_mac = match &self.guest_mac {
             Some(mac) => Some(parse_mac(mac).ok_or_else(|| format!("guest_mac '{mac}' is not a unicast MAC address"))?),
@@ -313,6 +315,12 @@ pub struct BalloonUpdate {
     pub amount_mib: u64,
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    pub stats_polling_interval_s: u16,
+}
+
 /// PUT /vsock and the file's "vsock": `vsock_id` is accepted and ignored, as in Firecracker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -351,7 +359,7 @@ pub struct Entropy {
 pub struct Logger {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_path: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "log_level")]
     pub level: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
@@ -359,6 +367,15 @@ pub struct Logger {
     pub show_log_origin: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+}
+
+/// A level `logging::parse_level` knows, refused in Firecracker's words.
+fn log_level<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    match crate::logging::parse_level(&name) {
+        Some(_) => Ok(Some(name)),
+        None => Err(serde::de::Error::custom("Invalid LevelFilter")),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -668,7 +685,7 @@ mod tests {
         assert!(no_boot.contains("without kernel configuration"), "{no_boot}");
         let mut full: FullConfig = serde_json::from_str(FILE).unwrap();
         full.machine_config.as_mut().unwrap().vcpu_count = 0;
-        assert!(full.to_vm_config("x", Transport::Pci).unwrap_err().contains("vcpu_count"));
+        assert!(full.to_vm_config("x", Transport::Pci).unwrap_err().contains("number of vCPUs"));
         let mut full: FullConfig = serde_json::from_str(FILE).unwrap();
         full.machine_config.as_mut().unwrap().cpu_template = Some("T2".into());
         assert!(full.to_vm_config("x", Transport::Pci).unwrap_err().contains("cpu_template"));

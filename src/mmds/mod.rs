@@ -58,17 +58,19 @@ fn default_address() -> Ipv4Addr {
 
 impl MmdsConfig {
     pub fn check(&self, nic_ids: &[&str]) -> Result<(), String> {
+        // Firecracker's words, its "MMMDS" too: clients match them.
         if self.network_interfaces.is_empty() {
-            return Err("mmds-config: network_interfaces names no interface".into());
+            return Err("MMMDS config error: The list of network interface IDs that allow forwarding MMDS requests \
+                        is empty."
+                .into());
         }
-        if let Some(id) = self.network_interfaces.iter().find(|id| !nic_ids.contains(&id.as_str())) {
-            return Err(format!(
-                "The list of network interface IDs that allow forwarding MMDS requests is empty or contains \
-                 an ID that does not correspond to any network interface: {id}"
-            ));
+        if !self.network_interfaces.iter().all(|id| nic_ids.contains(&id.as_str())) {
+            return Err("MMMDS config error: The list of network interface IDs provided contains at least one ID \
+                        that does not correspond to any existing network interface."
+                .into());
         }
         if !self.ipv4_address.is_link_local() {
-            return Err(format!("mmds-config: ipv4_address {} is not a link-local address", self.ipv4_address));
+            return Err("MMMDS config error: The MMDS IPv4 address is not link local.".into());
         }
         Ok(())
     }
