@@ -10,7 +10,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::devices::virtio::net::{NetPort, MAX_FRAME, VIRTIO_NET_F_MRG_RXBUF};
+use lkvm::devices::rate_limiter::RateLimit;
+use lkvm::devices::virtio::net::{NetPort, PairLimiters, MAX_FRAME, VIRTIO_NET_F_MRG_RXBUF};
 use lkvm::net::NetBackend;
 use virtio_queue::{Queue, QueueT};
 
@@ -43,7 +44,9 @@ fuzz_target!(|input: &[u8]| {
     let backend: Box<dyn NetBackend> = Box::new(Source(lens.into_iter().collect()));
     let features = if config[4] & 2 != 0 { VIRTIO_NET_F_MRG_RXBUF } else { 0 };
     let tx = Queue::new(256).unwrap();
-    let mut port = NetPort::new(rx, tx, 0, mem, Arc::new(Mutex::new(backend)), Arc::new(common::NoInterrupt), features);
+    let limiters = PairLimiters::new(&RateLimit::default(), &RateLimit::default()).unwrap();
+    let (backend, interrupt) = (Arc::new(Mutex::new(backend)), Arc::new(common::NoInterrupt));
+    let mut port = NetPort::new((rx, tx), 0, mem, backend, interrupt, limiters, features);
     port.receive();
     port.receive();
 });

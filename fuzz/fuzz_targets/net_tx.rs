@@ -8,7 +8,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::devices::virtio::net::{NetPort, MAX_FRAME};
+use lkvm::devices::rate_limiter::RateLimit;
+use lkvm::devices::virtio::net::{NetPort, PairLimiters, MAX_FRAME};
 use lkvm::net::NetBackend;
 use virtio_queue::{Queue, QueueT};
 
@@ -35,6 +36,8 @@ fuzz_target!(|input: &[u8]| {
     let Some((mem, tx)) = common::setup(config, data) else { return };
     let rx = Queue::new(256).unwrap();
     let backend: Box<dyn NetBackend> = Box::new(Sink);
-    let mut port = NetPort::new(rx, tx, 0, mem, Arc::new(Mutex::new(backend)), Arc::new(common::NoInterrupt), 0);
+    let limiters = PairLimiters::new(&RateLimit::default(), &RateLimit::default()).unwrap();
+    let (backend, interrupt) = (Arc::new(Mutex::new(backend)), Arc::new(common::NoInterrupt));
+    let mut port = NetPort::new((rx, tx), 0, mem, backend, interrupt, limiters, 0);
     port.transmit();
 });

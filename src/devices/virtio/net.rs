@@ -73,6 +73,12 @@ pub struct PairLimiters {
     tx: Mutex<RateLimiter>,
 }
 
+impl PairLimiters {
+    pub fn new(rx: &RateLimit, tx: &RateLimit) -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(PairLimiters { rx: Mutex::new(RateLimiter::new(rx)?), tx: Mutex::new(RateLimiter::new(tx)?) }))
+    }
+}
+
 /// A NIC's rate limiters, one pair per queue pair (Firecracker's NICs have one), which the VMM
 /// can change while the guest runs.
 pub struct NicLimiters(Vec<Arc<PairLimiters>>);
@@ -114,14 +120,7 @@ impl Net {
         config.extend_from_slice(&pairs.to_le_bytes()); // max_virtqueue_pairs
         let control_queue = usize::from(pairs > 1);
         let queue_sizes = vec![QUEUE_SIZE; 2 * backends.len() + control_queue];
-        let limiters = (0..backends.len())
-            .map(|_| {
-                Ok(Arc::new(PairLimiters {
-                    rx: Mutex::new(RateLimiter::new(rx)?),
-                    tx: Mutex::new(RateLimiter::new(tx)?),
-                }))
-            })
-            .collect::<std::io::Result<_>>()?;
+        let limiters = (0..backends.len()).map(|_| PairLimiters::new(rx, tx)).collect::<std::io::Result<_>>()?;
         let backends = backends.into_iter().map(|b| Arc::new(Mutex::new(b))).collect();
         Ok(Net {
             config,
@@ -182,10 +181,10 @@ enum Delivery {
 }
 
 impl NetPort {
-    /// Queue pair `pair` of a device whose driver accepted `features`.
+    /// Queue pair `pair` (its receive and transmit queues) of a device whose driver accepted
+    /// `features`.
     pub fn new(
-        rx: Queue,
-        tx: Queue,
+        (rx, tx): (Queue, Queue),
         pair: u16,
         mem: GuestMemoryMmap,
         backend: SharedBackend,
@@ -472,8 +471,7 @@ impl VirtioDevice for Net {
                 limiters.tx.lock().unwrap().as_raw_fd(),
             ];
             let port = NetPort::new(
-                rx.queue,
-                tx.queue,
+                (rx.queue, tx.queue),
                 pair as u16,
                 mem.clone(),
                 backend.clone(),
@@ -564,8 +562,7 @@ mod tests {
     }
 
     fn limiters(rx: &RateLimit, tx: &RateLimit) -> Arc<PairLimiters> {
-        let (rx, tx) = (RateLimiter::new(rx).unwrap(), RateLimiter::new(tx).unwrap());
-        Arc::new(PairLimiters { rx: Mutex::new(rx), tx: Mutex::new(tx) })
+        PairLimiters::new(rx, tx).unwrap()
     }
 
     fn unlimited() -> Arc<PairLimiters> {
@@ -581,7 +578,7 @@ mod tests {
         features: u64,
     ) -> NetPort {
         let interrupt = Arc::new(CountingInterrupt::default());
-        NetPort::new(rx, Queue::new(16).unwrap(), 0, mem.clone(), backend, interrupt, limits, features)
+        NetPort::new((rx, Queue::new(16).unwrap()), 0, mem.clone(), backend, interrupt, limits, features)
     }
 
     fn backend(vnet: bool) -> (SharedBackend, Arc<Mutex<Wire>>) {
@@ -622,8 +619,7 @@ mod tests {
             let (shared, wire) = backend(vnet);
             let interrupt = Arc::new(CountingInterrupt::default());
             let mut port = NetPort::new(
-                Queue::new(16).unwrap(),
-                mock.create_queue().unwrap(),
+                (Queue::new(16).unwrap(), mock.create_queue().unwrap()),
                 0,
                 mem.clone(),
                 shared,
@@ -731,7 +727,7 @@ mod tests {
         let interrupt = Arc::new(CountingInterrupt::default());
         let limits = limiters(&RateLimit::default(), &one_frame_a_minute);
         let tx = mock.create_queue().unwrap();
-        let mut port = NetPort::new(Queue::new(16).unwrap(), tx, 0, mem.clone(), shared, interrupt, limits, 0);
+        let mut port = NetPort::new((Queue::new(16).unwrap(), tx), 0, mem.clone(), shared, interrupt, limits, 0);
         port.transmit();
         assert_eq!((mock.used().idx().load(), wire.lock().unwrap().from_guest.len()), (1, 1));
         port.transmit();
