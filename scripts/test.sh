@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
+# Formatting and lints first: they fail in seconds, before any guest boots.
+cargo fmt --check
+cargo clippy --release --all-targets -- -D warnings
 ./guest/build.sh
 if [ $# -gt 0 ]; then
   exec cargo test --release "$@"
