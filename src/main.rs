@@ -116,7 +116,7 @@ fn serve_with(
     }
     let _api_socket = match api_sock {
         Some(path) => {
-            let api = Api::for_running(&name, transport, described, vm.handle());
+            let api = Api::for_running(&name, transport, described, vm.client());
             match api::serve(path, api, api::http::DEFAULT_MAX_BODY) {
                 Ok(socket) => Some(socket),
                 Err(msg) => return fail(&msg),

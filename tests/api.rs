@@ -164,6 +164,26 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     assert!(fault(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Sleeping"}"#)), 400)
         .contains("unknown variant `Sleeping`"));
 
+    // One owner for the running VM: API pauses and resumes racing control-socket snapshots
+    // are each answered (the VMM thread takes them one at a time), and the guest runs on.
+    let racer = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let state = |i: usize| if i % 2 == 0 { "Paused" } else { "Resumed" };
+            (0..10)
+                .map(|i| curl(&sock, "PATCH", "/vm", Some(&format!(r#"{{"state": "{}"}}"#, state(i)))).0)
+                .collect::<Vec<u16>>()
+        })
+    };
+    for i in 0..3 {
+        let snapshot_dir = dir.join(format!("race-{i}"));
+        let (code, _, err) = lkvm_ctl(&dir, &["snapshot", "-n", "fc-payload", snapshot_dir.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+    assert_eq!(racer.join().unwrap(), vec![204u16; 10]);
+    let before = fc.output.load(Ordering::SeqCst);
+    wait_for("output after the race", Duration::from_secs(20), || fc.output.load(Ordering::SeqCst) > before);
+
     // The control socket sees the API-started VM too.
     let (code, list, _) = lkvm_ctl(&dir, &["list"]);
     assert!(code == 0 && list.contains("fc-payload") && list.contains("running"), "{list}");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use crate::thread::{self, ThreadKind};
-use crate::vmm::VmHandle;
+use crate::vmm::VmmClient;
 
 const FLUSH_PERIOD: Duration = Duration::from_secs(60);
 
@@ -23,7 +23,7 @@ pub struct Metrics {
     pub resume_count: AtomicU64,
     pub drive_updates: AtomicU64,
     file: Mutex<Option<File>>,
-    vm: Mutex<Option<Arc<VmHandle>>>,
+    vm: Mutex<Option<VmmClient>>,
 }
 
 impl Metrics {
@@ -44,7 +44,7 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn set_vm(&self, vm: Arc<VmHandle>) {
+    pub fn set_vm(&self, vm: VmmClient) {
         *self.vm.lock().unwrap() = Some(vm);
     }
 

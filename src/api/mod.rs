@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::config::firecracker::FullConfig;
 use crate::config::{Transport, VmConfig};
 use crate::thread::{self, ThreadKind};
-use crate::vmm::{RestoreSpec, VmHandle};
+use crate::vmm::{RestoreSpec, VmmClient};
 pub use metrics::Metrics;
 
 /// API connections served at once.
@@ -36,16 +36,16 @@ pub fn config_id(id: &str) -> Result<(), String> {
 /// What the API asks of the VMM thread.
 pub enum VmmRequest {
     /// Build and start this VM; answer with its handle or why it could not start.
-    Start(Box<VmConfig>, Sender<Result<Arc<VmHandle>, String>>),
+    Start(Box<VmConfig>, Sender<Result<VmmClient, String>>),
     /// Restore this snapshot, running or paused (`resume`); answer as for `Start`.
-    Restore { spec: Box<RestoreSpec>, resume: bool, reply: Sender<Result<Arc<VmHandle>, String>> },
+    Restore { spec: Box<RestoreSpec>, resume: bool, reply: Sender<Result<VmmClient, String>> },
     /// The client has the answer after which lkvm ends (a failed restore).
     FatalAnswered,
 }
 
 enum Phase {
     Configuring,
-    Running(Arc<VmHandle>),
+    Running(VmmClient),
 }
 
 /// The API's view of one lkvm process: the configuration being put together, then the VM.
@@ -73,7 +73,7 @@ impl Api {
     }
 
     /// An API for a VM that is already running (`lkvm run --api-sock`).
-    pub fn for_running(id: &str, transport: Transport, config: FullConfig, handle: Arc<VmHandle>) -> Arc<Api> {
+    pub fn for_running(id: &str, transport: Transport, config: FullConfig, handle: VmmClient) -> Arc<Api> {
         let (vmm, _) = mpsc::channel();
         let api = Api::new(id, id, transport, vmm, Instant::now());
         *api.state.lock().unwrap() = (config, Phase::Running(handle));
@@ -98,7 +98,7 @@ impl Api {
     }
 
     /// Records that the VMM thread started the VM.
-    pub fn set_running(&self, handle: Arc<VmHandle>) {
+    pub fn set_running(&self, handle: VmmClient) {
         self.state.lock().unwrap().1 = Phase::Running(handle);
     }
 }

@@ -15,9 +15,8 @@ use crate::config::firecracker::{
     MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
     NetworkInterfaceUpdate, SnapshotCreate, SnapshotLoad, Vsock, VSOCK_ID,
 };
-use crate::control::Controller;
 use crate::logging;
-use crate::vmm::RestoreSpec;
+use crate::vmm::{RestoreSpec, VmmClient};
 
 type Reply = Result<Response, String>;
 
@@ -164,7 +163,7 @@ fn route(api: &Api, request: &Request) -> Reply {
             let update: NetworkInterfaceUpdate = body(request)?;
             same_iface_id(id, &update.iface_id)?;
             let vm = running(api)?;
-            vm.update_nic(id, update.rx_rate_limiter.as_ref(), update.tx_rate_limiter.as_ref())?;
+            vm.update_nic(id, update.rx_rate_limiter, update.tx_rate_limiter)?;
             Ok(Response::no_content())
         }
         (Method::Put, "balloon", None) => {
@@ -285,7 +284,8 @@ fn full_config(api: &Api) -> FullConfig {
     let state = api.state.lock().unwrap();
     match &state.1 {
         Phase::Configuring => state.0.clone(),
-        Phase::Running(vm) => state.0.with_running(&vm.config()),
+        // A VM that has just ended no longer answers: what the API last knew.
+        Phase::Running(vm) => vm.config().map_or_else(|_| state.0.clone(), |running| state.0.with_running(&running)),
     }
 }
 
@@ -300,7 +300,7 @@ fn configure(api: &Api, change: impl FnOnce(&mut FullConfig) -> Result<(), Strin
 }
 
 /// The running VM, for requests that only make sense once it started.
-fn running(api: &Api) -> Result<std::sync::Arc<crate::vmm::VmHandle>, String> {
+fn running(api: &Api) -> Result<VmmClient, String> {
     match &api.state.lock().unwrap().1 {
         Phase::Running(vm) => Ok(vm.clone()),
         Phase::Configuring => Err(NOT_BEFORE_START.into()),
@@ -330,7 +330,7 @@ fn update_drive(api: &Api, id: &str, update: DriveUpdate) -> Reply {
     if update.path_on_host.is_none() && update.rate_limiter.is_none() {
         return Err("nothing to update: give path_on_host or rate_limiter".into());
     }
-    vm.update_drive(id, update.path_on_host.as_deref(), update.rate_limiter.as_ref())?;
+    vm.update_drive(id, update.path_on_host, update.rate_limiter)?;
     Metrics::count(&api.metrics.drive_updates);
     Ok(Response::no_content())
 }
@@ -374,7 +374,7 @@ fn balloon_statistics(api: &Api) -> Reply {
         "target_mib": target_mib,
         "actual_mib": actual_mib,
     });
-    for (name, value) in vm.stats()? {
+    for (name, value) in vm.balloon_stats()? {
         stats[name] = json!(value);
     }
     Ok(Response::json(200, &stats))
@@ -419,7 +419,7 @@ fn create_snapshot(api: &Api, request: SnapshotCreate) -> Reply {
     if !vm.paused() {
         return Err("the microVM must be paused (PATCH /vm {\"state\": \"Paused\"}) to create a snapshot".into());
     }
-    let written = vm.write_snapshot(&request.snapshot_path, &request.mem_file_path)?;
+    let written = vm.write_snapshot(request.snapshot_path, request.mem_file_path)?;
     tracing::info!(
         "snapshot: {} bytes of state, {} MiB of memory in {} ms",
         written.state_bytes,
@@ -468,7 +468,7 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
         }
     };
     api.metrics.set_vm(vm.clone());
-    state.0 = FullConfig::describe(&vm.config());
+    state.0 = FullConfig::describe(&vm.config()?);
     state.1 = Phase::Running(vm);
     Ok(Response::no_content())
 }

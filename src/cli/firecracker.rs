@@ -142,8 +142,8 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
     let vm = match file_config {
         Some(config) => {
             let vm = start(config, started)?;
-            api.set_running(vm.handle());
-            api.metrics().set_vm(vm.handle());
+            api.set_running(vm.client());
+            api.metrics().set_vm(vm.client());
             vm
         }
         None => loop {
@@ -154,7 +154,7 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
             };
             match built {
                 Ok(vm) => {
-                    let _ = reply.send(Ok(vm.handle()));
+                    let _ = reply.send(Ok(vm.client()));
                     break vm;
                 }
                 // As Firecracker, a failed restore ends the process, once the client has its answer.

@@ -1,5 +1,5 @@
-//! How a VM ended, what that means for lkvm's exit status, and how its threads tell the VMM
-//! thread.
+//! How a VM ended, what that means for lkvm's exit status, and how other threads reach the
+//! VMM thread: the VM's end, and actions to run on it (`action`).
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 
+use super::action::{Action, Answer};
 use crate::control;
 
 /// Exit status when the guest crashed or KVM could not run it.
@@ -56,18 +57,29 @@ impl VmExit {
     }
 }
 
-/// Tells the VMM thread that the VM ended: the reason on a channel, and a count on an eventfd
-/// that the VMM thread polls beside the control socket.
+/// What reaches the VMM thread.
+pub(super) enum VmmMessage {
+    Exit(VmExit),
+    /// An action to run on the VM, and where its answer goes.
+    Act(Action, Sender<Result<Answer, String>>),
+}
+
+/// Tells the VMM thread that the VM ended, or asks it to act: the message on a channel, and a
+/// count on an eventfd that the VMM thread polls beside the control socket.
 #[derive(Clone)]
 pub struct ExitSender {
-    reasons: Sender<VmExit>,
+    messages: Sender<VmmMessage>,
     signal: Arc<OwnedFd>,
 }
 
 impl ExitSender {
     /// False once the VMM thread no longer listens.
     pub fn send(&self, reason: VmExit) -> bool {
-        let sent = self.reasons.send(reason).is_ok();
+        self.post(VmmMessage::Exit(reason))
+    }
+
+    pub(super) fn post(&self, message: VmmMessage) -> bool {
+        let sent = self.messages.send(message).is_ok();
         if sent {
             let _ = rustix::io::write(&*self.signal, &1u64.to_ne_bytes());
         }
@@ -77,26 +89,44 @@ impl ExitSender {
 
 /// The VMM thread's end of the `ExitSender`s.
 pub struct Exits {
-    reasons: Receiver<VmExit>,
+    messages: Receiver<VmmMessage>,
     signal: Arc<OwnedFd>,
 }
 
 pub fn channel() -> std::io::Result<(ExitSender, Exits)> {
     let signal = Arc::new(rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
-    let (sender, reasons) = mpsc::channel();
-    Ok((ExitSender { reasons: sender, signal: signal.clone() }, Exits { reasons, signal }))
+    let (sender, messages) = mpsc::channel();
+    Ok((ExitSender { messages: sender, signal: signal.clone() }, Exits { messages, signal }))
 }
 
 impl Exits {
-    pub fn try_recv(&self) -> Option<VmExit> {
-        self.reasons.try_recv().ok()
+    /// Runs the actions that have arrived with `act`; the VM's end if it came.
+    pub fn try_recv(&self, act: &impl Fn(Action) -> Result<Answer, String>) -> Option<VmExit> {
+        loop {
+            match self.messages.try_recv() {
+                Ok(VmmMessage::Exit(reason)) => return Some(reason),
+                Ok(VmmMessage::Act(action, reply)) => {
+                    let _ = reply.send(act(action));
+                }
+                Err(_) => return None,
+            }
+        }
     }
 
-    /// Waits for the VM's end, answering the control socket's requests on this thread meanwhile.
-    pub fn recv_serving(&self, control: Option<&control::Server>) -> VmExit {
+    /// Waits for the VM's end, running actions with `act` and answering the control socket's
+    /// requests on this thread meanwhile.
+    pub fn recv_serving(
+        &self,
+        control: Option<&control::Server>,
+        act: &impl Fn(Action) -> Result<Answer, String>,
+    ) -> VmExit {
         loop {
-            match self.reasons.try_recv() {
-                Ok(reason) => return reason,
+            match self.messages.try_recv() {
+                Ok(VmmMessage::Exit(reason)) => return reason,
+                Ok(VmmMessage::Act(action, reply)) => {
+                    let _ = reply.send(act(action));
+                    continue;
+                }
                 Err(TryRecvError::Disconnected) => return VmExit::Stopped,
                 Err(TryRecvError::Empty) => {}
             }

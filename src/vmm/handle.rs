@@ -1,5 +1,5 @@
-//! `VmHandle`: what other threads (control socket, API) may do to a built VM, and its devices
-//! by id.
+//! `VmHandle`: what the VMM thread does to a built VM (for the control socket and the API's
+//! actions), and its devices by id.
 
 use crate::devices::rate_limiter::RateLimit;
 use std::collections::BTreeMap;
@@ -181,15 +181,6 @@ impl VmHandle {
             tx.inspect(|limit| net.spec.tx_rate_limit.merge(limit));
         }
         Ok(())
-    }
-
-    /// Types `text` on the guest's serial console, as if from the terminal.
-    pub fn type_on_console(&self, text: &[u8]) -> Result<(), String> {
-        match self.registry.get(super::device_manager::COM1_ID) {
-            Some(DeviceEntry::Serial(com1)) if com1.lock().unwrap().receive(text) == text.len() => Ok(()),
-            Some(DeviceEntry::Serial(_)) => Err("the guest's serial console has no room for the input".into()),
-            _ => Err("the guest has no serial console".into()),
-        }
     }
 
     /// Presses Ctrl+Alt+Del on the guest's keyboard.

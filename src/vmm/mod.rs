@@ -2,6 +2,7 @@
 //! kept by id, vCPUs), then started and waited for; a `VmHandle` pauses, resumes, stops and
 //! reaches its devices from other threads (control socket, API).
 
+pub mod action;
 mod device_manager;
 pub mod exit;
 mod handle;
@@ -38,6 +39,7 @@ use crate::share::{self, Share};
 use crate::snapshot::{self, MemoryBackend, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
+pub use action::VmmClient;
 use exit::VmExit;
 pub use handle::VmHandle;
 use vcpu::{Vcpu, VcpuControl};
@@ -375,6 +377,12 @@ impl Vm {
         self.handle.clone()
     }
 
+    /// A way for other threads to ask this VM's VMM thread for actions (`wait` and `has_ended`
+    /// run them).
+    pub fn client(&self) -> VmmClient {
+        VmmClient::new(self.handle.exit_sender())
+    }
+
     /// Runs the guest: one thread per vCPU, and the terminal feeding the console.
     pub fn start(&mut self) -> Result<(), Error> {
         let gdb = self.gdb.take();
@@ -454,7 +462,8 @@ impl Vm {
             server.serve_waiting();
         }
         if self.ended.is_none() {
-            self.ended = self.exits.try_recv();
+            let handle = &self.handle;
+            self.ended = self.exits.try_recv(&|action| action::execute(handle, action));
         }
         self.ended.is_some()
     }
@@ -463,7 +472,9 @@ impl Vm {
     pub fn wait(mut self) -> VmExit {
         // Raw only while the terminal feeds the console (a sandbox's command may own it).
         let _raw_terminal = if self.console_input.is_none() { term::RawMode::stdin() } else { None };
-        let reason = self.ended.take().unwrap_or_else(|| self.exits.recv_serving(self.control.as_ref()));
+        let handle = &self.handle;
+        let act = |action| action::execute(handle, action);
+        let reason = self.ended.take().unwrap_or_else(|| self.exits.recv_serving(self.control.as_ref(), &act));
         self.handle.vcpus.stop();
         for thread in self.threads {
             let _ = thread.join();

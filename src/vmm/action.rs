@@ -1,0 +1,165 @@
+//! What other threads ask of a running VM, as values the VMM thread answers one at a time
+//! (Firecracker's `VmmAction`). The API's threads hold a `VmmClient`: each request is an
+//! `Action` sent to the VMM thread, which runs it against the VM and sends the answer back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use super::exit::{ExitSender, VmmMessage};
+use super::handle::VmHandle;
+use crate::config::VmConfig;
+use crate::control::{Controller, SnapshotReport};
+use crate::devices::rate_limiter::RateLimit;
+
+pub enum Action {
+    Pause,
+    Resume,
+    IsPaused,
+    Config,
+    /// Writes a paused VM's state and memory files.
+    Snapshot {
+        state: PathBuf,
+        memory: PathBuf,
+    },
+    UpdateDrive {
+        id: String,
+        path: Option<PathBuf>,
+        limit: Option<RateLimit>,
+    },
+    UpdateNic {
+        id: String,
+        rx: Option<RateLimit>,
+        tx: Option<RateLimit>,
+    },
+    SetBalloonTarget(u64),
+    BalloonState,
+    BalloonStats,
+    CtrlAltDel,
+}
+
+pub enum Answer {
+    Done,
+    Paused(bool),
+    Config(Box<VmConfig>),
+    Snapshot(SnapshotReport),
+    Balloon { target_mib: u64, actual_mib: u64 },
+    Stats(BTreeMap<String, u64>),
+}
+
+/// The VMM thread's side: runs `action` on the VM.
+pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, String> {
+    Ok(match action {
+        Action::Pause => Answer::Done.after(vm.pause())?,
+        Action::Resume => Answer::Done.after(vm.resume())?,
+        Action::IsPaused => Answer::Paused(vm.paused()),
+        Action::Config => Answer::Config(Box::new(vm.config())),
+        Action::Snapshot { state, memory } => Answer::Snapshot(vm.write_snapshot(&state, &memory)?),
+        Action::UpdateDrive { id, path, limit } => {
+            Answer::Done.after(vm.update_drive(&id, path.as_deref(), limit.as_ref()))?
+        }
+        Action::UpdateNic { id, rx, tx } => Answer::Done.after(vm.update_nic(&id, rx.as_ref(), tx.as_ref()))?,
+        Action::SetBalloonTarget(mib) => Answer::Done.after(vm.set_balloon_target(mib))?,
+        Action::BalloonState => {
+            let (target_mib, actual_mib) = vm.balloon_state()?;
+            Answer::Balloon { target_mib, actual_mib }
+        }
+        Action::BalloonStats => Answer::Stats(vm.stats()?),
+        Action::CtrlAltDel => Answer::Done.after(vm.send_ctrl_alt_del())?,
+    })
+}
+
+impl Answer {
+    fn after(self, done: Result<(), String>) -> Result<Answer, String> {
+        done.map(|()| self)
+    }
+}
+
+/// Another thread's way to the VMM thread of one VM.
+#[derive(Clone)]
+pub struct VmmClient {
+    vmm: ExitSender,
+}
+
+const ENDED: &str = "the VM has ended";
+
+impl VmmClient {
+    pub(super) fn new(vmm: ExitSender) -> Self {
+        VmmClient { vmm }
+    }
+
+    /// Sends `action` to the VMM thread and waits for its answer.
+    pub fn ask(&self, action: Action) -> Result<Answer, String> {
+        let (reply, answer) = mpsc::channel();
+        if !self.vmm.post(VmmMessage::Act(action, reply)) {
+            return Err(ENDED.into());
+        }
+        answer.recv().map_err(|_| ENDED.to_string())?
+    }
+
+    fn done(&self, action: Action) -> Result<(), String> {
+        self.ask(action).map(|_| ())
+    }
+
+    pub fn pause(&self) -> Result<(), String> {
+        self.done(Action::Pause)
+    }
+
+    pub fn resume(&self) -> Result<(), String> {
+        self.done(Action::Resume)
+    }
+
+    /// Whether the VM is paused; false once it has ended.
+    pub fn paused(&self) -> bool {
+        matches!(self.ask(Action::IsPaused), Ok(Answer::Paused(true)))
+    }
+
+    pub fn config(&self) -> Result<VmConfig, String> {
+        match self.ask(Action::Config)? {
+            Answer::Config(config) => Ok(*config),
+            _ => Err(unexpected("Config")),
+        }
+    }
+
+    pub fn write_snapshot(&self, state: PathBuf, memory: PathBuf) -> Result<SnapshotReport, String> {
+        match self.ask(Action::Snapshot { state, memory })? {
+            Answer::Snapshot(report) => Ok(report),
+            _ => Err(unexpected("Snapshot")),
+        }
+    }
+
+    pub fn update_drive(&self, id: &str, path: Option<PathBuf>, limit: Option<RateLimit>) -> Result<(), String> {
+        self.done(Action::UpdateDrive { id: id.to_string(), path, limit })
+    }
+
+    pub fn update_nic(&self, id: &str, rx: Option<RateLimit>, tx: Option<RateLimit>) -> Result<(), String> {
+        self.done(Action::UpdateNic { id: id.to_string(), rx, tx })
+    }
+
+    pub fn set_balloon_target(&self, mib: u64) -> Result<(), String> {
+        self.done(Action::SetBalloonTarget(mib))
+    }
+
+    /// The balloon's (target, actual) in MiB.
+    pub fn balloon_state(&self) -> Result<(u64, u64), String> {
+        match self.ask(Action::BalloonState)? {
+            Answer::Balloon { target_mib, actual_mib } => Ok((target_mib, actual_mib)),
+            _ => Err(unexpected("BalloonState")),
+        }
+    }
+
+    pub fn balloon_stats(&self) -> Result<BTreeMap<String, u64>, String> {
+        match self.ask(Action::BalloonStats)? {
+            Answer::Stats(stats) => Ok(stats),
+            _ => Err(unexpected("BalloonStats")),
+        }
+    }
+
+    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+        self.done(Action::CtrlAltDel)
+    }
+}
+
+fn unexpected(action: &str) -> String {
+    format!("the VMM thread gave the wrong kind of answer to {action}")
+}
