@@ -169,7 +169,7 @@ fn api_errors_pause_resume_and_stop_on_a_payload_guest() {
     let racer = {
         let sock = sock.clone();
         std::thread::spawn(move || {
-            let state = |i: usize| if i % 2 == 0 { "Paused" } else { "Resumed" };
+            let state = |i: usize| if i.is_multiple_of(2) { "Paused" } else { "Resumed" };
             (0..10)
                 .map(|i| curl(&sock, "PATCH", "/vm", Some(&format!(r#"{{"state": "{}"}}"#, state(i)))).0)
                 .collect::<Vec<u16>>()
