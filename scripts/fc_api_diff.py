@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Sends the same API requests to lkvm (as `firecracker`) and to a real Firecracker, and prints
-where their answers differ (status, body). Pre-boot requests only: no kernel is needed.
+where their answers differ (status, body): requests before start, then on a running guest (a
+tiny ELF kernel that spins).
 
     scripts/fc_api_diff.py --firecracker PATH [--lkvm PATH]
 """
@@ -9,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -59,6 +61,49 @@ REQUESTS = [
     ("GET", "/vm/config", None),
 ]
 
+# On a running guest: KERNEL and DRIVE stand for paths the script makes.
+RUNNING = [
+    ("PUT", "/boot-source", '{"kernel_image_path": "KERNEL"}'),
+    ("PUT", "/machine-config", '{"vcpu_count": 1, "mem_size_mib": 32}'),
+    ("PUT", "/drives/d", '{"drive_id": "d", "path_on_host": "DRIVE", "is_root_device": false}'),
+    ("PUT", "/actions", '{"action_type": "InstanceStart"}'),
+    ("GET", "/", None),
+    ("PUT", "/actions", '{"action_type": "InstanceStart"}'),
+    ("PUT", "/machine-config", '{"vcpu_count": 1, "mem_size_mib": 32}'),
+    ("PUT", "/boot-source", '{"kernel_image_path": "KERNEL"}'),
+    ("PUT", "/drives/e", '{"drive_id": "e", "path_on_host": "DRIVE", "is_root_device": false}'),
+    ("PATCH", "/drives/d", '{"drive_id": "d"}'),
+    ("PATCH", "/drives/nope", '{"drive_id": "nope", "path_on_host": "DRIVE"}'),
+    ("PATCH", "/drives/d", '{"drive_id": "d", "path_on_host": "/nonexistent/new.img"}'),
+    ("PATCH", "/drives/d", '{"drive_id": "d", "path_on_host": "DRIVE"}'),
+    ("PATCH", "/network-interfaces/eth0", '{"iface_id": "eth0"}'),
+    ("PATCH", "/balloon", '{"amount_mib": 1}'),
+    ("GET", "/balloon/statistics", None),
+    ("PUT", "/snapshot/create", '{"snapshot_path": "/tmp/fc-diff-s", "mem_file_path": "/tmp/fc-diff-m"}'),
+    ("PUT", "/snapshot/load", '{"snapshot_path": "/tmp/fc-diff-s", "mem_file_path": "/tmp/fc-diff-m"}'),
+    ("PATCH", "/vm", '{"state": "Resumed"}'),
+    ("PATCH", "/vm", '{"state": "Paused"}'),
+    ("PATCH", "/vm", '{"state": "Paused"}'),
+    ("GET", "/", None),
+    ("PUT", "/snapshot/create", '{"snapshot_path": "/tmp/fc-diff-s", "mem_file_path": "/tmp/fc-diff-m", "snapshot_type": "Diff"}'),
+    ("PATCH", "/vm", '{"state": "Resumed"}'),
+    ("PUT", "/actions", '{"action_type": "FlushMetrics"}'),
+    ("PUT", "/logger", '{"level": "Info"}'),
+    ("PUT", "/mmds/config", '{"network_interfaces": []}'),
+    ("PUT", "/vsock", '{"guest_cid": 3, "uds_path": "/tmp/fc-diff.vsock"}'),
+]
+
+# A 64-bit ELF kernel at 1 MiB that spins: jmp $.
+SPIN = bytes([0xEB, 0xFE])
+
+
+def elf_kernel(code):
+    load, headers = 0x100000, 64 + 56
+    elf = b"\x7fELF\x02\x01\x01" + b"\0" * 9
+    elf += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, load, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    elf += struct.pack("<IIQQQQQQ", 1, 5, headers, load, load, len(code), len(code), 0x1000)
+    return elf + code
+
 
 class UnixConnection(http.client.HTTPConnection):
     def __init__(self, path):
@@ -83,7 +128,7 @@ def ask(sock, method, path, body):
         conn.close()
 
 
-def answers(binary, workdir, name):
+def answers(binary, workdir, name, requests):
     sock = os.path.join(workdir, f"{name}.sock")
     log = open(os.path.join(workdir, f"{name}.log"), "w")
     vmm = subprocess.Popen([binary, "--api-sock", sock, "--id", "diff"], stdout=log, stderr=log, cwd=workdir)
@@ -92,7 +137,7 @@ def answers(binary, workdir, name):
         if time.time() > deadline:
             raise SystemExit(f"{binary}: no API socket")
         time.sleep(0.02)
-    got = [ask(sock, *request) for request in REQUESTS]
+    got = [ask(sock, *request) for request in requests]
     vmm.kill()
     vmm.wait()
     return got
@@ -114,16 +159,24 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         link = os.path.join(workdir, "firecracker")
         os.symlink(os.path.abspath(args.lkvm), link)
-        ours = answers(link, workdir, "lkvm")
-        theirs = answers(os.path.abspath(args.firecracker), workdir, "fc")
+        kernel, drive = os.path.join(workdir, "spin.elf"), os.path.join(workdir, "disk.img")
+        with open(kernel, "wb") as f:
+            f.write(elf_kernel(SPIN))
+        with open(drive, "wb") as f:
+            f.truncate(1 << 20)
+        running = [(m, p, b and b.replace("KERNEL", kernel).replace("DRIVE", drive)) for m, p, b in RUNNING]
+        requests = REQUESTS + running
+        ours = answers(link, workdir, "lkvm", REQUESTS) + answers(link, workdir, "lkvm-running", running)
+        fc = os.path.abspath(args.firecracker)
+        theirs = answers(fc, workdir, "fc", REQUESTS) + answers(fc, workdir, "fc-running", running)
     differ = 0
-    for (method, path, body), mine, real in zip(REQUESTS, ours, theirs):
+    for (method, path, body), mine, real in zip(requests, ours, theirs):
         if mine[0] == real[0] and normal(mine[1]) == normal(real[1]):
             continue
         differ += 1
         shown = body if body is None or len(body) < 120 else body[:60] + "..."
         print(f"{method} {path} {shown}\n  firecracker: {real[0]} {real[1][:300]}\n  lkvm:        {mine[0]} {mine[1][:300]}")
-    print(f"{differ} of {len(REQUESTS)} answers differ")
+    print(f"{differ} of {len(requests)} answers differ")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ pub enum VmmRequest {
 
 enum Phase {
     Configuring,
+    /// The VMM thread is building the config file's VM: nothing more to configure or start.
+    Starting,
     Running(VmmClient),
 }
 
@@ -93,7 +95,7 @@ impl Api {
     pub fn load_config_file(&self, full: FullConfig) -> Result<VmConfig, String> {
         let vm_config = full.to_vm_config(&self.name, self.transport)?;
         routes::apply_logger_and_metrics(self, &full)?;
-        self.state.lock().unwrap().0 = full;
+        *self.state.lock().unwrap() = (full, Phase::Starting);
         Ok(vm_config)
     }
 
@@ -135,7 +137,7 @@ pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, S
                 continue;
             }
             let (api, done) = (api.clone(), open.clone());
-            let served = thread::spawn(ThreadKind::Api, "fc_api_conn".into(), move || {
+            let served = thread::spawn(ThreadKind::Api, "fc_api".into(), move || {
                 let mut fatal = false;
                 let answered = http::serve_connection(&mut stream, max_body, |request| {
                     let response = api.handle(request);

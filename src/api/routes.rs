@@ -49,6 +49,7 @@ enum State {
 const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
 const NO_BALLOON: &str = "Balloon config error: No balloon device found.";
+const NO_BALLOON_RUNNING: &str = "Balloon update error: Failed perform action on device: Device not found";
 const STATS_DISABLED: &str = "Balloon update error: Received stats query when stats are disabled.";
 
 fn body<T: DeserializeOwned>(request: &Request) -> Result<T, String> {
@@ -72,11 +73,14 @@ fn method_name(method: &Method) -> &str {
 pub fn handle(api: &Api, request: Request) -> Response {
     Metrics::count(&api.metrics.requests);
     let reply = route(api, &request);
-    reply.unwrap_or_else(|message| {
-        Metrics::count(&api.metrics.failed_requests);
-        tracing::info!("API {:?} {}: {message}", request.method, request.path);
-        Response::fault(400, &message)
-    })
+    reply.unwrap_or_else(|message| refused(api, &message))
+}
+
+/// A 400 for a refused request, counted and logged as Firecracker does.
+fn refused(api: &Api, message: &str) -> Response {
+    Metrics::count(&api.metrics.failed_requests);
+    tracing::error!("Received Error. Status code: 400 Bad Request. Message: {message}");
+    Response::fault(400, message)
 }
 
 /// Resources named by two path segments; any other is named by its first, as Firecracker
@@ -270,7 +274,7 @@ fn same_iface_id(path_id: &str, body_id: &str) -> Result<(), String> {
 
 fn instance_info(api: &Api) -> Response {
     let state = match &api.state.lock().unwrap().1 {
-        Phase::Configuring => "Not started",
+        Phase::Configuring | Phase::Starting => "Not started",
         Phase::Running(vm) if vm.paused() => "Paused",
         Phase::Running(_) => "Running",
     };
@@ -283,7 +287,7 @@ fn instance_info(api: &Api) -> Response {
 fn full_config(api: &Api) -> FullConfig {
     let state = api.state.lock().unwrap();
     match &state.1 {
-        Phase::Configuring => state.0.clone(),
+        Phase::Configuring | Phase::Starting => state.0.clone(),
         // A VM that has just ended no longer answers: what the API last knew.
         Phase::Running(vm) => vm.config().map_or_else(|_| state.0.clone(), |running| state.0.with_running(&running)),
     }
@@ -292,7 +296,7 @@ fn full_config(api: &Api) -> FullConfig {
 /// Changes the configuration, which only exists before InstanceStart.
 fn configure(api: &Api, change: impl FnOnce(&mut FullConfig) -> Result<(), String>) -> Reply {
     let mut state = api.state.lock().unwrap();
-    if let Phase::Running(_) = state.1 {
+    if !matches!(state.1, Phase::Configuring) {
         return Err(NOT_AFTER_START.into());
     }
     change(&mut state.0)?;
@@ -303,7 +307,7 @@ fn configure(api: &Api, change: impl FnOnce(&mut FullConfig) -> Result<(), Strin
 fn running(api: &Api) -> Result<VmmClient, String> {
     match &api.state.lock().unwrap().1 {
         Phase::Running(vm) => Ok(vm.clone()),
-        Phase::Configuring => Err(NOT_BEFORE_START.into()),
+        Phase::Configuring | Phase::Starting => Err(NOT_BEFORE_START.into()),
     }
 }
 
@@ -339,7 +343,7 @@ fn update_balloon(api: &Api, update: BalloonUpdate) -> Reply {
     let mut state = api.state.lock().unwrap();
     let (config, phase) = &mut *state;
     let Phase::Running(vm) = phase else { return Err(NOT_BEFORE_START.into()) };
-    let balloon = config.balloon.as_mut().ok_or(NO_BALLOON)?;
+    let balloon = config.balloon.as_mut().ok_or(NO_BALLOON_RUNNING)?;
     vm.set_balloon_target(update.amount_mib)?;
     balloon.amount_mib = update.amount_mib;
     Ok(Response::no_content())
@@ -351,7 +355,7 @@ fn update_balloon_statistics(api: &Api, update: BalloonStatsUpdate) -> Reply {
     let mut state = api.state.lock().unwrap();
     let (config, phase) = &mut *state;
     let Phase::Running(_) = phase else { return Err(NOT_BEFORE_START.into()) };
-    let balloon = config.balloon.as_mut().ok_or(NO_BALLOON)?;
+    let balloon = config.balloon.as_mut().ok_or(NO_BALLOON_RUNNING)?;
     if (balloon.stats_polling_interval_s == 0) != (update.stats_polling_interval_s == 0) {
         return Err("Balloon update error: Statistics cannot be enabled/disabled after activation.".into());
     }
@@ -363,7 +367,7 @@ fn balloon_statistics(api: &Api) -> Reply {
     let vm = running(api)?;
     let interval = full_config(api).balloon.map(|b| b.stats_polling_interval_s);
     match interval {
-        None => return Err(NO_BALLOON.into()),
+        None => return Err("Internal VMM error: Failed perform action on device: Device not found".into()),
         Some(0) => return Err(STATS_DISABLED.into()),
         Some(_) => {}
     }
@@ -398,7 +402,7 @@ fn action(api: &Api, action: Action) -> Reply {
 /// Asks the VMM thread to build and start the VM; the API thread waits for its answer.
 fn start(api: &Api) -> Reply {
     let mut state = api.state.lock().unwrap();
-    if let Phase::Running(_) = state.1 {
+    if !matches!(state.1, Phase::Configuring) {
         return Err(NOT_AFTER_START.into());
     }
     let config = state.0.to_vm_config(&api.name, api.transport)?;
@@ -417,7 +421,9 @@ fn create_snapshot(api: &Api, request: SnapshotCreate) -> Reply {
         return Err(format!("snapshot_type '{kind}' is not supported by lkvm (Full)"));
     }
     if !vm.paused() {
-        return Err("the microVM must be paused (PATCH /vm {\"state\": \"Paused\"}) to create a snapshot".into());
+        return Err("Create snapshot error: Cannot save the microVM state: Operation not allowed: save/restore \
+                    unavailable while running"
+            .into());
     }
     let written = vm.write_snapshot(request.snapshot_path, request.mem_file_path)?;
     tracing::info!(
@@ -433,7 +439,7 @@ fn create_snapshot(api: &Api, request: SnapshotCreate) -> Reply {
 /// configured, as in Firecracker.
 fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
     let mut state = api.state.lock().unwrap();
-    if let Phase::Running(_) = state.1 {
+    if !matches!(state.1, Phase::Configuring) {
         return Err(NOT_AFTER_START.into());
     }
     if state.0.configures_vm() {
@@ -464,28 +470,29 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
         Ok(vm) => vm,
         Err(e) => {
             let message = format!("Load snapshot error: Failed to restore from snapshot: {e}");
-            return Ok(Response { ends_process: true, ..Response::fault(400, &message) });
+            return Ok(Response { ends_process: true, ..refused(api, &message) });
         }
     };
     api.metrics.set_vm(vm.clone());
-    state.0 = FullConfig::describe(&vm.config()?);
+    // Running before anything else can fail: the VMM thread no longer takes a start.
+    let config = vm.config();
     state.1 = Phase::Running(vm);
+    if let Ok(config) = config {
+        state.0 = FullConfig::describe(&config);
+    }
     Ok(Response::no_content())
 }
 
 fn vm_state(api: &Api, state: VmState) -> Reply {
     let vm = running(api)?;
+    // Pausing a paused VM (or resuming a running one) is no error, as in Firecracker.
     match state.state {
         State::Paused => {
-            if !vm.paused() {
-                vm.pause()?;
-            }
+            vm.pause()?;
             Metrics::count(&api.metrics.pause_count);
         }
         State::Resumed => {
-            if vm.paused() {
-                vm.resume()?;
-            }
+            vm.resume()?;
             Metrics::count(&api.metrics.resume_count);
         }
     }

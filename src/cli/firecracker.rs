@@ -160,7 +160,10 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
                 // As Firecracker, a failed restore ends the process, once the client has its answer.
                 Err(e) if restoring => {
                     let _ = reply.send(Err(e.clone()));
-                    let _ = requests.recv();
+                    // Nothing more is built here; others get an error until the answer is out.
+                    while let Ok(VmmRequest::Start(_, reply) | VmmRequest::Restore { reply, .. }) = requests.recv() {
+                        let _ = reply.send(Err("a snapshot load failed: lkvm is ending".into()));
+                    }
                     return Err(format!("snapshot load failed: {e}"));
                 }
                 Err(e) => {

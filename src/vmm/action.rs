@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use super::exit::{ExitSender, VmmMessage};
 use super::handle::VmHandle;
 use crate::config::VmConfig;
 use crate::control::{Controller, SnapshotReport};
 use crate::devices::rate_limiter::RateLimit;
+use crate::devices::virtio::balloon::BalloonControl;
 
 pub enum Action {
     Pause,
@@ -34,7 +35,9 @@ pub enum Action {
     },
     SetBalloonTarget(u64),
     BalloonState,
-    BalloonStats,
+    /// The balloon's control: the asking thread waits for the guest's statistics, not the VMM
+    /// thread.
+    BalloonControl,
     CtrlAltDel,
 }
 
@@ -44,13 +47,16 @@ pub enum Answer {
     Config(Box<VmConfig>),
     Snapshot(SnapshotReport),
     Balloon { target_mib: u64, actual_mib: u64 },
-    Stats(BTreeMap<String, u64>),
+    BalloonControl(Arc<BalloonControl>),
 }
 
 /// The VMM thread's side: runs `action` on the VM.
 pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, String> {
     Ok(match action {
+        // Idempotent, as Firecracker's: asking the state the VM is in is no error.
+        Action::Pause if vm.paused() => Answer::Done,
         Action::Pause => Answer::Done.after(vm.pause())?,
+        Action::Resume if !vm.paused() => Answer::Done,
         Action::Resume => Answer::Done.after(vm.resume())?,
         Action::IsPaused => Answer::Paused(vm.paused()),
         Action::Config => Answer::Config(Box::new(vm.config())),
@@ -64,7 +70,7 @@ pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, String> {
             let (target_mib, actual_mib) = vm.balloon_state()?;
             Answer::Balloon { target_mib, actual_mib }
         }
-        Action::BalloonStats => Answer::Stats(vm.stats()?),
+        Action::BalloonControl => Answer::BalloonControl(vm.balloon_control()?.clone()),
         Action::CtrlAltDel => Answer::Done.after(vm.send_ctrl_alt_del())?,
     })
 }
@@ -148,10 +154,11 @@ impl VmmClient {
         }
     }
 
+    /// Asks the guest for its memory statistics (waiting here for its answer).
     pub fn balloon_stats(&self) -> Result<BTreeMap<String, u64>, String> {
-        match self.ask(Action::BalloonStats)? {
-            Answer::Stats(stats) => Ok(stats),
-            _ => Err(unexpected("BalloonStats")),
+        match self.ask(Action::BalloonControl)? {
+            Answer::BalloonControl(balloon) => balloon.stats(),
+            _ => Err(unexpected("BalloonControl")),
         }
     }
 

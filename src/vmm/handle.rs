@@ -117,10 +117,15 @@ impl VmHandle {
     }
 
     fn balloon_device(&self) -> Result<&BalloonControl, String> {
+        self.balloon_control().map(|b| &**b)
+    }
+
+    /// The balloon's control, for a thread that waits on the guest's statistics itself.
+    pub(super) fn balloon_control(&self) -> Result<&Arc<BalloonControl>, String> {
         self.registry
             .values()
             .find_map(|d| match d {
-                DeviceEntry::Balloon(b) => Some(&**b),
+                DeviceEntry::Balloon(b) => Some(b),
                 _ => None,
             })
             .ok_or_else(|| "the guest has no balloon device".to_string())
@@ -145,14 +150,23 @@ impl VmHandle {
     /// Points drive `id` at another image (the guest sees the new contents and size) and/or
     /// gives it new rate limits.
     pub fn update_drive(&self, id: &str, path: Option<&Path>, limit: Option<&RateLimit>) -> Result<(), String> {
-        let Some(DeviceEntry::Drive(media)) = self.registry.get(id) else {
-            return Err(format!("no drive with id '{id}'"));
-        };
+        // Firecracker's words: clients match them, and take the path from the last.
+        const NOT_FOUND: &str =
+            "Drive config error: Unable to patch the block device: Failed perform action on device: \
+                                 Device not found Please verify the request arguments.";
+        let Some(DeviceEntry::Drive(media)) = self.registry.get(id) else { return Err(NOT_FOUND.into()) };
         let mut config = self.config.lock().unwrap();
-        let drive = config.drives.iter_mut().find(|d| d.id == id).ok_or_else(|| format!("no drive with id '{id}'"))?;
+        let drive = config.drives.iter_mut().find(|d| d.id == id).ok_or(NOT_FOUND)?;
         if let Some(path) = path {
             let spec = DiskSpec { path: path.to_path_buf(), ..drive.spec.clone() };
-            let disk = DiskImage::open(&spec).map_err(|e| e.to_string())?;
+            let disk = DiskImage::open(&spec).map_err(|e| {
+                format!(
+                    "Drive config error: Unable to patch the block device: Block: Virtio backend error: Error \
+                     manipulating the backing file: {} {} Please verify the request arguments.",
+                    e.reason,
+                    e.path.display()
+                )
+            })?;
             if let Some(warning) = disk.probe_warning(path) {
                 tracing::warn!("{warning}");
             }
@@ -169,7 +183,9 @@ impl VmHandle {
     /// New rate limits for NIC `id`'s received and/or sent frames.
     pub fn update_nic(&self, id: &str, rx: Option<&RateLimit>, tx: Option<&RateLimit>) -> Result<(), String> {
         let Some(DeviceEntry::Nic(limiters)) = self.registry.get(id) else {
-            return Err(format!("no network interface with id '{id}'"));
+            return Err("Network config error: Unable to update the net device: Failed perform action on device: \
+                        Device not found"
+                .into());
         };
         if rx.is_none() && tx.is_none() {
             return Err("nothing to update: give rx_rate_limiter or tx_rate_limiter".into());
