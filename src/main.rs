@@ -151,6 +151,9 @@ fn exit_status(exit: &VmExit) -> ExitCode {
     if exit.exit_code() == 0 {
         tracing::info!("{exit}");
         ExitCode::SUCCESS
+    } else if let VmExit::Signal(_) = exit {
+        tracing::info!("{exit}");
+        ExitCode::from(exit.exit_code() as u8)
     } else {
         eprintln!("lkvm: error: {exit}");
         ExitCode::from(exit.exit_code() as u8)

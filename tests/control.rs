@@ -39,6 +39,23 @@ fn exits_zero(guest: &mut CountingProcess) {
     }
 }
 
+/// SIGTERM (how Kata and service managers stop a VMM) ends the VM as `lkvm stop` does: the
+/// teardown runs (drives flushed, sockets removed), and lkvm exits 143 as a killed process would.
+#[test]
+fn sigterm_ends_the_vm_as_lkvm_stop_does() {
+    if !kvm_available("sigterm_ends_the_vm_as_lkvm_stop_does") {
+        return;
+    }
+    let home = temp_dir();
+    let kernel = write_file(&home, "ticker.bin", &ticker());
+    let mut guest = start(&home, "term", &kernel);
+    assert!(home.join(".lkvm/term.sock").exists());
+    // SAFETY: a signal to the lkvm this test started.
+    assert_eq!(unsafe { libc::kill(guest.child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(guest.child.wait().unwrap().code(), Some(143));
+    assert!(!home.join(".lkvm/term.sock").exists(), "the teardown did not run");
+}
+
 #[test]
 fn list_pause_resume_debug_and_stop() {
     if !kvm_available("list_pause_resume_debug_and_stop") {

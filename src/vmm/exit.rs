@@ -2,7 +2,8 @@
 //! VMM thread: the VM's end, and actions to run on it (`action`).
 
 use std::fmt;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
@@ -24,6 +25,9 @@ pub enum VmExit {
     UserQuit,
     /// `lkvm stop` asked it to end.
     Stopped,
+    /// lkvm got this termination signal (SIGTERM, SIGINT, SIGHUP) and ended the VM as `lkvm stop`
+    /// does; it exits with 128 + the signal, as a process the signal killed would.
+    Signal(i32),
     InternalError {
         cpu: u8,
         suberror: u32,
@@ -52,6 +56,7 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::Poweroff | VmExit::UserQuit | VmExit::Stopped => 0,
+            VmExit::Signal(signal) => 128 + signal,
             _ => EXIT_GUEST_FAILED,
         }
     }
@@ -99,9 +104,47 @@ pub fn channel() -> std::io::Result<(ExitSender, Exits)> {
     Ok((ExitSender { messages: sender, signal: signal.clone() }, Exits { messages, signal }))
 }
 
+/// The termination signal that came (0: none), and the eventfd its handler wakes the VMM
+/// thread with (-1: none).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+static SIGNAL_WAKES: AtomicI32 = AtomicI32::new(-1);
+
 impl Exits {
+    /// From now on SIGTERM, SIGINT and SIGHUP end the VM as `lkvm stop` does (drives flushed,
+    /// sockets removed) instead of killing lkvm in the middle of a write.
+    pub fn end_on_termination_signals(&self) -> std::io::Result<()> {
+        extern "C" fn record(signal: libc::c_int) {
+            SIGNALLED.store(signal, Ordering::SeqCst);
+            let fd = SIGNAL_WAKES.load(Ordering::SeqCst);
+            if fd >= 0 {
+                // SAFETY: write is async-signal-safe; the buffer is a local of 8 bytes.
+                unsafe { libc::write(fd, 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+            }
+        }
+        SIGNAL_WAKES.store(self.signal.as_raw_fd(), Ordering::SeqCst);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: installs an async-signal-safe handler that touches only atomics.
+            if unsafe { libc::signal(signal, record as extern "C" fn(libc::c_int) as libc::sighandler_t) }
+                == libc::SIG_ERR
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    fn signalled() -> Option<VmExit> {
+        match SIGNALLED.load(Ordering::SeqCst) {
+            0 => None,
+            signal => Some(VmExit::Signal(signal)),
+        }
+    }
+
     /// Runs the actions that have arrived with `act`; the VM's end if it came.
     pub fn try_recv(&self, act: &impl Fn(Action) -> Result<Answer, String>) -> Option<VmExit> {
+        if let Some(signalled) = Self::signalled() {
+            return Some(signalled);
+        }
         loop {
             match self.messages.try_recv() {
                 Ok(VmmMessage::Exit(reason)) => return Some(reason),
@@ -121,6 +164,9 @@ impl Exits {
         act: &impl Fn(Action) -> Result<Answer, String>,
     ) -> VmExit {
         loop {
+            if let Some(signalled) = Self::signalled() {
+                return signalled;
+            }
             match self.messages.try_recv() {
                 Ok(VmmMessage::Exit(reason)) => return reason,
                 Ok(VmmMessage::Act(action, reply)) => {
@@ -144,6 +190,13 @@ impl Exits {
     }
 }
 
+impl Drop for Exits {
+    fn drop(&mut self) {
+        // The eventfd closes with the last Exits; the handler must not write to a reused number.
+        let _ = SIGNAL_WAKES.compare_exchange(self.signal.as_raw_fd(), -1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
 fn suberror_name(suberror: u32) -> &'static str {
     match suberror {
         kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "emulation failure",
@@ -161,6 +214,7 @@ impl fmt::Display for VmExit {
             VmExit::Poweroff => write!(f, "guest powered off"),
             VmExit::UserQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             VmExit::Stopped => write!(f, "stopped by lkvm stop"),
+            VmExit::Signal(signal) => write!(f, "ended by signal {signal}"),
             VmExit::InternalError { cpu, suberror, rip, code } => {
                 let bytes: Vec<String> = code.iter().map(|b| format!("{b:02x}")).collect();
                 let code = if bytes.is_empty() { "unreadable".to_string() } else { bytes.join(" ") };
@@ -189,6 +243,7 @@ mod tests {
         assert_eq!(VmExit::Reset.exit_code(), 0);
         assert_eq!(VmExit::Poweroff.exit_code(), 0);
         assert_eq!(VmExit::UserQuit.exit_code(), 0);
+        assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143, "as if the signal had killed lkvm");
         assert_eq!(VmExit::TripleFault { cpu: 0, rip: 0 }.exit_code(), EXIT_GUEST_FAILED);
         assert_eq!(VmExit::FailEntry { cpu: 0, reason: 7 }.exit_code(), EXIT_GUEST_FAILED);
         assert_eq!(VmExit::Unhandled { cpu: 1, exit: "Hypercall".into() }.exit_code(), EXIT_GUEST_FAILED);

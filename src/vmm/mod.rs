@@ -421,6 +421,7 @@ impl Vm {
     fn spawn_threads(&mut self) -> Result<(), Error> {
         vcpu::register_kick_handler()
             .map_err(|e| Error::Host("signal handler", io::Error::from_raw_os_error(e.errno())))?;
+        self.exits.end_on_termination_signals().map_err(|e| Error::Host("signal handler", e))?;
         for vcpu in self.vcpus.drain(..) {
             let (control, events) = (self.handle.vcpus.clone(), self.handle.exit_sender());
             let thread =
