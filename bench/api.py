@@ -38,12 +38,13 @@ PAYLOAD = elf_kernel(bytes([0xba, 0xf8, 0x03, 0, 0, 0xb0, ord("X"), 0xee, 0xb0, 
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path):
+    def __init__(self, path, timeout=None):
         super().__init__("localhost")
-        self.path = path
+        self.path, self.unix_timeout = path, timeout
 
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.unix_timeout)
         self.sock.connect(self.path)
 
 
@@ -129,12 +130,20 @@ def main():
             samples[name].append(one_run(binary, workdir, kernel))
     metrics = [("start to API socket, wall (ms)", "socket_ms"), ("start to API socket, CPU (ms)", "socket_cpu_ms"),
                ("InstanceStart answered (ms)", "start_answer_ms"), ("InstanceStart to first guest output (ms)", "first_insn_ms")]
-    names = list(vmms)
-    print(f"medians of {args.runs} alternating runs")
+    print_medians(args.runs, samples, metrics)
+
+
+def print_medians(runs, samples, metrics, scales=None):
+    """A markdown table of each metric's median per VMM, and lkvm's ratio to Firecracker's.
+    `samples`: VMM name -> list of dicts; `metrics`: (label, key); `scales`: key -> factor."""
+    names = list(samples)
+    print(f"medians of {runs} alternating runs")
     print("| metric | " + " | ".join(names) + (" | lkvm / firecracker |" if len(names) > 1 else " |"))
     print("|---" * (len(names) + 1 + (len(names) > 1)) + "|")
     for label, key in metrics:
-        medians = [statistics.median([s[key] for s in samples[n] if s[key] is not None] or [float("nan")]) for n in names]
+        scale = (scales or {}).get(key, 1)
+        values = {n: [s[key] * scale for s in samples[n] if s[key] is not None] for n in names}
+        medians = [statistics.median(values[n] or [float("nan")]) for n in names]
         cells = [f"{m:.2f}" for m in medians]
         if len(names) > 1:
             cells.append(f"{medians[0] / medians[1]:.2f}")

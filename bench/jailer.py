@@ -17,14 +17,13 @@ import json
 import os
 import select
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from api import PAYLOAD  # noqa: E402
+from api import PAYLOAD, print_medians  # noqa: E402
 from common import LKVM  # noqa: E402
 
 CONFIG = {
@@ -100,19 +99,9 @@ def main():
             base = os.path.join(workdir, f"jails-{name}")
             samples[name].append(one_run(jailer, vmm, base, f"bench-{run}"))
     shutil.rmtree(workdir)
-    names = list(vmms)
     metrics = [("jailer start to first guest output (ms)", "first_ms"), ("jailer start to exit (ms)", "exit_ms"),
                ("peak RSS of the VMM when the guest printed (MiB)", "rss_kib")]
-    print(f"medians of {args.runs} alternating runs")
-    print("| metric | " + " | ".join(names) + (" | lkvm / firecracker |" if len(names) > 1 else " |"))
-    print("|---" * (len(names) + 1 + (len(names) > 1)) + "|")
-    for label, key in metrics:
-        scale = 1 / 1024 if key == "rss_kib" else 1
-        medians = [statistics.median([s[key] * scale for s in samples[n]]) for n in names]
-        cells = [f"{m:.2f}" for m in medians]
-        if len(names) > 1:
-            cells.append(f"{medians[0] / medians[1]:.2f}")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print_medians(args.runs, samples, metrics, scales={"rss_kib": 1 / 1024})
 
 
 if __name__ == "__main__":

@@ -6,14 +6,15 @@ tiny ELF kernel that spins).
     scripts/fc_api_diff.py --firecracker PATH [--lkvm PATH]
 """
 import argparse
-import http.client
 import json
 import os
-import socket
-import struct
 import subprocess
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from api import UnixHTTPConnection, elf_kernel  # noqa: E402
 
 # (method, path, body): bodies are JSON text, sent as they are.
 REQUESTS = [
@@ -97,26 +98,8 @@ RUNNING = [
 SPIN = bytes([0xEB, 0xFE])
 
 
-def elf_kernel(code):
-    load, headers = 0x100000, 64 + 56
-    elf = b"\x7fELF\x02\x01\x01" + b"\0" * 9
-    elf += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, load, 64, 0, 0, 64, 56, 1, 64, 0, 0)
-    elf += struct.pack("<IIQQQQQQ", 1, 5, headers, load, load, len(code), len(code), 0x1000)
-    return elf + code
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost", timeout=10)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
 def ask(sock, method, path, body):
-    conn = UnixConnection(sock)
+    conn = UnixHTTPConnection(sock, timeout=10)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body, headers=headers)
