@@ -86,7 +86,9 @@ where
     Default: FormatEvent<S, N>,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
-        let Some(style) = FIRECRACKER_STYLE.lock().unwrap().clone() else {
+        // Formatting writes to a buffer; the line reaches `Sink` (which takes this lock too) after.
+        let style = FIRECRACKER_STYLE.lock().unwrap();
+        let Some(style) = style.as_ref() else {
             return self.0.format_event(ctx, writer, event);
         };
         let meta = event.metadata();
@@ -213,15 +215,18 @@ pub fn set_level(rank: u8) {
     LEVEL.store(rank.min(5), Ordering::Relaxed);
 }
 
-/// Sends the log to `path` (appending) from now on. As Firecracker does, a FIFO is opened
-/// read-write and non-blocking: lkvm neither waits for its reader nor stalls when it lags (the
-/// line is lost instead).
+/// Sends the log to `path` (appending) from now on.
 pub fn set_file(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file =
-        std::fs::OpenOptions::new().create(true).read(true).append(true).custom_flags(libc::O_NONBLOCK).open(path)?;
-    *FILE.lock().unwrap() = Some(file);
+    *FILE.lock().unwrap() = Some(open_for_lines(path)?);
     Ok(())
+}
+
+/// Opens a log or metrics file for appending. As Firecracker does, a FIFO is opened read-write
+/// and non-blocking: lkvm neither waits for its reader nor stalls when it lags (the line is lost
+/// instead).
+pub fn open_for_lines(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().create(true).read(true).append(true).custom_flags(libc::O_NONBLOCK).open(path)
 }
 
 #[cfg(test)]

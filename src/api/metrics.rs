@@ -48,11 +48,9 @@ impl Metrics {
         *self.vm.lock().unwrap() = Some(vm);
     }
 
-    /// Opens `path` for appending and starts the periodic flush; once only, as in Firecracker.
-    /// As there, a FIFO is opened read-write and non-blocking: no wait for its reader, and a
-    /// reader that lags loses lines rather than stalling lkvm.
+    /// Opens `path` for appending (as the log: `logging::open_for_lines`) and starts the periodic
+    /// flush; once only, as in Firecracker.
     pub fn open(self: &Arc<Self>, path: &Path) -> Result<(), String> {
-        use std::os::unix::fs::OpenOptionsExt;
         let mut file = self.file.lock().unwrap();
         if file.is_some() {
             return Err(
@@ -61,8 +59,7 @@ impl Metrics {
                     .into(),
             );
         }
-        let opened =
-            std::fs::OpenOptions::new().create(true).read(true).append(true).custom_flags(libc::O_NONBLOCK).open(path);
+        let opened = crate::logging::open_for_lines(path);
         *file =
             Some(opened.map_err(|e| {
                 format!("Metrics error: Cannot initialize the metrics system due to bad user input: {e}")

@@ -106,7 +106,11 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
             file.display()
         ));
     }
-    end_on_termination_signals_as_pid_one();
+    // As its PID namespace's first process (the jailer's `--new-pid-ns`), lkvm would be
+    // shielded from every signal it does not handle.
+    if std::process::id() == 1 {
+        crate::vmm::exit::handle_termination_signals().map_err(|e| format!("signal handler: {e}"))?;
+    }
     crate::thread::confine_with(if args.no_seccomp { Seccomp::Off } else { Seccomp::On })?;
     crate::thread::name_vcpus_as_firecracker();
     if let Some(path) = &args.log_path {
@@ -175,22 +179,6 @@ pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
     crate::thread::confine_current(crate::thread::ThreadKind::Vmm, "firecracker")
         .map_err(|e| format!("seccomp: {e}"))?;
     Ok(vm.wait())
-}
-
-/// As its PID namespace's first process (the jailer's `--new-pid-ns`), lkvm would be shielded
-/// from every signal it does not handle: it ends on those that end any other process.
-fn end_on_termination_signals_as_pid_one() {
-    extern "C" fn end(signal: libc::c_int) {
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(128 + signal) };
-    }
-    if std::process::id() != 1 {
-        return;
-    }
-    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: installs an async-signal-safe handler.
-        unsafe { libc::signal(signal, end as extern "C" fn(libc::c_int) as libc::sighandler_t) };
-    }
 }
 
 fn read_config_file(path: &PathBuf) -> Result<FullConfig, String> {

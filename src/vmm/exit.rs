@@ -109,28 +109,37 @@ pub fn channel() -> std::io::Result<(ExitSender, Exits)> {
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 static SIGNAL_WAKES: AtomicI32 = AtomicI32::new(-1);
 
+/// Handles SIGTERM, SIGINT and SIGHUP: while a VM's VMM thread listens
+/// (`Exits::end_on_termination_signals`) they end that VM as `lkvm stop` does; otherwise lkvm
+/// exits 128 + the signal, as their default action would (which a PID namespace's first process,
+/// the jailer's `--new-pid-ns`, does not get).
+pub fn handle_termination_signals() -> std::io::Result<()> {
+    extern "C" fn record(signal: libc::c_int) {
+        let fd = SIGNAL_WAKES.load(Ordering::SeqCst);
+        if fd < 0 {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(128 + signal) };
+        }
+        SIGNALLED.store(signal, Ordering::SeqCst);
+        // SAFETY: write is async-signal-safe; the buffer is a local of 8 bytes.
+        unsafe { libc::write(fd, 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installs an async-signal-safe handler that touches only atomics.
+        if unsafe { libc::signal(signal, record as extern "C" fn(libc::c_int) as libc::sighandler_t) } == libc::SIG_ERR
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 impl Exits {
     /// From now on SIGTERM, SIGINT and SIGHUP end the VM as `lkvm stop` does (drives flushed,
     /// sockets removed) instead of killing lkvm in the middle of a write.
     pub fn end_on_termination_signals(&self) -> std::io::Result<()> {
-        extern "C" fn record(signal: libc::c_int) {
-            SIGNALLED.store(signal, Ordering::SeqCst);
-            let fd = SIGNAL_WAKES.load(Ordering::SeqCst);
-            if fd >= 0 {
-                // SAFETY: write is async-signal-safe; the buffer is a local of 8 bytes.
-                unsafe { libc::write(fd, 1u64.to_ne_bytes().as_ptr().cast(), 8) };
-            }
-        }
         SIGNAL_WAKES.store(self.signal.as_raw_fd(), Ordering::SeqCst);
-        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            // SAFETY: installs an async-signal-safe handler that touches only atomics.
-            if unsafe { libc::signal(signal, record as extern "C" fn(libc::c_int) as libc::sighandler_t) }
-                == libc::SIG_ERR
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
+        handle_termination_signals()
     }
 
     fn signalled() -> Option<VmExit> {
@@ -151,7 +160,8 @@ impl Exits {
                 Ok(VmmMessage::Act(action, reply)) => {
                     let _ = reply.send(act(action));
                 }
-                Err(_) => return None,
+                Err(TryRecvError::Disconnected) => return Some(VmExit::Stopped),
+                Err(TryRecvError::Empty) => return None,
             }
         }
     }
@@ -164,17 +174,8 @@ impl Exits {
         act: &impl Fn(Action) -> Result<Answer, String>,
     ) -> VmExit {
         loop {
-            if let Some(signalled) = Self::signalled() {
-                return signalled;
-            }
-            match self.messages.try_recv() {
-                Ok(VmmMessage::Exit(reason)) => return reason,
-                Ok(VmmMessage::Act(action, reply)) => {
-                    let _ = reply.send(act(action));
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => return VmExit::Stopped,
-                Err(TryRecvError::Empty) => {}
+            if let Some(reason) = self.try_recv(act) {
+                return reason;
             }
             let mut fds = vec![PollFd::new(&*self.signal, PollFlags::IN)];
             fds.extend(control.map(|server| PollFd::new(server, PollFlags::IN)));
