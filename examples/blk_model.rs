@@ -8,9 +8,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use lkvm::config::DiskSpec;
+use lkvm::config::IoEngine;
 use lkvm::devices::virtio::block::Block;
 use lkvm::devices::virtio::Interrupt;
-use lkvm::disk::{DiskImage, DiskSpec, IoEngine};
+use lkvm::disk::DiskImage;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;

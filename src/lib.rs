@@ -12,6 +12,7 @@ pub mod devices;
 pub mod disk;
 pub mod exec;
 pub mod gdb;
+pub mod host;
 pub mod jail;
 pub mod logging;
 pub mod mmds;

@@ -68,7 +68,7 @@ fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Resu
     let config = args.into_config_with(rootfs_transports)?;
     control::Server::check_name_free(&config.name)?;
     if let Some(root) = config.lkvm_rootfs() {
-        control::ensure_lkvm_dir()?;
+        lkvm::host::ensure_lkvm_dir()?;
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
     }
     Ok(config)
@@ -78,8 +78,8 @@ fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Resu
 /// started waits outside.
 fn enter_jail(dir: Option<&Path>, api_sock: Option<&Path>, config: &VmConfig) -> Result<(), String> {
     let Some(dir) = dir else { return Ok(()) };
-    control::ensure_lkvm_dir()?; // bound into the jail, for the control socket
-    if config.nets.iter().any(|n| n.spec.mode == lkvm::net::NetMode::User) {
+    lkvm::host::ensure_lkvm_dir()?; // bound into the jail, for the control socket
+    if config.nets.iter().any(|n| n.spec.mode == lkvm::config::NetMode::User) {
         lkvm::net::slirp::load()?;
     }
     namespaces::enter(dir, &namespaces::paths_for(config, api_sock)?)
@@ -125,7 +125,7 @@ fn serve_with(
         None => None,
     };
     let vsock_uds = vm.handle().vsock_uds();
-    let control_socket = control::socket_path(&name);
+    let control_socket = lkvm::host::socket_path(&name);
     let sockets: Vec<&Path> =
         [Some(control_socket.as_path()), api_sock, vsock_uds.as_deref()].into_iter().flatten().collect();
     let confined = user
@@ -206,7 +206,7 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     }
     // The command reaches the internet, not the host's network neighbours, unless asked
     // (`-n mode=user,lan=on`).
-    for net in config.nets.iter_mut().filter(|n| n.spec.mode == lkvm::net::NetMode::User) {
+    for net in config.nets.iter_mut().filter(|n| n.spec.mode == lkvm::config::NetMode::User) {
         net.spec.lan.get_or_insert(false);
     }
     let (Some(_), Some(vsock)) = (config.lkvm_rootfs(), config.vsock.clone()) else {
@@ -217,7 +217,7 @@ fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
     // A warm start writes its snapshot into the cache, which must exist for Landlock to allow it.
     let landlock_rules = match landlock_rules {
         Some(mut rules) if !args.cold => {
-            let root = lkvm::rootfs::warm::cache_root();
+            let root = lkvm::host::sandbox_cache_root();
             if let Err(e) = std::fs::create_dir_all(&root) {
                 return fail(&format!("{}: {e}", root.display()));
             }

@@ -196,7 +196,8 @@ fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
     std::fs::remove_file(bad.join("memory")).unwrap();
     std::os::unix::fs::symlink(snap.join("memory"), bad.join("memory")).unwrap();
     let slash = edited(&|config| {
-        let spec = lkvm::share::ShareSpec { read_only: false, ..lkvm::share::ShareSpec::new("/", "hostroot").unwrap() };
+        let spec =
+            lkvm::config::ShareSpec { read_only: false, ..lkvm::config::ShareSpec::new("/", "hostroot").unwrap() };
         config.shares.push(lkvm::config::ShareConfig { id: "hostroot".into(), spec });
     });
     assert!(slash.contains("share 'hostroot'") && slash.contains("stays read-only"), "{slash}");
@@ -214,10 +215,10 @@ touch {}
     );
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let tap = edited(&|config| {
-        let spec = lkvm::net::NetSpec {
-            mode: lkvm::net::NetMode::Tap,
+        let spec = lkvm::config::NetSpec {
+            mode: lkvm::config::NetMode::Tap,
             script: Some(script.clone()),
-            ..lkvm::net::NetSpec::default()
+            ..lkvm::config::NetSpec::default()
         };
         config.nets.push(lkvm::config::NetConfig { id: "planted".into(), spec });
     });

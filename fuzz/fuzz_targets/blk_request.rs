@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use lkvm::devices::virtio::block::Block;
-use lkvm::disk::{DiskImage, DiskSpec, IoEngine};
+use lkvm::disk::DiskImage;
+use lkvm::config::DiskSpec;
+use lkvm::config::IoEngine;
 
 const IMAGE_SIZE: usize = 64 * 1024;
 

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::devices::rate_limiter::RateLimit;
+use lkvm::config::RateLimit;
 use lkvm::devices::virtio::net::{NetPort, PairLimiters, MAX_FRAME, VIRTIO_NET_F_MRG_RXBUF};
 use lkvm::net::NetBackend;
 use virtio_queue::{Queue, QueueT};

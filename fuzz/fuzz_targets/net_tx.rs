@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::devices::rate_limiter::RateLimit;
+use lkvm::config::RateLimit;
 use lkvm::devices::virtio::net::{NetPort, PairLimiters, MAX_FRAME};
 use lkvm::net::NetBackend;
 use virtio_queue::{Queue, QueueT};

@@ -10,7 +10,8 @@
 mod p9_world;
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::share::{Session, Share, ShareSpec};
+use lkvm::share::{Session, Share};
+use lkvm::config::ShareSpec;
 use p9_world::*;
 
 fuzz_target!(|input: &[u8]| {

@@ -11,7 +11,8 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use lkvm::devices::virtio::p9::process_queue;
-use lkvm::share::{Share, ShareSpec};
+use lkvm::share::Share;
+use lkvm::config::ShareSpec;
 use p9_world::*;
 use vm_memory::{Bytes, GuestAddress};
 

@@ -23,7 +23,7 @@ impl MsiRouting for NoRouting {
 
 fuzz_target!(|input: &[u8]| {
     let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), common::MEM_SIZE)]) else { return };
-    let vectors = (0..2).map(|i| Vector { gsi: 24 + i, irqfd: lkvm::devices::eventfd().unwrap() }).collect();
+    let vectors = (0..2).map(|i| Vector { gsi: 24 + i, irqfd: lkvm::host::eventfd().unwrap() }).collect();
     let msix = MsixState::new(vectors, Arc::new(NoRouting));
     let Ok(rng) = Rng::new(&Default::default()) else { return };
     let Ok(device) = VirtioPciTransport::new(Box::new(rng), mem, 0xe000_0000, msix) else { return };

@@ -81,7 +81,7 @@ fuzz_target!(|input: &[u8]| {
             }
         }
     } else {
-        let vectors = (0..3).map(|i| Vector { gsi: 24 + i, irqfd: lkvm::devices::eventfd().unwrap() }).collect();
+        let vectors = (0..3).map(|i| Vector { gsi: 24 + i, irqfd: lkvm::host::eventfd().unwrap() }).collect();
         let msix = MsixState::new(vectors, Arc::new(NoRouting));
         let mut pci = VirtioPciTransport::new(device, mem, 0xe000_0000, msix).unwrap();
         for (kind, offset, size, value) in ops {

@@ -122,13 +122,13 @@ pub fn serve(path: &Path, api: Arc<Api>, max_body: usize) -> Result<ApiSocket, S
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("API socket {}: {e}", path.display()))?;
     }
-    let listener = crate::control::bind_replacing_stale(path).map_err(|e| match e.kind() {
+    let listener = crate::host::bind_replacing_stale(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => format!("API socket {}: another process is listening on it", path.display()),
         _ => format!("API socket {}: {e}", path.display()),
     })?;
     let open = Arc::new(AtomicUsize::new(0));
     thread::spawn(ThreadKind::Api, "fc_api".into(), move || {
-        for mut stream in crate::control::connections(|| listener.accept().map(|(stream, _)| stream)) {
+        for mut stream in crate::host::connections(|| listener.accept().map(|(stream, _)| stream)) {
             // A client that keeps its connection open must not block the others; a bounded
             // number are served at once.
             if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {

@@ -231,7 +231,7 @@ fn route(api: &Api, request: &Request) -> Reply {
         (Method::Put, "snapshot/create", None) => create_snapshot(api, body(request)?),
         (Method::Put, "snapshot/load", None) => load_snapshot(api, body(request)?),
         (Method::Put, "mmds/config", None) => {
-            let mmds: crate::mmds::MmdsConfig = body(request)?;
+            let mmds: crate::config::MmdsConfig = body(request)?;
             configure(api, |c| {
                 mmds.check(&c.network_interfaces.iter().map(|n| n.iface_id.as_str()).collect::<Vec<_>>())?;
                 c.mmds_config = Some(mmds);
@@ -629,7 +629,7 @@ mod tests {
         let (spec, resume) = vmm.join().unwrap();
         assert!(resume);
         assert_eq!(spec.state.to_str(), Some("/s"));
-        assert_eq!(spec.memory, crate::snapshot::MemoryBackend::File("/m".into()));
+        assert_eq!(spec.memory, crate::config::MemoryBackend::File("/m".into()));
         assert_eq!(spec.overrides, vec![("eth0".to_string(), "tap9".to_string())]);
         assert_eq!(call(&api, Method::Put, "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 32}"#).0, 204);
         let (status, body) = call(&api, Method::Put, "/snapshot/load", load);

@@ -82,13 +82,13 @@ pub struct SnapshotArgs {
 /// `lkvm debug -n NAME --dump FILE`: an ELF core of the guest.
 pub fn dump_core(target: &Target, file: &std::path::Path) -> Result<(), String> {
     let name = target.name.as_deref().ok_or("--dump FILE takes one guest: -n NAME")?;
-    control::check_name(name)?;
+    crate::host::check_name(name)?;
     // The guest's lkvm writes it: an absolute path, whatever its working directory.
     let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let parent = std::fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     let path = parent.join(file.file_name().ok_or_else(|| format!("{}: not a file name", file.display()))?);
     let request = control::Request { path: Some(path.clone()), ..control::Request::new(Command::Dump) };
-    match control::request_with(&control::socket_path(name), request) {
+    match control::request_with(&crate::host::socket_path(name), request) {
         Ok(response) if response.ok => {
             let bytes = response.dump_bytes.unwrap_or(0);
             println!("{name}: core in {} ({} MiB written)", path.display(), bytes >> 20);
@@ -104,12 +104,12 @@ pub fn dump_core(target: &Target, file: &std::path::Path) -> Result<(), String> 
 
 /// `lkvm snapshot`: asks the guest to write itself into DIR; prints what was written.
 pub fn snapshot(args: &SnapshotArgs) -> Result<(), String> {
-    control::check_name(&args.name)?;
+    crate::host::check_name(&args.name)?;
     crate::snapshot::create_private_dir(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let request =
         control::Request { path: Some(dir.clone()), stop: args.stop, ..control::Request::new(Command::Snapshot) };
-    let response = match control::request_with(&control::socket_path(&args.name), request) {
+    let response = match control::request_with(&crate::host::socket_path(&args.name), request) {
         Ok(response) => response,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
             return Err(format!("{}: no such running guest", args.name))
@@ -154,7 +154,7 @@ pub fn list() -> Result<(), String> {
     for (name, response) in &guests {
         println!("{:5} {:20} {}", response.pid.unwrap_or(0), name, state_name(response.state));
     }
-    if let Ok(entries) = std::fs::read_dir(control::lkvm_dir()) {
+    if let Ok(entries) = std::fs::read_dir(crate::host::lkvm_dir()) {
         let mut rootfs: Vec<String> = entries
             .flatten()
             .filter(|e| e.path().is_dir())
@@ -187,13 +187,13 @@ pub fn act_with(
         control::running_guests().into_iter().map(|(name, _)| name).collect()
     } else {
         let name = target.name.clone().expect("clap requires -n without -a");
-        control::check_name(&name)?;
+        crate::host::check_name(&name)?;
         vec![name]
     };
     let mut failures = Vec::new();
     for name in &names {
         let request = control::Request { mib, cpu, key, ..control::Request::new(command) };
-        match control::request_with(&control::socket_path(name), request) {
+        match control::request_with(&crate::host::socket_path(name), request) {
             Ok(response) if response.ok => show(name, &response),
             Ok(response) => failures.push(format!("{name}: {}", response.error.unwrap_or_default())),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {

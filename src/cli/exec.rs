@@ -24,8 +24,8 @@ pub struct ExecArgs {
 
 /// Runs the command; returns its exit status.
 pub fn run(args: ExecArgs) -> Result<u8, String> {
-    control::check_name(&args.name)?;
-    let response = match control::request(&control::socket_path(&args.name), Command::Status) {
+    crate::host::check_name(&args.name)?;
+    let response = match control::request(&crate::host::socket_path(&args.name), Command::Status) {
         Ok(response) => response,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
             return Err(format!("{}: no such running guest", args.name))

@@ -5,21 +5,22 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::arch::x86_64::cpuid;
-use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::config::firecracker::{FullConfig, VSOCK_ID};
+use crate::config::DiskSpec;
+use crate::config::FsSpec;
+use crate::config::GdbConfig;
+use crate::config::NetMode;
+use crate::config::NetSpec;
+use crate::config::RateLimit;
+use crate::config::ShareSpec;
+use crate::config::MAX_CPUS;
 use crate::config::{
     BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DriveConfig, EntropyConfig, FsConfig, MachineConfig,
     NetConfig, RootShare, ShareConfig, Transport, VmConfig, VsockConfig,
 };
-use crate::control::lkvm_dir;
-use crate::devices::rate_limiter::RateLimit;
-use crate::disk::DiskSpec;
-use crate::gdb::GdbConfig;
+use crate::host::lkvm_dir;
 use crate::jail::landlock::Rule;
-use crate::net::{NetMode, NetSpec};
 use crate::rootfs;
-use crate::share::virtiofs::FsSpec;
-use crate::share::ShareSpec;
 
 const MIB: u64 = 1 << 20;
 /// kvmtool's default: 64 MiB per vCPU plus 192 MiB...
@@ -243,7 +244,7 @@ fn writable_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
     if !canonical.is_dir() {
         return Err(format!("--rw {}: not a directory", dir.display()));
     }
-    crate::control::check_guest_writable(&canonical).map_err(|e| format!("--rw {}: {e}", dir.display()))?;
+    crate::host::check_guest_writable(&canonical).map_err(|e| format!("--rw {}: {e}", dir.display()))?;
     match canonical.to_str() {
         Some(path) if !path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') => Ok(canonical),
         _ => Err(format!("--rw {}: the path must be UTF-8 without spaces or quotes", canonical.display())),
@@ -267,10 +268,10 @@ impl RunArgs {
             })
             .collect::<Result<_, _>>()?;
         let name = self.name.clone().unwrap_or_else(|| format!("guest-{}", std::process::id()));
-        crate::control::check_name(&name)?;
+        crate::host::check_name(&name)?;
         Ok(crate::vmm::RestoreSpec {
             state: dir.join(crate::snapshot::STATE_FILE),
-            memory: crate::snapshot::MemoryBackend::File(dir.join(crate::snapshot::MEMORY_FILE)),
+            memory: crate::config::MemoryBackend::File(dir.join(crate::snapshot::MEMORY_FILE)),
             name,
             overrides,
             share_views: Vec::new(),
@@ -566,7 +567,7 @@ mod tests {
             let args = RunArgs { cpus: Some(1), writable: vec![".".into()], ..ignored };
             assert!(args.into_config().unwrap_err().contains("lkvm's root filesystem"), "--rw would do nothing");
         }
-        let home = RunArgs { cpus: Some(1), writable: vec![crate::control::user_home()], ..base() };
+        let home = RunArgs { cpus: Some(1), writable: vec![crate::host::user_home()], ..base() };
         assert!(home.into_config().unwrap_err().contains("it holds lkvm's"), "the guest would write ~/.lkvm");
         let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config().unwrap();
         assert!(

@@ -3,7 +3,7 @@
 
 use super::{CmdlinePolicy, ConsoleDevice, Transport, VmConfig};
 use crate::boot::cmdline::KernelCmdline;
-use crate::net::NetMode;
+use crate::config::NetMode;
 use crate::rootfs;
 
 /// Firecracker's command line when `boot_args` is absent (its serial console is off).
@@ -91,10 +91,10 @@ fn firecracker(config: &VmConfig, given: &KernelCmdline, mmio_devices: &[String]
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::DiskSpec;
+    use crate::config::NetSpec;
+    use crate::config::ShareSpec;
     use crate::config::*;
-    use crate::disk::DiskSpec;
-    use crate::net::NetSpec;
-    use crate::share::ShareSpec;
 
     pub fn base(policy: CmdlinePolicy, params: Option<&str>) -> VmConfig {
         VmConfig {

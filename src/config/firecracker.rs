@@ -1,7 +1,7 @@
 //! Firecracker's configuration, as its API bodies and `--config-file` spell it (field names,
 //! required fields, unknown fields refused), and its translation to and from `VmConfig`.
 
-use crate::devices::rate_limiter::RateLimit;
+use crate::config::RateLimit;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -10,10 +10,14 @@ use super::{
     BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DriveConfig, EntropyConfig, MachineConfig, NetConfig,
     Transport, VmConfig, VsockConfig,
 };
-use crate::arch::x86_64::mptable::MAX_CPUS;
-use crate::disk::{DiskFormat, DiskSpec, IoEngine};
-use crate::net::{parse_mac, NetMode, NetSpec};
-use crate::snapshot::MemoryBackend;
+use crate::config::net::parse_mac;
+use crate::config::DiskFormat;
+use crate::config::DiskSpec;
+use crate::config::IoEngine;
+use crate::config::MemoryBackend;
+use crate::config::NetMode;
+use crate::config::NetSpec;
+use crate::config::MAX_CPUS;
 
 /// Firecracker's vCPU limit; lkvm's MP table allows more, but this is the API's contract.
 pub const MAX_VCPUS: u8 = 32;
@@ -407,7 +411,7 @@ pub struct FullConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     #[serde(rename = "mmds-config", default, skip_serializing_if = "Option::is_none")]
-    pub mmds_config: Option<crate::mmds::MmdsConfig>,
+    pub mmds_config: Option<crate::config::MmdsConfig>,
     #[serde(rename = "cpu-config", default, skip_serializing_if = "Option::is_none")]
     pub cpu_config: Option<serde_json::Value>,
 }

@@ -3,18 +3,37 @@
 //! kernel command line is composed from it in one place (`cmdline`).
 
 pub mod cmdline;
+pub mod disk;
 pub mod firecracker;
+pub mod gdb;
+pub mod mmds;
+pub mod net;
+pub mod rate_limit;
+pub mod share;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::rate_limiter::RateLimit;
-use crate::disk::DiskSpec;
-use crate::gdb::GdbConfig;
-use crate::net::NetSpec;
-use crate::share::virtiofs::FsSpec;
-use crate::share::ShareSpec;
+pub use disk::{DiskFormat, DiskSpec, IoEngine};
+pub use gdb::{GdbAddress, GdbConfig};
+pub use mmds::MmdsConfig;
+pub use net::{NetMode, NetSpec, PortForward, Protocol};
+pub use rate_limit::{BucketConfig, RateLimit};
+pub use share::{FsSpec, ShareSpec};
+
+/// The most vCPUs a VM may have: APIC IDs are 8 bits in the MP table, and the IOAPIC takes
+/// the ID after the last CPU.
+pub const MAX_CPUS: u8 = 254;
+
+/// Where a restored guest's memory comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// The memory file, mapped copy-on-write.
+    File(PathBuf),
+    /// A page-fault handler listening on this UNIX socket (Firecracker's Uffd backend).
+    Uffd(PathBuf),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -156,7 +175,7 @@ pub struct VmConfig {
     /// The metadata service and the NICs the guest reaches it through (its document is not
     /// part of the config: `crate::mmds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mmds: Option<crate::mmds::MmdsConfig>,
+    pub mmds: Option<crate::config::MmdsConfig>,
     pub transport: Transport,
     /// A gdb stub for this run; never part of a snapshot.
     #[serde(skip)]
@@ -194,7 +213,7 @@ impl VmConfig {
             return Ok(());
         }
         match self.nets.iter_mut().find(|n| n.id == id) {
-            Some(net) if net.spec.mode == crate::net::NetMode::Tap => {
+            Some(net) if net.spec.mode == crate::config::NetMode::Tap => {
                 net.spec.tapif = Some(value.to_string());
                 Ok(())
             }

@@ -14,7 +14,8 @@ use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, StorageOpenOptions};
 
-use super::{DiskBackend, DiskFormat};
+use super::DiskBackend;
+use crate::config::DiskFormat;
 
 type ImagoFile = imago::file::File;
 type Image = FormatAccess<ImagoFile>;
@@ -282,7 +283,8 @@ fn tempfile_in(dir: &Path) -> io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::{DiskImage, DiskSpec};
+    use crate::config::DiskSpec;
+    use crate::disk::DiskImage;
     use std::path::PathBuf;
     use std::process::Command;
 

@@ -44,7 +44,7 @@ impl<T: Send> Uring<T> {
         // Disabled until restricted to reads, writes and syncs: a thread taken over by the guest
         // cannot submit what its seccomp filter forbids (opening files, sockets) through it.
         let ring = IoUring::builder().setup_r_disabled().build(depth)?;
-        let eventfd = crate::devices::eventfd()?;
+        let eventfd = crate::host::eventfd()?;
         let submitter = ring.submitter();
         submitter.register_eventfd(eventfd.as_raw_fd())?;
         submitter.register_restrictions(&mut [

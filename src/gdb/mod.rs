@@ -17,54 +17,15 @@ use std::time::Duration;
 
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::{DisconnectReason, GdbStub};
-use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
+use crate::config::GdbAddress;
 use crate::vmm::vcpu::VcpuControl;
 pub use target::{GdbEventLoop, GuestDebugger};
 pub use vcpus::DebuggedVcpus;
 
 /// How often a waiting stub looks whether the VM has ended.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GdbAddress {
-    /// A TCP port on 127.0.0.1.
-    Tcp(u16),
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for GdbAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GdbAddress::Tcp(port) => write!(f, "127.0.0.1:{port}"),
-            GdbAddress::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GdbConfig {
-    pub address: GdbAddress,
-    /// Whether the guest waits before its first instruction until gdb lets it go.
-    pub wait: bool,
-}
-
-impl GdbConfig {
-    /// `--gdb PORT` or `--gdb unix:PATH`.
-    pub fn parse(arg: &str, wait: bool) -> Result<GdbConfig, String> {
-        let address = match arg.strip_prefix("unix:") {
-            Some("") => return Err("--gdb unix:PATH: the path is empty".into()),
-            Some(path) => GdbAddress::Unix(path.into()),
-            None => match arg.parse::<u16>() {
-                Ok(port) if port > 0 => GdbAddress::Tcp(port),
-                _ => return Err(format!("--gdb {arg}: expected a TCP port (1-65535) or unix:PATH")),
-            },
-        };
-        Ok(GdbConfig { address, wait })
-    }
-}
 
 /// The stub's socket, bound while the VM is built so that a taken port fails `lkvm run` at once.
 pub enum Listener {
@@ -77,7 +38,7 @@ impl Listener {
         let listener = match address {
             GdbAddress::Tcp(port) => Listener::Tcp(TcpListener::bind((Ipv4Addr::LOCALHOST, *port))?),
             // Only its owner may connect: gdb can read and write the guest, and run it.
-            GdbAddress::Unix(path) => Listener::Unix(crate::control::bind_replacing_stale(path)?, path.clone()),
+            GdbAddress::Unix(path) => Listener::Unix(crate::host::bind_replacing_stale(path)?, path.clone()),
         };
         match &listener {
             Listener::Tcp(l) => l.set_nonblocking(true)?,

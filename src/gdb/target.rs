@@ -72,7 +72,7 @@ impl<V: DebuggedVcpus> GuestDebugger<V> {
             continued: None,
             exits,
             exit_sender,
-            exit_ready: Arc::new(crate::devices::eventfd()?),
+            exit_ready: Arc::new(crate::host::eventfd()?),
         })
     }
 

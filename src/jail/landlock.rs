@@ -57,11 +57,11 @@ pub fn rules_for(config: &VmConfig) -> Vec<Rule> {
     let images = config.drives.iter().map(|d| (&d.spec.path, d.spec.read_only));
     let mut rules: Vec<Rule> =
         shares.chain(images).map(|(path, read_only)| Rule { path: path.clone(), access: access(read_only) }).collect();
-    rules.push(Rule { path: crate::control::lkvm_dir(), access: Access::ReadWrite });
+    rules.push(Rule { path: crate::host::lkvm_dir(), access: Access::ReadWrite });
     if let Some(dir) = config.vsock.as_ref().and_then(|v| v.uds_path.parent()) {
         rules.push(Rule { path: dir.to_path_buf(), access: Access::ReadWrite });
     }
-    if config.nets.iter().any(|n| n.spec.mode == crate::net::NetMode::User) {
+    if config.nets.iter().any(|n| n.spec.mode == crate::config::NetMode::User) {
         // glib seeds libslirp's random numbers from /dev/urandom as the network starts.
         for file in ["/etc/resolv.conf", "/dev/urandom"] {
             rules.push(Rule { path: file.into(), access: Access::Read });

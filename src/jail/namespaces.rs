@@ -17,10 +17,10 @@ use rustix::process::{Resource, Rlimit, Signal};
 use rustix::thread::UnshareFlags;
 
 use super::landlock::{Access, Rule};
+use crate::config::GdbAddress;
+use crate::config::NetMode;
 use crate::config::VmConfig;
-use crate::gdb::GdbAddress;
-use crate::net::tap::TUN_DEVICE;
-use crate::net::NetMode;
+use crate::host::TUN_DEVICE;
 
 /// The jailed lkvm's pid, for the signal forwarder outside.
 static JAILED: AtomicI32 = AtomicI32::new(0);

@@ -221,7 +221,7 @@ pub struct MmdsBackend {
 
 impl MmdsBackend {
     pub fn new(inner: Box<dyn NetBackend>, address: Ipv4Addr) -> io::Result<MmdsBackend> {
-        let pending = crate::devices::eventfd()?;
+        let pending = crate::host::eventfd()?;
         let readable = Epoll::new()?;
         readable.ctl(ControlOperation::Add, inner.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
         readable.ctl(ControlOperation::Add, pending.as_raw_fd(), EpollEvent::new(EventSet::IN, 1))?;

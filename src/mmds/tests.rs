@@ -1,4 +1,6 @@
 use super::*;
+use crate::config::mmds::DEFAULT_ADDRESS;
+use crate::config::MmdsConfig;
 
 fn request(method: Method, path: &str, headers: &[(&str, &str)]) -> Request {
     let headers = headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();

@@ -18,7 +18,9 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::egress::{Egress, Verdict};
-use super::{NetBackend, NetSpec, Protocol};
+use super::NetBackend;
+use crate::config::NetSpec;
+use crate::config::Protocol;
 
 const MTU: usize = 1500;
 const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
@@ -260,7 +262,7 @@ impl Slirp {
         let (ours, theirs) = seqpacket_pair().map_err(|e| format!("user-mode network: {e}"))?;
         set_nonblocking(ours.as_raw_fd());
         set_nonblocking(theirs.as_raw_fd());
-        let stop = crate::devices::eventfd().map_err(|e| format!("user-mode network: {e}"))?;
+        let stop = crate::host::eventfd().map_err(|e| format!("user-mode network: {e}"))?;
         let stop_fd = stop.try_clone().map_err(|e| format!("user-mode network: {e}"))?;
         let lib = libslirp()?;
         let network = Ipv4Addr::from(u32::from(spec.host_ip) & u32::from(NETMASK));

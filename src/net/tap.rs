@@ -8,14 +8,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 
-use super::{NetBackend, NetSpec};
+use super::NetBackend;
+use crate::config::NetSpec;
 use crate::devices::virtio::net::{
     HEADER_LEN, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
 };
+use crate::host::TUN_DEVICE;
 
 // From linux/if_tun.h.
-/// The device a tap's queues are opened through.
-pub const TUN_DEVICE: &str = "/dev/net/tun";
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;

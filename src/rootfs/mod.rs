@@ -12,8 +12,8 @@ use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use crate::control::lkvm_dir;
 use crate::exec::protocol::{Request, READY_PORT};
+use crate::host::lkvm_dir;
 
 /// The static init built by build.rs from `init/main.rs`.
 const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lkvm-init"));
@@ -53,7 +53,7 @@ pub fn create(name: &str) -> Result<PathBuf, String> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err(format!("'{name}' is not a guest name (no '/', no leading '.')"));
     }
-    crate::control::ensure_lkvm_dir()?;
+    crate::host::ensure_lkvm_dir()?;
     let root = path(name);
     if root.exists() {
         return Err(format!("{} already exists", root.display()));
@@ -154,7 +154,7 @@ impl SandboxReady {
     /// Listens beside the VM's vsock socket `uds`.
     pub fn listen(uds: &Path) -> io::Result<SandboxReady> {
         let path = PathBuf::from(format!("{}_{READY_PORT}", uds.display()));
-        let listener = crate::control::bind_replacing_stale(&path)
+        let listener = crate::host::bind_replacing_stale(&path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         listener.set_nonblocking(true)?;
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::config::MemoryBackend;
 use crate::config::VmConfig;
-use crate::snapshot::{MemoryBackend, MEMORY_FILE, STATE_FILE};
+use crate::snapshot::{MEMORY_FILE, STATE_FILE};
 use crate::vmm::RestoreSpec;
 
 /// The file in an entry that holds its MAC.
@@ -27,16 +28,6 @@ const KEY_LEN: usize = 32;
 pub struct WarmCache {
     dir: PathBuf,
     key: [u8; KEY_LEN],
-}
-
-/// `$XDG_CACHE_HOME/lkvm/sandbox`, or `~/.cache/lkvm/sandbox` (never under /tmp, where another
-/// user could plant a snapshot).
-pub fn cache_root() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|d| d.is_absolute())
-        .unwrap_or_else(|| crate::control::user_home().join(".cache"));
-    base.join("lkvm/sandbox")
 }
 
 /// The user's key for sealing cache entries (made on first use): in ~/.lkvm (which `lkvm
@@ -103,8 +94,8 @@ impl WarmCache {
             hash_file(initrd, &mut hasher)?;
         }
         hash_file(&std::env::current_exe()?, &mut hasher)?;
-        let key = user_key(&crate::control::lkvm_dir().join("warm-sandbox.key"))?;
-        Ok(WarmCache { dir: cache_root().join(format!("{:016x}", hasher.finish())), key })
+        let key = user_key(&crate::host::lkvm_dir().join("warm-sandbox.key"))?;
+        Ok(WarmCache { dir: crate::host::sandbox_cache_root().join(format!("{:016x}", hasher.finish())), key })
     }
 
     pub fn dir(&self) -> &Path {
@@ -120,7 +111,7 @@ impl WarmCache {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         private(&self.dir, me)?;
-        let root = cache_root();
+        let root = crate::host::sandbox_cache_root();
         let top = root.parent().unwrap_or(&root);
         let mut dir = self.dir.parent();
         while let Some(path) = dir.filter(|d| d.starts_with(top)) {

@@ -28,6 +28,7 @@
 mod bounded_fs;
 pub mod virtiofs;
 
+use crate::config::ShareSpec;
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -39,8 +40,6 @@ use std::path::{Path, PathBuf};
 /// The largest message the server accepts (payload plus header room); the guest's msize is
 /// negotiated down to this.
 pub const MAX_MESSAGE_SIZE: u32 = 512 * 1024 + 64;
-/// virtio-9p limits a mount tag to what fits in its config space; Linux reads it as a string.
-const MAX_TAG_LEN: usize = 255;
 
 // Message types, from the Linux client (include/net/9p/9p.h).
 const RLERROR: u8 = 7;
@@ -77,46 +76,6 @@ const P9_GETATTR_BASIC: u64 = 0x7ff;
 const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 const QID_SYMLINK: u8 = 0x02;
 const QID_FILE: u8 = 0x00;
-
-/// How the user asked for a share (`--9p DIR,TAG[,ro]`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ShareSpec {
-    pub path: PathBuf,
-    pub tag: String,
-    pub read_only: bool,
-    /// Host paths the guest may reach under `path` (empty: all of it).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub view: Vec<PathBuf>,
-}
-
-impl ShareSpec {
-    pub fn parse(arg: &str) -> Result<ShareSpec, String> {
-        let (path, tag, read_only) = parse_dir_tag("--9p", arg)?;
-        Ok(ShareSpec { read_only, ..ShareSpec::new(path, tag)? })
-    }
-
-    pub fn new(path: impl Into<PathBuf>, tag: &str) -> Result<ShareSpec, String> {
-        if tag.is_empty() || tag.len() > MAX_TAG_LEN {
-            return Err(format!("9p mount tag '{tag}' must be 1 to {MAX_TAG_LEN} bytes"));
-        }
-        Ok(ShareSpec { path: path.into(), tag: tag.to_string(), read_only: false, view: Vec::new() })
-    }
-}
-
-/// `DIR,TAG[,ro]`, as `--9p` and `--fs` (`flag`) take it: the directory, tag and read-only.
-pub fn parse_dir_tag<'a>(flag: &str, arg: &'a str) -> Result<(&'a str, &'a str, bool), String> {
-    let mut parts = arg.split(',');
-    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| format!("{flag} needs DIR,TAG"))?;
-    let tag = parts.next().ok_or_else(|| format!("{flag} {arg}: needs a mount tag, as in {flag} DIR,TAG"))?;
-    let mut read_only = false;
-    for option in parts {
-        match option {
-            "ro" => read_only = true,
-            other => return Err(format!("{flag} {arg}: unknown option '{other}' (known: ro)")),
-        }
-    }
-    Ok((path, tag, read_only))
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("9p share {path}: {reason}")]
@@ -172,8 +131,8 @@ impl View {
         let below = |path: &Path| path.strip_prefix(root).ok().map(Path::to_path_buf);
         let mut hidden: Vec<PathBuf> =
             if root == Path::new("/") { SECRETS.iter().map(PathBuf::from).collect() } else { Vec::new() };
-        let cache = crate::rootfs::warm::cache_root();
-        for own in [crate::control::lkvm_dir(), cache.parent().unwrap_or(&cache).to_path_buf()] {
+        let cache = crate::host::sandbox_cache_root();
+        for own in [crate::host::lkvm_dir(), cache.parent().unwrap_or(&cache).to_path_buf()] {
             hidden.extend(below(&std::fs::canonicalize(&own).unwrap_or(own)));
         }
         View { visible: visible.iter().filter_map(|v| below(v)).collect(), hidden }
@@ -214,7 +173,7 @@ pub const MAX_FIDS: usize = 16384;
 pub fn descriptor_room() -> bool {
     use std::os::fd::{FromRawFd, OwnedFd};
     static PROBE: std::sync::OnceLock<Option<vmm_sys_util::eventfd::EventFd>> = std::sync::OnceLock::new();
-    let Some(probe) = PROBE.get_or_init(|| crate::devices::eventfd().ok()) else { return true };
+    let Some(probe) = PROBE.get_or_init(|| crate::host::eventfd().ok()) else { return true };
     let limit = open_file_limit();
     // SAFETY: F_DUPFD_CLOEXEC on our own descriptor; the copy is closed at once.
     let lowest_free = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };

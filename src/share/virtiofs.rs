@@ -27,10 +27,10 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, Reader, Writer};
 
 use super::bounded_fs::BoundedFs;
+use crate::config::share::MAX_FS_TAG_LEN;
+use crate::config::FsSpec;
 use vm_memory_fuse::ByteValued;
 
-/// virtio-fs puts the tag in a 36-byte config field.
-pub const MAX_TAG_LEN: usize = 36;
 /// The largest request lkvm copies: a 1 MiB write (fuse-backend-rs's max_write) and headers.
 pub const MAX_REQUEST: usize = (1 << 20) + 4096;
 
@@ -55,25 +55,6 @@ const SETATTR_GID: usize = SETATTR_MODE + 12;
 /// The request header's node id; fuse_copy_file_range_in: fh_in, off_in, then nodeid_out.
 const NODE_ID: usize = 16;
 const COPY_OUT_NODE: usize = IN_HEADER + 16;
-
-/// How the user asked for a virtio-fs share.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FsSpec {
-    pub path: PathBuf,
-    pub tag: String,
-    pub read_only: bool,
-}
-
-impl FsSpec {
-    /// `--fs DIR,TAG[,ro]`.
-    pub fn parse(arg: &str) -> Result<FsSpec, String> {
-        let (path, tag, read_only) = super::parse_dir_tag("--fs", arg)?;
-        if tag.is_empty() || tag.len() > MAX_TAG_LEN {
-            return Err(format!("--fs {arg}: the mount tag must be 1 to {MAX_TAG_LEN} bytes"));
-        }
-        Ok(FsSpec { path: path.into(), tag: tag.to_string(), read_only })
-    }
-}
 
 /// A directory served over FUSE, with lkvm's checks in front.
 pub struct FsShare {
@@ -258,7 +239,7 @@ fn clear_set_id(request: &mut [u8], at: usize) {
 
 /// The tag as virtio-fs's config space carries it: NUL-padded, then one request queue.
 pub fn config_space(tag: &str) -> Vec<u8> {
-    let mut config = vec![0u8; MAX_TAG_LEN];
+    let mut config = vec![0u8; MAX_FS_TAG_LEN];
     config[..tag.len()].copy_from_slice(tag.as_bytes());
     config.extend_from_slice(&1u32.to_le_bytes());
     config

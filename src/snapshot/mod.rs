@@ -75,15 +75,6 @@ pub enum Error {
     Uffd(PathBuf, String),
 }
 
-/// Where a restored guest's memory comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MemoryBackend {
-    /// The memory file, mapped copy-on-write.
-    File(PathBuf),
-    /// A page-fault handler listening on this UNIX socket (Firecracker's Uffd backend).
-    Uffd(PathBuf),
-}
-
 /// bincode with a size limit, so a hostile length field cannot make the decoder allocate.
 fn codec() -> impl Options {
     bincode::DefaultOptions::new().with_limit(MAX_STATE_LEN)

@@ -34,7 +34,7 @@ pub fn check_host_resources(config: &VmConfig) -> Result<(), String> {
     for (id, path, read_only) in shares.chain(config.fs.iter().map(|f| (&f.id, &f.spec.path, f.spec.read_only))) {
         let canonical = std::fs::canonicalize(path).map_err(|e| format!("share '{id}': {}: {e}", path.display()))?;
         if !read_only {
-            crate::control::check_guest_writable(&canonical).map_err(|e| format!("share '{id}': {e}"))?;
+            crate::host::check_guest_writable(&canonical).map_err(|e| format!("share '{id}': {e}"))?;
         }
         accessible(&canonical, read_only, true).map_err(|e| format!("share '{id}': {e}"))?;
     }
@@ -68,9 +68,12 @@ fn accessible(path: &Path, read_only: bool, directory: bool) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::NetMode;
+    use crate::config::NetSpec;
+    use crate::config::PortForward;
+    use crate::config::Protocol;
+    use crate::config::ShareSpec;
     use crate::config::{cmdline::tests::base, CmdlinePolicy, NetConfig, ShareConfig};
-    use crate::net::{NetMode, NetSpec, PortForward, Protocol};
-    use crate::share::ShareSpec;
 
     #[test]
     fn a_snapshot_runs_no_scripts_listens_on_loopback_and_writes_no_host_root() {

@@ -8,9 +8,9 @@ use std::sync::{mpsc, Arc};
 
 use super::exit::{ExitSender, VmmMessage};
 use super::handle::VmHandle;
+use crate::config::RateLimit;
 use crate::config::VmConfig;
 use crate::control::{Controller, SnapshotReport};
-use crate::devices::rate_limiter::RateLimit;
 use crate::devices::virtio::balloon::BalloonControl;
 
 pub enum Action {

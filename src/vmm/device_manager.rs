@@ -17,6 +17,8 @@ use super::irq_routing::{KvmMsiRouting, FIRST_MSI_GSI};
 use super::{kvm_err, Error};
 use crate::arch::x86_64::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
 use crate::arch::x86_64::memory::ram_regions;
+use crate::config::net::DEFAULT_GUEST_MAC;
+use crate::config::NetMode;
 use crate::config::{ConsoleDevice, Transport, VmConfig};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
@@ -39,7 +41,7 @@ use crate::disk::DiskImage;
 use crate::mmds::stack::MmdsBackend;
 use crate::net::slirp::Slirp;
 use crate::net::tap::Tap;
-use crate::net::{NetBackend, NetMode, DEFAULT_GUEST_MAC};
+use crate::net::NetBackend;
 use crate::share::virtiofs::FsShare;
 use crate::share::Share;
 
@@ -112,7 +114,7 @@ impl Trigger for ExitTrigger {
 }
 
 fn eventfd() -> Result<EventFd, Error> {
-    crate::devices::eventfd().map_err(|e| Error::Host("eventfd", e))
+    crate::host::eventfd().map_err(|e| Error::Host("eventfd", e))
 }
 
 /// The host files and directories a VM's devices serve, opened (and checked) before the VM is.

@@ -1,7 +1,7 @@
 //! `VmHandle`: what the VMM thread does to a built VM (for the control socket and the API's
 //! actions), and its devices by id.
 
-use crate::devices::rate_limiter::RateLimit;
+use crate::config::RateLimit;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +14,11 @@ use super::device_manager::{DeviceEntry, Persistent, Registry, VirtioDevices};
 use super::exit::{ExitSender, VmExit};
 use super::vcpu::VcpuControl;
 use crate::arch::x86_64::coredump::{self, CpuRegisters};
+use crate::config::DiskSpec;
 use crate::config::VmConfig;
 use crate::control::{Controller, RunState, SnapshotReport};
 use crate::devices::virtio::balloon::BalloonControl;
-use crate::disk::{DiskImage, DiskSpec};
+use crate::disk::DiskImage;
 use crate::snapshot::{self, VmState, MEMORY_FILE, STATE_FILE};
 
 pub struct VmHandle {

@@ -25,10 +25,11 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::memory::ram_regions;
-use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs;
 use crate::arch::x86_64::state;
 use crate::boot::{self, BootSpec, Initrd};
+use crate::config::GdbAddress;
+use crate::config::MemoryBackend;
 use crate::config::{cmdline, VmConfig};
 use crate::control;
 use crate::devices::bus;
@@ -36,7 +37,7 @@ use crate::disk::{self, DiskImage};
 use crate::gdb;
 use crate::share::virtiofs::FsShare;
 use crate::share::{self, Share};
-use crate::snapshot::{self, MemoryBackend, VmState};
+use crate::snapshot::{self, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
 pub use action::VmmClient;
@@ -86,7 +87,7 @@ pub enum Error {
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
     #[error("--gdb {0}: {1}")]
-    Gdb(gdb::GdbAddress, io::Error),
+    Gdb(GdbAddress, io::Error),
     #[error("restoring the snapshot: {0}")]
     Restore(String),
 }
@@ -260,7 +261,7 @@ impl Vm {
         let fs_shares = config.fs.iter().map(|f| FsShare::open(&f.spec)).collect::<Result<Vec<_>, _>>()?;
         let host = device_manager::HostResources { disks, shares, fs_shares };
         let kvm = open_kvm(&config.kvm_device)?;
-        let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
+        let max_cpus = kvm.get_max_vcpus().min(usize::from(crate::config::MAX_CPUS));
         if usize::from(machine.vcpu_count) > max_cpus {
             return Err(Error::TooManyCpus { requested: machine.vcpu_count, max: max_cpus });
         }

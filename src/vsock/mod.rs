@@ -224,7 +224,7 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
-    let listener = crate::control::bind_replacing_stale(path)?;
+    let listener = crate::host::bind_replacing_stale(path)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

@@ -2,6 +2,7 @@
 //! the IOAPIC and the ISA interrupt routing.
 
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
+use crate::config::MAX_CPUS;
 
 const SPEC_REV: u8 = 4;
 const APIC_VERSION: u8 = 0x14;
@@ -22,8 +23,6 @@ const INT_TYPE_EXTINT: u8 = 3;
 const ISA_BUS_ID: u8 = 0;
 /// Every IOAPIC pin is routed, so virtio-mmio devices can use GSIs above 15.
 const IOAPIC_PINS: u8 = 24;
-/// APIC IDs are 8 bits in the MP table and the IOAPIC takes the ID after the last CPU.
-pub const MAX_CPUS: u8 = 254;
 
 /// Builds the floating pointer structure followed by the configuration table, to be written at
 /// guest physical address `addr`.

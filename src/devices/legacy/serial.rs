@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn transmits_and_receives_with_interrupts() {
         let out = Capture::default();
-        let irq = crate::devices::eventfd().unwrap();
+        let irq = crate::host::eventfd().unwrap();
         let mut port = SerialPort::new(irq.try_clone().unwrap(), Box::new(out.clone()));
         for b in b"hi" {
             port.write(THR, &[*b]);
@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn sysrq_is_a_break_then_the_key() {
-        let irq = crate::devices::eventfd().unwrap();
+        let irq = crate::host::eventfd().unwrap();
         let mut port = SerialPort::new(irq, Box::new(io::sink()));
         port.send_sysrq(b'h').unwrap();
         let mut byte = [0u8];
@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn full_fifo_takes_only_what_fits() {
-        let irq = crate::devices::eventfd().unwrap();
+        let irq = crate::host::eventfd().unwrap();
         let mut port = SerialPort::new(irq, Box::new(io::sink()));
         let taken = port.receive(&[b'a'; 100]);
         assert!(taken > 0 && taken < 100);

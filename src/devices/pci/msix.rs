@@ -197,7 +197,7 @@ mod tests {
     }
 
     fn msix(n: u32) -> (SharedMsix, Vec<EventFd>, Arc<Routes>) {
-        let fds: Vec<EventFd> = (0..n).map(|_| crate::devices::eventfd().unwrap()).collect();
+        let fds: Vec<EventFd> = (0..n).map(|_| crate::host::eventfd().unwrap()).collect();
         let vectors =
             fds.iter().enumerate().map(|(i, f)| Vector { gsi: 24 + i as u32, irqfd: f.try_clone().unwrap() }).collect();
         let routes = Arc::new(Routes::default());

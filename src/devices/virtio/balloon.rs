@@ -133,7 +133,7 @@ impl Balloon {
             interrupt: Mutex::new(None),
             stats: Mutex::new(StatsState::default()),
             stats_updated: Condvar::new(),
-            stats_request: crate::devices::eventfd()?,
+            stats_request: crate::host::eventfd()?,
         });
         Ok(Balloon { control, deflate_on_oom, worker: None })
     }

@@ -12,7 +12,8 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemory
 
 use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
-use crate::devices::rate_limiter::{RateLimit, RateLimiter};
+use crate::config::RateLimit;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::disk::uring::{Done, Uring};
 use crate::disk::{DiskImage, SECTOR_SIZE};
 use crate::thread::DeviceIo;
@@ -560,7 +561,8 @@ impl RequestHandler {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::disk::{DiskSpec, IoEngine};
+    use crate::config::DiskSpec;
+    use crate::config::IoEngine;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
@@ -673,11 +675,7 @@ pub(crate) mod tests {
         for engine in [IoEngine::Sync, IoEngine::Async] {
             let mut h = harness_engine(false, false, engine);
             let one_page_a_minute = RateLimit {
-                bandwidth: Some(crate::devices::rate_limiter::BucketConfig {
-                    size: 4096,
-                    one_time_burst: None,
-                    refill_time: 60_000,
-                }),
+                bandwidth: Some(crate::config::BucketConfig { size: 4096, one_time_burst: None, refill_time: 60_000 }),
                 ..RateLimit::default()
             };
             h.block.media().set_rate_limit(&one_page_a_minute);
@@ -698,7 +696,7 @@ pub(crate) mod tests {
             assert_eq!(mock.used().idx().load(), 1, "{engine:?}: one page passes, the second waits");
             h.handler.process_queue(&mut queue, &h.mem, &interrupt);
             assert_eq!(mock.used().idx().load(), 1, "{engine:?}: still waiting");
-            let unlimited = crate::devices::rate_limiter::BucketConfig::default(); // size 0: no limit
+            let unlimited = crate::config::BucketConfig::default(); // size 0: no limit
             h.block.media().set_rate_limit(&RateLimit { bandwidth: Some(unlimited), ops: None });
             h.block.media().limiter.lock().unwrap().timer_fired();
             h.handler.process_queue(&mut queue, &h.mem, &interrupt);

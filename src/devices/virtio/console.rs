@@ -53,7 +53,7 @@ pub struct Console {
 
 impl Console {
     pub fn new(output: Box<dyn Write + Send>) -> std::io::Result<Self> {
-        let inbox = Arc::new(Inbox { bytes: Mutex::new(VecDeque::new()), ready: crate::devices::eventfd()? });
+        let inbox = Arc::new(Inbox { bytes: Mutex::new(VecDeque::new()), ready: crate::host::eventfd()? });
         Ok(Console { inbox, output: Arc::new(Mutex::new(output)), worker: None })
     }
 

@@ -181,7 +181,7 @@ mod tests {
 
     fn transport() -> MmioTransport {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        MmioTransport::new(Box::new(Rng::new(&Default::default()).unwrap()), mem, crate::devices::eventfd().unwrap())
+        MmioTransport::new(Box::new(Rng::new(&Default::default()).unwrap()), mem, crate::host::eventfd().unwrap())
             .unwrap()
     }
 

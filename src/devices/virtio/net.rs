@@ -17,7 +17,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
-use crate::devices::rate_limiter::{RateLimit, RateLimiter};
+use crate::config::RateLimit;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::net::NetBackend;
 use crate::thread::DeviceIo;
 
@@ -689,11 +690,7 @@ mod tests {
     #[test]
     fn rate_limits_hold_frames_back_without_losing_them() {
         let one_frame_a_minute = RateLimit {
-            ops: Some(crate::devices::rate_limiter::BucketConfig {
-                size: 1,
-                one_time_burst: None,
-                refill_time: 60_000,
-            }),
+            ops: Some(crate::config::BucketConfig { size: 1, one_time_burst: None, refill_time: 60_000 }),
             ..RateLimit::default()
         };
         // Received: one frame passes, the next waits (the backend is not watched meanwhile).
@@ -708,7 +705,7 @@ mod tests {
         assert!(!port.receive(), "over the limit: stop watching the backend");
         assert!(!port.receive(), "still over it");
         assert_eq!(mock.used().idx().load(), 1);
-        let unlimited = crate::devices::rate_limiter::BucketConfig::default(); // size 0: no limit
+        let unlimited = crate::config::BucketConfig::default(); // size 0: no limit
         limits.rx.lock().unwrap().update(&RateLimit { ops: Some(unlimited), bandwidth: None });
         limits.rx.lock().unwrap().timer_fired();
         assert!(port.receive());

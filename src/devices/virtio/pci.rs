@@ -348,7 +348,7 @@ mod tests {
 
     fn transport() -> VirtioPciTransport {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vectors = (0..2).map(|i| Vector { gsi: 24 + i, irqfd: crate::devices::eventfd().unwrap() }).collect();
+        let vectors = (0..2).map(|i| Vector { gsi: 24 + i, irqfd: crate::host::eventfd().unwrap() }).collect();
         let msix = MsixState::new(vectors, Arc::new(NoRouting));
         VirtioPciTransport::new(Box::new(Rng::new(&Default::default()).unwrap()), mem, 0xe000_0000, msix).unwrap()
     }

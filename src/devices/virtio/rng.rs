@@ -8,7 +8,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::worker::{Lifecycle, Worker};
 use super::*;
-use crate::devices::rate_limiter::{RateLimit, RateLimiter};
+use crate::config::RateLimit;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::thread::DeviceIo;
 
 const QUEUE_SIZES: &[u16] = &[256];
@@ -151,7 +152,7 @@ mod tests {
             mock.add_desc_chains(&[RawDescriptor::from(buffer)], i).unwrap();
         }
         let mut queue: Queue = mock.create_queue().unwrap();
-        let bucket = crate::devices::rate_limiter::BucketConfig { size: 64, one_time_burst: None, refill_time: 60_000 };
+        let bucket = crate::config::BucketConfig { size: 64, one_time_burst: None, refill_time: 60_000 };
         let mut limited = RateLimiter::new(&RateLimit { bandwidth: Some(bucket), ops: None }).unwrap();
         process_queue(&mut queue, &mem, &interrupt, &mut limited);
         assert_eq!(mock.used().idx().load(), 1);

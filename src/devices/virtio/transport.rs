@@ -69,7 +69,7 @@ pub struct TransportState {
 impl TransportState {
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> std::io::Result<Self> {
         let queues: Vec<QueueConfig> = device.queue_max_sizes().iter().map(|m| QueueConfig::new(*m)).collect();
-        let kicks = queues.iter().map(|_| crate::devices::eventfd()).collect::<Result<_, _>>()?;
+        let kicks = queues.iter().map(|_| crate::host::eventfd()).collect::<Result<_, _>>()?;
         Ok(TransportState {
             device,
             status: 0,

@@ -111,7 +111,7 @@ impl<S: Send + 'static> Worker<S> {
     }
 
     fn start(&self, mut state: S, events: Vec<EventFd>) -> io::Result<Run<S>> {
-        let stop = crate::devices::eventfd()?;
+        let stop = crate::host::eventfd()?;
         let epoll = Epoll::new()?;
         let fd_token = events.len() as u64;
         let stop_token = fd_token + self.fds.len() as u64;
@@ -187,7 +187,7 @@ mod tests {
 
     #[test]
     fn runs_the_handler_per_kicked_queue_and_stops_on_drop() {
-        let kicks: Vec<EventFd> = (0..2).map(|_| crate::devices::eventfd().unwrap()).collect();
+        let kicks: Vec<EventFd> = (0..2).map(|_| crate::host::eventfd().unwrap()).collect();
         let second = kicks[1].try_clone().unwrap();
         let (tx, rx) = channel();
         let worker = Worker::spawn(DeviceIo::Memory, "test".into(), kicks, tx, |tx, q, _| tx.send(q).unwrap()).unwrap();
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn paused_workers_keep_state_and_notifications_for_resume() {
-        let kick = crate::devices::eventfd().unwrap();
+        let kick = crate::host::eventfd().unwrap();
         let poke = kick.try_clone().unwrap();
         let (tx, rx) = channel();
         let count = |(tx, n): &mut (Sender<u32>, u32), _: usize, _: &Watch| {
@@ -220,7 +220,7 @@ mod tests {
 
     #[test]
     fn host_fd_is_reported_until_unwatched() {
-        let host = crate::devices::eventfd().unwrap();
+        let host = crate::host::eventfd().unwrap();
         host.write(1).unwrap(); // stays readable: the handler does not drain it
         let (tx, rx) = channel();
         let _worker =
