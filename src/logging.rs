@@ -33,19 +33,6 @@ pub struct FirecrackerStyle {
 const LEVELS: [Option<Level>; 6] =
     [None, Some(Level::ERROR), Some(Level::WARN), Some(Level::INFO), Some(Level::DEBUG), Some(Level::TRACE)];
 
-/// Parses kvmtool's and Firecracker's level names (any case).
-pub fn parse_level(name: &str) -> Option<u8> {
-    match name.to_ascii_lowercase().as_str() {
-        "off" => Some(0),
-        "error" => Some(1),
-        "warn" | "warning" => Some(2),
-        "info" => Some(3),
-        "debug" => Some(4),
-        "trace" => Some(5),
-        _ => None,
-    }
-}
-
 fn enabled(meta: &tracing::Metadata) -> bool {
     let level_on = LEVELS[usize::from(LEVEL.load(Ordering::Relaxed))].is_some_and(|max| *meta.level() <= max);
     level_on && module_on(meta.module_path())
@@ -181,7 +168,7 @@ macro_rules! guest_info {
     };
 }
 
-/// Starts logging to stderr at level `rank` (see `parse_level`).
+/// Starts logging to stderr at level `rank` (see `config::parse_log_level`).
 pub fn init(rank: u8) {
     set_level(rank);
     let to_terminal = FILE.lock().unwrap().is_none() && io::IsTerminal::is_terminal(&io::stderr());

@@ -6,12 +6,12 @@ use std::time::Instant;
 use clap::Parser;
 use lkvm::api::{self, Api};
 use lkvm::cli::run::RootfsTransports;
+use lkvm::cli::warm::WarmCache;
 use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
 use lkvm::control::{self, Command as Request, Controller};
 use lkvm::jail::{landlock, namespaces, User};
-use lkvm::rootfs::warm::WarmCache;
 use lkvm::thread::{self as threads, ThreadKind};
 use lkvm::vmm::exit::VmExit;
 use lkvm::vmm::Vm;
@@ -25,7 +25,7 @@ const EXIT_SETUP_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
-    logging::init(logging::parse_level(&args.loglevel).unwrap_or(2));
+    logging::init(lkvm::config::parse_log_level(&args.loglevel).unwrap_or(2));
     if let Err(msg) = threads::confine_with(args.seccomp) {
         return fail(&msg);
     }
@@ -167,7 +167,7 @@ const SANDBOX_VIEW: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib
 /// Boots (or restores) a guest on lkvm's root filesystem, runs the command in it over vsock
 /// and exits with the command's status.
 fn sandbox(mut args: cli::run::SandboxArgs, started: Instant) -> ExitCode {
-    logging::init(logging::parse_level(&args.run.loglevel).unwrap_or(2));
+    logging::init(lkvm::config::parse_log_level(&args.run.loglevel).unwrap_or(2));
     if let Err(msg) = threads::confine_with(args.run.seccomp) {
         return fail(&msg);
     }
@@ -401,7 +401,7 @@ fn firecracker(args: cli::firecracker::FirecrackerArgs, started: Instant) -> Exi
 }
 
 fn jailer(args: &cli::jailer::JailerArgs) -> ExitCode {
-    match lkvm::jail::jailer::run(args) {
+    match cli::jailer::run(args) {
         Ok(never) => match never {},
         Err(msg) => fail(&msg),
     }

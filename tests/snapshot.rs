@@ -187,12 +187,13 @@ fn a_snapshotted_linux_guest_carries_on_in_two_clones() {
         let found = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(found, mode, "{} is {found:o}", path.display());
     }
-    let edited = |edit: &dyn Fn(&mut lkvm::config::VmConfig)| {
+    let edited_state = |edit: &dyn Fn(&mut lkvm::snapshot::VmState)| {
         let mut state = lkvm::snapshot::read_state(&snap.join("state")).unwrap();
-        edit(&mut state.config);
+        edit(&mut state);
         lkvm::snapshot::write_state(&bad.join("state"), &state).unwrap();
         fails(&bad)
     };
+    let edited = |edit: &dyn Fn(&mut lkvm::config::VmConfig)| edited_state(&|state| edit(&mut state.config));
     std::fs::remove_file(bad.join("memory")).unwrap();
     std::os::unix::fs::symlink(snap.join("memory"), bad.join("memory")).unwrap();
     let slash = edited(&|config| {
@@ -224,6 +225,13 @@ touch {}
     });
     assert!(tap.contains("may not run a host script"), "{tap}");
     assert!(!ran.exists(), "the snapshot's script ran");
+    // Each device's state carries its own format version: an lkvm whose CMOS state changed
+    // refuses an older one by name.
+    let old_cmos = edited_state(&|state| {
+        let (_, cmos) = state.devices.iter_mut().find(|(id, _)| id.ends_with("cmos")).expect("a CMOS state");
+        cmos[..2].copy_from_slice(&0u16.to_le_bytes());
+    });
+    assert!(old_cmos.contains("CMOS state format version 0, this lkvm reads version 1"), "{old_cmos}");
     let mut with_machine_options = restore_args(&snap, "bad");
     with_machine_options.extend(["-m".to_string(), "64".to_string()]);
     let (code, _, err) = lkvm_ctl(&home, &strs(&with_machine_options));

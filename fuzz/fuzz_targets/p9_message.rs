@@ -29,7 +29,7 @@ fuzz_target!(|input: &[u8]| {
         // A session from a state file: its length, then its bytes.
         let Some((len, tail)) = rest.split_first_chunk::<2>() else { return };
         let (encoded, tail) = tail.split_at(usize::from(u16::from_le_bytes(*len)).min(tail.len()));
-        if let Ok(session) = lkvm::snapshot::decode::<Session>(encoded) {
+        if let Ok(session) = lkvm::devices::state::decode::<lkvm::devices::virtio::p9::P9State>(encoded).map(|state| state.session) {
             share.resume_session(&session);
         }
         rest = tail;

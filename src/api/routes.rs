@@ -314,7 +314,7 @@ fn running(api: &Api) -> Result<VmmClient, String> {
 /// Applies the logger and metrics parts of a configuration at once.
 pub fn apply_logger_and_metrics(api: &Api, full: &FullConfig) -> Result<(), String> {
     if let Some(logger) = &full.logger {
-        let level = logger.level.as_deref().and_then(logging::parse_level);
+        let level = logger.level.as_deref().and_then(crate::config::parse_log_level);
         if let Some(path) = &logger.log_path {
             logging::set_file(path).map_err(|e| format!("Logger error: Failed to open target file: {e}"))?;
         }

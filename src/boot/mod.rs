@@ -2,6 +2,7 @@
 //! says where the boot vCPU starts.
 
 pub mod cmdline;
+pub mod compose;
 pub mod kernel;
 pub mod params;
 

@@ -87,7 +87,7 @@ pub struct FirecrackerArgs {
 
 /// Runs Firecracker-style: serves the API and/or boots the config file, until the guest ends.
 pub fn run(args: FirecrackerArgs, started: Instant) -> Result<VmExit, String> {
-    let mut level = logging::parse_level(&args.level)
+    let mut level = crate::config::parse_log_level(&args.level)
         .ok_or_else(|| format!("--level {}: use Error, Warning, Info, Debug, Trace or Off", args.level))?;
     if args.boot_timer {
         level = level.max(logging::INFO); // the boot timer reports at info level

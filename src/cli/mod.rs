@@ -5,6 +5,7 @@ pub mod exec;
 pub mod firecracker;
 pub mod jailer;
 pub mod run;
+pub mod warm;
 
 use clap::{Parser, Subcommand};
 

@@ -483,7 +483,7 @@ fn parse_rng(limits: &str) -> Result<EntropyConfig, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::cmdline;
+    use crate::boot::compose::compose;
     use clap::Parser;
     use std::path::Path;
 
@@ -534,7 +534,7 @@ mod tests {
 
         let config = RunArgs { cpus: Some(2), params: Some("quiet".into()), ..base() }.into_config().unwrap();
         assert_eq!(config.machine.vcpu_count, 2);
-        let cmdline = cmdline::compose(&config, &[]);
+        let cmdline = compose(&config, &[]);
         assert!(cmdline.starts_with("console=ttyS0") && cmdline.ends_with("quiet"));
         // No disk and no initrd: kvmtool's default guest, ~/.lkvm/default, mounted by lkvm's
         // initramfs from virtio-fs or 9p, both read-only.
@@ -553,7 +553,7 @@ mod tests {
         let last = rw.shares.last().unwrap();
         assert_eq!((last.spec.tag.as_str(), &last.spec.path, last.spec.read_only), ("rw0", &here, false));
         assert_eq!(rw.fs.last().unwrap().spec, FsSpec { path: here.clone(), tag: "rw0".into(), read_only: false });
-        assert!(cmdline::compose(&rw, &[]).contains(&format!("lkvm.rw={}", here.display())));
+        assert!(compose(&rw, &[]).contains(&format!("lkvm.rw={}", here.display())));
         // A snapshotted guest (lkvm sandbox) gets 9p alone.
         let sandbox = RunArgs { cpus: Some(1), ..base() }.into_config_with(RootfsTransports::NinePOnly).unwrap();
         assert!(sandbox.fs.is_empty() && sandbox.shares.len() == 2);
@@ -570,13 +570,9 @@ mod tests {
         let home = RunArgs { cpus: Some(1), writable: vec![crate::host::user_home()], ..base() };
         assert!(home.into_config().unwrap_err().contains("it holds lkvm's"), "the guest would write ~/.lkvm");
         let initrd = RunArgs { cpus: Some(1), initrd: Some("i".into()), ..base() }.into_config().unwrap();
-        assert!(
-            !cmdline::compose(&initrd, &[]).contains("root=")
-                && initrd.shares.is_empty()
-                && initrd.lkvm_rootfs().is_none()
-        );
+        assert!(!compose(&initrd, &[]).contains("root=") && initrd.shares.is_empty() && initrd.lkvm_rootfs().is_none());
         let bare = RunArgs { cpus: Some(1), nodefaults: true, params: Some("x=1".into()), ..base() };
-        assert_eq!(cmdline::compose(&bare.into_config().unwrap(), &[]), "x=1");
+        assert_eq!(compose(&bare.into_config().unwrap(), &[]), "x=1");
     }
 
     #[test]
@@ -590,18 +586,18 @@ mod tests {
         let config = base().into_config().unwrap();
         assert_eq!(config.drives.len(), 2);
         assert!(config.drives[1].spec.read_only && config.drives[0].is_root_device);
-        assert!(cmdline::compose(&config, &[]).contains("root=/dev/vda rw"));
+        assert!(compose(&config, &[]).contains("root=/dev/vda rw"));
         let own_root = RunArgs { params: Some("root=/dev/vdb".into()), ..base() }.into_config().unwrap();
-        assert!(!cmdline::compose(&own_root, &[]).contains("/dev/vda"));
+        assert!(!compose(&own_root, &[]).contains("/dev/vda"));
         let hvc = RunArgs { console: "virtio".into(), ..base() }.into_config().unwrap();
         assert_eq!(hvc.console, ConsoleDevice::Virtio);
-        assert!(cmdline::compose(&hvc, &[]).starts_with("console=hvc0 "));
+        assert!(compose(&hvc, &[]).starts_with("console=hvc0 "));
         let none = RunArgs { networks: vec!["mode=none".into()], ..base() }.into_config().unwrap();
-        assert!(none.nets.is_empty() && !cmdline::compose(&none, &[]).contains("ip=dhcp"));
+        assert!(none.nets.is_empty() && !compose(&none, &[]).contains("ip=dhcp"));
         // A guest booted from its own disk configures its own network (kvmtool's default too).
         let user = RunArgs { networks: vec!["mode=user".into()], ..base() }.into_config().unwrap();
         assert_eq!(user.nets.len(), 1);
-        assert!(!cmdline::compose(&user, &[]).contains("ip="));
+        assert!(!compose(&user, &[]).contains("ip="));
         let bad_net = RunArgs { networks: vec!["mode=warp".into()], ..base() }.into_config().unwrap_err();
         assert!(bad_net.contains("unknown mode 'warp'"));
         let bad = RunArgs { disks: vec!["a.img,bogus".into()], ..base() }.into_config().unwrap_err();
@@ -636,7 +632,7 @@ mod tests {
             (config.shares.len(), config.shares[0].spec.tag.as_str(), config.shares[0].spec.read_only),
             (1, "root", true)
         );
-        let cmdline = cmdline::compose(&config, &[]);
+        let cmdline = compose(&config, &[]);
         assert!(cmdline.contains(rootfs::ROOT_PARAMS) && !cmdline.contains("/dev/vda"), "{cmdline}");
         assert!(!cmdline.contains("init=") && config.lkvm_rootfs().is_none(), "not an lkvm rootfs: its own init");
         let shared = RunArgs {

@@ -1,8 +1,7 @@
 //! The VM configuration every frontend produces (kvmtool CLI, Firecracker CLI, API, config
 //! file): plain, serialisable data with an id on every device. `Vm::build` consumes it; the
-//! kernel command line is composed from it in one place (`cmdline`).
+//! kernel command line is composed from it in one place (`boot::compose`).
 
-pub mod cmdline;
 pub mod disk;
 pub mod firecracker;
 pub mod gdb;
@@ -248,5 +247,45 @@ impl VmConfig {
             return Err("a guest needs at least one vCPU".into());
         }
         Ok(())
+    }
+}
+
+/// Parses kvmtool's and Firecracker's level names (any case): the rank `logging` takes, 0 (off) to 5 (trace).
+pub fn parse_log_level(name: &str) -> Option<u8> {
+    match name.to_ascii_lowercase().as_str() {
+        "off" => Some(0),
+        "error" => Some(1),
+        "warn" | "warning" => Some(2),
+        "info" => Some(3),
+        "debug" => Some(4),
+        "trace" => Some(5),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal VM config for tests to change.
+    pub fn base(policy: CmdlinePolicy, params: Option<&str>) -> VmConfig {
+        VmConfig {
+            name: "t".into(),
+            kvm_device: "/dev/kvm".into(),
+            boot: BootConfig { kernel: "k".into(), initrd: None, params: params.map(str::to_string), policy },
+            machine: MachineConfig { vcpu_count: 1, mem_size_mib: 128, disabled_cpuid: vec![] },
+            drives: vec![],
+            shares: vec![],
+            fs: vec![],
+            root_share: None,
+            nets: vec![],
+            console: ConsoleDevice::Serial,
+            entropy: None,
+            balloon: None,
+            vsock: None,
+            mmds: None,
+            transport: Transport::Pci,
+            gdb: None,
+        }
     }
 }

@@ -191,14 +191,14 @@ fn build_root(dir: &Path, binds: &[Bind]) -> io::Result<()> {
 }
 
 /// In a new mount namespace: nothing mounted from here on reaches the host's.
-pub(super) fn make_mounts_private() -> io::Result<()> {
+pub fn make_mounts_private() -> io::Result<()> {
     rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)?;
     Ok(())
 }
 
 /// Makes the mount point `dir` the root, the host's tree detached from it, and `/` the working
 /// directory.
-pub(super) fn pivot_into(dir: &Path) -> io::Result<()> {
+pub fn pivot_into(dir: &Path) -> io::Result<()> {
     let old_root = dir.join(".host");
     std::fs::DirBuilder::new().mode(0o700).create(&old_root)?;
     rustix::process::pivot_root(dir, &old_root)?;

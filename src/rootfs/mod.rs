@@ -4,8 +4,6 @@
 //! each under an overlay whose writes stay in guest memory, and the `--rw` directories writable
 //! at their host paths under /host.
 
-pub mod warm;
-
 use std::fs;
 use std::io;
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};

@@ -13,7 +13,6 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::state::{KvmVmState, VcpuState};
@@ -24,8 +23,10 @@ pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
 const MAGIC: &[u8; 8] = b"LKVMSNAP";
-/// Bumped whenever any saved structure changes: an older or newer lkvm's snapshot is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the state file's own structure (config, vCPUs, irqchip) changes: an older
+/// or newer lkvm's snapshot is refused. Each device's state has a version of its own
+/// (`devices::state`). Version 2: device states carry their versions.
+pub const FORMAT_VERSION: u32 = 2;
 /// magic, version, payload length, CRC-64 of the payload.
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;
 /// No real VM's state comes near this; a larger length is a corrupt header.
@@ -39,7 +40,7 @@ pub struct VmState {
     pub config: VmConfig,
     pub vcpus: Vec<VcpuState>,
     pub kvm: KvmVmState,
-    /// Each device's own encoded state, by registry id.
+    /// Each device's own versioned state (`devices::state`), by registry id.
     pub devices: BTreeMap<String, Vec<u8>>,
 }
 
@@ -80,16 +81,6 @@ fn codec() -> impl Options {
     bincode::DefaultOptions::new().with_limit(MAX_STATE_LEN)
 }
 
-/// A device's state, for `Persist::save`.
-pub fn encode<T: Serialize>(state: &T) -> Vec<u8> {
-    codec().serialize(state).expect("device states serialise")
-}
-
-/// A device's state, for `Persist::restore`; the error names what failed to decode.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    codec().deserialize(bytes).map_err(|e| format!("undecodable device state: {e}"))
-}
-
 /// A state file's bytes: the header (magic, version, length, checksum), then `payload`.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -104,7 +95,7 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 /// Writes the state file (to a temporary name first, so a failed snapshot leaves no half file);
 /// returns its size.
 pub fn write_state(path: &Path, state: &VmState) -> Result<u64, Error> {
-    let bytes = frame(&encode(state));
+    let bytes = frame(&codec().serialize(state).expect("VM states serialise"));
     let partial = path.with_extension("partial");
     let fail = |e| Error::Io(path.to_path_buf(), e);
     let mut file = private_file(&partial).map_err(fail)?;
@@ -200,7 +191,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        let config = crate::config::cmdline::tests::base(crate::config::CmdlinePolicy::Bare, None);
+        let config = crate::config::tests::base(crate::config::CmdlinePolicy::Bare, None);
         let state = VmState {
             config,
             vcpus: vec![VcpuState::default()],

@@ -73,7 +73,7 @@ mod tests {
     use crate::config::PortForward;
     use crate::config::Protocol;
     use crate::config::ShareSpec;
-    use crate::config::{cmdline::tests::base, CmdlinePolicy, NetConfig, ShareConfig};
+    use crate::config::{tests::base, CmdlinePolicy, NetConfig, ShareConfig};
 
     #[test]
     fn a_snapshot_runs_no_scripts_listens_on_loopback_and_writes_no_host_root() {

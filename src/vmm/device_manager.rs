@@ -343,7 +343,8 @@ fn add_legacy_devices(
     let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
     pio.insert(stub.clone(), u64::from(stub::POST_PORT), 1)?;
     pio.insert(stub, u64::from(stub::SYSTEM_CONTROL_A), 1)?;
-    let marker = boot_marker::BootMarker::new(stats.clone());
+    let stats = stats.clone();
+    let marker = boot_marker::BootMarker::new(move || stats.boot_marker());
     pio.insert(Arc::new(Mutex::new(marker)), u64::from(boot_marker::PORT), 1)?;
     let com1 = console.expect("COM1 exists");
     registry.insert(COM1_ID.into(), DeviceEntry::Serial(com1.clone()));

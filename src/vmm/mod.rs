@@ -27,10 +27,11 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::memory::ram_regions;
 use crate::arch::x86_64::regs;
 use crate::arch::x86_64::state;
+use crate::boot::compose;
 use crate::boot::{self, BootSpec, Initrd};
 use crate::config::GdbAddress;
 use crate::config::MemoryBackend;
-use crate::config::{cmdline, VmConfig};
+use crate::config::VmConfig;
 use crate::control;
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
@@ -304,7 +305,7 @@ impl Vm {
         let devices = device_manager::create_devices(&vm, &mem, &config, host, &events, &stats)?;
         match origin {
             Origin::Boot => {
-                let cmdline = cmdline::compose(&config, &devices.mmio_cmdline);
+                let cmdline = compose::compose(&config, &devices.mmio_cmdline);
                 let lkvm_initramfs = config.lkvm_rootfs().map(|_| crate::rootfs::initramfs());
                 let initrd = match (&config.boot.initrd, &lkvm_initramfs) {
                     (Some(path), _) => Some(Initrd::File(path)),

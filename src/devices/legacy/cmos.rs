@@ -90,13 +90,18 @@ struct CmosState {
     nvram: Vec<u8>,
 }
 
+impl crate::devices::state::Versioned for CmosState {
+    const KIND: &'static str = "CMOS";
+    const VERSION: u16 = 1;
+}
+
 impl crate::devices::Persist for Cmos {
     fn save(&mut self) -> Vec<u8> {
-        crate::snapshot::encode(&CmosState { index: self.index, nvram: self.nvram.to_vec() })
+        crate::devices::state::encode(&CmosState { index: self.index, nvram: self.nvram.to_vec() })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        let state: CmosState = crate::snapshot::decode(state)?;
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::devices::state::StateError> {
+        let state: CmosState = crate::devices::state::decode(state)?;
         self.nvram = state.nvram.try_into().map_err(|_| "CMOS NVRAM of the wrong size")?;
         self.index = state.index & 0x7f;
         Ok(())

@@ -124,9 +124,14 @@ struct I8042State {
     last_read: u8,
 }
 
+impl crate::devices::state::Versioned for I8042State {
+    const KIND: &'static str = "i8042";
+    const VERSION: u16 = 1;
+}
+
 impl<R: Trigger + Send, I: Trigger + Send> crate::devices::Persist for I8042<R, I> {
     fn save(&mut self) -> Vec<u8> {
-        crate::snapshot::encode(&I8042State {
+        crate::devices::state::encode(&I8042State {
             ctr: self.ctr,
             output_port: self.output_port,
             last_write_was_command: self.last_write_was_command,
@@ -137,8 +142,8 @@ impl<R: Trigger + Send, I: Trigger + Send> crate::devices::Persist for I8042<R, 
         })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        let state: I8042State = crate::snapshot::decode(state)?;
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::devices::state::StateError> {
+        let state: I8042State = crate::devices::state::decode(state)?;
         if state.queue.len() > QUEUE_LEN {
             return Err("i8042 queue longer than the controller's".into());
         }

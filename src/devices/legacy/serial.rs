@@ -92,10 +92,15 @@ struct SerialPortState {
     break_pending: bool,
 }
 
+impl crate::devices::state::Versioned for SerialPortState {
+    const KIND: &'static str = "serial port";
+    const VERSION: u16 = 1;
+}
+
 impl crate::devices::Persist for SerialPort {
     fn save(&mut self) -> Vec<u8> {
         let s = self.uart.state();
-        crate::snapshot::encode(&SerialPortState {
+        crate::devices::state::encode(&SerialPortState {
             registers: [
                 s.baud_divisor_low,
                 s.baud_divisor_high,
@@ -112,8 +117,8 @@ impl crate::devices::Persist for SerialPort {
         })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        let saved: SerialPortState = crate::snapshot::decode(state)?;
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::devices::state::StateError> {
+        let saved: SerialPortState = crate::devices::state::decode(state)?;
         let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
             saved.registers;
         let state = SerialState {

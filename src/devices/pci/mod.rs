@@ -74,13 +74,24 @@ impl PciRoot {
 }
 
 /// The bus remembers only CONFIG_ADDRESS; each device saves its own config space.
+/// The CONFIG_ADDRESS register: which device and register CONFIG_DATA reaches.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PciRootState {
+    address: u32,
+}
+
+impl crate::devices::state::Versioned for PciRootState {
+    const KIND: &'static str = "PCI host bridge";
+    const VERSION: u16 = 1;
+}
+
 impl crate::devices::Persist for PciRoot {
     fn save(&mut self) -> Vec<u8> {
-        crate::snapshot::encode(&self.address)
+        crate::devices::state::encode(&PciRootState { address: self.address })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        self.address = crate::snapshot::decode(state)?;
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::devices::state::StateError> {
+        self.address = crate::devices::state::decode::<PciRootState>(state)?.address;
         Ok(())
     }
 }

@@ -303,15 +303,29 @@ impl VirtioDevice for Balloon {
     /// the memory file or restored as the guest left them.
     fn save(&mut self) -> Vec<u8> {
         let pages = |a: &AtomicU32| a.load(Ordering::SeqCst);
-        crate::snapshot::encode(&(pages(&self.control.target_pages), pages(&self.control.actual_pages)))
+        crate::devices::state::encode(&BalloonState {
+            target_pages: pages(&self.control.target_pages),
+            actual_pages: pages(&self.control.actual_pages),
+        })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        let (target, actual): (u32, u32) = crate::snapshot::decode(state)?;
-        self.control.target_pages.store(target, Ordering::SeqCst);
-        self.control.actual_pages.store(actual, Ordering::SeqCst);
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::devices::state::StateError> {
+        let saved: BalloonState = crate::devices::state::decode(state)?;
+        self.control.target_pages.store(saved.target_pages, Ordering::SeqCst);
+        self.control.actual_pages.store(saved.actual_pages, Ordering::SeqCst);
         Ok(())
     }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BalloonState {
+    target_pages: u32,
+    actual_pages: u32,
+}
+
+impl crate::devices::state::Versioned for BalloonState {
+    const KIND: &'static str = "virtio-balloon";
+    const VERSION: u16 = 1;
 }
 
 #[cfg(test)]

@@ -146,20 +146,25 @@ struct MmioTransportSnapshot {
     interrupt_status: u32,
 }
 
+impl crate::devices::state::Versioned for MmioTransportSnapshot {
+    const KIND: &'static str = "virtio-mmio transport";
+    const VERSION: u16 = 1;
+}
+
 impl crate::devices::Persist for MmioTransport {
     fn save(&mut self) -> Vec<u8> {
-        crate::snapshot::encode(&MmioTransportSnapshot {
+        crate::devices::state::encode(&MmioTransportSnapshot {
             transport: self.state.save(),
             interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
         })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        let saved: MmioTransportSnapshot = crate::snapshot::decode(state)?;
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::devices::state::StateError> {
+        let saved: MmioTransportSnapshot = crate::devices::state::decode(state)?;
         self.interrupt.status.store(saved.interrupt_status, Ordering::SeqCst);
         self.state.restore(saved.transport)?;
         let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
-        self.state.resume_saved(interrupt)
+        Ok(self.state.resume_saved(interrupt)?)
     }
 }
 

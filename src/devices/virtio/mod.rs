@@ -88,7 +88,7 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
     /// Takes back `save`'s state before the device is activated again.
-    fn restore(&mut self, _state: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _state: &[u8]) -> Result<(), crate::devices::state::StateError> {
         Ok(())
     }
 }

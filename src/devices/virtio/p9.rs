@@ -10,12 +10,24 @@ use vm_memory::GuestMemoryMmap;
 
 use super::worker::{Lifecycle, Worker};
 use super::*;
+use crate::devices::state::{StateError, Versioned};
 use crate::share::{Session, Share, MAX_MESSAGE_SIZE};
 use crate::thread::DeviceIo;
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// The device's config space carries the mount tag.
 const VIRTIO_9P_MOUNT_TAG: u64 = 1 << 0;
+
+/// The guest's 9P session, if it had attached.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct P9State {
+    pub session: Option<Session>,
+}
+
+impl Versioned for P9State {
+    const KIND: &'static str = "virtio-9p";
+    const VERSION: u16 = 1;
+}
 
 pub struct P9 {
     /// Config space: tag length (le16), then the tag.
@@ -102,11 +114,11 @@ impl VirtioDevice for P9 {
 
     /// The guest's fids by path: host descriptors do not survive into another process.
     fn save(&mut self) -> Vec<u8> {
-        crate::snapshot::encode(&self.share.lock().unwrap().session())
+        crate::devices::state::encode(&P9State { session: self.share.lock().unwrap().session() })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        let session: Option<Session> = crate::snapshot::decode(state)?;
+    fn restore(&mut self, state: &[u8]) -> Result<(), StateError> {
+        let P9State { session } = crate::devices::state::decode(state)?;
         if let Some(session) = session {
             self.share.lock().unwrap().resume_session(&session);
         }

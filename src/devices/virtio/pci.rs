@@ -303,9 +303,14 @@ struct PciTransportSnapshot {
     isr: u8,
 }
 
+impl crate::devices::state::Versioned for PciTransportSnapshot {
+    const KIND: &'static str = "virtio-pci transport";
+    const VERSION: u16 = 1;
+}
+
 impl Persist for VirtioPciTransport {
     fn save(&mut self) -> Vec<u8> {
-        crate::snapshot::encode(&PciTransportSnapshot {
+        crate::devices::state::encode(&PciTransportSnapshot {
             transport: self.state.save(),
             config: self.config.save(),
             msix: self.msix.lock().unwrap().save(),
@@ -313,14 +318,14 @@ impl Persist for VirtioPciTransport {
         })
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        let saved: PciTransportSnapshot = crate::snapshot::decode(state)?;
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::devices::state::StateError> {
+        let saved: PciTransportSnapshot = crate::devices::state::decode(state)?;
         self.config.restore(saved.config)?;
         self.msix.lock().unwrap().restore(saved.msix)?;
         self.isr.store(saved.isr, Ordering::SeqCst);
         self.state.restore(saved.transport)?;
         let interrupt = self.interrupt();
-        self.state.resume_saved(interrupt)
+        Ok(self.state.resume_saved(interrupt)?)
     }
 }
 

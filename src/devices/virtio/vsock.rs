@@ -256,7 +256,7 @@ impl VirtioDevice for Vsock {
         self.worker.iter_mut().map(|w| w as &mut dyn Lifecycle).collect()
     }
 
-    fn restore(&mut self, _state: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _state: &[u8]) -> Result<(), crate::devices::state::StateError> {
         // Connections do not survive a snapshot: the restored guest hears that they are gone.
         self.announce_reset = true;
         Ok(())

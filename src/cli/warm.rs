@@ -229,7 +229,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let kernel = dir.join("bzImage");
         std::fs::write(&kernel, b"kernel").unwrap();
-        let mut config = crate::config::cmdline::tests::base(crate::config::CmdlinePolicy::Kvmtool, None);
+        let mut config = crate::config::tests::base(crate::config::CmdlinePolicy::Kvmtool, None);
         config.boot.kernel = kernel.clone();
         let key = |c: &VmConfig| WarmCache::for_config(c).unwrap().dir;
         let first = key(&config);

@@ -1,9 +1,9 @@
 //! The guest kernel command line, composed from a `VmConfig` in this one place: the policy's
 //! defaults, `root=`, `init=`, `ip=`, `console=`, the virtio-mmio devices, the user's parameters.
 
-use super::{CmdlinePolicy, ConsoleDevice, Transport, VmConfig};
-use crate::boot::cmdline::KernelCmdline;
+use super::cmdline::KernelCmdline;
 use crate::config::NetMode;
+use crate::config::{CmdlinePolicy, ConsoleDevice, Transport, VmConfig};
 use crate::rootfs;
 
 /// Firecracker's command line when `boot_args` is absent (its serial console is off).
@@ -89,33 +89,11 @@ fn firecracker(config: &VmConfig, given: &KernelCmdline, mmio_devices: &[String]
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::config::DiskSpec;
-    use crate::config::NetSpec;
-    use crate::config::ShareSpec;
+    use crate::config::firecracker::FullConfig;
+    use crate::config::tests::base;
     use crate::config::*;
-
-    pub fn base(policy: CmdlinePolicy, params: Option<&str>) -> VmConfig {
-        VmConfig {
-            name: "t".into(),
-            kvm_device: "/dev/kvm".into(),
-            boot: BootConfig { kernel: "k".into(), initrd: None, params: params.map(str::to_string), policy },
-            machine: MachineConfig { vcpu_count: 1, mem_size_mib: 128, disabled_cpuid: vec![] },
-            drives: vec![],
-            shares: vec![],
-            fs: vec![],
-            root_share: None,
-            nets: vec![],
-            console: ConsoleDevice::Serial,
-            entropy: None,
-            balloon: None,
-            vsock: None,
-            mmds: None,
-            transport: Transport::Pci,
-            gdb: None,
-        }
-    }
 
     fn drive(id: &str, root: bool, read_only: bool) -> DriveConfig {
         let spec = DiskSpec { read_only, ..DiskSpec::new(format!("{id}.img")) };
@@ -170,6 +148,13 @@ pub(crate) mod tests {
     fn bare_is_only_devices_and_user() {
         let config = base(CmdlinePolicy::Bare, Some("x=1"));
         assert_eq!(compose(&config, &["4K@0x1000:5".into()]), "virtio_mmio.device=4K@0x1000:5 x=1");
+    }
+
+    #[test]
+    fn a_firecracker_config_files_root_drive_is_vda_whatever_its_place() {
+        let full: FullConfig = serde_json::from_str(crate::config::firecracker::tests::FILE).unwrap();
+        let config = full.to_vm_config("fc", Transport::Mmio).unwrap();
+        assert_eq!(compose(&config, &[]), "console=ttyS0 reboot=k root=/dev/vda rw");
     }
 
     #[test]
