@@ -10,7 +10,7 @@ use lkvm::cli::warm::WarmCache;
 use lkvm::cli::{self, control as ctl, Command};
 use lkvm::config::firecracker::FullConfig;
 use lkvm::config::{ConsoleDevice, VmConfig};
-use lkvm::control::{self, Command as Request, Controller};
+use lkvm::control::{self, Command as Request};
 use lkvm::jail::{landlock, namespaces, User};
 use lkvm::thread::{self as threads, ThreadKind};
 use lkvm::vmm::exit::VmExit;
@@ -66,7 +66,7 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
 /// Validates the options and creates or refreshes the `lkvm setup` root directory booted.
 fn prepare(args: cli::run::RunArgs, rootfs_transports: RootfsTransports) -> Result<VmConfig, String> {
     let config = args.into_config_with(rootfs_transports)?;
-    control::Server::check_name_free(&config.name)?;
+    control::check_name_free(&config.name)?;
     if let Some(root) = config.lkvm_rootfs() {
         lkvm::host::ensure_lkvm_dir()?;
         rootfs::populate(root).map_err(|e| format!("{}: {e}", root.display()))?;
@@ -110,14 +110,14 @@ fn serve_with(
 ) -> ExitCode {
     let config = vm.handle().config();
     let (name, transport, described) = (config.name.clone(), config.transport, FullConfig::describe(&config));
-    match control::Server::start(&name, vm.handle()) {
-        Ok(server) => vm.serve_control(server),
+    match control::listen(&name, vm.client()) {
+        Ok(socket) => vm.remove_at_end(socket),
         Err(msg) => return fail(&msg),
     }
     let _api_socket = match api_sock {
         Some(path) => {
             let api = Api::for_running(&name, transport, described, vm.client());
-            match api::serve(path, api, api::http::DEFAULT_MAX_BODY) {
+            match api::serve(path, api, lkvm::http::DEFAULT_MAX_BODY) {
                 Ok(socket) => Some(socket),
                 Err(msg) => return fail(&msg),
             }
@@ -336,7 +336,7 @@ fn warm_sandbox(config: VmConfig, started: Instant, start_job: impl FnOnce(&mut 
     let take_snapshot = |vm: &mut Vm| {
         let staging = cache.staging().map_err(|e| format!("{}: {e}", cache.dir().display()))?;
         // Pauses, writes and resumes, as `lkvm snapshot` does.
-        let written = vm.handle().snapshot(&staging, false);
+        let written = vm.handle().snapshot_into(&staging, false);
         let sealed = written.and_then(|_| cache.seal(&staging).map_err(|e| e.to_string()));
         match sealed.and_then(|()| cache.publish(&staging).map_err(|e| e.to_string())) {
             Ok(()) => tracing::info!("warm sandbox snapshot in {}", cache.dir().display()),

@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::api::http::{parse_request, serve_connection, Response};
+use lkvm::http::{parse_request, serve_connection, Response};
 use lkvm::api::Api;
 use lkvm::config::Transport;
 

@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 
 use fuse_backend_rs::transport::{FuseDevWriter, Writer};
 use libfuzzer_sys::fuzz_target;
-use lkvm::share::virtiofs::{FsShare, FsSpec, MAX_REQUEST};
+use lkvm::config::FsSpec;
+use lkvm::share::virtiofs::{FsShare, MAX_REQUEST};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 

@@ -16,7 +16,7 @@ use gdbstub::stub::GdbStub;
 use kvm_bindings::{kvm_debug_exit_arch, kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs};
 use libfuzzer_sys::fuzz_target;
 use lkvm::arch::x86_64::gdb::KvmRegisters;
-use lkvm::gdb::{DebuggedVcpus, GdbEventLoop, GuestDebugger};
+use lkvm::vmm::gdb::{DebuggedVcpus, GdbEventLoop, GuestDebugger};
 use lkvm::vmm::vcpu::{DebugEvent, DebugSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

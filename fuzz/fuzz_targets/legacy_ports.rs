@@ -13,7 +13,6 @@ use kvm_ioctls::VcpuExit;
 use libfuzzer_sys::fuzz_target;
 use lkvm::devices::bus::{Bus, BusDevice};
 use lkvm::devices::legacy::{boot_marker, cmos, i8042, serial, stub};
-use lkvm::vmm::stats::RunStats;
 use lkvm::vmm::vcpu::handle_exit;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -42,7 +41,8 @@ fn bus(cmos_memory: (u64, u64)) -> Bus {
     let stub: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(stub::StubPort));
     add(stub.clone(), stub::POST_PORT, 1);
     add(stub, stub::SYSTEM_CONTROL_A, 1);
-    let marker = boot_marker::BootMarker::new(Arc::new(RunStats::new(Instant::now())));
+    let started = Instant::now();
+    let marker = boot_marker::BootMarker::new(move || started.elapsed());
     add(Arc::new(Mutex::new(marker)), boot_marker::PORT, 1);
     bus
 }

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use lkvm::config::RateLimit;
-use lkvm::devices::virtio::net::{NetPort, PairLimiters, MAX_FRAME, VIRTIO_NET_F_MRG_RXBUF};
+use lkvm::devices::virtio::net::{NetPort, PairLimiters, VIRTIO_NET_F_MRG_RXBUF};
+use lkvm::net::MAX_FRAME;
 use lkvm::net::NetBackend;
 use virtio_queue::{Queue, QueueT};
 

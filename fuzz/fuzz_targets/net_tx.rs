@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use lkvm::config::RateLimit;
-use lkvm::devices::virtio::net::{NetPort, PairLimiters, MAX_FRAME};
+use lkvm::devices::virtio::net::{NetPort, PairLimiters};
+use lkvm::net::MAX_FRAME;
 use lkvm::net::NetBackend;
 use virtio_queue::{Queue, QueueT};
 

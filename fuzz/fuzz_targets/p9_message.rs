@@ -10,7 +10,8 @@
 mod p9_world;
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::share::{Session, Share};
+use lkvm::devices::virtio::p9::P9State;
+use lkvm::share::Share;
 use lkvm::config::ShareSpec;
 use p9_world::*;
 
@@ -29,7 +30,7 @@ fuzz_target!(|input: &[u8]| {
         // A session from a state file: its length, then its bytes.
         let Some((len, tail)) = rest.split_first_chunk::<2>() else { return };
         let (encoded, tail) = tail.split_at(usize::from(u16::from_le_bytes(*len)).min(tail.len()));
-        if let Ok(session) = lkvm::devices::state::decode::<lkvm::devices::virtio::p9::P9State>(encoded).map(|state| state.session) {
+        if let Ok(P9State { session: Some(session) }) = lkvm::devices::state::decode(encoded) {
             share.resume_session(&session);
         }
         rest = tail;

@@ -2,7 +2,7 @@
 //! actions on the running VM. Requests are served one at a time on the API thread; starting
 //! the VM is asked of the VMM thread, which owns it.
 
-pub mod http;
+use crate::http;
 mod metrics;
 mod routes;
 

@@ -8,13 +8,13 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::http::{Method, Request, Response};
 use super::{Api, Metrics, Phase, VmmRequest, FIRECRACKER_API_VERSION};
 use crate::config::firecracker::{
     check_id, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, DriveUpdate, Entropy, FullConfig, Logger,
     MachineConfiguration, MachineConfigurationUpdate, Metrics as MetricsConfig, NetworkInterface,
     NetworkInterfaceUpdate, SnapshotCreate, SnapshotLoad, Vsock, VSOCK_ID,
 };
+use crate::http::{Method, Request, Response};
 use crate::logging;
 use crate::vmm::{RestoreSpec, VmmClient};
 

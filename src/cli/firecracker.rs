@@ -4,7 +4,6 @@
 use crate::thread::Seccomp;
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
@@ -59,7 +58,7 @@ pub struct FirecrackerArgs {
     #[arg(long)]
     pub enable_pci: bool,
     /// Largest API request body, in bytes
-    #[arg(long, value_name = "BYTES", default_value_t = api::http::DEFAULT_MAX_BODY)]
+    #[arg(long, value_name = "BYTES", default_value_t = crate::http::DEFAULT_MAX_BODY)]
     pub http_api_max_payload_size: usize,
     /// Run without seccomp filters (lkvm's own per-thread filters are on by default)
     #[arg(long)]
@@ -206,9 +205,8 @@ fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<Vm, Str
 /// lkvm's control socket (`lkvm list`, `lkvm stop`...) in ~/.lkvm, where there is one: in
 /// Firecracker's jail there is no home, and the API is the way in.
 fn serve_control(vm: &mut Vm, name: &str) {
-    let handle: Arc<dyn control::Controller> = vm.handle();
-    match control::Server::start(name, handle) {
-        Ok(server) => vm.serve_control(server),
+    match control::listen(name, vm.client()) {
+        Ok(socket) => vm.remove_at_end(socket),
         Err(e) => tracing::info!("no control socket ({e}): lkvm's control commands cannot reach this VM"),
     }
 }

@@ -9,15 +9,17 @@
 //! unknown, gets such an error. Clients give up after 5 s.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::{bind_replacing_stale, check_name, ensure_lkvm_dir, lkvm_dir, socket_path, ACCEPT_BACKOFF};
+use crate::host::{bind_replacing_stale, check_name, connections, ensure_lkvm_dir, lkvm_dir, socket_path};
+use crate::thread::{self as threads, ThreadKind};
+use crate::vmm::action::{Action, Answer};
+pub use crate::vmm::action::{RunState, SnapshotReport};
+use crate::vmm::{VmmClient, NO_BALLOON};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,13 +69,6 @@ impl Request {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Running,
-    Paused,
-}
-
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub version: u32,
@@ -108,13 +103,6 @@ pub struct Response {
     pub snapshot: Option<SnapshotReport>,
 }
 
-#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotReport {
-    pub state_bytes: u64,
-    pub memory_bytes: u64,
-    pub millis: u64,
-}
-
 impl Response {
     pub fn ok() -> Self {
         Response { version: PROTOCOL_VERSION, ok: true, ..Default::default() }
@@ -125,30 +113,9 @@ impl Response {
     }
 }
 
-/// What the control socket can do to a running VM.
-pub trait Controller: Send + Sync {
-    fn state(&self) -> RunState;
-    fn stop(&self);
-    fn pause(&self) -> Result<(), String>;
-    fn resume(&self) -> Result<(), String>;
-    fn registers(&self) -> Result<Vec<String>, String>;
-    /// Returns the balloon's (target, actual) in MiB after the change.
-    fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String>;
-    fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String>;
-    fn nmi(&self, cpu: u32) -> Result<(), String>;
-    fn sysrq(&self, key: char) -> Result<(), String>;
-    /// Pauses (if running), writes a snapshot into `dir`, then resumes or, with `stop`, ends
-    /// the guest.
-    fn snapshot(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String>;
-    /// The UNIX socket host programs reach the guest's vsock through, if it has one.
-    fn vsock_uds(&self) -> Option<PathBuf>;
-    /// Pauses (if running), writes an ELF core of the guest to `path`, resumes; returns the
-    /// bytes written.
-    fn dump(&self, path: &Path) -> Result<u64, String>;
-}
-
-/// Answers one request line.
-pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
+/// Answers one request line: the request as an action the VMM thread runs (`ask`), its answer
+/// as the response.
+pub fn handle(line: &str, name: &str, ask: &dyn Fn(Action) -> Result<Answer, String>) -> Response {
     let request: Request = match serde_json::from_str(line) {
         Ok(request) => request,
         Err(e) => {
@@ -169,50 +136,62 @@ pub fn handle(line: &str, name: &str, controller: &dyn Controller) -> Response {
             request.version
         ));
     }
-    let outcome = match request.command {
-        Command::Status => Ok(Response { vsock_uds: controller.vsock_uds(), ..Response::ok() }),
-        Command::Stop => {
-            controller.stop();
-            Ok(Response::ok())
-        }
-        Command::Pause => controller.pause().map(|_| Response::ok()),
-        Command::Resume => controller.resume().map(|_| Response::ok()),
-        Command::Registers => controller.registers().map(|dumps| Response { vcpus: Some(dumps), ..Response::ok() }),
-        Command::Balloon => match request.mib {
-            Some(mib) => controller.balloon(mib).map(|(target, actual)| Response {
-                balloon_target_mib: Some(target),
-                balloon_actual_mib: Some(actual),
-                ..Response::ok()
-            }),
-            None => Err("balloon needs \"mib\"".to_string()),
-        },
-        Command::Stats => controller.stats().map(|stats| Response { stats: Some(stats), ..Response::ok() }),
-        Command::Sysrq => match request.key {
-            Some(key) => controller.sysrq(key).map(|_| Response::ok()),
-            None => Err("sysrq needs \"key\"".to_string()),
-        },
-        Command::Snapshot => match &request.path {
-            Some(dir) if dir.is_absolute() => controller
-                .snapshot(dir, request.stop)
-                .map(|report| Response { snapshot: Some(report), ..Response::ok() }),
-            _ => Err("snapshot needs an absolute \"path\"".to_string()),
-        },
-        Command::Dump => match &request.path {
-            Some(path) if path.is_absolute() => {
-                controller.dump(path).map(|bytes| Response { dump_bytes: Some(bytes), ..Response::ok() })
-            }
-            _ => Err("dump needs an absolute \"path\"".to_string()),
-        },
-        Command::Nmi => match request.cpu {
-            Some(cpu) => controller.nmi(cpu).map(|_| Response::ok()),
-            None => Err("nmi needs \"cpu\"".to_string()),
-        },
+    let ends_vm = matches!(request.command, Command::Stop) || (request.command == Command::Snapshot && request.stop);
+    let mut response = match action(&request) {
+        Ok(action) => answer(request.command, ask(action)).unwrap_or_else(Response::error),
+        Err(missing) => Response::error(missing),
     };
-    let mut response = outcome.unwrap_or_else(Response::error);
     response.pid = Some(std::process::id());
     response.name = Some(name.to_string());
-    response.state = Some(controller.state());
+    // A VM that is ending answers nothing more.
+    if !ends_vm {
+        if let Ok(Answer::Status { state, .. }) = ask(Action::Status) {
+            response.state = Some(state);
+        }
+    }
     response
+}
+
+/// The action a request asks for, or what it lacks.
+fn action(request: &Request) -> Result<Action, String> {
+    let absolute = |what: &str| match &request.path {
+        Some(path) if path.is_absolute() => Ok(path.clone()),
+        _ => Err(format!("{what} needs an absolute \"path\"")),
+    };
+    Ok(match request.command {
+        Command::Status => Action::Status,
+        Command::Stop => Action::Stop,
+        Command::Pause => Action::Pause,
+        Command::Resume => Action::Resume,
+        Command::Registers => Action::Registers,
+        Command::Balloon => Action::ResizeBalloon(request.mib.ok_or("balloon needs \"mib\"")?),
+        Command::Stats => Action::BalloonControl,
+        Command::Sysrq => Action::Sysrq(request.key.ok_or("sysrq needs \"key\"")?),
+        Command::Snapshot => Action::SnapshotInto { dir: absolute("snapshot")?, stop: request.stop },
+        Command::Dump => Action::Dump(absolute("dump")?),
+        Command::Nmi => Action::InjectNmi(request.cpu.ok_or("nmi needs \"cpu\"")?),
+    })
+}
+
+/// The response to `command`'s answer.
+fn answer(command: Command, answer: Result<Answer, String>) -> Result<Response, String> {
+    let ok = Response::ok();
+    Ok(match answer {
+        Ok(Answer::Status { vsock_uds, .. }) => Response { vsock_uds, ..ok },
+        Ok(Answer::Changed(false)) if command == Command::Pause => return Err("the guest is already paused".into()),
+        Ok(Answer::Changed(false)) => return Err("the guest is not paused".into()),
+        Ok(Answer::Registers(dumps)) => Response { vcpus: Some(dumps), ..ok },
+        Ok(Answer::Balloon { target_mib, actual_mib }) => {
+            Response { balloon_target_mib: Some(target_mib), balloon_actual_mib: Some(actual_mib), ..ok }
+        }
+        // The guest's statistics are waited for here, not on the VMM thread.
+        Ok(Answer::BalloonControl(balloon)) => Response { stats: Some(balloon.stats()?), ..ok },
+        Ok(Answer::Snapshot(report)) => Response { snapshot: Some(report), ..ok },
+        Ok(Answer::Dumped(bytes)) => Response { dump_bytes: Some(bytes), ..ok },
+        Ok(_) => ok,
+        Err(e) if e == NO_BALLOON => return Err(format!("{e} (run it with --balloon)")),
+        Err(e) => return Err(e),
+    })
 }
 
 /// Sends one request to the guest listening at `path` and returns its response.
@@ -289,73 +268,45 @@ pub fn running_guests() -> Vec<(String, Response)> {
     guests
 }
 
-/// The control socket of guest `name`. The VMM thread answers its requests (`serve_waiting`)
-/// while it waits for the VM's end: no thread of its own.
-pub struct Server {
-    path: PathBuf,
-    listener: UnixListener,
-    name: String,
-    controller: Arc<dyn Controller>,
-}
-
-impl Server {
-    /// Refuses a name a running guest has, before anything (sockets, devices) is made for it.
-    pub fn check_name_free(name: &str) -> Result<(), String> {
-        let path = socket_path(name);
-        match UnixStream::connect(&path) {
-            Ok(_) => Err(format!("a guest named '{name}' is already running ({})", path.display())),
-            Err(_) => Ok(()),
-        }
-    }
-
-    pub fn start(name: &str, controller: Arc<dyn Controller>) -> Result<Server, String> {
-        check_name(name)?;
-        ensure_lkvm_dir()?;
-        let path = socket_path(name);
-        let listener = bind_replacing_stale(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::AddrInUse => format!("a guest named '{name}' is already running ({})", path.display()),
-            _ => format!("{}: {e}", path.display()),
-        })?;
-        // Only the owner may control the guest.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        listener.set_nonblocking(true).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Server { path, listener, name: name.to_string(), controller })
-    }
-
-    /// Answers every connection waiting, one after the other; returns when none is left.
-    pub fn serve_waiting(&self) {
-        loop {
-            match self.listener.accept() {
-                // The accepted socket blocks (Linux does not pass O_NONBLOCK on); `serve` bounds it.
-                Ok((stream, _)) => serve(stream, &self.name, &*self.controller),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    // Out of descriptors, say: the socket stays readable, so wait before the next try.
-                    tracing::debug!("accept: {e}");
-                    std::thread::sleep(ACCEPT_BACKOFF);
-                    return;
-                }
-            }
-        }
+/// Refuses a name a running guest has, before anything (sockets, devices) is made for it.
+pub fn check_name_free(name: &str) -> Result<(), String> {
+    let path = socket_path(name);
+    match UnixStream::connect(&path) {
+        Ok(_) => Err(format!("a guest named '{name}' is already running ({})", path.display())),
+        Err(_) => Ok(()),
     }
 }
 
-impl std::os::fd::AsFd for Server {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.listener.as_fd()
-    }
+/// Listens on guest `name`'s control socket, whose path it returns, in a thread of its own:
+/// it translates each request into an action for the VMM thread, and its answer back.
+pub fn listen(name: &str, vmm: VmmClient) -> Result<PathBuf, String> {
+    check_name(name)?;
+    ensure_lkvm_dir()?;
+    let path = socket_path(name);
+    let listener = bind_replacing_stale(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => format!("a guest named '{name}' is already running ({})", path.display()),
+        _ => format!("{}: {e}", path.display()),
+    })?;
+    let name = name.to_string();
+    // Requests are answered one after the other, as the VMM thread runs them.
+    threads::spawn(ThreadKind::Control, "control".into(), move || {
+        let ask = |action| vmm.ask(action);
+        for stream in connections(|| listener.accept().map(|(stream, _)| stream)) {
+            serve(stream, &name, &ask);
+        }
+    })
+    .map_err(|e| format!("control socket thread: {e}"))?;
+    Ok(path)
 }
 
 /// Answers one request. A client that does not send or read its line within `TIMEOUT` is
-/// dropped, so that it cannot hold the VMM thread for longer.
-fn serve(stream: UnixStream, name: &str, controller: &dyn Controller) {
+/// dropped, so that it cannot hold the control socket for longer.
+fn serve(stream: UnixStream, name: &str, ask: &dyn Fn(Action) -> Result<Answer, String>) {
     let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let mut line = String::new();
     let response = match BufReader::new((&stream).take(MAX_MESSAGE)).read_line(&mut line) {
-        Ok(_) => handle(line.trim(), name, controller),
+        Ok(_) => handle(line.trim(), name, ask),
         Err(e) => Response::error(format!("reading request: {e}")),
     };
     if let Ok(mut text) = serde_json::to_string(&response) {
@@ -364,74 +315,50 @@ fn serve(stream: UnixStream, name: &str, controller: &dyn Controller) {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-
     use super::*;
-    use std::sync::Mutex;
+    use std::cell::{Cell, RefCell};
 
+    /// A VMM thread that records what it was asked.
     #[derive(Default)]
     struct Fake {
-        paused: Mutex<bool>,
-        stopped: Mutex<bool>,
+        paused: Cell<bool>,
+        asked: RefCell<Vec<String>>,
     }
 
-    impl Controller for Fake {
-        fn state(&self) -> RunState {
-            if *self.paused.lock().unwrap() {
-                RunState::Paused
-            } else {
-                RunState::Running
-            }
-        }
-        fn stop(&self) {
-            *self.stopped.lock().unwrap() = true;
-        }
-        fn pause(&self) -> Result<(), String> {
-            *self.paused.lock().unwrap() = true;
-            Ok(())
-        }
-        fn resume(&self) -> Result<(), String> {
-            let mut paused = self.paused.lock().unwrap();
-            if !*paused {
-                return Err("not paused".into());
-            }
-            *paused = false;
-            Ok(())
-        }
-        fn registers(&self) -> Result<Vec<String>, String> {
-            Ok(vec!["vCPU 0: rip=0x1000".into()])
-        }
-        fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
-            Ok((delta_mib.max(0) as u64, 0))
-        }
-        fn stats(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
-            Err("no balloon driver".into())
-        }
-        fn nmi(&self, cpu: u32) -> Result<(), String> {
-            if cpu == 0 {
-                Ok(())
-            } else {
-                Err("no vCPU".into())
-            }
-        }
-        fn sysrq(&self, _key: char) -> Result<(), String> {
-            Ok(())
-        }
-        fn snapshot(&self, _dir: &Path, _stop: bool) -> Result<SnapshotReport, String> {
-            Ok(SnapshotReport { state_bytes: 1, memory_bytes: 2, millis: 3 })
-        }
-        fn vsock_uds(&self) -> Option<PathBuf> {
-            Some("/run/v.sock".into())
-        }
-        fn dump(&self, _path: &Path) -> Result<u64, String> {
-            Ok(4096)
+    impl Fake {
+        fn ask(&self, action: Action) -> Result<Answer, String> {
+            let was_paused = self.paused.get();
+            Ok(match action {
+                Action::Status => Answer::Status {
+                    state: if was_paused { RunState::Paused } else { RunState::Running },
+                    vsock_uds: Some("/run/v.sock".into()),
+                },
+                Action::Stop => {
+                    self.asked.borrow_mut().push("stop".into());
+                    Answer::Done
+                }
+                Action::Pause => {
+                    self.paused.set(true);
+                    Answer::Changed(!was_paused)
+                }
+                Action::Resume => {
+                    self.paused.set(false);
+                    Answer::Changed(was_paused)
+                }
+                Action::Registers => Answer::Registers(vec!["vCPU 0: rip=0x1000".into()]),
+                Action::ResizeBalloon(mib) => Answer::Balloon { target_mib: mib.max(0) as u64, actual_mib: 0 },
+                Action::BalloonControl => return Err(NO_BALLOON.into()),
+                Action::InjectNmi(0) => Answer::Done,
+                Action::InjectNmi(_) => return Err("no vCPU".into()),
+                Action::SnapshotInto { dir, stop } => {
+                    self.asked.borrow_mut().push(format!("snapshot {} {stop}", dir.display()));
+                    Answer::Snapshot(SnapshotReport { state_bytes: 1, memory_bytes: 2, millis: 3 })
+                }
+                Action::Dump(_) => Answer::Dumped(4096),
+                _ => Answer::Done,
+            })
         }
     }
 
@@ -448,8 +375,9 @@ mod tests {
     }
 
     #[test]
-    fn commands_reach_the_controller() {
-        let fake = Fake::default();
+    fn commands_become_actions_and_answers_responses() {
+        let vmm = Fake::default();
+        let fake = |action| vmm.ask(action);
         let r = handle(r#"{"version":1,"command":"pause"}"#, "g", &fake);
         assert!(r.ok && r.state == Some(RunState::Paused) && r.name.as_deref() == Some("g"));
         let r = handle(r#"{"version":1,"command":"status"}"#, "g", &fake);
@@ -458,21 +386,28 @@ mod tests {
         assert_eq!(r.vcpus.unwrap(), vec!["vCPU 0: rip=0x1000"]);
         assert!(handle(r#"{"version":1,"command":"resume"}"#, "g", &fake).ok);
         let again = handle(r#"{"version":1,"command":"resume"}"#, "g", &fake);
-        assert_eq!((again.ok, again.error.as_deref()), (false, Some("not paused")));
+        assert_eq!((again.ok, again.error.as_deref()), (false, Some("the guest is not paused")));
         let balloon = handle(r#"{"version":1,"command":"balloon","mib":64}"#, "g", &fake);
         assert_eq!(balloon.balloon_target_mib, Some(64));
         assert!(handle(r#"{"version":1,"command":"balloon"}"#, "g", &fake).error.unwrap().contains("needs"));
         assert_eq!(
             handle(r#"{"version":1,"command":"stats"}"#, "g", &fake).error.as_deref(),
-            Some("no balloon driver")
+            Some("the guest has no balloon device (run it with --balloon)")
         );
+        let snapshot = handle(r#"{"version":1,"command":"snapshot","path":"/s","stop":true}"#, "g", &fake);
+        assert_eq!(snapshot.snapshot.map(|r| r.memory_bytes), Some(2));
+        assert_eq!(snapshot.state, None, "a VM that is ending is not asked its state");
+        let relative = handle(r#"{"version":1,"command":"dump","path":"core"}"#, "g", &fake);
+        assert!(relative.error.unwrap().contains("absolute"));
+        assert_eq!(handle(r#"{"version":1,"command":"nmi","cpu":1}"#, "g", &fake).error.as_deref(), Some("no vCPU"));
         assert!(handle(r#"{"version":1,"command":"stop"}"#, "g", &fake).ok);
-        assert!(*fake.stopped.lock().unwrap());
+        assert_eq!(*vmm.asked.borrow(), ["snapshot /s true", "stop"]);
     }
 
     #[test]
     fn malformed_unknown_and_other_versions_get_errors() {
-        let fake = Fake::default();
+        let vmm = Fake::default();
+        let fake = |action| vmm.ask(action);
         let bad = handle("not json", "g", &fake);
         assert!(!bad.ok && bad.error.unwrap().contains("malformed"));
         let unknown = handle(r#"{"version":1,"command":"explode"}"#, "g", &fake);
@@ -481,6 +416,6 @@ mod tests {
         assert!(future.error.unwrap().contains("version 2 is not supported"));
         let old = handle(r#"{"version":0,"command":"status"}"#, "g", &fake);
         assert!(old.error.unwrap().contains("version 0"));
-        assert!(!*fake.stopped.lock().unwrap());
+        assert!(vmm.asked.borrow().is_empty());
     }
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::api::http::{Method, Request, Response, JSON};
 use crate::config::mmds::Version;
+use crate::http::{Method, Request, Response, JSON};
 
 pub(crate) const TEXT: &str = "text/plain";
 const TOKEN_PATH: &str = "/latest/api/token";
@@ -40,7 +40,7 @@ pub struct Mmds {
 /// The process's MMDS.
 pub fn store() -> MutexGuard<'static, Mmds> {
     static STORE: OnceLock<Mutex<Mmds>> = OnceLock::new();
-    let store = STORE.get_or_init(|| Mutex::new(Mmds::new(crate::api::http::DEFAULT_MAX_BODY)));
+    let store = STORE.get_or_init(|| Mutex::new(Mmds::new(crate::http::DEFAULT_MAX_BODY)));
     store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

@@ -8,6 +8,18 @@ pub mod tap;
 use std::io;
 use std::os::fd::AsRawFd;
 
+// The virtio-net frame format the backends share with the device.
+/// struct virtio_net_hdr_v1: with VERSION_1 it always includes num_buffers.
+pub const HEADER_LEN: usize = 12;
+/// A frame's largest size: a 64 KiB segmentation-offload packet plus link-layer headers.
+pub const MAX_FRAME: usize = 65536 + 256;
+/// The offloads a driver may accept, as `NetBackend::set_offloads` receives them.
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+
 /// Where the guest's Ethernet frames go.
 pub trait NetBackend: Send + AsRawFd {
     /// Whether frames to and from the backend start with a struct virtio_net_hdr_v1 (a tap with

@@ -10,10 +10,10 @@ use std::process::Command;
 
 use super::NetBackend;
 use crate::config::NetSpec;
-use crate::devices::virtio::net::{
+use crate::host::TUN_DEVICE;
+use crate::net::{
     HEADER_LEN, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
 };
-use crate::host::TUN_DEVICE;
 
 // From linux/if_tun.h.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;

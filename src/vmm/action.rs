@@ -1,19 +1,39 @@
 //! What other threads ask of a running VM, as values the VMM thread answers one at a time
-//! (Firecracker's `VmmAction`). The API's threads hold a `VmmClient`: each request is an
-//! `Action` sent to the VMM thread, which runs it against the VM and sends the answer back.
+//! (Firecracker's `VmmAction`). The API's and the control socket's threads hold a
+//! `VmmClient`: each request is an `Action` sent to the VMM thread, which runs it against the
+//! VM and sends the answer back.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 use std::sync::{mpsc, Arc};
 
 use super::exit::{ExitSender, VmmMessage};
 use super::handle::VmHandle;
 use crate::config::RateLimit;
 use crate::config::VmConfig;
-use crate::control::{Controller, SnapshotReport};
 use crate::devices::virtio::balloon::BalloonControl;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// What a snapshot wrote: state and memory file sizes in bytes, and how long it took.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+    pub millis: u64,
+}
+
 pub enum Action {
+    /// Whether the VM runs, and the UNIX socket its vsock is reached through.
+    Status,
+    Stop,
     Pause,
     Resume,
     IsPaused,
@@ -23,6 +43,19 @@ pub enum Action {
         state: PathBuf,
         memory: PathBuf,
     },
+    /// Pauses (if running), writes a snapshot into `dir`, then resumes or, with `stop`, ends
+    /// the VM.
+    SnapshotInto {
+        dir: PathBuf,
+        stop: bool,
+    },
+    /// Pauses (if running), writes an ELF core of the guest to the file, resumes.
+    Dump(PathBuf),
+    /// One register dump per vCPU.
+    Registers,
+    InjectNmi(u32),
+    /// Magic SysRq through the serial console.
+    Sysrq(char),
     UpdateDrive {
         id: String,
         path: Option<PathBuf>,
@@ -34,6 +67,8 @@ pub enum Action {
         tx: Option<RateLimit>,
     },
     SetBalloonTarget(u64),
+    /// Moves the balloon's target by this many MiB (positive inflates).
+    ResizeBalloon(i64),
     BalloonState,
     /// The balloon's control: the asking thread waits for the guest's statistics, not the VMM
     /// thread.
@@ -43,29 +78,56 @@ pub enum Action {
 
 pub enum Answer {
     Done,
+    /// Whether the VM's run state changed.
+    Changed(bool),
+    Status {
+        state: RunState,
+        vsock_uds: Option<PathBuf>,
+    },
+    Registers(Vec<String>),
+    /// Bytes written.
+    Dumped(u64),
     Paused(bool),
     Config(Box<VmConfig>),
     Snapshot(SnapshotReport),
-    Balloon { target_mib: u64, actual_mib: u64 },
+    Balloon {
+        target_mib: u64,
+        actual_mib: u64,
+    },
     BalloonControl(Arc<BalloonControl>),
 }
 
 /// The VMM thread's side: runs `action` on the VM.
 pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, String> {
     Ok(match action {
-        // Idempotent, as Firecracker's: asking the state the VM is in is no error.
-        Action::Pause if vm.paused() => Answer::Done,
-        Action::Pause => Answer::Done.after(vm.pause())?,
-        Action::Resume if !vm.paused() => Answer::Done,
-        Action::Resume => Answer::Done.after(vm.resume())?,
+        Action::Status => Answer::Status { state: vm.run_state(), vsock_uds: vm.vsock_uds() },
+        Action::Stop => {
+            vm.stop();
+            Answer::Done
+        }
+        // Asking for the state the VM is in changes nothing; each frontend says whether that is
+        // an error (kvmtool's CLI) or not (Firecracker's API).
+        Action::Pause if vm.paused() => Answer::Changed(false),
+        Action::Pause => Answer::Changed(true).after(vm.pause())?,
+        Action::Resume if !vm.paused() => Answer::Changed(false),
+        Action::Resume => Answer::Changed(true).after(vm.resume())?,
         Action::IsPaused => Answer::Paused(vm.paused()),
         Action::Config => Answer::Config(Box::new(vm.config())),
         Action::Snapshot { state, memory } => Answer::Snapshot(vm.write_snapshot(&state, &memory)?),
+        Action::SnapshotInto { dir, stop } => Answer::Snapshot(vm.snapshot_into(&dir, stop)?),
+        Action::Dump(path) => Answer::Dumped(vm.dump(&path)?),
+        Action::Registers => Answer::Registers(vm.registers()?),
+        Action::InjectNmi(cpu) => Answer::Done.after(vm.nmi(cpu))?,
+        Action::Sysrq(key) => Answer::Done.after(vm.sysrq(key))?,
         Action::UpdateDrive { id, path, limit } => {
             Answer::Done.after(vm.update_drive(&id, path.as_deref(), limit.as_ref()))?
         }
         Action::UpdateNic { id, rx, tx } => Answer::Done.after(vm.update_nic(&id, rx.as_ref(), tx.as_ref()))?,
         Action::SetBalloonTarget(mib) => Answer::Done.after(vm.set_balloon_target(mib))?,
+        Action::ResizeBalloon(delta_mib) => {
+            let (target_mib, actual_mib) = vm.resize_balloon(delta_mib)?;
+            Answer::Balloon { target_mib, actual_mib }
+        }
         Action::BalloonState => {
             let (target_mib, actual_mib) = vm.balloon_state()?;
             Answer::Balloon { target_mib, actual_mib }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 
 use super::action::{Action, Answer};
-use crate::control;
 
 /// Exit status when the guest crashed or KVM could not run it.
 pub const EXIT_GUEST_FAILED: i32 = 3;
@@ -70,7 +69,7 @@ pub(super) enum VmmMessage {
 }
 
 /// Tells the VMM thread that the VM ended, or asks it to act: the message on a channel, and a
-/// count on an eventfd that the VMM thread polls beside the control socket.
+/// count on an eventfd that the VMM thread polls.
 #[derive(Clone)]
 pub struct ExitSender {
     messages: Sender<VmmMessage>,
@@ -166,26 +165,15 @@ impl Exits {
         }
     }
 
-    /// Waits for the VM's end, running actions with `act` and answering the control socket's
-    /// requests on this thread meanwhile.
-    pub fn recv_serving(
-        &self,
-        control: Option<&control::Server>,
-        act: &impl Fn(Action) -> Result<Answer, String>,
-    ) -> VmExit {
+    /// Waits for the VM's end, running actions with `act` meanwhile.
+    pub fn recv_serving(&self, act: &impl Fn(Action) -> Result<Answer, String>) -> VmExit {
         loop {
             if let Some(reason) = self.try_recv(act) {
                 return reason;
             }
-            let mut fds = vec![PollFd::new(&*self.signal, PollFlags::IN)];
-            fds.extend(control.map(|server| PollFd::new(server, PollFlags::IN)));
-            if rustix::event::poll(&mut fds, None).is_err() {
-                continue; // interrupted
-            }
-            let requests = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
-            let _ = rustix::io::read(&*self.signal, &mut [0u8; 8]);
-            if let (true, Some(server)) = (requests, control) {
-                server.serve_waiting();
+            let mut fds = [PollFd::new(&*self.signal, PollFlags::IN)];
+            if rustix::event::poll(&mut fds, None).is_ok() {
+                let _ = rustix::io::read(&*self.signal, &mut [0u8; 8]);
             }
         }
     }

@@ -1,8 +1,7 @@
-//! `VmHandle`: what the VMM thread does to a built VM (for the control socket and the API's
-//! actions), and its devices by id.
+//! `VmHandle`: what the VMM thread does to a built VM (the actions of `action.rs`), and its
+//! devices by id.
 
 use crate::config::RateLimit;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,16 +9,18 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
+use super::action::{RunState, SnapshotReport};
 use super::device_manager::{DeviceEntry, Persistent, Registry, VirtioDevices};
 use super::exit::{ExitSender, VmExit};
 use super::vcpu::VcpuControl;
 use crate::arch::x86_64::coredump::{self, CpuRegisters};
 use crate::config::DiskSpec;
 use crate::config::VmConfig;
-use crate::control::{Controller, RunState, SnapshotReport};
 use crate::devices::virtio::balloon::BalloonControl;
 use crate::disk::DiskImage;
 use crate::snapshot::{self, VmState, MEMORY_FILE, STATE_FILE};
+
+pub const NO_BALLOON: &str = "the guest has no balloon device";
 
 pub struct VmHandle {
     pub(super) vcpus: Arc<VcpuControl>,
@@ -129,7 +130,7 @@ impl VmHandle {
                 DeviceEntry::Balloon(b) => Some(b),
                 _ => None,
             })
-            .ok_or_else(|| "the guest has no balloon device".to_string())
+            .ok_or_else(|| NO_BALLOON.to_string())
     }
 
     /// Sets the balloon's target (MiB the guest should give back).
@@ -209,18 +210,19 @@ impl VmHandle {
     }
 }
 
-impl Controller for VmHandle {
-    fn state(&self) -> RunState {
+/// What the control socket asks.
+impl VmHandle {
+    pub fn run_state(&self) -> RunState {
         if self.vcpus.paused() {
             RunState::Paused
         } else {
             RunState::Running
         }
     }
-    fn stop(&self) {
+    pub fn stop(&self) {
         self.end(VmExit::Stopped);
     }
-    fn pause(&self) -> Result<(), String> {
+    pub fn pause(&self) -> Result<(), String> {
         if !self.started.load(Ordering::Acquire) {
             return Err("the guest is not running yet".into());
         }
@@ -229,7 +231,7 @@ impl Controller for VmHandle {
         self.pause_devices();
         Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
+    pub fn resume(&self) -> Result<(), String> {
         if !self.vcpus.paused() {
             return Err("the guest is not paused".into());
         }
@@ -238,22 +240,19 @@ impl Controller for VmHandle {
         }
         self.vcpus.resume()
     }
-    fn registers(&self) -> Result<Vec<String>, String> {
+    pub fn registers(&self) -> Result<Vec<String>, String> {
         self.vcpus.registers()
     }
-    fn balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
+    pub fn resize_balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
         let balloon = self.balloon_device().map_err(|e| format!("{e} (run it with --balloon)"))?;
         let guest_mib = self.config.lock().unwrap().machine.mem_size_mib;
         let target = balloon.resize(delta_mib, guest_mib)?;
         Ok((target, balloon.actual_mib()))
     }
-    fn stats(&self) -> Result<BTreeMap<String, u64>, String> {
-        self.balloon_device().map_err(|e| format!("{e} (run it with --balloon)"))?.stats()
-    }
-    fn nmi(&self, cpu: u32) -> Result<(), String> {
+    pub fn nmi(&self, cpu: u32) -> Result<(), String> {
         self.vcpus.inject_nmi(cpu as usize)
     }
-    fn snapshot(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String> {
+    pub fn snapshot_into(&self, dir: &Path, stop: bool) -> Result<SnapshotReport, String> {
         let was_paused = self.paused();
         if !was_paused {
             self.pause()?;
@@ -266,7 +265,7 @@ impl Controller for VmHandle {
         }
         written
     }
-    fn dump(&self, path: &Path) -> Result<u64, String> {
+    pub fn dump(&self, path: &Path) -> Result<u64, String> {
         use std::os::unix::fs::OpenOptionsExt;
         // Guest memory may be secret: the file is its user's alone.
         let file = std::fs::OpenOptions::new()
@@ -290,10 +289,10 @@ impl Controller for VmHandle {
         }
         written
     }
-    fn vsock_uds(&self) -> Option<std::path::PathBuf> {
+    pub fn vsock_uds(&self) -> Option<std::path::PathBuf> {
         self.config.lock().unwrap().vsock.as_ref().map(|v| v.uds_path.clone())
     }
-    fn sysrq(&self, key: char) -> Result<(), String> {
+    pub fn sysrq(&self, key: char) -> Result<(), String> {
         let key = u8::try_from(key).ok().filter(u8::is_ascii_graphic).ok_or("sysrq keys are ASCII characters")?;
         match self.registry.get(super::device_manager::COM1_ID) {
             Some(DeviceEntry::Serial(com1)) => com1.lock().unwrap().send_sysrq(key),

@@ -5,6 +5,7 @@
 pub mod action;
 mod device_manager;
 pub mod exit;
+pub mod gdb;
 mod handle;
 mod irq_routing;
 pub mod stats;
@@ -32,10 +33,8 @@ use crate::boot::{self, BootSpec, Initrd};
 use crate::config::GdbAddress;
 use crate::config::MemoryBackend;
 use crate::config::VmConfig;
-use crate::control;
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
-use crate::gdb;
 use crate::share::virtiofs::FsShare;
 use crate::share::{self, Share};
 use crate::snapshot::{self, VmState};
@@ -43,7 +42,7 @@ use crate::term;
 use crate::thread::{self as threads, ThreadKind};
 pub use action::VmmClient;
 use exit::VmExit;
-pub use handle::VmHandle;
+pub use handle::{VmHandle, NO_BALLOON};
 use vcpu::{Vcpu, VcpuControl};
 
 /// Where KVM keeps its three-page TSS on Intel: just below the BIOS area, inside the hole.
@@ -179,8 +178,6 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     threads: Vec<JoinHandle<()>>,
     exits: exit::Exits,
-    /// The control socket, whose requests this (the VMM) thread answers while it waits.
-    control: Option<control::Server>,
     console_input: Option<device_manager::ConsoleInput>,
     /// The terminal reaches the console only once released (`hold_console_input`).
     console_held: bool,
@@ -189,7 +186,8 @@ pub struct Vm {
     /// The userfaultfd a page-fault handler fills guest memory through (Uffd restores).
     _uffd: Option<std::os::fd::OwnedFd>,
     /// Sockets the devices listen on for host programs, removed when the VM ends.
-    host_sockets: Vec<std::path::PathBuf>,
+    /// UNIX sockets removed when the VM is dropped.
+    host_sockets: Vec<PathBuf>,
     /// The gdb stub's socket, until `start` hands it to the stub's thread.
     gdb: Option<(gdb::Listener, bool)>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
@@ -362,7 +360,6 @@ impl Vm {
             vcpus,
             threads: Vec::new(),
             exits,
-            control: None,
             console_input: Some(devices.console_input),
             console_held: false,
             ended: None,
@@ -453,17 +450,9 @@ impl Vm {
         }
     }
 
-    /// Answers `server`'s requests from now on, in `has_ended` and `wait`.
-    pub fn serve_control(&mut self, server: control::Server) {
-        self.control = Some(server);
-    }
-
-    /// Whether the VM has ended (without waiting); `wait` then returns how. Answers the control
-    /// requests waiting.
+    /// Whether the VM has ended (without waiting); `wait` then returns how. Runs the actions
+    /// waiting.
     pub fn has_ended(&mut self) -> bool {
-        if let Some(server) = &self.control {
-            server.serve_waiting();
-        }
         if self.ended.is_none() {
             let handle = &self.handle;
             self.ended = self.exits.try_recv(&|action| action::execute(handle, action));
@@ -477,17 +466,28 @@ impl Vm {
         let _raw_terminal = if self.console_input.is_none() { term::RawMode::stdin() } else { None };
         let handle = &self.handle;
         let act = |action| action::execute(handle, action);
-        let reason = self.ended.take().unwrap_or_else(|| self.exits.recv_serving(self.control.as_ref(), &act));
+        let reason = self.ended.take().unwrap_or_else(|| self.exits.recv_serving(&act));
         self.handle.vcpus.stop();
-        for thread in self.threads {
+        for thread in std::mem::take(&mut self.threads) {
             let _ = thread.join();
         }
         self.handle.flush_drives();
+        tracing::info!("{}", self.stats.summary());
+        reason
+    }
+
+    /// Removes the UNIX socket at `path` (a frontend's, such as the control socket) when the VM
+    /// is dropped, as the VM's own are.
+    pub fn remove_at_end(&mut self, path: PathBuf) {
+        self.host_sockets.push(path);
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
         for path in &self.host_sockets {
             let _ = std::fs::remove_file(path);
         }
-        tracing::info!("{}", self.stats.summary());
-        reason
     }
 }
 

@@ -19,7 +19,10 @@ use super::worker::{Lifecycle, Watch, Worker};
 use super::*;
 use crate::config::RateLimit;
 use crate::devices::rate_limiter::RateLimiter;
-use crate::net::NetBackend;
+use crate::net::{
+    NetBackend, HEADER_LEN, MAX_FRAME, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+};
 use crate::thread::DeviceIo;
 
 const QUEUE_SIZE: u16 = 256;
@@ -30,18 +33,9 @@ const TX_EVENT: usize = 1;
 const BACKEND_READY: usize = 2;
 const RX_LIMIT_TIMER: usize = 3;
 const TX_LIMIT_TIMER: usize = 4;
-/// struct virtio_net_hdr_v1: with VERSION_1 it always includes num_buffers.
-pub const HEADER_LEN: usize = 12;
 const NUM_BUFFERS_OFFSET: usize = 10;
-/// A frame's largest size: a 64 KiB segmentation-offload packet plus link-layer headers.
-pub const MAX_FRAME: usize = 65536 + 256;
 
-pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
-pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
-pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
 const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
