@@ -110,8 +110,8 @@ fn serve_with(
 ) -> ExitCode {
     let config = vm.handle().config();
     let (name, transport, described) = (config.name.clone(), config.transport, FullConfig::describe(&config));
-    match control::listen(&name, vm.client()) {
-        Ok(socket) => vm.remove_at_end(socket),
+    match control::Server::start(&name) {
+        Ok(server) => vm.serve(Box::new(server)),
         Err(msg) => return fail(&msg),
     }
     let _api_socket = match api_sock {

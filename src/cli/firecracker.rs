@@ -205,8 +205,8 @@ fn restore(spec: &RestoreSpec, resume: bool, started: Instant) -> Result<Vm, Str
 /// lkvm's control socket (`lkvm list`, `lkvm stop`...) in ~/.lkvm, where there is one: in
 /// Firecracker's jail there is no home, and the API is the way in.
 fn serve_control(vm: &mut Vm, name: &str) {
-    match control::listen(name, vm.client()) {
-        Ok(socket) => vm.remove_at_end(socket),
+    match control::Server::start(name) {
+        Ok(server) => vm.serve(Box::new(server)),
         Err(e) => tracing::info!("no control socket ({e}): lkvm's control commands cannot reach this VM"),
     }
 }

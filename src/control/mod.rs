@@ -9,17 +9,16 @@
 //! unknown, gets such an error. Clients give up after 5 s.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::{bind_replacing_stale, check_name, connections, ensure_lkvm_dir, lkvm_dir, socket_path};
-use crate::thread::{self as threads, ThreadKind};
+use crate::host::{bind_replacing_stale, check_name, ensure_lkvm_dir, lkvm_dir, socket_path, ACCEPT_BACKOFF};
 use crate::vmm::action::{Action, Answer};
 pub use crate::vmm::action::{RunState, SnapshotReport};
-use crate::vmm::{VmmClient, NO_BALLOON};
+use crate::vmm::{Frontend, NO_BALLOON};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -277,30 +276,62 @@ pub fn check_name_free(name: &str) -> Result<(), String> {
     }
 }
 
-/// Listens on guest `name`'s control socket, whose path it returns, in a thread of its own:
-/// it translates each request into an action for the VMM thread, and its answer back.
-pub fn listen(name: &str, vmm: VmmClient) -> Result<PathBuf, String> {
-    check_name(name)?;
-    ensure_lkvm_dir()?;
-    let path = socket_path(name);
-    let listener = bind_replacing_stale(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::AddrInUse => format!("a guest named '{name}' is already running ({})", path.display()),
-        _ => format!("{}: {e}", path.display()),
-    })?;
-    let name = name.to_string();
-    // Requests are answered one after the other, as the VMM thread runs them.
-    threads::spawn(ThreadKind::Control, "control".into(), move || {
-        let ask = |action| vmm.ask(action);
-        for stream in connections(|| listener.accept().map(|(stream, _)| stream)) {
-            serve(stream, &name, &ask);
+/// The control socket of guest `name`. The VMM thread serves it while it waits for the VM's
+/// end (`vmm::Frontend`): each request becomes an action it runs, the answer the response.
+pub struct Server {
+    path: PathBuf,
+    listener: UnixListener,
+    name: String,
+}
+
+impl Server {
+    pub fn start(name: &str) -> Result<Server, String> {
+        check_name(name)?;
+        ensure_lkvm_dir()?;
+        let path = socket_path(name);
+        let listener = bind_replacing_stale(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => format!("a guest named '{name}' is already running ({})", path.display()),
+            _ => format!("{}: {e}", path.display()),
+        })?;
+        listener.set_nonblocking(true).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Server { path, listener, name: name.to_string() })
+    }
+}
+
+impl Frontend for Server {
+    /// Answers every connection waiting, one after the other; returns when none is left.
+    fn serve_waiting(&mut self, act: &dyn Fn(Action) -> Result<Answer, String>) {
+        loop {
+            match self.listener.accept() {
+                // The accepted socket blocks (Linux does not pass O_NONBLOCK on); `serve` bounds it.
+                Ok((stream, _)) => serve(stream, &self.name, act),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Out of descriptors, say: the socket stays readable, so wait before the next try.
+                    tracing::debug!("accept: {e}");
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    return;
+                }
+            }
         }
-    })
-    .map_err(|e| format!("control socket thread: {e}"))?;
-    Ok(path)
+    }
+}
+
+impl std::os::fd::AsFd for Server {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Answers one request. A client that does not send or read its line within `TIMEOUT` is
-/// dropped, so that it cannot hold the control socket for longer.
+/// dropped, so that it cannot hold the VMM thread for longer.
 fn serve(stream: UnixStream, name: &str, ask: &dyn Fn(Action) -> Result<Answer, String>) {
     let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));

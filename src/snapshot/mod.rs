@@ -219,8 +219,8 @@ mod tests {
         *flipped.last_mut().unwrap() ^= 1;
         assert!(matches!(parse_state(&flipped), Err(ParseError::Corrupt(_))));
         let mut newer = bytes.clone();
-        newer[8] = 2;
-        assert!(matches!(parse_state(&newer), Err(ParseError::Version(2))));
+        newer[8] = 3;
+        assert!(matches!(parse_state(&newer), Err(ParseError::Version(3))));
         let mut huge = bytes;
         huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(parse_state(&huge), Err(ParseError::Corrupt(_))));

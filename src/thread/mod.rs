@@ -22,8 +22,6 @@ pub enum ThreadKind {
     NetBackend,
     /// The Firecracker-compatible HTTP API.
     Api,
-    /// The control socket (`lkvm stop|pause|snapshot|...`).
-    Control,
     /// Feeds the terminal to the guest console.
     Console,
     /// Writes metrics periodically.
@@ -66,7 +64,6 @@ impl ThreadKind {
             ThreadKind::Device(DeviceIo::Sockets) => "vsock worker",
             ThreadKind::NetBackend => "network backend",
             ThreadKind::Api => "API",
-            ThreadKind::Control => "control socket",
             ThreadKind::Console => "console",
             ThreadKind::Metrics => "metrics",
             ThreadKind::Exec => "exec",

@@ -317,7 +317,6 @@ const SPAWNED: &[ThreadKind] = &[
     ThreadKind::Device(DeviceIo::Sockets),
     ThreadKind::NetBackend,
     ThreadKind::Api,
-    ThreadKind::Control,
     ThreadKind::Console,
     ThreadKind::Metrics,
     ThreadKind::Exec,
@@ -373,14 +372,12 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         // It talks to its clients and checks the files they name; what changes the VM, the VMM
         // thread does (`vmm::action`), so no KVM here.
         Api => (vec![SOCKETS, FILES, DISK], &[Ioctls::Sockets]),
-        // It only relays requests: what they do, the VMM thread does.
-        Control => (vec![SOCKETS], &[Ioctls::Sockets]),
         Console => (vec![], &[Ioctls::Terminal]),
         Metrics => (vec![FILES], &[]),
         Exec => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Terminal]),
         Gdb => (vec![SOCKETS], &[Ioctls::Kvm, Ioctls::Sockets]),
-        // The main thread, once the VM runs: it waits for the VM's end, runs the control
-        // socket's and the API's actions (pause, snapshot, dump, drive swaps, balloon, ...),
+        // The main thread, once the VM runs: it waits for the VM's end, serves the control
+        // socket and runs its and the API's actions (pause, snapshot, dump, drive swaps, ...),
         // takes the warm sandbox snapshot, and tears the VM down (joins, closes, unlinks its
         // sockets, the terminal).
         Vmm => (

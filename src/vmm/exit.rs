@@ -2,7 +2,7 @@
 //! VMM thread: the VM's end, and actions to run on it (`action`).
 
 use std::fmt;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -165,18 +165,36 @@ impl Exits {
         }
     }
 
-    /// Waits for the VM's end, running actions with `act` meanwhile.
-    pub fn recv_serving(&self, act: &impl Fn(Action) -> Result<Answer, String>) -> VmExit {
+    /// Waits for the VM's end, running actions with `act` and serving `frontends` meanwhile.
+    pub fn recv_serving(
+        &self,
+        frontends: &mut [Box<dyn Frontend>],
+        act: &impl Fn(Action) -> Result<Answer, String>,
+    ) -> VmExit {
         loop {
             if let Some(reason) = self.try_recv(act) {
                 return reason;
             }
-            let mut fds = [PollFd::new(&*self.signal, PollFlags::IN)];
-            if rustix::event::poll(&mut fds, None).is_ok() {
-                let _ = rustix::io::read(&*self.signal, &mut [0u8; 8]);
+            let mut fds = vec![PollFd::new(&*self.signal, PollFlags::IN)];
+            fds.extend(frontends.iter().map(|frontend| PollFd::from_borrowed_fd(frontend.as_fd(), PollFlags::IN)));
+            if rustix::event::poll(&mut fds, None).is_err() {
+                continue; // interrupted
+            }
+            let ready: Vec<bool> = fds[1..].iter().map(|fd| !fd.revents().is_empty()).collect();
+            drop(fds);
+            let _ = rustix::io::read(&*self.signal, &mut [0u8; 8]);
+            for (frontend, _) in frontends.iter_mut().zip(ready).filter(|(_, ready)| *ready) {
+                frontend.serve_waiting(act);
             }
         }
     }
+}
+
+/// A socket the VMM thread serves while it waits for the VM's end (the control socket): it
+/// translates what arrives into actions, which it runs with `act`.
+pub trait Frontend: AsFd + Send {
+    /// Answers what is waiting, without blocking for more.
+    fn serve_waiting(&mut self, act: &dyn Fn(Action) -> Result<Answer, String>);
 }
 
 impl Drop for Exits {

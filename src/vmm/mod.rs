@@ -41,6 +41,7 @@ use crate::snapshot::{self, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
 pub use action::VmmClient;
+pub use exit::Frontend;
 use exit::VmExit;
 pub use handle::{VmHandle, NO_BALLOON};
 use vcpu::{Vcpu, VcpuControl};
@@ -188,6 +189,8 @@ pub struct Vm {
     /// Sockets the devices listen on for host programs, removed when the VM ends.
     /// UNIX sockets removed when the VM is dropped.
     host_sockets: Vec<PathBuf>,
+    /// What the VMM thread serves besides actions (the control socket).
+    frontends: Vec<Box<dyn Frontend>>,
     /// The gdb stub's socket, until `start` hands it to the stub's thread.
     gdb: Option<(gdb::Listener, bool)>,
     /// Guest memory and the VM stay mapped until the vCPU threads are joined.
@@ -365,6 +368,7 @@ impl Vm {
             ended: None,
             _uffd: uffd,
             host_sockets,
+            frontends: Vec::new(),
             gdb,
             mem,
             stats,
@@ -451,10 +455,13 @@ impl Vm {
     }
 
     /// Whether the VM has ended (without waiting); `wait` then returns how. Runs the actions
-    /// waiting.
+    /// and serves the frontends' requests waiting.
     pub fn has_ended(&mut self) -> bool {
         if self.ended.is_none() {
             let handle = &self.handle;
+            for frontend in &mut self.frontends {
+                frontend.serve_waiting(&|action| action::execute(handle, action));
+            }
             self.ended = self.exits.try_recv(&|action| action::execute(handle, action));
         }
         self.ended.is_some()
@@ -466,7 +473,7 @@ impl Vm {
         let _raw_terminal = if self.console_input.is_none() { term::RawMode::stdin() } else { None };
         let handle = &self.handle;
         let act = |action| action::execute(handle, action);
-        let reason = self.ended.take().unwrap_or_else(|| self.exits.recv_serving(&act));
+        let reason = self.ended.take().unwrap_or_else(|| self.exits.recv_serving(&mut self.frontends, &act));
         self.handle.vcpus.stop();
         for thread in std::mem::take(&mut self.threads) {
             let _ = thread.join();
@@ -476,10 +483,9 @@ impl Vm {
         reason
     }
 
-    /// Removes the UNIX socket at `path` (a frontend's, such as the control socket) when the VM
-    /// is dropped, as the VM's own are.
-    pub fn remove_at_end(&mut self, path: PathBuf) {
-        self.host_sockets.push(path);
+    /// Serves `frontend` from now on, in `has_ended` and `wait`; it is dropped with the VM.
+    pub fn serve(&mut self, frontend: Box<dyn Frontend>) {
+        self.frontends.push(frontend);
     }
 }
 
