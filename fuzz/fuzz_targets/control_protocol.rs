@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use lkvm::control::{self, Response, RunState, SnapshotReport};
 use lkvm::vmm::action::{Action, Answer};
 
-fn vmm(action: Action) -> Result<Answer, String> {
+fn vmm(action: Action) -> Result<Answer, ActionError> {
     Ok(match action {
         Action::Status => Answer::Status { state: RunState::Running, vsock_uds: None },
         Action::Pause => Answer::Changed(true),

@@ -16,6 +16,7 @@ use crate::config::firecracker::{
 };
 use crate::http::{Method, Request, Response};
 use crate::logging;
+use crate::vmm::action::ActionError;
 use crate::vmm::{RestoreSpec, VmmClient};
 
 type Reply = Result<Response, String>;
@@ -167,7 +168,7 @@ fn route(api: &Api, request: &Request) -> Reply {
             let update: NetworkInterfaceUpdate = body(request)?;
             same_iface_id(id, &update.iface_id)?;
             let vm = running(api)?;
-            vm.update_nic(id, update.rx_rate_limiter, update.tx_rate_limiter)?;
+            vm.update_nic(id, update.rx_rate_limiter, update.tx_rate_limiter).map_err(fault)?;
             Ok(Response::no_content())
         }
         (Method::Put, "balloon", None) => {
@@ -328,13 +329,35 @@ pub fn apply_logger_and_metrics(api: &Api, full: &FullConfig) -> Result<(), Stri
     Ok(())
 }
 
+/// A failed action in Firecracker's words: its clients match them (and Kata takes a drive
+/// swap's path from the end).
+fn fault(e: ActionError) -> String {
+    match e {
+        ActionError::NoDrive(_) => "Drive config error: Unable to patch the block device: Failed perform action on \
+                                    device: Device not found Please verify the request arguments."
+            .into(),
+        ActionError::DriveImage(open) => format!(
+            "Drive config error: Unable to patch the block device: Block: Virtio backend error: Error manipulating \
+             the backing file: {} {} Please verify the request arguments.",
+            open.reason,
+            open.path.display()
+        ),
+        ActionError::NoNic(_) => {
+            "Network config error: Unable to update the net device: Failed perform action on device: Device not found"
+                .into()
+        }
+        ActionError::NoBalloon => NO_BALLOON_RUNNING.into(),
+        other => other.to_string(),
+    }
+}
+
 fn update_drive(api: &Api, id: &str, update: DriveUpdate) -> Reply {
     same_id(id, &update.drive_id)?;
     let vm = running(api)?;
     if update.path_on_host.is_none() && update.rate_limiter.is_none() {
         return Err("nothing to update: give path_on_host or rate_limiter".into());
     }
-    vm.update_drive(id, update.path_on_host, update.rate_limiter)?;
+    vm.update_drive(id, update.path_on_host, update.rate_limiter).map_err(fault)?;
     Metrics::count(&api.metrics.drive_updates);
     Ok(Response::no_content())
 }
@@ -344,7 +367,7 @@ fn update_balloon(api: &Api, update: BalloonUpdate) -> Reply {
     let (config, phase) = &mut *state;
     let Phase::Running(vm) = phase else { return Err(NOT_BEFORE_START.into()) };
     let balloon = config.balloon.as_mut().ok_or(NO_BALLOON_RUNNING)?;
-    vm.set_balloon_target(update.amount_mib)?;
+    vm.set_balloon_target(update.amount_mib).map_err(fault)?;
     balloon.amount_mib = update.amount_mib;
     Ok(Response::no_content())
 }
@@ -371,14 +394,14 @@ fn balloon_statistics(api: &Api) -> Reply {
         Some(0) => return Err(STATS_DISABLED.into()),
         Some(_) => {}
     }
-    let (target_mib, actual_mib) = vm.balloon_state()?;
+    let (target_mib, actual_mib) = vm.balloon_state().map_err(fault)?;
     let mut stats = json!({
         "target_pages": target_mib * 256,
         "actual_pages": actual_mib * 256,
         "target_mib": target_mib,
         "actual_mib": actual_mib,
     });
-    for (name, value) in vm.balloon_stats()? {
+    for (name, value) in vm.balloon_stats().map_err(fault)? {
         stats[name] = json!(value);
     }
     Ok(Response::json(200, &stats))
@@ -388,7 +411,7 @@ fn action(api: &Api, action: Action) -> Reply {
     match action.action_type {
         ActionType::InstanceStart => start(api),
         ActionType::SendCtrlAltDel => {
-            running(api)?.send_ctrl_alt_del()?;
+            running(api)?.send_ctrl_alt_del().map_err(fault)?;
             Ok(Response::no_content())
         }
         ActionType::FlushMetrics => {
@@ -425,7 +448,7 @@ fn create_snapshot(api: &Api, request: SnapshotCreate) -> Reply {
                     unavailable while running"
             .into());
     }
-    let written = vm.write_snapshot(request.snapshot_path, request.mem_file_path)?;
+    let written = vm.write_snapshot(request.snapshot_path, request.mem_file_path).map_err(fault)?;
     tracing::info!(
         "snapshot: {} bytes of state, {} MiB of memory in {} ms",
         written.state_bytes,
@@ -488,11 +511,11 @@ fn vm_state(api: &Api, state: VmState) -> Reply {
     // Pausing a paused VM (or resuming a running one) is no error, as in Firecracker.
     match state.state {
         State::Paused => {
-            vm.pause()?;
+            vm.pause().map_err(fault)?;
             Metrics::count(&api.metrics.pause_count);
         }
         State::Resumed => {
-            vm.resume()?;
+            vm.resume().map_err(fault)?;
             Metrics::count(&api.metrics.resume_count);
         }
     }

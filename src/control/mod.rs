@@ -16,9 +16,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::host::{bind_replacing_stale, check_name, ensure_lkvm_dir, lkvm_dir, socket_path, ACCEPT_BACKOFF};
-use crate::vmm::action::{Action, Answer};
+use crate::vmm::action::{Action, ActionError, Answer};
 pub use crate::vmm::action::{RunState, SnapshotReport};
-use crate::vmm::{Frontend, NO_BALLOON};
+use crate::vmm::Frontend;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -114,7 +114,7 @@ impl Response {
 
 /// Answers one request line: the request as an action the VMM thread runs (`ask`), its answer
 /// as the response.
-pub fn handle(line: &str, name: &str, ask: &dyn Fn(Action) -> Result<Answer, String>) -> Response {
+pub fn handle(line: &str, name: &str, ask: &dyn Fn(Action) -> Result<Answer, ActionError>) -> Response {
     let request: Request = match serde_json::from_str(line) {
         Ok(request) => request,
         Err(e) => {
@@ -173,7 +173,7 @@ fn action(request: &Request) -> Result<Action, String> {
 }
 
 /// The response to `command`'s answer.
-fn answer(command: Command, answer: Result<Answer, String>) -> Result<Response, String> {
+fn answer(command: Command, answer: Result<Answer, ActionError>) -> Result<Response, String> {
     let ok = Response::ok();
     Ok(match answer {
         Ok(Answer::Status { vsock_uds, .. }) => Response { vsock_uds, ..ok },
@@ -188,8 +188,8 @@ fn answer(command: Command, answer: Result<Answer, String>) -> Result<Response, 
         Ok(Answer::Snapshot(report)) => Response { snapshot: Some(report), ..ok },
         Ok(Answer::Dumped(bytes)) => Response { dump_bytes: Some(bytes), ..ok },
         Ok(_) => ok,
-        Err(e) if e == NO_BALLOON => return Err(format!("{e} (run it with --balloon)")),
-        Err(e) => return Err(e),
+        Err(e @ ActionError::NoBalloon) => return Err(format!("{e} (run it with --balloon)")),
+        Err(e) => return Err(e.to_string()),
     })
 }
 
@@ -300,7 +300,7 @@ impl Server {
 
 impl Frontend for Server {
     /// Answers every connection waiting, one after the other; returns when none is left.
-    fn serve_waiting(&mut self, act: &dyn Fn(Action) -> Result<Answer, String>) {
+    fn serve_waiting(&mut self, act: &dyn Fn(Action) -> Result<Answer, ActionError>) {
         loop {
             match self.listener.accept() {
                 // The accepted socket blocks (Linux does not pass O_NONBLOCK on); `serve` bounds it.
@@ -332,7 +332,7 @@ impl Drop for Server {
 
 /// Answers one request. A client that does not send or read its line within `TIMEOUT` is
 /// dropped, so that it cannot hold the VMM thread for longer.
-fn serve(stream: UnixStream, name: &str, ask: &dyn Fn(Action) -> Result<Answer, String>) {
+fn serve(stream: UnixStream, name: &str, ask: &dyn Fn(Action) -> Result<Answer, ActionError>) {
     let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let mut line = String::new();
@@ -359,7 +359,7 @@ mod tests {
     }
 
     impl Fake {
-        fn ask(&self, action: Action) -> Result<Answer, String> {
+        fn ask(&self, action: Action) -> Result<Answer, ActionError> {
             let was_paused = self.paused.get();
             Ok(match action {
                 Action::Status => Answer::Status {
@@ -380,7 +380,7 @@ mod tests {
                 }
                 Action::Registers => Answer::Registers(vec!["vCPU 0: rip=0x1000".into()]),
                 Action::ResizeBalloon(mib) => Answer::Balloon { target_mib: mib.max(0) as u64, actual_mib: 0 },
-                Action::BalloonControl => return Err(NO_BALLOON.into()),
+                Action::BalloonControl => return Err(ActionError::NoBalloon),
                 Action::InjectNmi(0) => Answer::Done,
                 Action::InjectNmi(_) => return Err("no vCPU".into()),
                 Action::SnapshotInto { dir, stop } => {

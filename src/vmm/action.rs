@@ -76,6 +76,37 @@ pub enum Action {
     CtrlAltDel,
 }
 
+/// Why an action failed, in lkvm's words; each frontend says it in its own (the API in
+/// Firecracker's, which its clients match).
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("the VM has ended")]
+    Ended,
+    #[error("the guest has no balloon device")]
+    NoBalloon,
+    #[error("no drive '{0}'")]
+    NoDrive(String),
+    #[error("no network interface '{0}'")]
+    NoNic(String),
+    /// A drive swap's new image cannot be opened.
+    #[error(transparent)]
+    DriveImage(#[from] crate::disk::OpenError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for ActionError {
+    fn from(reason: String) -> ActionError {
+        ActionError::Failed(reason)
+    }
+}
+
+impl From<&str> for ActionError {
+    fn from(reason: &str) -> ActionError {
+        ActionError::Failed(reason.into())
+    }
+}
+
 pub enum Answer {
     Done,
     /// Whether the VM's run state changed.
@@ -98,7 +129,7 @@ pub enum Answer {
 }
 
 /// The VMM thread's side: runs `action` on the VM.
-pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, String> {
+pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, ActionError> {
     Ok(match action {
         Action::Status => Answer::Status { state: vm.run_state(), vsock_uds: vm.vsock_uds() },
         Action::Stop => {
@@ -138,8 +169,8 @@ pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, String> {
 }
 
 impl Answer {
-    fn after(self, done: Result<(), String>) -> Result<Answer, String> {
-        done.map(|()| self)
+    fn after(self, done: Result<(), impl Into<ActionError>>) -> Result<Answer, ActionError> {
+        done.map(|()| self).map_err(Into::into)
     }
 }
 
@@ -149,31 +180,29 @@ pub struct VmmClient {
     vmm: ExitSender,
 }
 
-const ENDED: &str = "the VM has ended";
-
 impl VmmClient {
     pub(super) fn new(vmm: ExitSender) -> Self {
         VmmClient { vmm }
     }
 
     /// Sends `action` to the VMM thread and waits for its answer.
-    pub fn ask(&self, action: Action) -> Result<Answer, String> {
+    pub fn ask(&self, action: Action) -> Result<Answer, ActionError> {
         let (reply, answer) = mpsc::channel();
         if !self.vmm.post(VmmMessage::Act(action, reply)) {
-            return Err(ENDED.into());
+            return Err(ActionError::Ended);
         }
-        answer.recv().map_err(|_| ENDED.to_string())?
+        answer.recv().map_err(|_| ActionError::Ended)?
     }
 
-    fn done(&self, action: Action) -> Result<(), String> {
+    fn done(&self, action: Action) -> Result<(), ActionError> {
         self.ask(action).map(|_| ())
     }
 
-    pub fn pause(&self) -> Result<(), String> {
+    pub fn pause(&self) -> Result<(), ActionError> {
         self.done(Action::Pause)
     }
 
-    pub fn resume(&self) -> Result<(), String> {
+    pub fn resume(&self) -> Result<(), ActionError> {
         self.done(Action::Resume)
     }
 
@@ -182,34 +211,34 @@ impl VmmClient {
         matches!(self.ask(Action::IsPaused), Ok(Answer::Paused(true)))
     }
 
-    pub fn config(&self) -> Result<VmConfig, String> {
+    pub fn config(&self) -> Result<VmConfig, ActionError> {
         match self.ask(Action::Config)? {
             Answer::Config(config) => Ok(*config),
             _ => Err(unexpected("Config")),
         }
     }
 
-    pub fn write_snapshot(&self, state: PathBuf, memory: PathBuf) -> Result<SnapshotReport, String> {
+    pub fn write_snapshot(&self, state: PathBuf, memory: PathBuf) -> Result<SnapshotReport, ActionError> {
         match self.ask(Action::Snapshot { state, memory })? {
             Answer::Snapshot(report) => Ok(report),
             _ => Err(unexpected("Snapshot")),
         }
     }
 
-    pub fn update_drive(&self, id: &str, path: Option<PathBuf>, limit: Option<RateLimit>) -> Result<(), String> {
+    pub fn update_drive(&self, id: &str, path: Option<PathBuf>, limit: Option<RateLimit>) -> Result<(), ActionError> {
         self.done(Action::UpdateDrive { id: id.to_string(), path, limit })
     }
 
-    pub fn update_nic(&self, id: &str, rx: Option<RateLimit>, tx: Option<RateLimit>) -> Result<(), String> {
+    pub fn update_nic(&self, id: &str, rx: Option<RateLimit>, tx: Option<RateLimit>) -> Result<(), ActionError> {
         self.done(Action::UpdateNic { id: id.to_string(), rx, tx })
     }
 
-    pub fn set_balloon_target(&self, mib: u64) -> Result<(), String> {
+    pub fn set_balloon_target(&self, mib: u64) -> Result<(), ActionError> {
         self.done(Action::SetBalloonTarget(mib))
     }
 
     /// The balloon's (target, actual) in MiB.
-    pub fn balloon_state(&self) -> Result<(u64, u64), String> {
+    pub fn balloon_state(&self) -> Result<(u64, u64), ActionError> {
         match self.ask(Action::BalloonState)? {
             Answer::Balloon { target_mib, actual_mib } => Ok((target_mib, actual_mib)),
             _ => Err(unexpected("BalloonState")),
@@ -217,18 +246,18 @@ impl VmmClient {
     }
 
     /// Asks the guest for its memory statistics (waiting here for its answer).
-    pub fn balloon_stats(&self) -> Result<BTreeMap<String, u64>, String> {
+    pub fn balloon_stats(&self) -> Result<BTreeMap<String, u64>, ActionError> {
         match self.ask(Action::BalloonControl)? {
-            Answer::BalloonControl(balloon) => balloon.stats(),
+            Answer::BalloonControl(balloon) => Ok(balloon.stats()?),
             _ => Err(unexpected("BalloonControl")),
         }
     }
 
-    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ActionError> {
         self.done(Action::CtrlAltDel)
     }
 }
 
-fn unexpected(action: &str) -> String {
-    format!("the VMM thread gave the wrong kind of answer to {action}")
+fn unexpected(action: &str) -> ActionError {
+    ActionError::Failed(format!("the VMM thread gave the wrong kind of answer to {action}"))
 }

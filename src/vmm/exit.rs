@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 
-use super::action::{Action, Answer};
+use super::action::{Action, ActionError, Answer};
 
 /// Exit status when the guest crashed or KVM could not run it.
 pub const EXIT_GUEST_FAILED: i32 = 3;
@@ -65,7 +65,7 @@ impl VmExit {
 pub(super) enum VmmMessage {
     Exit(VmExit),
     /// An action to run on the VM, and where its answer goes.
-    Act(Action, Sender<Result<Answer, String>>),
+    Act(Action, Sender<Result<Answer, ActionError>>),
 }
 
 /// Tells the VMM thread that the VM ended, or asks it to act: the message on a channel, and a
@@ -149,7 +149,7 @@ impl Exits {
     }
 
     /// Runs the actions that have arrived with `act`; the VM's end if it came.
-    pub fn try_recv(&self, act: &impl Fn(Action) -> Result<Answer, String>) -> Option<VmExit> {
+    pub fn try_recv(&self, act: &impl Fn(Action) -> Result<Answer, ActionError>) -> Option<VmExit> {
         if let Some(signalled) = Self::signalled() {
             return Some(signalled);
         }
@@ -169,7 +169,7 @@ impl Exits {
     pub fn recv_serving(
         &self,
         frontends: &mut [Box<dyn Frontend>],
-        act: &impl Fn(Action) -> Result<Answer, String>,
+        act: &impl Fn(Action) -> Result<Answer, ActionError>,
     ) -> VmExit {
         loop {
             if let Some(reason) = self.try_recv(act) {
@@ -194,7 +194,7 @@ impl Exits {
 /// translates what arrives into actions, which it runs with `act`.
 pub trait Frontend: AsFd + Send {
     /// Answers what is waiting, without blocking for more.
-    fn serve_waiting(&mut self, act: &dyn Fn(Action) -> Result<Answer, String>);
+    fn serve_waiting(&mut self, act: &dyn Fn(Action) -> Result<Answer, ActionError>);
 }
 
 impl Drop for Exits {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-use super::action::{RunState, SnapshotReport};
+use super::action::{ActionError, RunState, SnapshotReport};
 use super::device_manager::{DeviceEntry, Persistent, Registry, VirtioDevices};
 use super::exit::{ExitSender, VmExit};
 use super::vcpu::VcpuControl;
@@ -19,8 +19,6 @@ use crate::config::VmConfig;
 use crate::devices::virtio::balloon::BalloonControl;
 use crate::disk::DiskImage;
 use crate::snapshot::{self, VmState, MEMORY_FILE, STATE_FILE};
-
-pub const NO_BALLOON: &str = "the guest has no balloon device";
 
 pub struct VmHandle {
     pub(super) vcpus: Arc<VcpuControl>,
@@ -118,23 +116,23 @@ impl VmHandle {
         }
     }
 
-    fn balloon_device(&self) -> Result<&BalloonControl, String> {
+    fn balloon_device(&self) -> Result<&BalloonControl, ActionError> {
         self.balloon_control().map(|b| &**b)
     }
 
     /// The balloon's control, for a thread that waits on the guest's statistics itself.
-    pub(super) fn balloon_control(&self) -> Result<&Arc<BalloonControl>, String> {
+    pub(super) fn balloon_control(&self) -> Result<&Arc<BalloonControl>, ActionError> {
         self.registry
             .values()
             .find_map(|d| match d {
                 DeviceEntry::Balloon(b) => Some(b),
                 _ => None,
             })
-            .ok_or_else(|| NO_BALLOON.to_string())
+            .ok_or(ActionError::NoBalloon)
     }
 
     /// Sets the balloon's target (MiB the guest should give back).
-    pub fn set_balloon_target(&self, mib: u64) -> Result<(), String> {
+    pub fn set_balloon_target(&self, mib: u64) -> Result<(), ActionError> {
         let guest_mib = self.config.lock().unwrap().machine.mem_size_mib;
         self.balloon_device()?.set_target_mib(mib, guest_mib)?;
         if let Some(balloon) = &mut self.config.lock().unwrap().balloon {
@@ -144,31 +142,21 @@ impl VmHandle {
     }
 
     /// The balloon's (target, actual) in MiB.
-    pub fn balloon_state(&self) -> Result<(u64, u64), String> {
+    pub fn balloon_state(&self) -> Result<(u64, u64), ActionError> {
         let balloon = self.balloon_device()?;
         Ok((balloon.target_mib(), balloon.actual_mib()))
     }
 
     /// Points drive `id` at another image (the guest sees the new contents and size) and/or
     /// gives it new rate limits.
-    pub fn update_drive(&self, id: &str, path: Option<&Path>, limit: Option<&RateLimit>) -> Result<(), String> {
-        // Firecracker's words: clients match them, and take the path from the last.
-        const NOT_FOUND: &str =
-            "Drive config error: Unable to patch the block device: Failed perform action on device: \
-                                 Device not found Please verify the request arguments.";
-        let Some(DeviceEntry::Drive(media)) = self.registry.get(id) else { return Err(NOT_FOUND.into()) };
+    pub fn update_drive(&self, id: &str, path: Option<&Path>, limit: Option<&RateLimit>) -> Result<(), ActionError> {
+        let no_drive = || ActionError::NoDrive(id.to_string());
+        let Some(DeviceEntry::Drive(media)) = self.registry.get(id) else { return Err(no_drive()) };
         let mut config = self.config.lock().unwrap();
-        let drive = config.drives.iter_mut().find(|d| d.id == id).ok_or(NOT_FOUND)?;
+        let drive = config.drives.iter_mut().find(|d| d.id == id).ok_or_else(no_drive)?;
         if let Some(path) = path {
             let spec = DiskSpec { path: path.to_path_buf(), ..drive.spec.clone() };
-            let disk = DiskImage::open(&spec).map_err(|e| {
-                format!(
-                    "Drive config error: Unable to patch the block device: Block: Virtio backend error: Error \
-                     manipulating the backing file: {} {} Please verify the request arguments.",
-                    e.reason,
-                    e.path.display()
-                )
-            })?;
+            let disk = DiskImage::open(&spec)?;
             if let Some(warning) = disk.probe_warning(path) {
                 tracing::warn!("{warning}");
             }
@@ -183,11 +171,9 @@ impl VmHandle {
     }
 
     /// New rate limits for NIC `id`'s received and/or sent frames.
-    pub fn update_nic(&self, id: &str, rx: Option<&RateLimit>, tx: Option<&RateLimit>) -> Result<(), String> {
+    pub fn update_nic(&self, id: &str, rx: Option<&RateLimit>, tx: Option<&RateLimit>) -> Result<(), ActionError> {
         let Some(DeviceEntry::Nic(limiters)) = self.registry.get(id) else {
-            return Err("Network config error: Unable to update the net device: Failed perform action on device: \
-                        Device not found"
-                .into());
+            return Err(ActionError::NoNic(id.to_string()));
         };
         if rx.is_none() && tx.is_none() {
             return Err("nothing to update: give rx_rate_limiter or tx_rate_limiter".into());
@@ -243,8 +229,8 @@ impl VmHandle {
     pub fn registers(&self) -> Result<Vec<String>, String> {
         self.vcpus.registers()
     }
-    pub fn resize_balloon(&self, delta_mib: i64) -> Result<(u64, u64), String> {
-        let balloon = self.balloon_device().map_err(|e| format!("{e} (run it with --balloon)"))?;
+    pub fn resize_balloon(&self, delta_mib: i64) -> Result<(u64, u64), ActionError> {
+        let balloon = self.balloon_device()?;
         let guest_mib = self.config.lock().unwrap().machine.mem_size_mib;
         let target = balloon.resize(delta_mib, guest_mib)?;
         Ok((target, balloon.actual_mib()))

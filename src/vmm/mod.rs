@@ -43,7 +43,7 @@ use crate::thread::{self as threads, ThreadKind};
 pub use action::VmmClient;
 pub use exit::Frontend;
 use exit::VmExit;
-pub use handle::{VmHandle, NO_BALLOON};
+pub use handle::VmHandle;
 use vcpu::{Vcpu, VcpuControl};
 
 /// Where KVM keeps its three-page TSS on Intel: just below the BIOS area, inside the hole.
