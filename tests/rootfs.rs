@@ -37,6 +37,13 @@ fn home_env(home: &std::path::Path) -> Vec<(&'static str, String)> {
 /// Run in the guest over two virtio-fs shares: a writable one with links out (and a device
 /// node the host made), and a read-only one. One line per check. One perl process does it all:
 /// each program started costs seconds where guest kernel code is emulated.
+/// Unbinds the guest's virtio-rng driver (the device is reset), binds it again (set up and
+/// activated anew) and reads the rng.
+const RNG_REBIND: &str = "drivers=/sys/bus/virtio/drivers/virtio_rng; \
+    device=$(basename $(readlink -f $drivers/virtio*)); \
+    echo $device > $drivers/unbind && echo $device > $drivers/bind && \
+    echo rng-after-reset $(timeout 60 head -c 16 /dev/hwrng | wc -c)";
+
 const VIRTIO_FS_SCRIPT: &str = r#"
 use strict;
 my ($SYS_MKNOD, $SYS_MOUNT, $SYS_UMOUNT2) = (133, 165, 166);
@@ -180,6 +187,9 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_lkvm_exec_and_virtio_fs
             let perl = ["exec", "-n", "ex1", "--", "/usr/bin/perl"];
             let run = run_with_input(lkvm(), &perl, &exec_env, VIRTIO_FS_SCRIPT.as_bytes(), Duration::from_secs(900));
             *script.lock().unwrap() = Some(run);
+            // The guest resets its rng (unbinding the driver) and sets it up again: the VMM
+            // thread stops the device and starts it anew, and the new worker is confined too.
+            results.push(exec(b"", &["/bin/sh", "-c", RNG_REBIND]));
             *threads.lock().unwrap() = thread_confinement("ex1");
             input
         },
@@ -214,7 +224,9 @@ fn run_without_a_disk_gives_a_shell_over_the_hosts_files_lkvm_exec_and_virtio_fs
     }
 
     let execs = execs.into_inner().unwrap();
-    let [status, piped, fast, slow, missing, tty] = &execs[..] else { panic!("{} execs ran", execs.len()) };
+    let [status, piped, fast, slow, missing, tty, rebound] = &execs[..] else { panic!("{} execs ran", execs.len()) };
+    assert_eq!(rebound.code, Some(0), "{}", rebound.describe());
+    assert!(rebound.stdout.contains("rng-after-reset 16"), "{}", rebound.describe());
     assert_eq!(status.code, Some(42), "exec returns the command's status: {}", status.describe());
     assert_eq!(status.stdout, "out-42\n", "{}", status.describe());
     assert_eq!(status.stderr, "err-line\n", "stderr kept apart: {}", status.describe());

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadKind {
-    /// Runs KVM_RUN for one vCPU and dispatches its exits (and activates devices).
+    /// Runs KVM_RUN for one vCPU and dispatches its exits.
     Vcpu,
     /// A virtio device's worker: serves its queues with the host resource it names.
     Device(DeviceIo),

@@ -359,10 +359,9 @@ fn spawner_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
 fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     use ThreadKind::*;
     let (calls, ioctls): (Vec<&[Sysno]>, &[Ioctls]) = match kind {
-        // A vCPU also activates and resets devices (a register write), which opens their host
-        // side: a tap's queues, vsock's connection timer. A disk's io_uring is made with the
-        // device, before any thread is confined.
-        Vcpu => (vec![&[Sysno::timerfd_create]], &[Ioctls::Kvm, Ioctls::Tap]),
+        // A vCPU only records a device's activation or reset (a register write): the VMM
+        // thread does it.
+        Vcpu => (vec![], &[Ioctls::Kvm]),
         Device(DeviceIo::Memory) => (vec![], &[]),
         Device(DeviceIo::Disk) => (vec![DISK], &[]),
         Device(DeviceIo::Network) => (vec![SOCKETS], &[Ioctls::Sockets, Ioctls::Tap]),
@@ -378,10 +377,12 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         Gdb => (vec![SOCKETS], &[Ioctls::Kvm, Ioctls::Sockets]),
         // The main thread, once the VM runs: it waits for the VM's end, serves the control
         // socket and runs its and the API's actions (pause, snapshot, dump, drive swaps, ...),
+        // activates and resets devices (a tap's queues, vsock's connection timer; a disk's
+        // io_uring is made with the device, before any thread is confined),
         // takes the warm sandbox snapshot, and tears the VM down (joins, closes, unlinks its
         // sockets, the terminal).
         Vmm => (
-            vec![SOCKETS, FILES, DISK, &[Sysno::rt_sigaction]],
+            vec![SOCKETS, FILES, DISK, &[Sysno::rt_sigaction, Sysno::timerfd_create]],
             &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::Terminal, Ioctls::BlockDevice, Ioctls::Tap],
         ),
         Spawner => return spawner_rules(),

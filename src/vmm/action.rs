@@ -67,6 +67,9 @@ pub enum Action {
         tx: Option<RateLimit>,
     },
     SetBalloonTarget(u64),
+    /// A transport's device is to be reset and/or activated (`VirtioDevices[index]`), as its
+    /// driver asked: posted by the transport, so that no vCPU waits on a device's threads.
+    CompleteDeviceStatus(usize),
     /// Moves the balloon's target by this many MiB (positive inflates).
     ResizeBalloon(i64),
     BalloonState,
@@ -154,6 +157,10 @@ pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, ActionErr
             Answer::Done.after(vm.update_drive(&id, path.as_deref(), limit.as_ref()))?
         }
         Action::UpdateNic { id, rx, tx } => Answer::Done.after(vm.update_nic(&id, rx.as_ref(), tx.as_ref()))?,
+        Action::CompleteDeviceStatus(index) => {
+            vm.complete_device_status(index);
+            Answer::Done
+        }
         Action::SetBalloonTarget(mib) => Answer::Done.after(vm.set_balloon_target(mib))?,
         Action::ResizeBalloon(delta_mib) => {
             let (target_mib, actual_mib) = vm.resize_balloon(delta_mib)?;

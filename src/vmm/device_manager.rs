@@ -12,7 +12,8 @@ use vm_memory::GuestMemoryMmap;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::exit::{ExitSender, VmExit};
+use super::action::Action;
+use super::exit::{ExitSender, VmExit, VmmMessage};
 use super::irq_routing::{KvmMsiRouting, FIRST_MSI_GSI};
 use super::{kvm_err, Error};
 use crate::arch::x86_64::layout::{IOAPIC_ADDR, MMIO_HOLE_START};
@@ -33,8 +34,8 @@ use crate::devices::virtio::net::{Net, NicLimiters};
 use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::pci::{self as virtio_pci, VirtioPciTransport};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::transport::VirtioTransport;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::worker::Lifecycle;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Persist;
 use crate::disk::DiskImage;
@@ -79,8 +80,9 @@ pub enum DeviceEntry {
 
 pub type Registry = BTreeMap<String, DeviceEntry>;
 
-/// The virtio devices on their transports, which the VMM pauses and resumes with the vCPUs.
-pub type VirtioDevices = Vec<Arc<Mutex<dyn Lifecycle>>>;
+/// The virtio devices on their transports, which the VMM thread pauses and resumes with the
+/// vCPUs, and resets and activates when the guest asks (`Action::CompleteDeviceStatus`).
+pub type VirtioDevices = Vec<Arc<Mutex<dyn VirtioTransport>>>;
 
 /// Every device with state a snapshot keeps, by id.
 pub type Persistent = BTreeMap<String, Arc<Mutex<dyn Persist>>>;
@@ -220,6 +222,7 @@ pub fn create_devices(
         let mut transports = VirtioDevices::new();
         for (id, device) in virtio {
             let transport = add_virtio_pci(vm, mem, device, &routing, &mut next_gsi, &mut space, &mut mmio, &mut pci)?;
+            transport.lock().unwrap().set_completer(completer(events, transports.len()));
             transports.push(transport.clone());
             persistent.insert(id, transport);
         }
@@ -237,11 +240,21 @@ pub fn create_devices(
     let mut transports = VirtioDevices::new();
     for ((id, device), gsi) in virtio.into_iter().zip(VIRTIO_MMIO_GSIS) {
         let (transport, cmdline) = add_virtio_mmio(vm, mem, device, *gsi, &mut space, &mut mmio)?;
+        transport.lock().unwrap().set_completer(completer(events, transports.len()));
         transports.push(transport.clone());
         persistent.insert(id, transport);
         mmio_cmdline.push(cmdline);
     }
     Ok(Devices { pio, mmio, console_input, registry, virtio: transports, persistent, mmio_cmdline })
+}
+
+/// How the transport of `VirtioDevices[index]` asks the VMM thread to reset or activate its
+/// device.
+fn completer(events: &ExitSender, index: usize) -> Box<dyn Fn() + Send> {
+    let events = events.clone();
+    Box::new(move || {
+        events.post(VmmMessage::Post(Action::CompleteDeviceStatus(index)));
+    })
 }
 
 /// A naturally aligned window of `size` bytes in the MMIO hole.

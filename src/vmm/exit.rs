@@ -66,6 +66,8 @@ pub(super) enum VmmMessage {
     Exit(VmExit),
     /// An action to run on the VM, and where its answer goes.
     Act(Action, Sender<Result<Answer, ActionError>>),
+    /// An action no one waits for.
+    Post(Action),
 }
 
 /// Tells the VMM thread that the VM ended, or asks it to act: the message on a channel, and a
@@ -158,6 +160,11 @@ impl Exits {
                 Ok(VmmMessage::Exit(reason)) => return Some(reason),
                 Ok(VmmMessage::Act(action, reply)) => {
                     let _ = reply.send(act(action));
+                }
+                Ok(VmmMessage::Post(action)) => {
+                    if let Err(e) = act(action) {
+                        tracing::warn!("{e}");
+                    }
                 }
                 Err(TryRecvError::Disconnected) => return Some(VmExit::Stopped),
                 Err(TryRecvError::Empty) => return None,

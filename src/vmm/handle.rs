@@ -57,6 +57,12 @@ impl VmHandle {
         }
     }
 
+    pub(super) fn complete_device_status(&self, index: usize) {
+        if let Some(transport) = self.virtio.get(index) {
+            transport.lock().unwrap().complete_status();
+        }
+    }
+
     pub(super) fn pause_devices(&self) {
         for device in &self.virtio {
             device.lock().unwrap().pause();

@@ -169,11 +169,22 @@ impl crate::devices::Persist for MmioTransport {
 }
 
 impl super::worker::Lifecycle for MmioTransport {
+    /// What the guest asked before it was stopped is done first: a snapshot sees it.
     fn pause(&mut self) {
+        self.state.complete_status();
         self.state.device.pause();
     }
     fn resume(&mut self) -> std::io::Result<()> {
         self.state.device.resume()
+    }
+}
+
+impl super::transport::VirtioTransport for MmioTransport {
+    fn set_completer(&mut self, completer: Box<dyn Fn() + Send>) {
+        self.state.set_completer(completer);
+    }
+    fn complete_status(&mut self) {
+        self.state.complete_status();
     }
 }
 
@@ -252,6 +263,23 @@ mod tests {
         setup_queue(&mut bad, 0xffff_f000_0000);
         write(&mut bad, 0x70, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK));
         assert_ne!(read(&mut bad, 0x70) & u32::from(STATUS_NEEDS_RESET), 0);
+    }
+
+    #[test]
+    fn driver_ok_and_reset_are_left_to_the_vmm_thread() {
+        let mut t = transport();
+        let (asked_tx, asked) = std::sync::mpsc::channel();
+        t.set_completer(Box::new(move || asked_tx.send(()).unwrap()));
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0xffff_f000_0000);
+        write(&mut t, 0x70, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK));
+        assert!(asked.try_recv().is_ok(), "the VMM thread is asked");
+        assert_eq!(read(&mut t, 0x70) & u32::from(STATUS_NEEDS_RESET), 0, "not activated by the register write");
+        t.complete_status();
+        assert_ne!(read(&mut t, 0x70) & u32::from(STATUS_NEEDS_RESET), 0, "activated (and refused) by the VMM");
+        write(&mut t, 0x70, 0);
+        assert_eq!(read(&mut t, 0x70), 0, "the registers reset at once");
+        assert!(asked.try_recv().is_ok(), "the device's reset is the VMM thread's");
     }
 
     #[test]

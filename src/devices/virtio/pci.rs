@@ -330,11 +330,22 @@ impl Persist for VirtioPciTransport {
 }
 
 impl super::worker::Lifecycle for VirtioPciTransport {
+    /// What the guest asked before it was stopped is done first: a snapshot sees it.
     fn pause(&mut self) {
+        self.state.complete_status();
         self.state.device.pause();
     }
     fn resume(&mut self) -> std::io::Result<()> {
         self.state.device.resume()
+    }
+}
+
+impl super::transport::VirtioTransport for VirtioPciTransport {
+    fn set_completer(&mut self, completer: Box<dyn Fn() + Send>) {
+        self.state.set_completer(completer);
+    }
+    fn complete_status(&mut self) {
+        self.state.complete_status();
     }
 }
 

@@ -50,6 +50,22 @@ pub struct TransportSnapshot {
     device: Vec<u8>,
 }
 
+/// What the driver's status writes ask of the device beyond the registers. The VMM thread does
+/// it (`complete_status`), so that no vCPU waits on a device's threads.
+#[derive(Default)]
+struct Pending {
+    reset: bool,
+    activate: Option<Arc<dyn Interrupt>>,
+}
+
+/// A transport as the VMM thread drives it: pause and resume, and the resets and activations
+/// the guest asked for.
+pub trait VirtioTransport: super::worker::Lifecycle {
+    /// How the transport asks the VMM thread to `complete_status` (the device manager's).
+    fn set_completer(&mut self, completer: Box<dyn Fn() + Send>);
+    fn complete_status(&mut self);
+}
+
 pub struct TransportState {
     pub device: Box<dyn VirtioDevice>,
     pub status: u8,
@@ -64,6 +80,10 @@ pub struct TransportState {
     pub config_vector: u16,
     pub config_generation: u32,
     mem: GuestMemoryMmap,
+    pending: Pending,
+    /// Asks the VMM thread to `complete_status`; without one (unit tests, fuzzing) the transport
+    /// completes at once.
+    completer: Option<Box<dyn Fn() + Send>>,
 }
 
 impl TransportState {
@@ -82,6 +102,8 @@ impl TransportState {
             config_vector: NO_VECTOR,
             config_generation: 0,
             mem,
+            pending: Pending::default(),
+            completer: None,
         })
     }
 
@@ -125,9 +147,15 @@ impl TransportState {
         }
     }
 
+    pub fn set_completer(&mut self, completer: Box<dyn Fn() + Send>) {
+        self.completer = Some(completer);
+    }
+
     pub fn write_status(&mut self, status: u8, interrupt: &Arc<dyn Interrupt>) {
         if status == 0 {
-            self.reset();
+            self.reset_registers();
+            self.pending = Pending { reset: true, activate: None };
+            self.request_completion();
             return;
         }
         // Bits only accumulate until a reset: a driver clearing one (DRIVER_OK, to set it again)
@@ -141,7 +169,26 @@ impl TransportState {
         }
         self.status = status;
         if newly_set & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 {
-            if let Err(e) = self.activate(interrupt.clone(), false) {
+            self.pending.activate = Some(interrupt.clone());
+            self.request_completion();
+        }
+    }
+
+    fn request_completion(&mut self) {
+        match &self.completer {
+            Some(complete) => complete(),
+            None => self.complete_status(),
+        }
+    }
+
+    /// Resets the device and activates it as the driver's status writes asked, in order. A
+    /// reset does not wait for the device's threads: one blocked on the host ends on its own.
+    pub fn complete_status(&mut self) {
+        if std::mem::take(&mut self.pending.reset) {
+            self.device.reset();
+        }
+        if let Some(interrupt) = self.pending.activate.take() {
+            if let Err(e) = self.activate(interrupt, false) {
                 crate::guest_warn!("virtio device type {}: {e}", self.device.device_type());
                 self.status |= STATUS_NEEDS_RESET;
             }
@@ -228,8 +275,7 @@ impl TransportState {
         self.device.activate(self.mem.clone(), interrupt, active, self.driver_features).map_err(|e| e.to_string())
     }
 
-    fn reset(&mut self) {
-        self.device.reset();
+    fn reset_registers(&mut self) {
         self.status = 0;
         self.driver_features = 0;
         self.device_features_select = 0;

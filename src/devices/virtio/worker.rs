@@ -174,8 +174,13 @@ impl<S: Send + 'static> Lifecycle for Worker<S> {
 }
 
 impl<S: Send + 'static> Drop for Worker<S> {
+    /// Tells the thread to stop and does not wait for it: a thread blocked on the host (a FIFO,
+    /// a hung file system) ends once that call returns, and no one waits meanwhile. `pause` and
+    /// `stop` wait, for they take the state back.
     fn drop(&mut self) {
-        self.pause();
+        if let Run::Running { stop, .. } = &self.run {
+            let _ = stop.write(1);
+        }
     }
 }
 
@@ -216,6 +221,30 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 2, "state kept, notification not lost");
         let (_, handled) = worker.stop().unwrap();
         assert_eq!(handled, 2);
+    }
+
+    #[test]
+    fn dropping_a_worker_blocked_on_the_host_does_not_wait_for_it() {
+        let kick = crate::host::eventfd().unwrap();
+        let poke = kick.try_clone().unwrap();
+        let (blocked_tx, blocked_rx) = channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let state = (blocked_tx, Some(release_rx));
+        let worker = Worker::spawn(DeviceIo::Memory, "test".into(), vec![kick], state, |(blocked, release), _, _| {
+            blocked.send(()).unwrap();
+            // A host call that does not return until the test says so.
+            let _ = release.take().unwrap().recv();
+        })
+        .unwrap();
+        poke.write(1).unwrap();
+        blocked_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (dropped_tx, dropped_rx) = channel();
+        std::thread::spawn(move || {
+            drop(worker);
+            dropped_tx.send(()).unwrap();
+        });
+        assert!(dropped_rx.recv_timeout(Duration::from_secs(5)).is_ok(), "dropping waited for the blocked thread");
+        drop(release_tx);
     }
 
     #[test]
