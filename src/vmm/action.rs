@@ -1,13 +1,14 @@
-//! What other threads ask of a running VM, as values the VMM thread answers one at a time
-//! (Firecracker's `VmmAction`). The API's and the control socket's threads hold a
-//! `VmmClient`: each request is an `Action` sent to the VMM thread, which runs it against the
-//! VM and sends the answer back.
+//! What frontends ask of a running VM, as values the VMM thread answers one at a time
+//! (Firecracker's `VmmAction`). The API's threads hold a `VmmClient`: each request is an
+//! `Action` sent to the VMM thread, which runs it against the VM and sends the answer back.
+//! The control socket, which the VMM thread serves itself, runs its actions directly; device
+//! transports post theirs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
 
 use serde::{Deserialize, Serialize};
-use std::sync::{mpsc, Arc};
 
 use super::exit::{ExitSender, VmmMessage};
 use super::handle::VmHandle;

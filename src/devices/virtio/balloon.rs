@@ -270,13 +270,7 @@ impl VirtioDevice for Balloon {
         }
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, Activation { mem, interrupt, queues, .. }: Activation) -> Result<(), ActivateError> {
         let [inflate, deflate, stats] = expect_queues(queues)?;
         *self.control.interrupt.lock().unwrap() = Some(interrupt.clone());
         let request = self.control.stats_request.try_clone()?;

@@ -193,13 +193,7 @@ impl VirtioDevice for Block {
         read_config_bytes(&Self::config_space(&self.media.current()), offset, data);
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, Activation { mem, interrupt, queues, .. }: Activation) -> Result<(), ActivateError> {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
         let ring = self.ring.take();
         let handler = self.request_handler(ring);

@@ -154,13 +154,7 @@ impl VirtioDevice for Console {
         COMMON_FEATURES
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, Activation { mem, interrupt, queues, .. }: Activation) -> Result<(), ActivateError> {
         let [rx, tx] = expect_queues(queues)?;
         let ready = self.inbox.ready.try_clone()?;
         let port = Port::new(self, [rx.queue, tx.queue], mem, interrupt);

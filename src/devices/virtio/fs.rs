@@ -182,13 +182,7 @@ impl VirtioDevice for Fs {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, Activation { mem, interrupt, queues, .. }: Activation) -> Result<(), ActivateError> {
         let [hiprio, requests] = expect_queues(queues)?;
         let state = Queues {
             queues: vec![fuse_queue(&hiprio.queue)?, fuse_queue(&requests.queue)?],

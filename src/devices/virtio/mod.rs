@@ -43,6 +43,15 @@ pub struct ActiveQueue {
     pub kick: EventFd,
 }
 
+/// What a device is activated with: guest memory, how to interrupt the driver, the queues it
+/// set up and the features it accepted.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn Interrupt>,
+    pub queues: Vec<ActiveQueue>,
+    pub acked_features: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("virtio device activation: {0}")]
@@ -62,14 +71,8 @@ pub trait VirtioDevice: Send {
         data.fill(0);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts serving `queues` with the features the driver accepted.
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        acked_features: u64,
-    ) -> Result<(), ActivateError>;
+    /// Starts serving the driver's queues with the features it accepted.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving queues; the driver may set the device up again.
     fn reset(&mut self);
     /// The device's running workers, for pause and resume.

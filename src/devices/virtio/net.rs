@@ -436,10 +436,7 @@ impl VirtioDevice for Net {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        acked_features: u64,
+        Activation { mem, interrupt, queues, acked_features }: Activation,
     ) -> Result<(), ActivateError> {
         // Without MQ the driver uses one pair (and the control queue, if it took CTRL_VQ).
         let pairs = if acked_features & VIRTIO_NET_F_MQ != 0 { self.backends.len() } else { 1 };

@@ -85,13 +85,7 @@ impl VirtioDevice for P9 {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, Activation { mem, interrupt, queues, .. }: Activation) -> Result<(), ActivateError> {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
         let state = (queue, mem, interrupt, self.share.clone());
         self.worker = Some(Worker::spawn(

@@ -79,13 +79,7 @@ impl VirtioDevice for Rng {
         COMMON_FEATURES
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, Activation { mem, interrupt, queues, .. }: Activation) -> Result<(), ActivateError> {
         let [ActiveQueue { queue, kick }] = expect_queues(queues)?;
         let limiter = self.limiter.clone();
         let timer = vec![limiter.lock().unwrap().as_raw_fd()];

@@ -7,7 +7,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueue, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use super::{Activation, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 
 #[cfg(test)]
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
@@ -272,7 +272,9 @@ impl TransportState {
             let kick = self.kicks[i].try_clone().map_err(|e| e.to_string())?;
             active.push(ActiveQueue { queue, kick });
         }
-        self.device.activate(self.mem.clone(), interrupt, active, self.driver_features).map_err(|e| e.to_string())
+        let activation =
+            Activation { mem: self.mem.clone(), interrupt, queues: active, acked_features: self.driver_features };
+        self.device.activate(activation).map_err(|e| e.to_string())
     }
 
     fn reset_registers(&mut self) {

@@ -229,13 +229,7 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, Activation { mem, interrupt, queues, .. }: Activation) -> Result<(), ActivateError> {
         let [rx, tx, events] = expect_queues(queues)?;
         let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), self.listener.try_clone()?)?;
         let fd = muxer.as_raw_fd();

@@ -123,7 +123,11 @@ impl<S: Send + 'static> Worker<S> {
         }
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
         let (fd, handle, quiesce) = (self.fds.first().copied(), self.handle, self.quiesce);
+        // The thread holds the stop eventfd too: closing the last descriptor of a file takes it
+        // out of every epoll set, so a worker dropped without waiting would never see its stop.
+        let stop_held = stop.try_clone()?;
         let thread = crate::thread::spawn(ThreadKind::Device(self.io), self.name.clone(), move || {
+            let _stop = stop_held;
             let watch = Watch { epoll: &epoll, fd: fd.map(|fd| (fd, fd_token)) };
             let mut ready = vec![EpollEvent::default(); stop_token as usize + 1];
             loop {
@@ -244,7 +248,11 @@ mod tests {
             dropped_tx.send(()).unwrap();
         });
         assert!(dropped_rx.recv_timeout(Duration::from_secs(5)).is_ok(), "dropping waited for the blocked thread");
+        // Released, the thread sees its stop and ends: it serves the queue no more.
         drop(release_tx);
+        std::thread::sleep(Duration::from_millis(200));
+        poke.write(1).unwrap();
+        assert!(blocked_rx.recv_timeout(Duration::from_millis(500)).is_err(), "a dropped worker served a notification");
     }
 
     #[test]
