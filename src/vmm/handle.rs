@@ -202,7 +202,7 @@ impl VmHandle {
     }
 }
 
-/// What the control socket asks.
+/// What the control socket's actions do.
 impl VmHandle {
     pub fn run_state(&self) -> RunState {
         if self.vcpus.paused() {

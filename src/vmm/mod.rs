@@ -1,6 +1,7 @@
 //! The VM: built from a `VmConfig` before it runs (KVM, guest memory, irqchip, kernel, devices
-//! kept by id, vCPUs), then started and waited for; a `VmHandle` pauses, resumes, stops and
-//! reaches its devices from other threads (control socket, API).
+//! kept by id, vCPUs), then started and waited for. Meanwhile the VMM thread runs on its
+//! `VmHandle` what the frontends (control socket, API) and the device transports ask
+//! (`action.rs`): pause, resume, stop, snapshots, device updates, resets and activations.
 
 pub mod action;
 mod device_manager;
