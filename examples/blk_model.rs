@@ -8,8 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use lkvm::config::DiskSpec;
-use lkvm::config::IoEngine;
+use lkvm::config::{DiskSpec, IoEngine};
 use lkvm::devices::virtio::block::Block;
 use lkvm::devices::virtio::Interrupt;
 use lkvm::disk::DiskImage;

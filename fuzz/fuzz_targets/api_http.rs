@@ -6,9 +6,9 @@
 use std::io::{self, Read, Write};
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::http::{parse_request, serve_connection, Response};
 use lkvm::api::Api;
 use lkvm::config::Transport;
+use lkvm::http::{parse_request, serve_connection, Response};
 
 /// A client that sent the input and reads nothing back.
 struct Connection<'a> {

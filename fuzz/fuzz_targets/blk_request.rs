@@ -7,10 +7,9 @@ mod common;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use lkvm::config::{DiskSpec, IoEngine};
 use lkvm::devices::virtio::block::Block;
 use lkvm::disk::DiskImage;
-use lkvm::config::DiskSpec;
-use lkvm::config::IoEngine;
 
 const IMAGE_SIZE: usize = 64 * 1024;
 

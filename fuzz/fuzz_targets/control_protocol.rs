@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lkvm::control::{self, Response, RunState, SnapshotReport};
-use lkvm::vmm::action::{Action, Answer};
+use lkvm::vmm::action::{Action, ActionError, Answer};
 
 fn vmm(action: Action) -> Result<Answer, ActionError> {
     Ok(match action {
@@ -14,7 +14,7 @@ fn vmm(action: Action) -> Result<Answer, ActionError> {
         Action::Resume => Answer::Changed(false),
         Action::Registers => Answer::Registers(vec!["rip=0".into()]),
         Action::ResizeBalloon(delta_mib) => Answer::Balloon { target_mib: delta_mib.unsigned_abs(), actual_mib: 0 },
-        Action::InjectNmi(cpu) if cpu >= 2 => return Err(format!("no vCPU {cpu}")),
+        Action::InjectNmi(cpu) if cpu >= 2 => return Err(ActionError::Failed(format!("no vCPU {cpu}"))),
         Action::SnapshotInto { dir, .. } => {
             assert!(dir.is_absolute(), "snapshot into a relative path: {}", dir.display());
             Answer::Snapshot(SnapshotReport::default())

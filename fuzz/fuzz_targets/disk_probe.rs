@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use lkvm::config::{DiskFormat, DiskSpec};
 use lkvm::disk::DiskImage;
-use lkvm::config::DiskFormat;
-use lkvm::config::DiskSpec;
 
 const SECRET: &[u8] = b"a-host-secret:0d9f3a7c1e5b8264f0a9c3e7d1b5";
 

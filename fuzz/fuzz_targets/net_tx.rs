@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex};
 use libfuzzer_sys::fuzz_target;
 use lkvm::config::RateLimit;
 use lkvm::devices::virtio::net::{NetPort, PairLimiters};
-use lkvm::net::MAX_FRAME;
-use lkvm::net::NetBackend;
+use lkvm::net::{NetBackend, MAX_FRAME};
 use virtio_queue::{Queue, QueueT};
 
 struct Sink;

@@ -10,9 +10,9 @@
 mod p9_world;
 
 use libfuzzer_sys::fuzz_target;
+use lkvm::config::ShareSpec;
 use lkvm::devices::virtio::p9::P9State;
 use lkvm::share::Share;
-use lkvm::config::ShareSpec;
 use p9_world::*;
 
 fuzz_target!(|input: &[u8]| {

@@ -10,9 +10,9 @@ mod p9_world;
 use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
+use lkvm::config::ShareSpec;
 use lkvm::devices::virtio::p9::process_queue;
 use lkvm::share::Share;
-use lkvm::config::ShareSpec;
 use p9_world::*;
 use vm_memory::{Bytes, GuestAddress};
 

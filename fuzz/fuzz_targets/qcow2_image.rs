@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lkvm::disk::{qcow2, DiskImage};
 use lkvm::config::DiskSpec;
+use lkvm::disk::{qcow2, DiskImage};
 
 fuzz_target!(|input: &[u8]| {
     let Some((ops, image)) = input.split_first_chunk::<16>() else { return };

@@ -12,9 +12,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
+use lkvm::config::{BucketConfig, RateLimit};
 use lkvm::devices::rate_limiter::RateLimiter;
-use lkvm::config::BucketConfig;
-use lkvm::config::RateLimit;
 use lkvm::devices::virtio::{balloon, console, net, rng};
 use lkvm::net::NetBackend;
 use vmm_sys_util::eventfd::EventFd;

@@ -17,7 +17,7 @@ use lkvm::devices::pci::PciDevice;
 use lkvm::devices::virtio::mmio::MmioTransport;
 use lkvm::devices::virtio::pci::VirtioPciTransport;
 use lkvm::devices::virtio::worker::Lifecycle;
-use lkvm::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use lkvm::devices::virtio::{ActivateError, Activation, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Counts activations since the last reset.
@@ -33,13 +33,7 @@ impl VirtioDevice for CountingDevice {
     fn features(&self) -> u64 {
         (1 << 32) | (1 << 29) // VERSION_1, EVENT_IDX
     }
-    fn activate(
-        &mut self,
-        _mem: GuestMemoryMmap,
-        _interrupt: Arc<dyn Interrupt>,
-        _queues: Vec<ActiveQueue>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, _activation: Activation) -> Result<(), ActivateError> {
         let activations = self.0.fetch_add(1, Ordering::SeqCst) + 1;
         assert!(activations <= 1, "activated {activations} times without a reset");
         Ok(())

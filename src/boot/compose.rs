@@ -2,8 +2,7 @@
 //! defaults, `root=`, `init=`, `ip=`, `console=`, the virtio-mmio devices, the user's parameters.
 
 use super::cmdline::KernelCmdline;
-use crate::config::NetMode;
-use crate::config::{CmdlinePolicy, ConsoleDevice, Transport, VmConfig};
+use crate::config::{CmdlinePolicy, ConsoleDevice, NetMode, Transport, VmConfig};
 use crate::rootfs;
 
 /// Firecracker's command line when `boot_args` is absent (its serial console is off).

@@ -11,10 +11,9 @@ use clap::Args;
 use crate::api::{self, Api, VmmRequest};
 use crate::config::firecracker::FullConfig;
 use crate::config::{Transport, VmConfig};
-use crate::control;
-use crate::logging;
 use crate::vmm::exit::VmExit;
 use crate::vmm::{RestoreSpec, Vm};
+use crate::{control, logging};
 
 /// Firecracker's default instance id.
 const DEFAULT_ID: &str = "anonymous-instance";

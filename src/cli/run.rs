@@ -6,18 +6,11 @@ use clap::Args;
 
 use crate::arch::x86_64::cpuid;
 use crate::config::firecracker::{FullConfig, VSOCK_ID};
-use crate::config::DiskSpec;
-use crate::config::FsSpec;
-use crate::config::GdbConfig;
-use crate::config::NetMode;
-use crate::config::NetSpec;
-use crate::config::RateLimit;
-use crate::config::ShareSpec;
-use crate::config::MAX_CPUS;
 use crate::config::{
     BalloonConfig, BootConfig, CmdlinePolicy, ConsoleDevice, DriveConfig, EntropyConfig, FsConfig, MachineConfig,
     NetConfig, RootShare, ShareConfig, Transport, VmConfig, VsockConfig,
 };
+use crate::config::{DiskSpec, FsSpec, GdbConfig, NetMode, NetSpec, RateLimit, ShareSpec, MAX_CPUS};
 use crate::host::lkvm_dir;
 use crate::jail::landlock::Rule;
 use crate::rootfs;

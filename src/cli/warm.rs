@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::MemoryBackend;
-use crate::config::VmConfig;
+use crate::config::{MemoryBackend, VmConfig};
 use crate::snapshot::{MEMORY_FILE, STATE_FILE};
 use crate::vmm::RestoreSpec;
 

@@ -11,13 +11,7 @@ use super::{
     Transport, VmConfig, VsockConfig,
 };
 use crate::config::net::parse_mac;
-use crate::config::DiskFormat;
-use crate::config::DiskSpec;
-use crate::config::IoEngine;
-use crate::config::MemoryBackend;
-use crate::config::NetMode;
-use crate::config::NetSpec;
-use crate::config::MAX_CPUS;
+use crate::config::{DiskFormat, DiskSpec, IoEngine, MemoryBackend, NetMode, NetSpec, MAX_CPUS};
 
 /// Firecracker's vCPU limit; lkvm's MP table allows more, but this is the API's contract.
 pub const MAX_VCPUS: u8 = 32;

@@ -4,9 +4,7 @@
 pub mod qcow2;
 pub mod uring;
 
-use crate::config::DiskFormat;
-use crate::config::DiskSpec;
-use crate::config::IoEngine;
+use crate::config::{DiskFormat, DiskSpec, IoEngine};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

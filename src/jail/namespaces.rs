@@ -17,9 +17,7 @@ use rustix::process::{Resource, Rlimit, Signal};
 use rustix::thread::UnshareFlags;
 
 use super::landlock::{Access, Rule};
-use crate::config::GdbAddress;
-use crate::config::NetMode;
-use crate::config::VmConfig;
+use crate::config::{GdbAddress, NetMode, VmConfig};
 use crate::host::TUN_DEVICE;
 
 /// The jailed lkvm's pid, for the signal forwarder outside.

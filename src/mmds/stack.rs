@@ -22,8 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::http;
-use crate::net::NetBackend;
-use crate::net::HEADER_LEN;
+use crate::net::{NetBackend, HEADER_LEN};
 
 /// The MAC address MMDS answers from (locally administered).
 const MMDS_MAC: [u8; 6] = [0x06, 0x01, 0x23, 0x45, 0x67, 0x01];

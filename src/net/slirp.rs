@@ -19,8 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::egress::{Egress, Verdict};
 use super::NetBackend;
-use crate::config::NetSpec;
-use crate::config::Protocol;
+use crate::config::{NetSpec, Protocol};
 
 const MTU: usize = 1500;
 const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);

@@ -68,12 +68,9 @@ fn accessible(path: &Path, read_only: bool, directory: bool) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::NetMode;
-    use crate::config::NetSpec;
-    use crate::config::PortForward;
-    use crate::config::Protocol;
-    use crate::config::ShareSpec;
-    use crate::config::{tests::base, CmdlinePolicy, NetConfig, ShareConfig};
+    use crate::config::{
+        tests::base, CmdlinePolicy, NetConfig, NetMode, NetSpec, PortForward, Protocol, ShareConfig, ShareSpec,
+    };
 
     #[test]
     fn a_snapshot_runs_no_scripts_listens_on_loopback_and_writes_no_host_root() {

@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::exit::{ExitSender, VmmMessage};
 use super::handle::VmHandle;
-use crate::config::RateLimit;
-use crate::config::VmConfig;
+use crate::config::{RateLimit, VmConfig};
 use crate::devices::virtio::balloon::BalloonControl;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

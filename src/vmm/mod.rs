@@ -27,13 +27,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::memory::ram_regions;
-use crate::arch::x86_64::regs;
-use crate::arch::x86_64::state;
-use crate::boot::compose;
-use crate::boot::{self, BootSpec, Initrd};
-use crate::config::GdbAddress;
-use crate::config::MemoryBackend;
-use crate::config::VmConfig;
+use crate::arch::x86_64::{regs, state};
+use crate::boot::{self, compose, BootSpec, Initrd};
+use crate::config::{GdbAddress, MemoryBackend, VmConfig};
 use crate::devices::bus;
 use crate::disk::{self, DiskImage};
 use crate::share::virtiofs::FsShare;

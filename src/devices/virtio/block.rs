@@ -555,8 +555,7 @@ impl RequestHandler {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::DiskSpec;
-    use crate::config::IoEngine;
+    use crate::config::{DiskSpec, IoEngine};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
