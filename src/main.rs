@@ -42,8 +42,13 @@ fn run(args: cli::run::RunArgs, started: Instant) -> ExitCode {
         );
     }
     let api_sock = args.api_sock.clone();
-    if let Some(dir) = &args.restore {
-        let vm = args.restore_spec(dir).and_then(|spec| Vm::restore(&spec, started).map_err(|e| e.to_string()));
+    let restoring = match (&args.restore, args.restore_fork) {
+        (Some(dir), _) => Some(args.restore_spec(dir)),
+        (None, Some(memory_files)) => Some(args.fork_spec(memory_files)),
+        (None, None) => None,
+    };
+    if let Some(spec) = restoring {
+        let vm = spec.and_then(|spec| Vm::restore(&spec, started).map_err(|e| e.to_string()));
         return match vm {
             Ok(vm) => serve(vm, api_sock.as_deref(), user),
             Err(msg) => fail(&msg),
@@ -474,6 +479,7 @@ fn main() -> ExitCode {
             }
         })),
         Command::Snapshot(args) => done(ctl::snapshot(&args)),
+        Command::Fork(args) => done(cli::fork::run(&args)),
         Command::Exec(args) => match cli::exec::run(args) {
             Ok(status) => ExitCode::from(status),
             Err(msg) => fail(&msg),

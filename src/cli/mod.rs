@@ -3,6 +3,7 @@
 pub mod control;
 pub mod exec;
 pub mod firecracker;
+pub mod fork;
 pub mod jailer;
 pub mod run;
 pub mod warm;
@@ -64,6 +65,9 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// Snapshot a running guest into DIR (then `lkvm run --restore DIR`)
     Snapshot(control::SnapshotArgs),
+    /// Fork a running guest into N more running guests that share its memory copy-on-write:
+    /// `lkvm fork -n NAME --count N --prefix P` makes P-0 .. P-(N-1)
+    Fork(fork::ForkArgs),
     /// Behave as Firecracker: its command line and REST API (also when invoked as `firecracker`)
     Firecracker(firecracker::FirecrackerArgs),
     /// Behave as Firecracker's jailer (also when invoked as `jailer`)

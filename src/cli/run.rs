@@ -132,10 +132,18 @@ pub struct RunArgs {
     /// Restore the snapshot in DIR (from `lkvm snapshot`) instead of booting
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "writable", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
     pub restore: Option<PathBuf>,
+    /// A fork's child (started by `lkvm fork`): the state file is descriptor 3, guest memory
+    /// the N descriptors after it
+    #[arg(long, value_name = "N", hide = true, conflicts_with_all = ["restore", "config_file", "kernel", "kernel_arg", "initrd", "params", "mem", "cpus", "disks", "shares", "fs", "writable", "networks", "rng", "balloon", "vsock", "nodefaults", "console", "disable_cpuid"])]
+    pub restore_fork: Option<usize>,
     /// With --restore: use another drive image or tap for a device, by id (`lkvm-disk0=new.img`,
     /// `net0=tap3`); repeatable
-    #[arg(long = "override", value_name = "ID=VALUE", requires = "restore")]
+    #[arg(long = "override", value_name = "ID=VALUE")]
     pub overrides: Vec<String>,
+    /// Serve lkvm's root filesystem over 9p alone (not virtio-fs too), so that the guest can be
+    /// snapshotted and forked
+    #[arg(long)]
+    pub snapshottable: bool,
 }
 
 #[derive(Args, Debug)]
@@ -252,6 +260,30 @@ pub fn default_mem(cpus: u32, host_ram: u64) -> u64 {
 impl RunArgs {
     /// The snapshot `--restore` names, the guest's name and the host resources it overrides.
     pub fn restore_spec(&self, dir: &std::path::Path) -> Result<crate::vmm::RestoreSpec, String> {
+        let memory = crate::config::MemoryBackend::File(dir.join(crate::snapshot::MEMORY_FILE));
+        self.spec_for(dir.join(crate::snapshot::STATE_FILE), memory, None)
+    }
+
+    /// A fork's child: its state and memory are the descriptors `lkvm fork` gave it, its vsock
+    /// socket its own.
+    pub fn fork_spec(&self, memory_files: usize) -> Result<crate::vmm::RestoreSpec, String> {
+        if memory_files == 0 {
+            return Err("--restore-fork: no memory".into());
+        }
+        let fd = |n: usize| PathBuf::from(format!("/proc/self/fd/{n}"));
+        let memory =
+            crate::config::MemoryBackend::Forked { base: fd(4), changes: (5..4 + memory_files).map(fd).collect() };
+        let name = self.name.clone().ok_or("--restore-fork needs --name")?;
+        let vsock_uds = lkvm_dir().join(format!("{name}.vsock"));
+        self.spec_for(fd(3), memory, Some(vsock_uds))
+    }
+
+    fn spec_for(
+        &self,
+        state: PathBuf,
+        memory: crate::config::MemoryBackend,
+        vsock_uds: Option<PathBuf>,
+    ) -> Result<crate::vmm::RestoreSpec, String> {
         let overrides = self
             .overrides
             .iter()
@@ -262,13 +294,7 @@ impl RunArgs {
             .collect::<Result<_, _>>()?;
         let name = self.name.clone().unwrap_or_else(|| format!("guest-{}", std::process::id()));
         crate::host::check_name(&name)?;
-        Ok(crate::vmm::RestoreSpec {
-            state: dir.join(crate::snapshot::STATE_FILE),
-            memory: crate::config::MemoryBackend::File(dir.join(crate::snapshot::MEMORY_FILE)),
-            name,
-            overrides,
-            share_views: Vec::new(),
-        })
+        Ok(crate::vmm::RestoreSpec { state, memory, name, overrides, share_views: Vec::new(), vsock_uds })
     }
 
     /// With --landlock, the paths --landlock-rules adds; None without --landlock.
@@ -289,6 +315,10 @@ impl RunArgs {
     }
 
     pub fn into_config_with(self, rootfs_transports: RootfsTransports) -> Result<VmConfig, String> {
+        if !self.overrides.is_empty() {
+            return Err("--override goes with --restore: it replaces a snapshot's host resources".into());
+        }
+        let rootfs_transports = if self.snapshottable { RootfsTransports::NinePOnly } else { rootfs_transports };
         let gdb = self.gdb_config()?;
         if let Some(path) = &self.config_file {
             let name = self.name.unwrap_or_else(|| format!("guest-{}", std::process::id()));

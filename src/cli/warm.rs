@@ -151,6 +151,7 @@ impl WarmCache {
             memory: MemoryBackend::File(self.dir.join(MEMORY_FILE)),
             name: config.name.clone(),
             overrides: vsock.collect(),
+            vsock_uds: None,
             share_views: config
                 .shares
                 .iter()

@@ -32,6 +32,9 @@ pub enum MemoryBackend {
     File(PathBuf),
     /// A page-fault handler listening on this UNIX socket (Firecracker's Uffd backend).
     Uffd(PathBuf),
+    /// A fork's memory: the base file mapped copy-on-write, then the pages each sparse file of
+    /// changes holds over it, in order.
+    Forked { base: PathBuf, changes: Vec<PathBuf> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +230,25 @@ impl VmConfig {
             return Err(format!("vsock guest CID {cid} is reserved: use 3 to {}", u32::MAX - 1));
         }
         Ok(())
+    }
+
+    /// Why this VM cannot be forked, if it cannot: children are separate processes that share
+    /// its memory as it was, but not its virtio-fs servers, nor a disk both would write.
+    pub fn check_forkable(&self) -> Result<(), String> {
+        if !self.fs.is_empty() {
+            return Err("a guest with virtio-fs shares cannot be forked (boot lkvm's root filesystem with \
+                        --snapshottable, which serves it over 9p alone)"
+                .into());
+        }
+        match self.drives.iter().find(|d| !d.spec.read_only) {
+            Some(drive) => Err(format!(
+                "drive '{}' ({}) is writable: the children would write it under each other; attach it read-only \
+                 (,ro) to fork the guest",
+                drive.id,
+                drive.spec.path.display()
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Checks what no frontend may get wrong: unique ids, at most one root drive.

@@ -8,12 +8,15 @@
 //! `{"version":1,"ok":false,"error":"..."}`; a request of another version, malformed or
 //! unknown, gets such an error. Clients give up after 5 s.
 
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::host::{bind_replacing_stale, check_name, ensure_lkvm_dir, lkvm_dir, socket_path, ACCEPT_BACKOFF};
 use crate::vmm::action::{Action, ActionError, Answer};
@@ -44,6 +47,9 @@ pub enum Command {
     Snapshot,
     /// Writes an ELF core of the guest (memory and vCPU registers) to file `path`.
     Dump,
+    /// Shares the guest's state and memory with children to be started: the response carries
+    /// the state file, then the memory files (`fork.memory_files` of them), as descriptors.
+    Fork,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +106,16 @@ pub struct Response {
     /// What a snapshot wrote: state and memory file sizes in bytes, and how long it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<ForkReport>,
+}
+
+/// What a fork handed over besides its descriptors.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkReport {
+    /// How long the guest was paused.
+    pub paused_micros: u64,
+    pub memory_files: usize,
 }
 
 impl Response {
@@ -115,29 +131,41 @@ impl Response {
 /// Answers one request line: the request as an action the VMM thread runs (`ask`), its answer
 /// as the response.
 pub fn handle(line: &str, name: &str, ask: &dyn Fn(Action) -> Result<Answer, ActionError>) -> Response {
+    handle_with_files(line, name, ask).0
+}
+
+/// As `handle`, with the files the response hands over (a fork's).
+fn handle_with_files(
+    line: &str,
+    name: &str,
+    ask: &dyn Fn(Action) -> Result<Answer, ActionError>,
+) -> (Response, Vec<File>) {
     let request: Request = match serde_json::from_str(line) {
         Ok(request) => request,
         Err(e) => {
             // Say what is wrong with the version before anything else: a newer client's
             // commands may not parse here.
             let version = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["version"].as_u64());
-            return match version {
+            let response = match version {
                 Some(v) if v != u64::from(PROTOCOL_VERSION) => Response::error(format!(
                     "protocol version {v} is not supported (this lkvm speaks {PROTOCOL_VERSION})"
                 )),
                 _ => Response::error(format!("malformed request: {e}")),
             };
+            return (response, Vec::new());
         }
     };
     if request.version != PROTOCOL_VERSION {
-        return Response::error(format!(
+        let response = Response::error(format!(
             "protocol version {} is not supported (this lkvm speaks {PROTOCOL_VERSION})",
             request.version
         ));
+        return (response, Vec::new());
     }
     let ends_vm = matches!(request.command, Command::Stop) || (request.command == Command::Snapshot && request.stop);
+    let mut files = Vec::new();
     let mut response = match action(&request) {
-        Ok(action) => answer(request.command, ask(action)).unwrap_or_else(Response::error),
+        Ok(action) => answer(request.command, ask(action), &mut files).unwrap_or_else(Response::error),
         Err(missing) => Response::error(missing),
     };
     response.pid = Some(std::process::id());
@@ -148,7 +176,7 @@ pub fn handle(line: &str, name: &str, ask: &dyn Fn(Action) -> Result<Answer, Act
             response.state = Some(state);
         }
     }
-    response
+    (response, files)
 }
 
 /// The action a request asks for, or what it lacks.
@@ -169,11 +197,12 @@ fn action(request: &Request) -> Result<Action, String> {
         Command::Snapshot => Action::SnapshotInto { dir: absolute("snapshot")?, stop: request.stop },
         Command::Dump => Action::Dump(absolute("dump")?),
         Command::Nmi => Action::InjectNmi(request.cpu.ok_or("nmi needs \"cpu\"")?),
+        Command::Fork => Action::Fork,
     })
 }
 
-/// The response to `command`'s answer.
-fn answer(command: Command, answer: Result<Answer, ActionError>) -> Result<Response, String> {
+/// The response to `command`'s answer, and the files it hands over.
+fn answer(command: Command, answer: Result<Answer, ActionError>, files: &mut Vec<File>) -> Result<Response, String> {
     let ok = Response::ok();
     Ok(match answer {
         Ok(Answer::Status { vsock_uds, .. }) => Response { vsock_uds, ..ok },
@@ -187,6 +216,12 @@ fn answer(command: Command, answer: Result<Answer, ActionError>) -> Result<Respo
         Ok(Answer::BalloonControl(balloon)) => Response { stats: Some(balloon.stats()?), ..ok },
         Ok(Answer::Snapshot(report)) => Response { snapshot: Some(report), ..ok },
         Ok(Answer::Dumped(bytes)) => Response { dump_bytes: Some(bytes), ..ok },
+        Ok(Answer::Forked(image)) => {
+            let report = ForkReport { paused_micros: image.paused_micros, memory_files: image.memory.len() };
+            files.push(image.state);
+            files.extend(image.memory);
+            Response { fork: Some(report), ..ok }
+        }
         Ok(_) => ok,
         Err(e @ ActionError::NoBalloon) => return Err(format!("{e} (run it with --balloon)")),
         Err(e) => return Err(e.to_string()),
@@ -224,6 +259,39 @@ pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
         response.pid = listener_pid.or(response.pid);
     }
     Ok(response)
+}
+
+/// Asks the guest listening at `path` to fork: its response, and the files it hands over (the
+/// state file, then the memory files).
+pub fn request_fork(path: &Path) -> io::Result<(Response, Vec<File>)> {
+    /// The most descriptors one message carries (the kernel's SCM_MAX_FD).
+    const MAX_FILES: usize = 253;
+    let stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(SNAPSHOT_TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut line = serde_json::to_string(&Request::new(Command::Fork))?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    let mut reply = vec![0u8; 64 * 1024];
+    let mut fds = [-1 as RawFd; MAX_FILES];
+    let mut iov = [libc::iovec { iov_base: reply.as_mut_ptr().cast(), iov_len: reply.len() }];
+    // SAFETY: the iovec points into `reply`, which outlives the call.
+    let (read, count) =
+        unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: recvmsg gave this process these `count` descriptors; nothing else owns them.
+    let files: Vec<File> = fds[..count].iter().map(|&fd| unsafe { File::from_raw_fd(fd) }).collect();
+    for file in &files {
+        // Not inherited by whatever this process starts, unless it says so.
+        // SAFETY: fcntl on a descriptor `file` owns.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    reply.truncate(read);
+    if !reply.ends_with(b"\n") {
+        BufReader::new((&stream).take(MAX_MESSAGE)).read_until(b'\n', &mut reply)?;
+    }
+    let response: Response = serde_json::from_slice(&reply)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad response: {e}")))?;
+    Ok((response, files))
 }
 
 /// The pid of the process that listens at `stream`'s other end, in this process's PID
@@ -336,14 +404,24 @@ fn serve(stream: UnixStream, name: &str, ask: &dyn Fn(Action) -> Result<Answer, 
     let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let mut line = String::new();
-    let response = match BufReader::new((&stream).take(MAX_MESSAGE)).read_line(&mut line) {
-        Ok(_) => handle(line.trim(), name, ask),
-        Err(e) => Response::error(format!("reading request: {e}")),
+    let (response, files) = match BufReader::new((&stream).take(MAX_MESSAGE)).read_line(&mut line) {
+        Ok(_) => handle_with_files(line.trim(), name, ask),
+        Err(e) => (Response::error(format!("reading request: {e}")), Vec::new()),
     };
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');
-        let _ = (&stream).write_all(text.as_bytes());
+        let _ = send_line(&stream, text.as_bytes(), &files);
     }
+}
+
+/// Writes `line`, its first bytes with `files` attached.
+fn send_line(stream: &UnixStream, line: &[u8], files: &[File]) -> io::Result<()> {
+    if files.is_empty() {
+        return (&*stream).write_all(line);
+    }
+    let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let sent = stream.send_with_fds(&[line], &fds).map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    (&*stream).write_all(&line[sent..])
 }
 
 #[cfg(test)]

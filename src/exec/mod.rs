@@ -52,7 +52,11 @@ pub fn run(
     protocol::write_frame(&mut input, protocol::REQUEST, &request.encode()).map_err(|e| e.to_string())?;
     threads::spawn(ThreadKind::Exec, "exec-stdin".into(), move || forward_stdin(stdin, input))
         .map_err(|e| format!("spawn exec input thread: {e}"))?;
-    relay(&mut &stream, stdout, stderr)
+    let status = relay(&mut &stream, stdout, stderr);
+    // Tells the guest its status arrived (a sandbox's init waits for it before it reboots), and
+    // ends the input thread's connection while it still waits for the host's stdin.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    status
 }
 
 fn forward_stdin(mut stdin: impl Read, mut to_guest: UnixStream) {

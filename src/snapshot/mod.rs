@@ -104,6 +104,13 @@ pub fn write_state(path: &Path, state: &VmState) -> Result<u64, Error> {
     Ok(bytes.len() as u64)
 }
 
+/// The state file's bytes in a memfd (a fork's, handed to its children).
+pub fn state_memfd(state: &VmState) -> io::Result<File> {
+    let file = memory::memfd("lkvm-fork-state")?;
+    (&file).write_all(&frame(&codec().serialize(state).expect("VM states serialise")))?;
+    Ok(file)
+}
+
 /// A new file only its owner can read: a snapshot holds the guest's memory and secrets.
 pub fn private_file(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -379,10 +379,11 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         // socket and runs its and the API's actions (pause, snapshot, dump, drive swaps, ...),
         // activates and resets devices (a tap's queues, vsock's connection timer; a disk's
         // io_uring is made with the device, before any thread is confined),
-        // takes the warm sandbox snapshot, and tears the VM down (joins, closes, unlinks its
+        // takes the warm sandbox snapshot, shares its memory and state with a fork's children
+        // (memfds), and tears the VM down (joins, closes, unlinks its
         // sockets, the terminal).
         Vmm => (
-            vec![SOCKETS, FILES, DISK, &[Sysno::rt_sigaction, Sysno::timerfd_create]],
+            vec![SOCKETS, FILES, DISK, &[Sysno::rt_sigaction, Sysno::timerfd_create, Sysno::memfd_create]],
             &[Ioctls::Kvm, Ioctls::Sockets, Ioctls::Terminal, Ioctls::BlockDevice, Ioctls::Tap],
         ),
         Spawner => return spawner_rules(),

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use serde::{Deserialize, Serialize};
 
 use super::exit::{ExitSender, VmmMessage};
-use super::handle::VmHandle;
+use super::handle::{ForkImage, VmHandle};
 use crate::config::{RateLimit, VmConfig};
 use crate::devices::virtio::balloon::BalloonControl;
 
@@ -49,6 +49,9 @@ pub enum Action {
         dir: PathBuf,
         stop: bool,
     },
+    /// Shares the guest's state and memory, as they are now, with children to be started
+    /// (`lkvm fork`); the guest goes on.
+    Fork,
     /// Pauses (if running), writes an ELF core of the guest to the file, resumes.
     Dump(PathBuf),
     /// One register dump per vCPU.
@@ -124,6 +127,7 @@ pub enum Answer {
     Paused(bool),
     Config(Box<VmConfig>),
     Snapshot(SnapshotReport),
+    Forked(ForkImage),
     Balloon {
         target_mib: u64,
         actual_mib: u64,
@@ -150,6 +154,7 @@ pub(super) fn execute(vm: &VmHandle, action: Action) -> Result<Answer, ActionErr
         Action::Snapshot { state, memory } => Answer::Snapshot(vm.write_snapshot(&state, &memory)?),
         Action::SnapshotInto { dir, stop } => Answer::Snapshot(vm.snapshot_into(&dir, stop)?),
         Action::Dump(path) => Answer::Dumped(vm.dump(&path)?),
+        Action::Fork => Answer::Forked(vm.fork()?),
         Action::Registers => Answer::Registers(vm.registers()?),
         Action::InjectNmi(cpu) => Answer::Done.after(vm.nmi(cpu))?,
         Action::Sysrq(key) => Answer::Done.after(vm.sysrq(key))?,

@@ -2,6 +2,7 @@
 //! devices by id.
 
 use crate::config::RateLimit;
+use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use crate::arch::x86_64::coredump::{self, CpuRegisters};
 use crate::config::{DiskSpec, VmConfig};
 use crate::devices::virtio::balloon::BalloonControl;
 use crate::disk::DiskImage;
+use crate::snapshot::memory::Backing;
 use crate::snapshot::{self, VmState, MEMORY_FILE, STATE_FILE};
 
 pub struct VmHandle {
@@ -27,6 +29,8 @@ pub struct VmHandle {
     persistent: Persistent,
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    /// Where guest memory's contents live, for forks; None when a page-fault handler fills it.
+    backing: Mutex<Option<Backing>>,
     /// The configuration as it is now (drive swaps included), for `GET /vm/config`.
     config: Mutex<VmConfig>,
     started: AtomicBool,
@@ -36,9 +40,20 @@ pub struct VmHandle {
 pub(super) struct Parts {
     pub vm: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
+    pub backing: Option<Backing>,
     pub registry: Registry,
     pub virtio: VirtioDevices,
     pub persistent: Persistent,
+}
+
+/// A fork's children start from these (`lkvm fork`).
+pub struct ForkImage {
+    /// The state file's bytes, in a memfd.
+    pub state: File,
+    /// Guest memory: the base, then files of the pages changed since (`MemoryBackend::Forked`).
+    pub memory: Vec<File>,
+    /// How long the guest was paused for the fork.
+    pub paused_micros: u64,
 }
 
 impl VmHandle {
@@ -51,6 +66,7 @@ impl VmHandle {
             persistent: parts.persistent,
             vm: parts.vm,
             mem: parts.mem,
+            backing: Mutex::new(parts.backing),
             config: Mutex::new(config),
             started: AtomicBool::new(false),
         }
@@ -71,6 +87,14 @@ impl VmHandle {
     /// Writes a paused VM's state to `state_path` and its memory to `memory_path`.
     pub fn write_snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<SnapshotReport, String> {
         let started = std::time::Instant::now();
+        let state = self.capture_state()?;
+        let state_bytes = snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
+        let memory_bytes = snapshot::memory::save(&self.mem, memory_path).map_err(|e| e.to_string())?;
+        Ok(SnapshotReport { state_bytes, memory_bytes, millis: started.elapsed().as_millis() as u64 })
+    }
+
+    /// Everything but memory, of a paused VM.
+    fn capture_state(&self) -> Result<VmState, String> {
         let config = self.config();
         if !config.fs.is_empty() {
             // The guest's FUSE node ids and open files exist only in this lkvm's server.
@@ -82,10 +106,30 @@ impl VmHandle {
         let vcpus = self.vcpus.save()?;
         let kvm = crate::arch::x86_64::state::save_vm(&self.vm)?;
         let devices = self.persistent.iter().map(|(id, device)| (id.clone(), device.lock().unwrap().save())).collect();
-        let state = VmState { config, vcpus, kvm, devices };
-        let state_bytes = snapshot::write_state(state_path, &state).map_err(|e| e.to_string())?;
-        let memory_bytes = snapshot::memory::save(&self.mem, memory_path).map_err(|e| e.to_string())?;
-        Ok(SnapshotReport { state_bytes, memory_bytes, millis: started.elapsed().as_millis() as u64 })
+        Ok(VmState { config, vcpus, kvm, devices })
+    }
+
+    /// What a fork's children start from: the state as it is now and the guest's memory,
+    /// shared copy-on-write. The guest is paused (if it runs) only while they are taken.
+    pub fn fork(&self) -> Result<ForkImage, String> {
+        self.config().check_forkable()?;
+        let mut backing = self.backing.lock().unwrap();
+        let backing =
+            backing.as_mut().ok_or("a guest whose memory a page-fault handler fills (Uffd) cannot be forked")?;
+        let started = std::time::Instant::now();
+        let was_paused = self.paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let image = self.capture_state().and_then(|state| {
+            let state = snapshot::state_memfd(&state).map_err(|e| format!("the fork's state: {e}"))?;
+            let memory = backing.fork(&self.mem).map_err(|e| format!("sharing guest memory: {e}"))?;
+            Ok(ForkImage { state, memory, paused_micros: 0 })
+        });
+        if !was_paused {
+            self.resume()?;
+        }
+        image.map(|image| ForkImage { paused_micros: started.elapsed().as_micros() as u64, ..image })
     }
 
     pub(super) fn exit_sender(&self) -> ExitSender {

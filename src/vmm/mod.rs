@@ -34,6 +34,7 @@ use crate::devices::bus;
 use crate::disk::{self, DiskImage};
 use crate::share::virtiofs::FsShare;
 use crate::share::{self, Share};
+use crate::snapshot::memory::Backing;
 use crate::snapshot::{self, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
@@ -168,6 +169,8 @@ pub struct RestoreSpec {
     pub overrides: Vec<(String, String)>,
     /// (share id, the host paths its guest may reach now): a warm sandbox's current view.
     pub share_views: Vec<(String, Vec<PathBuf>)>,
+    /// Where the vsock's socket is made instead of the snapshot's path (a fork's child).
+    pub vsock_uds: Option<PathBuf>,
 }
 
 /// A VM that exists before it runs: `build`, then `start`, then `wait` for its end.
@@ -211,6 +214,9 @@ impl Vm {
         state.config.name = spec.name.clone();
         for (id, value) in &spec.overrides {
             state.config.override_host_resource(id, value).map_err(Error::Config)?;
+        }
+        if let (Some(path), Some(vsock)) = (&spec.vsock_uds, state.config.vsock.as_mut()) {
+            vsock.uds_path = path.clone();
         }
         for (id, view) in &spec.share_views {
             let share = state.config.shares.iter_mut().find(|s| &s.id == id);
@@ -272,14 +278,25 @@ impl Vm {
             .map_err(kvm_err("create PIT"))?;
         let ranges: Vec<(GuestAddress, usize)> =
             ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
-        let (mem, uffd) = match origin {
+        let (mem, backing, uffd) = match origin {
             Origin::Boot => {
-                (GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?, None)
+                let (mem, backing) =
+                    snapshot::memory::create(&ranges).map_err(|e| Error::Memory(mem_size >> 20, e.to_string()))?;
+                (mem, Some(backing), None)
             }
-            Origin::Snapshot(_, MemoryBackend::File(path)) => (snapshot::memory::map(path, &ranges)?, None),
+            Origin::Snapshot(_, MemoryBackend::File(path)) => {
+                let mem = snapshot::memory::map(path, &ranges)?;
+                let backing = Backing::file(path).map_err(|e| snapshot::Error::Io(path.clone(), e))?;
+                (mem, Some(backing), None)
+            }
+            Origin::Snapshot(_, MemoryBackend::Forked { base, changes }) => {
+                let (mem, backing) = snapshot::memory::map_layers(base, changes, &ranges)?;
+                (mem, Some(backing), None)
+            }
+            // Pages the handler has not filled yet exist nowhere a child could map them.
             Origin::Snapshot(_, MemoryBackend::Uffd(handler)) => {
                 let (mem, uffd) = snapshot::uffd::map(handler, &ranges)?;
-                (mem, Some(uffd))
+                (mem, None, Some(uffd))
             }
         };
         register_memory(&vm, &mem, mem_size)?;
@@ -346,6 +363,7 @@ impl Vm {
         let parts = handle::Parts {
             vm: vm.clone(),
             mem: mem.clone(),
+            backing,
             registry: devices.registry,
             virtio: devices.virtio,
             persistent: devices.persistent,

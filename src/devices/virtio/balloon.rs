@@ -1,5 +1,5 @@
 //! virtio-balloon with the statistics queue. Inflating hands guest pages back to the host
-//! (MADV_DONTNEED: the lkvm process's RSS shrinks); `lkvm stat` reads the guest's memory
+//! (MADV_REMOVE or MADV_DONTNEED: the lkvm process's RSS shrinks); `lkvm stat` reads the guest's memory
 //! statistics. Requests are answered promptly, or with "no balloon driver" when the guest has
 //! none: nothing waits forever.
 
@@ -187,10 +187,15 @@ impl Queues {
                 }
                 let addr = GuestAddress(u64::from(u32::from_le_bytes(pfn)) * PAGE_SIZE);
                 if let Ok(slice) = mem.get_slice(addr, PAGE_SIZE as usize) {
+                    let page = slice.ptr_guard_mut().as_ptr().cast();
                     // SAFETY: a page of guest RAM, which the guest gave up; the mapping stays
-                    // valid and reads back as zeros.
+                    // valid. Shared memory (a booted guest's memfd) frees its page only when
+                    // removed; a private mapping (restored, forked) refuses that and drops its
+                    // copy instead, reading back as its file.
                     unsafe {
-                        libc::madvise(slice.ptr_guard_mut().as_ptr().cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED)
+                        if libc::madvise(page, PAGE_SIZE as usize, libc::MADV_REMOVE) != 0 {
+                            libc::madvise(page, PAGE_SIZE as usize, libc::MADV_DONTNEED);
+                        }
                     };
                 }
             }

@@ -20,6 +20,7 @@ extern "C" {
     fn connect(fd: c_int, addr: *const SockaddrVm, len: c_uint) -> c_int;
     fn accept4(fd: c_int, addr: *mut SockaddrVm, len: *mut c_uint, flags: c_int) -> c_int;
     fn shutdown(fd: c_int, how: c_int) -> c_int;
+    fn poll(fds: *mut PollFd, count: c_ulong, timeout_ms: c_int) -> c_int;
     fn kill(pid: c_int, signal: c_int) -> c_int;
     fn open(path: *const std::ffi::c_char, flags: c_int, ...) -> c_int;
 }
@@ -29,7 +30,11 @@ const SOCK_STREAM: c_int = 1;
 const SOCK_CLOEXEC: c_int = 0o2_000_000;
 const VMADDR_CID_ANY: c_uint = u32::MAX;
 const VMADDR_CID_HOST: c_uint = 2;
+const SHUT_WR: c_int = 1;
 const SHUT_RDWR: c_int = 2;
+const POLLRDHUP: i16 = 0x2000;
+/// How long a sandbox's init waits for the host to take the exit status before it reboots.
+const HOST_CLOSE_TIMEOUT_MS: c_int = 30_000;
 const SIGKILL: c_int = 9;
 const O_RDWR: c_int = 2;
 const O_NOCTTY: c_int = 0o400;
@@ -45,6 +50,13 @@ struct SockaddrVm {
     port: c_uint,
     cid: c_uint,
     zero: [u8; 4],
+}
+
+#[repr(C)]
+struct PollFd {
+    fd: c_int,
+    events: i16,
+    revents: i16,
 }
 
 #[repr(C)]
@@ -136,8 +148,24 @@ fn serve_connection(conn: File, sync_first: bool) {
         crate::sync_filesystems();
     }
     send(&out, protocol::EXIT, &status.to_le_bytes());
+    if sync_first {
+        wait_for_host_close(&conn);
+    }
     // SAFETY: shutdown on a descriptor this function owns; it ends the input thread's read.
     unsafe { shutdown(conn.as_raw_fd(), SHUT_RDWR) };
+}
+
+/// A sandbox ends when init reboots, which resets the vsock device: the status frame may still
+/// sit in the guest's queues then. The host closes the connection once it has the status.
+fn wait_for_host_close(conn: &File) {
+    // SAFETY: shutdown on a descriptor the caller owns; poll reads and writes one PollFd.
+    unsafe {
+        shutdown(conn.as_raw_fd(), SHUT_WR);
+        let mut entry = PollFd { fd: conn.as_raw_fd(), events: POLLRDHUP, revents: 0 };
+        while poll(&mut entry, 1, HOST_CLOSE_TIMEOUT_MS) < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+    }
 }
 
 /// Where the host's input goes: the command's stdin pipe, or the pty's master.
