@@ -2,12 +2,13 @@
 # Builds the test guest kernel (ELF vmlinux with a PVH note, bzImage, and System.map for the gdb
 # test: vmlinux is stripped) into $1 (default guest/out).
 # Debian's linux-source-6.1 + tinyconfig + our fragment + our patches. When the fragment and
-# patches are byte-identical to ../shared/guest's and its prebuilt kernel's checksums match, that
-# prebuilt kernel is used instead; a built kernel is cached by the hash of its recipe.
+# patches are byte-identical to ../shared/guest/acpi's (the variant with ACPI and the VM
+# generation ID driver) and its prebuilt kernel's checksums match, that prebuilt kernel is used
+# instead; a built kernel is cached by the hash of its recipe.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/out}
-shared=${LKVM_SHARED_GUEST:-$here/../../shared/guest}
+shared=${LKVM_SHARED_GUEST:-$here/../../shared/guest/acpi}
 mkdir -p "$out"
 
 recipe_hash=$(cat "$here/kernel/kernel-6.1-min.fragment" "$here"/kernel/*.patch | sha256sum | cut -c1-16)

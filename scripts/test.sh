@@ -18,7 +18,7 @@ fi
 built=$(cargo test --release --no-run 2>&1 | tee /dev/stderr)
 binaries=$(sed -n 's/^ *Executable .*(\(.*\))$/\1/p' <<< "$built")
 # Longest first (measured); binaries not named here run last.
-order="rootfs linux api net fleets snapshot qcow2 gdb control payload seccomp cli_errors"
+order="rootfs linux api fork net fleets snapshot qcow2 gdb control payload seccomp cli_errors"
 queue=()
 for name in $order; do
   queue+=($(grep "/$name-[0-9a-f]*$" <<< "$binaries" || true))

@@ -32,8 +32,19 @@ pub fn compose(config: &VmConfig, mmio_devices: &[String]) -> String {
     for device in mmio_devices {
         cmdline.push(format!("virtio_mmio.device={device}"));
     }
+    if config.boot.policy == CmdlinePolicy::Kvmtool {
+        route_irqs_by_mp_table(&mut cmdline, &given);
+    }
     cmdline.push_user(user);
     cmdline.as_string()
+}
+
+/// lkvm's ACPI tables describe no interrupt routing and no PCI bus: a kernel with ACPI takes
+/// both from the MP table and a PCI scan, as one without ACPI does.
+fn route_irqs_by_mp_table(cmdline: &mut KernelCmdline, given: &KernelCmdline) {
+    if !given.has_key("acpi") {
+        cmdline.push("acpi=noirq");
+    }
 }
 
 fn kvmtool_defaults(config: &VmConfig, given: &KernelCmdline) -> KernelCmdline {
@@ -84,6 +95,7 @@ fn firecracker(config: &VmConfig, given: &KernelCmdline, mmio_devices: &[String]
     for device in mmio_devices {
         cmdline.push(format!("virtio_mmio.device={device}"));
     }
+    route_irqs_by_mp_table(&mut cmdline, given);
     cmdline.as_string()
 }
 
@@ -115,10 +127,10 @@ mod tests {
         config.console = ConsoleDevice::Virtio;
         let line = compose(&config, &["4K@0xd0000000:5".into()]);
         assert!(line.starts_with("console=hvc0 reboot=k panic=1"), "{line}");
-        assert!(line.ends_with("root=/dev/vdb rw virtio_mmio.device=4K@0xd0000000:5 quiet"), "{line}");
-        config.boot.params = Some("root=/dev/vda".into());
+        assert!(line.ends_with("root=/dev/vdb rw virtio_mmio.device=4K@0xd0000000:5 acpi=noirq quiet"), "{line}");
+        config.boot.params = Some("root=/dev/vda acpi=off".into());
         let own = compose(&config, &[]);
-        assert!(!own.contains("vdb"), "{own}");
+        assert!(!own.contains("vdb") && !own.contains("noirq"), "the user's root= and acpi=: {own}");
     }
 
     #[test]
@@ -153,7 +165,7 @@ mod tests {
     fn a_firecracker_config_files_root_drive_is_vda_whatever_its_place() {
         let full: FullConfig = serde_json::from_str(crate::config::firecracker::tests::FILE).unwrap();
         let config = full.to_vm_config("fc", Transport::Mmio).unwrap();
-        assert_eq!(compose(&config, &[]), "console=ttyS0 reboot=k root=/dev/vda rw");
+        assert_eq!(compose(&config, &[]), "console=ttyS0 reboot=k root=/dev/vda rw acpi=noirq");
     }
 
     #[test]
@@ -163,10 +175,10 @@ mod tests {
         config.transport = Transport::Mmio;
         assert_eq!(
             compose(&config, &["4K@0x1000:5".into()]),
-            "console=ttyS0 reboot=k root=/dev/vda ro virtio_mmio.device=4K@0x1000:5"
+            "console=ttyS0 reboot=k root=/dev/vda ro virtio_mmio.device=4K@0x1000:5 acpi=noirq"
         );
         config.drives[0].partuuid = Some("0eaa91a0-01".into());
-        assert!(compose(&config, &[]).ends_with("root=PARTUUID=0eaa91a0-01 ro"));
+        assert!(compose(&config, &[]).ends_with("root=PARTUUID=0eaa91a0-01 ro acpi=noirq"));
         config.boot.params = None;
         let default = compose(&config, &[]);
         assert!(default.starts_with("reboot=k panic=1") && default.contains("pci=off"), "{default}");

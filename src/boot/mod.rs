@@ -13,8 +13,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVo
 
 use crate::arch::x86_64::layout::{CMDLINE_START, EBDA_START};
 use crate::arch::x86_64::memory::{e820_map, low_ram_end};
-use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::{self, BootEntry};
+use crate::arch::x86_64::{acpi, mptable};
 use params::InitrdPlacement;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, Error> 
     if let BootEntry::RealMode { .. } = kernel.entry {
         return Ok(kernel.entry);
     }
+    acpi::write_tables(mem, spec.cpus).map_err(|e| tables_err(e.to_string()))?;
 
     let initrd_limit = kernel.setup_header.map_or(u64::from(u32::MAX), |h| u64::from(h.initrd_addr_max));
     let limit = low_ram_end(spec.mem_size).min(initrd_limit + 1);

@@ -42,6 +42,8 @@ pub fn zero_page(
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
+    // Boot protocol 2.14: where the RSDP is, without a scan of the BIOS area.
+    params.acpi_rsdp_addr = RSDP_START;
     if let Some(initrd) = initrd {
         params.hdr.ramdisk_image = initrd.addr as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
@@ -71,6 +73,7 @@ pub fn write_pvh(
         memmap_entries: e820.len() as u32,
         nr_modules: u32::from(initrd.is_some()),
         modlist_paddr: if initrd.is_some() { PVH_MODLIST_START } else { 0 },
+        rsdp_paddr: RSDP_START,
         ..Default::default()
     };
     let memmap: Vec<hvm_memmap_table_entry> = e820

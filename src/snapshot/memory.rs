@@ -268,7 +268,45 @@ impl Backing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestMemoryRegion};
+
+    #[test]
+    fn forks_see_the_memory_as_it_was_and_later_forks_the_changes_since() {
+        let ranges = [(GuestAddress(0), 4 << 20), (GuestAddress(1 << 30), 2 << 20)];
+        let (mem, mut backing) = create(&ranges).unwrap();
+        let pages: Vec<GuestAddress> = (0..300u64).map(|i| GuestAddress((i * 7919 * 4096) % (4 << 20))).collect();
+        for (i, &at) in pages.iter().enumerate() {
+            mem.write_obj(i as u64, at).unwrap();
+        }
+        let fd_path = |file: &File| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let first = backing.fork(&mem).unwrap();
+        assert_eq!(first.len(), 1, "the first fork shares the memfd itself");
+        // The guest goes on writing: the first fork's children must not see it.
+        for &at in pages.iter().step_by(3) {
+            mem.write_obj(u64::MAX, at).unwrap();
+        }
+        mem.write_obj(0x5eu64, GuestAddress((1 << 30) + 4096)).unwrap();
+        let (child, _) = map_layers(&fd_path(&first[0]), &[], &ranges).unwrap();
+        for (i, &at) in pages.iter().enumerate() {
+            assert_eq!(child.read_obj::<u64>(at).unwrap(), i as u64);
+        }
+        let second = backing.fork(&mem).unwrap();
+        assert_eq!(second.len(), 2);
+        let changes = [fd_path(&second[1])];
+        let (grandchild, _) = map_layers(&fd_path(&second[0]), &changes, &ranges).unwrap();
+        for region in mem.iter() {
+            let len = region.len() as usize;
+            let mut ours = vec![0u8; len];
+            let mut theirs = vec![0u8; len];
+            mem.read_slice(&mut ours, region.start_addr()).unwrap();
+            grandchild.read_slice(&mut theirs, region.start_addr()).unwrap();
+            assert!(ours == theirs, "the second fork sees the memory as it is");
+        }
+        // Each child's writes are its own.
+        grandchild.write_obj(7u64, pages[1]).unwrap();
+        assert_eq!(mem.read_obj::<u64>(pages[1]).unwrap(), 1);
+        assert_eq!(child.read_obj::<u64>(pages[1]).unwrap(), 1);
+    }
 
     #[test]
     fn saved_memory_maps_back_private_and_sparse() {

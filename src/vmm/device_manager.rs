@@ -54,8 +54,9 @@ const CONSOLE_ID: &str = "console";
 /// IRQ line of the i8042's keyboard port.
 const KEYBOARD_IRQ: u32 = 1;
 
-/// GSIs for virtio-mmio devices: IOAPIC pins no legacy device uses (8 is the RTC's).
-const VIRTIO_MMIO_GSIS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+/// GSIs for virtio-mmio devices: IOAPIC pins no legacy device uses (8 is the RTC's, 23 the
+/// ACPI event device's).
+const VIRTIO_MMIO_GSIS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22];
 
 /// Takes what fits of the terminal's input for the guest console; returns the bytes taken.
 pub type ConsoleInput = Box<dyn FnMut(&[u8]) -> usize + Send>;

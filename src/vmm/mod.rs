@@ -25,8 +25,8 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_EN
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::memory::ram_regions;
+use crate::arch::x86_64::{acpi, cpuid};
 use crate::arch::x86_64::{regs, state};
 use crate::boot::{self, compose, BootSpec, Initrd};
 use crate::config::{GdbAddress, MemoryBackend, VmConfig};
@@ -343,7 +343,14 @@ impl Vm {
                     regs::setup_vcpu(fd, (index == 0).then_some(entry))?;
                 }
             }
-            Origin::Snapshot(saved, _) => device_manager::restore_devices(&devices.persistent, &saved.devices)?,
+            Origin::Snapshot(saved, _) => {
+                device_manager::restore_devices(&devices.persistent, &saved.devices)?;
+                // A clone: a new VM generation ID, and the event that makes the guest read it
+                // (and reseed its random number generator) once it runs.
+                acpi::new_generation(&mem).map_err(|e| Error::Restore(format!("VM generation ID: {e}")))?;
+                vm.set_irq_line(acpi::GED_GSI, true).map_err(kvm_err("raise the ACPI event"))?;
+                vm.set_irq_line(acpi::GED_GSI, false).map_err(kvm_err("lower the ACPI event"))?;
+            }
         }
 
         let (pio, mmio) = (Arc::new(devices.pio), Arc::new(devices.mmio));

@@ -43,6 +43,15 @@ const MAX_CONNECT_LINE: usize = 32;
 const MAX_CONTROL_BACKLOG: usize = 4096;
 /// Host-side ports of host-initiated connections, as Firecracker numbers them.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+/// Where this process starts numbering host-initiated connections: anywhere in Firecracker's
+/// range. A restored or forked guest may still send packets of its parent's connections; those
+/// must not match the new ones.
+fn first_host_port() -> u32 {
+    let mut bytes = [0u8; 4];
+    let _ = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty());
+    FIRST_HOST_PORT + u32::from_le_bytes(bytes) % (1 << 29)
+}
+
 /// How long a host program waits for the guest to accept, and for its own CONNECT line (as in
 /// Firecracker).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -246,7 +255,7 @@ impl Muxer {
             by_token: HashMap::new(),
             accepting: HashMap::new(),
             next_token: TIMER_TOKEN + 1,
-            next_host_port: FIRST_HOST_PORT,
+            next_host_port: first_host_port(),
             control: VecDeque::new(),
             ready: VecDeque::new(),
         })

@@ -24,6 +24,11 @@ pub const FLAT_STACK_POINTER: u64 = 0x8000;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Start of the EBDA; the MP table lives here and everything up to 1 MiB is reserved.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI in the BIOS area, where the guest looks for the RSDP: the pointer, the tables after it,
+/// and the VM generation ID (16 bytes) in a page of its own.
+pub const RSDP_START: u64 = 0xe_0000;
+pub const ACPI_TABLES_START: u64 = 0xe_0040;
+pub const VMGENID_ADDR: u64 = 0xe_f000;
 /// Kernels are loaded at or above 1 MiB.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The MMIO/PCI hole: 768 MiB below 4 GiB, as in kvmtool.

@@ -1,5 +1,6 @@
 //! x86_64 machine model: memory layout, CPU state and the tables firmware would provide.
 
+pub mod acpi;
 pub mod coredump;
 pub mod cpuid;
 pub mod gdb;
