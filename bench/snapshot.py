@@ -78,15 +78,21 @@ class Vmm:
         self.proc.wait()
 
 
-def snapshot(binary, workdir, name, mem_mib):
-    """Boots the guest, lets the workload start, pauses and snapshots it; returns the files."""
+def boot_working(binary, workdir, name, mem_mib, vcpus):
+    """Boots the guest through the API and waits until its workload runs."""
     vm = Vmm(binary, workdir, name)
     args = f"console=ttyS0 reboot=k panic=1 {HOST_PARAMS} lkvm.snapwork=100000"
     vm.api("PUT", "/boot-source", {"kernel_image_path": os.path.join(GUEST, "vmlinux"),
                                    "initrd_path": os.path.join(GUEST, "initramfs.cpio"), "boot_args": args})
-    vm.api("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": mem_mib})
+    vm.api("PUT", "/machine-config", {"vcpu_count": vcpus, "mem_size_mib": mem_mib})
     vm.api("PUT", "/actions", {"action_type": "InstanceStart"})
     vm.wait_line(b"LKVM-WORK", BOOT_TIMEOUT)
+    return vm
+
+
+def snapshot(binary, workdir, name, mem_mib):
+    """Boots the guest, lets the workload start, pauses and snapshots it; returns the files."""
+    vm = boot_working(binary, workdir, name, mem_mib, 2)
     vm.api("PATCH", "/vm", {"state": "Paused"})
     state, memory = os.path.join(workdir, f"{name}.state"), os.path.join(workdir, f"{name}.mem")
     create_ms = vm.api("PUT", "/snapshot/create", {"snapshot_path": state, "mem_file_path": memory})

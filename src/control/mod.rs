@@ -3,8 +3,9 @@
 //!
 //! Protocol: one JSON object per line each way, request then response, then the connection
 //! closes. Every message carries `"version": 1`. Requests: `{"version":1,"command":C}` with C
-//! one of `status` (which names the vsock socket), `stop`, `pause`, `resume`, `registers`, ...
-//! Responses: `{"version":1,"ok":true, ...}` with command-specific fields, or
+//! one of `status` (which names the vsock socket), `stop`, `pause`, `resume`, `registers`, ...,
+//! and `fork`, whose response carries descriptors (the state file, then `fork.memory_files`
+//! memory files). Responses: `{"version":1,"ok":true, ...}` with command-specific fields, or
 //! `{"version":1,"ok":false,"error":"..."}`; a request of another version, malformed or
 //! unknown, gets such an error. Clients give up after 5 s.
 
