@@ -565,7 +565,7 @@ fn drive_linux_through_the_api() {
     let out = runner.join().unwrap();
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert!(out.stdout.contains("LKVM-DONE"), "{}", out.describe());
-    assert_eq!(out.result("cpus").as_deref(), Some("2"));
+    assert_eq!(out.result("cpus").as_deref(), Some("1"));
     let mem_kb: u64 = out.result("memtotal_kb").unwrap().parse().unwrap();
     assert!((128 * 1024 * 8 / 10..=128 * 1024).contains(&mem_kb), "MemTotal {mem_kb} kB for 128 MiB");
     let cmdline = out.result("cmdline").unwrap();
