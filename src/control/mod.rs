@@ -235,14 +235,9 @@ pub fn request(path: &Path, command: Command) -> io::Result<Response> {
 }
 
 pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
-    let mut stream = UnixStream::connect(path)?;
     // Writing a snapshot takes as long as writing guest memory.
     let timeout = if matches!(request.command, Command::Snapshot | Command::Dump) { SNAPSHOT_TIMEOUT } else { TIMEOUT };
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut line = serde_json::to_string(&request)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    let stream = send(path, &request, timeout)?;
     let listener_pid = peer_pid(&stream);
     let mut reply = String::new();
     BufReader::new(stream.take(MAX_MESSAGE)).read_line(&mut reply).map_err(|e| {
@@ -262,17 +257,23 @@ pub fn request_with(path: &Path, request: Request) -> io::Result<Response> {
     Ok(response)
 }
 
+/// Connects to the guest listening at `path` and sends `request`; its answer may take `timeout`.
+fn send(path: &Path, request: &Request, timeout: Duration) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    Ok(stream)
+}
+
 /// Asks the guest listening at `path` to fork: its response, and the files it hands over (the
 /// state file, then the memory files).
 pub fn request_fork(path: &Path) -> io::Result<(Response, Vec<File>)> {
     /// The most descriptors one message carries (the kernel's SCM_MAX_FD).
     const MAX_FILES: usize = 253;
-    let stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(SNAPSHOT_TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut line = serde_json::to_string(&Request::new(Command::Fork))?;
-    line.push('\n');
-    (&stream).write_all(line.as_bytes())?;
+    let stream = send(path, &Request::new(Command::Fork), SNAPSHOT_TIMEOUT)?;
     let mut reply = vec![0u8; 64 * 1024];
     let mut fds = [-1 as RawFd; MAX_FILES];
     let mut iov = [libc::iovec { iov_base: reply.as_mut_ptr().cast(), iov_len: reply.len() }];

@@ -49,10 +49,8 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, Error> {
 
 /// Maps `path` privately as guest RAM laid out as `ranges`: guest writes stay in this process,
 /// and pages are read from the file only when touched.
-pub fn map(path: &Path, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, Error> {
-    let fail = |e| Error::Io(path.to_path_buf(), e);
-    let file = open_sized(path, ranges)?;
-    map_file(&file, ranges, libc::MAP_PRIVATE).map_err(fail)
+pub fn map(path: &Path, ranges: &[(GuestAddress, usize)]) -> Result<(GuestMemoryMmap, Backing), Error> {
+    map_layers(path, &[], ranges)
 }
 
 /// Fresh guest RAM laid out as `ranges`, in one memfd mapped shared: a fork can then hand its
@@ -191,11 +189,6 @@ pub struct Backing {
 }
 
 impl Backing {
-    /// A snapshot's memory file, mapped privately by `map`.
-    pub fn file(path: &Path) -> std::io::Result<Backing> {
-        Ok(Backing { layers: vec![File::open(path)?], shared: false, pagemap: open_pagemap() })
-    }
-
     /// The files a fork's children map (`map_layers`) to see `mem` as it is now, without
     /// copying it. The first fork freezes the memfd the guest writes: the guest's own mapping
     /// becomes private, so that its later writes reach no child. Later forks add one sparse
@@ -318,12 +311,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("memory");
         assert_eq!(save(&mem, &path).unwrap(), 3 << 20);
-        let restored = map(&path, &ranges).unwrap();
+        let (restored, _) = map(&path, &ranges).unwrap();
         let mut word = [0u8; 4];
         restored.read_slice(&mut word, GuestAddress((1 << 30) + 0x10_0000)).unwrap();
         assert_eq!(&word, b"high");
         restored.write_slice(b"LOW", GuestAddress(0x1000)).unwrap();
-        let again = map(&path, &ranges).unwrap();
+        let (again, _) = map(&path, &ranges).unwrap();
         again.read_slice(&mut word[..3], GuestAddress(0x1000)).unwrap();
         assert_eq!(&word[..3], b"low", "a restored guest's writes stay private");
         use std::os::unix::fs::MetadataExt;

@@ -34,7 +34,6 @@ use crate::devices::bus;
 use crate::disk::{self, DiskImage};
 use crate::share::virtiofs::FsShare;
 use crate::share::{self, Share};
-use crate::snapshot::memory::Backing;
 use crate::snapshot::{self, VmState};
 use crate::term;
 use crate::thread::{self as threads, ThreadKind};
@@ -285,8 +284,7 @@ impl Vm {
                 (mem, Some(backing), None)
             }
             Origin::Snapshot(_, MemoryBackend::File(path)) => {
-                let mem = snapshot::memory::map(path, &ranges)?;
-                let backing = Backing::file(path).map_err(|e| snapshot::Error::Io(path.clone(), e))?;
+                let (mem, backing) = snapshot::memory::map(path, &ranges)?;
                 (mem, Some(backing), None)
             }
             Origin::Snapshot(_, MemoryBackend::Forked { base, changes }) => {
